@@ -1,0 +1,37 @@
+# Two commands a new user needs: `make demo` and `make test` (both install first).
+PY ?= .venv/bin/python
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast test-slurm bench clean slurm-start slurm-stop
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/install.sh
+	bash scripts/install.sh
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m seer_pipeline.demo
+
+# The full suite: what CI runs. SLURM tests need `make slurm-start` (CI starts it).
+test: install
+	$(PY) -m pytest -q tests
+
+# Inner loop: no multi-process / end-to-end tests.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow and not slurm" tests
+
+bench: install
+	$(PY) benchmarks/bench_shards.py ../shared/photos
+	$(PY) benchmarks/bench_loader.py ../shared/photos
+	$(PY) benchmarks/bench_trainer.py
+
+slurm-start:
+	bash slurm/local-cluster/start.sh
+
+slurm-stop:
+	bash slurm/local-cluster/stop.sh
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache build *.egg-info

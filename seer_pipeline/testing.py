@@ -1,0 +1,106 @@
+"""Run a function on N gloo ranks in spawned processes: for tests and benchmarks.
+
+`run_distributed(fn, world_size, *args)` spawns N processes, joins them into a gloo group on a
+free port, calls `fn(rank, world_size, *args)` on each and returns the list of return values
+(which must pickle). Any rank's exception fails the call with every rank's traceback; a rank
+that hangs or dies is killed after `timeout` and reported by rank number.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import multiprocessing as mp
+import os
+import queue as _queue
+import time
+import traceback
+from typing import Any, Callable, Sequence
+
+from .distributed import free_port
+
+
+class DistributedTestError(AssertionError):
+    pass
+
+
+def _worker(
+    fn: Callable[..., Any], rank: int, world_size: int, port: int, threads: int,
+    pg_timeout_s: float, args: Sequence[Any], results: "mp.Queue[Any]",
+) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )
+    try:
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(threads)
+        if world_size > 0:
+            dist.init_process_group(
+                "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                world_size=world_size, timeout=_dt.timedelta(seconds=pg_timeout_s),
+            )
+        out = fn(rank, world_size, *args)
+        results.put((rank, True, out))
+    except BaseException:  # noqa: BLE001 - every failure must reach the parent
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        try:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def run_distributed(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 240.0,
+    threads: int = 1, pg_timeout_s: float = 120.0,
+) -> list[Any]:
+    """Run `fn(rank, world_size, *args)` on `world_size` gloo ranks; return per-rank results."""
+    ctx = mp.get_context("spawn")
+    results: "mp.Queue[Any]" = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(
+            target=_worker,
+            args=(fn, r, world_size, port, threads, pg_timeout_s, args, results),
+            daemon=False,
+        )
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    got: dict[int, tuple[bool, Any]] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(got) < world_size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                rank, ok, payload = results.get(timeout=min(left, 1.0))
+                got[rank] = (ok, payload)
+            except _queue.Empty:
+                # A rank that died without reporting (segfault, os._exit) never will.
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in got]
+                if dead and all(p.exitcode is not None for p in procs):
+                    break
+    finally:
+        for p in procs:
+            p.join(timeout=5 if len(got) == world_size else 0.1)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    errors = []
+    for r in range(world_size):
+        if r not in got:
+            errors.append(f"rank {r}: no result (exit code {procs[r].exitcode}; hung or died; "
+                          f"timeout {timeout:.0f}s)")
+        elif not got[r][0]:
+            errors.append(f"rank {r} raised:\n{got[r][1]}")
+    if errors:
+        raise DistributedTestError("\n\n".join(errors))
+    return [got[r][1] for r in range(world_size)]

@@ -1,0 +1,42 @@
+"""Shared fixtures. Under CI (CI=true) a skipped test fails the run unless it is GPU-only."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PHOTOS = REPO / "tests" / "data" / "photos"
+_ci_skips: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and "gpu" not in report.keywords:
+        _ci_skips.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes") and _ci_skips:
+        tr = session.config.pluginmanager.get_plugin("terminalreporter")
+        if tr is not None:
+            tr.write_line(f"CI: {len(_ci_skips)} non-GPU test(s) skipped, which CI forbids:", red=True)
+            for n in _ci_skips:
+                tr.write_line(f"  {n}", red=True)
+        session.exitstatus = 1
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def photo_dir() -> Path:
+    """A dozen real, permissively licensed photos (see tests/data/photos/ATTRIBUTION.tsv)."""
+    return PHOTOS
