@@ -40,3 +40,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def photo_dir() -> Path:
     """A dozen real, permissively licensed photos (see tests/data/photos/ATTRIBUTION.tsv)."""
     return PHOTOS
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shards built by `seer-shards` from the 12 test photos: 3 shards of 4 samples, no resize.
+
+    The directory holds manifest.json, skipped.tsv and shard-000000.tar .. shard-000002.tar;
+    samples have `jpg` and `json` members (see data_prep/build.py).
+    """
+    from data_prep.build import build_shards
+
+    out = tmp_path_factory.mktemp("tiny_shards")
+    manifest = build_shards([str(PHOTOS)], out, maxcount=4, seed=0, workers=1)
+    assert manifest["written"] == 12 and len(manifest["shards"]) == 3, manifest
+    return out

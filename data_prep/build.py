@@ -1,0 +1,361 @@
+"""`seer-shards build`: scan -> plan -> write, each stage resumable after kill -9.
+
+1. scan: workers read, hash, check, decode and encode every input of this part, in enumeration
+   order; encoded JPEGs are appended to spool files and each input gets a row in SQLite
+   (committed in batches, after the spool bytes are flushed).
+2. plan: stored samples sorted by a seeded hash of their key (the global shuffle) and cut into
+   shards at --maxcount/--maxsize. The plan depends only on the scan, never on timing.
+3. write: shard i gets plan row i's samples, written to a temp name then renamed. A shard that
+   is already complete is left alone. The manifest is written last, atomically.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import dataclasses
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional, Sequence
+
+from seer_pipeline.io_utils import atomic_write_json, atomic_write_text
+
+from . import workers
+from .images import ProcessOptions, Result, read_source
+from .index import Index
+from .sources import Item, iter_inputs, walk_dir
+from .tarwrite import file_sha256, sample_json, shard_keys
+
+log = logging.getLogger(__name__)
+STATE = ".seer-shards"
+_CHUNK_ITEMS, _CHUNK_BYTES = 32, 2 << 20  # amortise IPC for tiny images, bound it for big ones
+# Test hook: "scan:N" / "write:N" SIGKILLs this process at the worst moment of that stage
+# (after N results are recorded but not committed / after shard N is renamed but not recorded).
+_KILL_AT = os.environ.get("SEER_SHARDS_TEST_KILL_AT", "")
+
+
+def _maybe_die(stage: str, n: int) -> None:
+    if _KILL_AT == f"{stage}:{n}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class ShardOptions:
+    """Every option of a build; recorded in the manifest and checked on resume."""
+
+    maxcount: int = 10000
+    maxsize: Optional[int] = None
+    seed: int = 0
+    workers: int = 1
+    resize_short_side: Optional[int] = None
+    quality: int = 95
+    reencode: str = "auto"
+    check: str = "full"
+    min_side: int = 16
+    max_pixels: int = 100_000_000
+    dedup: bool = True
+    exclude: list[str] = field(default_factory=list)
+    part: tuple[int, int] = (0, 1)
+    prefix: str = "shard"
+
+    def __post_init__(self) -> None:
+        if self.maxcount < 1:
+            raise ValueError("maxcount must be >= 1")
+        if self.maxsize is not None and self.maxsize < 20480:
+            raise ValueError("maxsize must be >= 20480 bytes")
+        if self.reencode not in ("auto", "always"):
+            raise ValueError("reencode must be 'auto' or 'always'")
+        if self.check not in ("full", "header"):
+            raise ValueError("check must be 'full' or 'header'")
+        if not 1 <= self.quality <= 100:
+            raise ValueError("quality must be in 1..100")
+        if self.resize_short_side is not None and self.resize_short_side < 1:
+            raise ValueError("resize_short_side must be >= 1")
+        i, n = self.part = tuple(self.part)  # type: ignore[assignment]
+        if not (n >= 1 and 0 <= i < n):
+            raise ValueError(f"part must be I/N with 0 <= I < N, got {i}/{n}")
+        if not self.prefix or "/" in self.prefix:
+            raise ValueError("prefix must be a non-empty file name prefix")
+
+    def process(self) -> ProcessOptions:
+        return ProcessOptions(self.resize_short_side, self.quality, self.reencode, self.check,
+                              self.min_side, self.max_pixels)
+
+
+def in_part(source: str, part: tuple[int, int]) -> bool:
+    """Inputs go to parts by a hash of their source, so every part is a uniform sample."""
+    i, n = part
+    if n == 1:
+        return True
+    h = int.from_bytes(hashlib.blake2b(source.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "big")
+    return h % n == i
+
+
+def load_exclude(paths: Iterable[str]) -> frozenset[str]:
+    """sha256 hex digests from list files (`sha256sum` output works) or folders of images."""
+    out: set[str] = set()
+    for p in paths:
+        files = list(walk_dir(p)) if os.path.isdir(p) else None
+        if files is None:
+            with open(p, "r", encoding="utf-8") as f:
+                for line in f:
+                    tok = line.strip().split()
+                    if tok and len(tok[0]) == 64 and all(c in "0123456789abcdefABCDEF" for c in tok[0]):
+                        out.add(tok[0].lower())
+            continue
+        for fp in files:
+            data, _ = read_source(fp)
+            if data:
+                out.add(hashlib.sha256(data).hexdigest())
+    return frozenset(out)
+
+
+def _config(inputs: Sequence[str], o: ShardOptions) -> dict:
+    cfg = dataclasses.asdict(o)
+    cfg["part"] = list(o.part)
+    cfg.pop("workers")  # how fast, not what: a rerun may use another worker count
+    cfg["inputs"] = [os.path.abspath(p) for p in inputs]
+    return cfg
+
+
+def build_shards(inputs: Sequence[str], out: str | os.PathLike, progress: bool = False,
+                 **options: Any) -> dict:
+    """Build (or finish) the shard set in `out`; returns the manifest."""
+    opts = options.pop("opts", None) or ShardOptions(**options)
+    out = os.fspath(out)
+    if not inputs:
+        raise ValueError("no inputs given")
+    os.makedirs(os.path.join(out, STATE), exist_ok=True)
+    cfg = _config(inputs, opts)
+    idx = Index(os.path.join(out, STATE, "index.sqlite"))
+    try:
+        old = idx.config()
+        if old is not None and old != cfg:
+            diff = sorted(k for k in set(old) | set(cfg) if old.get(k) != cfg.get(k))
+            raise ValueError(f"{out} holds a build with other options ({', '.join(diff)}); "
+                             "use the same command to resume, or a new --out")
+        idx.put("config", json.dumps(cfg))
+        idx.commit()
+        t0 = time.time()
+        if idx.get("scan_done") != "1":
+            _scan(inputs, out, opts, idx, progress)
+        idx.make_plan(opts.maxcount, opts.maxsize)
+        shards = _write(out, opts, idx, progress)
+        manifest = _finish(out, cfg, idx, shards)
+    finally:
+        idx.close()
+    log.info("%d inputs: %d written to %d shards, %d skipped (%d duplicates) in %.1fs",
+             manifest["inputs_seen"], manifest["written"], len(shards), manifest["skipped"],
+             manifest["duplicates"], time.time() - t0)
+    return manifest
+
+
+def _pool(opts: ShardOptions, out: str, session: int, exclude: frozenset[str]) -> Optional[cf.Executor]:
+    args = (opts.process(), exclude, os.path.join(out, STATE), session)
+    if opts.workers <= 1:
+        workers.init_worker(*args)
+        return None
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+    return cf.ProcessPoolExecutor(opts.workers, mp_context=ctx, initializer=workers.init_worker,
+                                  initargs=(*args, True))
+
+
+def _scan(inputs: Sequence[str], out: str, opts: ShardOptions, idx: Index, progress: bool) -> None:
+    last = int(idx.get("last_ordinal", "-1") or -1)
+    session = int(idx.get("sessions", "0") or 0)
+    idx.put("sessions", session + 1)  # fresh spool files per session: a crashed tail is never reused
+    idx.commit()
+    want = lambda o, s: o > last and in_part(s, opts.part)  # noqa: E731
+    pool = _pool(opts, out, session, load_exclude(opts.exclude))
+    from tqdm import tqdm
+
+    bar = tqdm(unit="img", disable=not progress, desc="scan", smoothing=0.1)
+    pending: collections.deque = collections.deque()
+    state = {"n": 0, "since": 0, "t": time.time()}
+    spools: dict[str, int] = {}  # spool file -> read-only fd used to fsync it
+
+    def drain(keep: int) -> None:
+        while len(pending) > keep:
+            head = pending.popleft()
+            results = head.result() if isinstance(head, cf.Future) else head
+            for r in results:
+                _record(r, idx, opts)
+                if r.spool and r.spool not in spools:
+                    spools[r.spool] = os.open(os.path.join(out, STATE, r.spool), os.O_RDONLY)
+                state["n"] += 1
+                _maybe_die("scan", state["n"])
+            bar.update(len(results))
+            state["since"] += len(results)
+            if results and (state["since"] >= 512 or time.time() - state["t"] > 2.0):
+                _commit(idx, spools.values(), results[-1].ordinal)
+                state["since"], state["t"] = 0, time.time()
+
+    def submit(chunk: list[Item]) -> None:
+        if chunk:
+            pending.append(pool.submit(workers.scan_chunk, chunk) if pool else workers.scan_chunk(chunk))
+            drain(4 * opts.workers)  # bounded in-flight work: memory stays flat
+
+    chunk: list[Item] = []
+    nbytes = 0
+    try:
+        for it in iter_inputs(inputs, want):
+            if not want(it.ordinal, it.source):
+                continue
+            if it.reason is not None:  # decided during enumeration; keeps its place in order
+                submit(chunk)
+                chunk, nbytes = [], 0
+                pending.append([Result(it.ordinal, it.source, reason=it.reason)])
+                continue
+            chunk.append(it)
+            nbytes += len(it.data) if it.data is not None else _file_size(it.path)
+            if len(chunk) >= _CHUNK_ITEMS or nbytes >= _CHUNK_BYTES:
+                submit(chunk)
+                chunk, nbytes = [], 0
+        submit(chunk)
+        drain(0)
+        if pool is not None:
+            pool.shutdown(wait=True)  # workers flush and close their spools on exit
+        _commit(idx, spools.values(), None)
+        idx.put("scan_done", 1)
+        idx.commit()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        else:
+            workers.close_spool()
+        for fd in spools.values():
+            os.close(fd)
+        bar.close()
+
+
+def _file_size(path: Optional[str]) -> int:
+    try:
+        return os.path.getsize(path or "")
+    except OSError:
+        return 0
+
+
+def _record(r: Result, idx: Index, opts: ShardOptions) -> None:
+    if r.reason is not None:
+        idx.add_skip(r.ordinal, r.source, r.reason, r.sha256, r.size)
+    elif opts.dedup and idx.has_sha(r.sha256):
+        idx.add_skip(r.ordinal, r.source, "duplicate", r.sha256, r.size)
+    else:
+        idx.add_ok(r, opts.seed)
+
+
+def _commit(idx: Index, spool_fds: Iterable[int], last_ordinal: Optional[int]) -> None:
+    for fd in spool_fds:  # rows must never point at bytes that a power cut could lose
+        os.fsync(fd)
+    if last_ordinal is not None:
+        idx.put("last_ordinal", last_ordinal)
+    idx.commit()
+
+
+def shard_name(prefix: str, i: int) -> str:
+    return f"{prefix}-{i:06d}.tar"
+
+
+def _write(out: str, opts: ShardOptions, idx: Index, progress: bool) -> list[dict]:
+    from tqdm import tqdm
+
+    for fn in os.listdir(out):  # temp files of a killed run
+        if fn.startswith(f".{opts.prefix}-") and fn.endswith(".tmp"):
+            os.unlink(os.path.join(out, fn))
+    plan = idx.plan()
+    shards: dict[int, dict] = {}
+    pool: Optional[cf.Executor] = None
+    bar = tqdm(total=len(plan), unit="shard", disable=not progress, desc="write")
+    pending: collections.deque = collections.deque()
+    if opts.workers <= 1:
+        workers.init_worker(opts.process(), frozenset(), os.path.join(out, STATE), -1)
+
+    def finish(p: Any, name: str, res: tuple[int, int, str]) -> None:
+        count, nbytes, sha = res
+        if (count, nbytes) != (p["count"], p["bytes"]):
+            raise RuntimeError(f"{name}: wrote {count} samples / {nbytes} bytes, planned {p['count']} / {p['bytes']}")
+        _maybe_die("write", p["idx"])
+        idx.record_shard(p["idx"], name, count, nbytes, sha)
+        shards[p["idx"]] = dict(name=name, count=count, bytes=nbytes, sha256=sha)
+        bar.update(1)
+
+    try:
+        for p in plan:
+            name = shard_name(opts.prefix, p["idx"])
+            path = os.path.join(out, name)
+            done = idx.done_shard(p["idx"])
+            if done is not None and os.path.exists(path) and os.path.getsize(path) == done["bytes"]:
+                shards[p["idx"]] = dict(name=name, count=done["count"], bytes=done["bytes"], sha256=done["sha256"])
+                bar.update(1)
+                continue
+            rows = list(idx.ok_rows((p["first_pos"], p["first_ordinal"]), p["count"]))
+            if done is None and os.path.exists(path) and shard_keys(path) == [r["key"] for r in rows]:
+                # Renamed into place before the kill but not yet recorded: complete by construction.
+                rec = dict(name=name, count=len(rows), bytes=os.path.getsize(path), sha256=file_sha256(path))
+                idx.record_shard(p["idx"], name, rec["count"], rec["bytes"], rec["sha256"])
+                shards[p["idx"]] = rec
+                bar.update(1)
+                continue
+            job = [(r["key"], r["spool"], r["off"], r["len"], sample_json(r)) for r in rows]
+            if pool is None and opts.workers > 1:
+                pool = _pool(opts, out, -1, frozenset())
+            if pool is None:
+                finish(p, name, workers.write_shard_job(path, job))
+                continue
+            pending.append((p, name, pool.submit(workers.write_shard_job, path, job)))
+            while len(pending) > 2 * opts.workers:  # bounded: plans of any length fit
+                q, qn, fut = pending.popleft()
+                finish(q, qn, fut.result())
+        while pending:
+            q, qn, fut = pending.popleft()
+            finish(q, qn, fut.result())
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        workers.close_spool()
+        bar.close()
+    return [shards[i] for i in sorted(shards)]
+
+
+def _umask_perms(*paths: str) -> None:
+    # mkstemp creates 0600 files; shards' metadata must be as readable as the shards.
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in paths:
+        os.chmod(p, 0o666 & ~mask)
+
+
+def _finish(out: str, cfg: dict, idx: Index, shards: list[dict]) -> dict:
+    counts = idx.counts()
+    seen = sum(counts.values())
+    written = counts.get("ok", 0)
+    lines = ["source\treason"]
+    for row in idx.skipped():
+        src = row["source"].replace("\t", " ").replace("\n", " ")
+        lines.append(f"{src}\t{row['reason']}")
+    atomic_write_text(os.path.join(out, "skipped.tsv"), "\n".join(lines) + "\n")
+    manifest = {
+        "format": "seer-shards/1",
+        "inputs_seen": seen,
+        "written": written,
+        "skipped": seen - written,
+        "duplicates": counts.get("duplicate", 0),
+        "excluded": counts.get("excluded", 0),
+        "reasons": {k: v for k, v in sorted(counts.items()) if k != "ok"},
+        "part": cfg["part"],
+        "shards": shards,
+        "config": cfg,
+    }
+    assert sum(s["count"] for s in shards) == written
+    atomic_write_json(os.path.join(out, "manifest.json"), manifest)
+    _umask_perms(os.path.join(out, "manifest.json"), os.path.join(out, "skipped.tsv"))
+    for fn in os.listdir(os.path.join(out, STATE)):  # the spool is only needed until here
+        if fn.startswith("spool-"):
+            os.unlink(os.path.join(out, STATE, fn))
+    return manifest

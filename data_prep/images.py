@@ -1,0 +1,192 @@
+"""Per-image work done in the worker processes: read, hash, check, decode, convert, encode.
+
+Every failure becomes a `Result` with a reason string; nothing here raises on bad input.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+# Our own --max-pixels check replaces PIL's bomb guard, which would raise at open time with a
+# different threshold (and warn below it).
+Image.MAX_IMAGE_PIXELS = None
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+# EXIF orientation tag (0x0112) -> the transpose that undoes it (EXIF 2.3, table "Orientation").
+_ORIENT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_JPEG_TAIL_PAD = b"\x00\r\n \t"
+
+
+@dataclass(frozen=True)
+class ProcessOptions:
+    """What the workers need to know (picklable)."""
+
+    resize_short_side: Optional[int] = None
+    quality: int = 95
+    reencode: str = "auto"  # auto | always
+    check: str = "full"  # full | header (pass-through JPEGs only)
+    min_side: int = 16
+    max_pixels: int = 100_000_000
+
+
+@dataclass
+class Result:
+    """Outcome for one input: `reason` is None when `data` holds the JPEG to store."""
+
+    ordinal: int
+    source: str
+    size: int = 0
+    sha256: str = ""
+    reason: Optional[str] = None
+    data: bytes = b""
+    width: int = 0
+    height: int = 0
+    orig_width: int = 0
+    orig_height: int = 0
+    passthrough: bool = False
+    spool: str = ""  # where a worker stored `data` (then dropped from the result)
+    off: int = 0
+    length: int = 0
+
+
+def read_source(path: str) -> tuple[Optional[bytes], Optional[str]]:
+    """Read a file; a vanished or unreadable file is a reason, not an exception."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(), None
+    except FileNotFoundError:
+        return None, "vanished"
+    except IsADirectoryError:
+        return None, "not_an_image"
+    except OSError:
+        return None, "unreadable"
+
+
+def _target_size(w: int, h: int, short: Optional[int]) -> tuple[int, int]:
+    if not short or min(w, h) <= short:
+        return w, h
+    if w <= h:
+        return short, max(1, round(h * short / w))
+    return max(1, round(w * short / h)), short
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB; transparency is composited on white."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        # 16-bit greyscale: PIL's convert("L") clips at 255 instead of scaling; scale by hand.
+        import numpy as np
+
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if mode != "F" else max(float(arr.max()), 1.0)
+        arr = np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(arr).convert("RGB")
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGB", rgba.size, (255, 255, 255))
+        bg.paste(rgba, mask=rgba.getchannel("A"))
+        return bg
+    return img.convert("RGB")
+
+
+def _jpeg_has_eoi(data: bytes) -> bool:
+    # Header check for pass-through: start-of-image and end-of-image markers. Trailing padding
+    # bytes some writers append are tolerated.
+    return data[:2] == b"\xff\xd8" and data.rstrip(_JPEG_TAIL_PAD)[-2:] == b"\xff\xd9"
+
+
+def process_bytes(ordinal: int, source: str, data: bytes, opts: ProcessOptions,
+                  exclude: frozenset[str] = frozenset()) -> Result:
+    """Turn one input's bytes into a stored JPEG, or a skip reason."""
+    res = Result(ordinal, source, size=len(data))
+    if not data:
+        res.reason = "empty"
+        return res
+    res.sha256 = hashlib.sha256(data).hexdigest()
+    if res.sha256 in exclude:
+        res.reason = "excluded"
+        return res
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return _decode_and_encode(res, data, opts)
+        except UnidentifiedImageError:
+            res.reason = "not_an_image"
+        except Image.DecompressionBombError:
+            res.reason = "too_many_pixels"
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            msg = str(e).lower()
+            res.reason = "truncated" if "truncat" in msg or "premature" in msg else "corrupt"
+        except Exception:  # a decoder bug must cost one image, not the run
+            res.reason = "corrupt"
+    res.data = b""
+    return res
+
+
+def _decode_and_encode(res: Result, data: bytes, opts: ProcessOptions) -> Result:
+    img = Image.open(io.BytesIO(data))  # parses the header only
+    w, h = img.size
+    if w * h > opts.max_pixels:
+        res.reason = "too_many_pixels"
+        return res
+    try:
+        orient = int(img.getexif().get(0x0112, 1)) if img.format in ("JPEG", "TIFF", "WEBP", "PNG") else 1
+    except Exception:
+        orient = 1  # a broken EXIF block does not make the pixels unusable
+    if orient not in _ORIENT:
+        orient = 1
+    ow, oh = (h, w) if orient in (5, 6, 7, 8) else (w, h)
+    res.orig_width, res.orig_height = ow, oh
+    if min(ow, oh) < opts.min_side:
+        res.reason = "too_small"
+        return res
+    tw, th = _target_size(ow, oh, opts.resize_short_side)
+    resize = (tw, th) != (ow, oh)
+    if (img.format == "JPEG" and opts.reencode != "always" and orient == 1 and not resize
+            and img.mode == "RGB"):
+        if opts.check == "full":
+            img.load()  # the decoder is the judge of a damaged stream
+        elif not _jpeg_has_eoi(data):
+            res.reason = "truncated"
+            return res
+        res.data, res.passthrough = data, True
+        res.width, res.height = w, h
+        return res
+    # Work in the stored orientation and transpose at the end: resizing first is cheaper.
+    sw, sh = (th, tw) if orient in (5, 6, 7, 8) else (tw, th)
+    if img.format == "JPEG" and resize:
+        # DCT-domain downscaling (1/2, 1/4, 1/8) while decoding; never below the target size.
+        img.draft("RGB", (sw, sh))
+    if img.format == "GIF":
+        img.seek(0)
+    img.load()
+    rgb = _to_rgb(img)
+    if rgb.size != (sw, sh):
+        # reducing_gap: a box reduction first, then bicubic; Pillow documents the result as
+        # indistinguishable from plain bicubic at gap >= 2, and it is much faster on big shrinks.
+        rgb = rgb.resize((sw, sh), Image.Resampling.BICUBIC, reducing_gap=2.0)
+    if orient != 1:
+        rgb = rgb.transpose(_ORIENT[orient])
+    buf = io.BytesIO()
+    rgb.save(buf, "JPEG", quality=opts.quality)
+    res.data = buf.getvalue()
+    res.width, res.height = rgb.size
+    return res

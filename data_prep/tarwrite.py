@@ -1,0 +1,110 @@
+"""Byte-deterministic WebDataset shard writing (plain tarfile: webdataset's writer imports torch).
+
+Same members in the same order give the same shard bytes, so a resumed run and an
+uninterrupted one produce identical files (and identical sha256 in the manifest).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from typing import Any, BinaryIO, Iterable, Mapping
+
+from seer_pipeline.io_utils import fsync_dir
+
+BLOCK = tarfile.BLOCKSIZE  # 512
+RECORD = tarfile.RECORDSIZE  # 10240: tarfile pads the archive to a whole record
+
+
+def sample_json(row: Mapping[str, Any]) -> bytes:
+    """The `json` member of a sample; compact and key-ordered so its size is predictable."""
+    meta = {
+        "source": row["source"],
+        "sha256": row["sha256"],
+        "width": row["width"],
+        "height": row["height"],
+        "orig_width": row["orig_width"],
+        "orig_height": row["orig_height"],
+    }
+    return json.dumps(meta, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def member_bytes(nbytes: int) -> int:
+    """Bytes one member occupies in a ustar archive: header plus data padded to a block."""
+    return BLOCK + (nbytes + BLOCK - 1) // BLOCK * BLOCK
+
+
+def tar_bytes(payload: int) -> int:
+    """Archive size given the summed `member_bytes`: two zero blocks, padded to a record."""
+    total = payload + 2 * BLOCK
+    return (total + RECORD - 1) // RECORD * RECORD
+
+
+class _HashingWriter:
+    """Hashes what tarfile writes, so a shard is never read back to get its sha256."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.h, self.n = f, hashlib.sha256(), 0
+
+    def tell(self) -> int:
+        return self.n
+
+    def write(self, b: bytes) -> int:
+        self.h.update(b)
+        self.n += len(b)
+        return self.f.write(b)
+
+
+def _info(name: str, size: int) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mtime, ti.mode = size, 0, 0o444
+    ti.uid = ti.gid = 0
+    ti.uname = ti.gname = ""
+    return ti
+
+
+def write_shard(path: str, samples: Iterable[tuple[str, bytes, bytes]]) -> tuple[int, int, str]:
+    """Write (key, jpg, json) samples to `path` atomically; returns (count, bytes, sha256)."""
+    d, base = os.path.split(path)
+    tmp = os.path.join(d, f".{base}.tmp")
+    count = 0
+    try:
+        with open(tmp, "wb") as raw:
+            hw = _HashingWriter(raw)
+            with tarfile.open(fileobj=hw, mode="w", format=tarfile.USTAR_FORMAT) as tf:  # type: ignore[arg-type]
+                for key, jpg, meta in samples:
+                    tf.addfile(_info(f"{key}.jpg", len(jpg)), io.BytesIO(jpg))
+                    tf.addfile(_info(f"{key}.json", len(meta)), io.BytesIO(meta))
+                    count += 1
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(d)
+    return count, hw.n, hw.h.hexdigest()
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def shard_keys(path: str) -> list[str]:
+    """Sample keys of a shard in order (each key once), from the tar headers only."""
+    keys: list[str] = []
+    with tarfile.open(path, mode="r|") as tf:
+        for m in tf:
+            k = m.name.split(".", 1)[0]
+            if not keys or keys[-1] != k:
+                keys.append(k)
+    return keys

@@ -1,0 +1,149 @@
+"""`seer-shards verify` and `seer-shards stats`: read a shard set back against its manifest."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections import Counter
+from typing import Any, Iterator
+
+from PIL import Image
+
+from .tarwrite import file_sha256
+
+# Short-side bins for the resolution histogram (pixels, lower bounds).
+_BINS = (0, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def load_manifest(d: str) -> dict:
+    p = os.path.join(d, "manifest.json")
+    if not os.path.isfile(p):
+        raise FileNotFoundError(f"no manifest.json in {d} (unfinished build? rerun the same command)")
+    with open(p, "r", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def iter_samples(path: str, with_jpg: bool = True) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) per sample, grouping consecutive members that share a key."""
+    key, group = None, {}
+    with tarfile.open(path, mode="r:") as tf:
+        for m in tf:
+            k, _, ext = m.name.partition(".")
+            if key is not None and k != key:
+                yield key, group
+                group = {}
+            key = k
+            if ext == "jpg" and not with_jpg:
+                group[ext] = b""
+                continue
+            f = tf.extractfile(m)
+            group[ext] = f.read() if f is not None else b""
+    if key is not None:
+        yield key, group
+
+
+def verify(d: str, decode: bool = True) -> list[str]:
+    """Every problem found, as a line of text; an empty list means the set is sound."""
+    man = load_manifest(d)
+    problems: list[str] = []
+    keys: set[str] = set()
+    total = 0
+    listed = {s["name"] for s in man["shards"]}
+    prefix = man.get("config", {}).get("prefix", "shard")
+    for fn in sorted(os.listdir(d)):
+        if fn.startswith(prefix + "-") and fn.endswith(".tar") and fn not in listed:
+            problems.append(f"{fn}: shard file not in the manifest")
+    for s in man["shards"]:
+        path = os.path.join(d, s["name"])
+        if not os.path.isfile(path):
+            problems.append(f"{s['name']}: missing")
+            continue
+        if os.path.getsize(path) != s["bytes"]:
+            problems.append(f"{s['name']}: {os.path.getsize(path)} bytes, manifest says {s['bytes']}")
+        if file_sha256(path) != s["sha256"]:
+            problems.append(f"{s['name']}: sha256 differs from the manifest")
+        n = 0
+        try:
+            for key, g in iter_samples(path, with_jpg=decode):
+                n += 1
+                problems.extend(_check_sample(s["name"], key, g, decode))
+                if key in keys:
+                    problems.append(f"{s['name']}: key {key} appears more than once in the set")
+                keys.add(key)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            problems.append(f"{s['name']}: unreadable tar ({e})")
+        if n != s["count"]:
+            problems.append(f"{s['name']}: {n} samples, manifest says {s['count']}")
+        total += n
+    if total != man["written"]:
+        problems.append(f"set: {total} samples in shards, manifest says written={man['written']}")
+    if man["inputs_seen"] != man["written"] + man["skipped"]:
+        problems.append("manifest: inputs_seen != written + skipped")
+    return problems
+
+
+def _check_sample(shard: str, key: str, g: dict[str, bytes], decode: bool) -> list[str]:
+    where = f"{shard}: {key}"
+    if set(g) != {"jpg", "json"}:
+        return [f"{where}: members {sorted(g)}, expected jpg and json"]
+    try:
+        meta = json.loads(g["json"])
+    except ValueError:
+        return [f"{where}: json does not parse"]
+    if not decode:
+        return []
+    try:
+        with Image.open(io.BytesIO(g["jpg"])) as im:
+            if im.format != "JPEG":
+                return [f"{where}: jpg member is {im.format}"]
+            im.load()
+            size = im.size
+    except Exception as e:  # any decoder failure is a finding, not a crash
+        return [f"{where}: jpg does not decode ({e})"]
+    if size != (meta.get("width"), meta.get("height")):
+        return [f"{where}: decoded {size[0]}x{size[1]}, json says {meta.get('width')}x{meta.get('height')}"]
+    return []
+
+
+def stats(d: str) -> dict[str, Any]:
+    """Counts, sizes and a short-side histogram; reads json members only."""
+    man = load_manifest(d)
+    hist: Counter[int] = Counter()
+    pixels = 0
+    for s in man["shards"]:
+        for _, g in iter_samples(os.path.join(d, s["name"]), with_jpg=False):
+            meta = json.loads(g.get("json", b"{}") or b"{}")
+            w, h = meta.get("width", 0), meta.get("height", 0)
+            pixels += w * h
+            hist[max(b for b in _BINS if b <= min(w, h))] += 1
+    nbytes = sum(s["bytes"] for s in man["shards"])
+    n = man["written"]
+    labels = [f"{lo}-{hi - 1}" for lo, hi in zip(_BINS, _BINS[1:])] + [f"{_BINS[-1]}+"]
+    return {
+        "shards": len(man["shards"]),
+        "inputs_seen": man["inputs_seen"],
+        "written": n,
+        "skipped": man["skipped"],
+        "duplicates": man["duplicates"],
+        "reasons": man.get("reasons", {}),
+        "bytes": nbytes,
+        "mean_bytes_per_sample": round(nbytes / n) if n else 0,
+        "mean_megapixels": round(pixels / n / 1e6, 4) if n else 0.0,
+        "short_side_histogram": {lab: hist.get(lo, 0) for lab, lo in zip(labels, _BINS)},
+    }
+
+
+def format_stats(st: dict[str, Any]) -> str:
+    lines = [
+        f"shards {st['shards']}  written {st['written']}  skipped {st['skipped']} "
+        f"(duplicates {st['duplicates']})  inputs {st['inputs_seen']}",
+        f"bytes {st['bytes']:,}  mean/sample {st['mean_bytes_per_sample']:,}  "
+        f"mean MP {st['mean_megapixels']}",
+        "skip reasons: " + (", ".join(f"{k} {v}" for k, v in st["reasons"].items()) or "none"),
+        "short side:",
+    ]
+    top = max(st["short_side_histogram"].values(), default=0) or 1
+    for lab, c in st["short_side_histogram"].items():
+        lines.append(f"  {lab:>10} {c:8d} {'#' * round(40 * c / top)}")
+    return "\n".join(lines)

@@ -1,0 +1,86 @@
+"""Code that runs in the worker processes (or in-process with --workers 1).
+
+Workers write what they produce straight to their own spool file and shards straight to disk,
+so image bytes never travel through the main process: it only keeps the books.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from .images import ProcessOptions, Result, process_bytes, read_source
+from .sources import Item
+from .tarwrite import write_shard
+
+_W: dict[str, Any] = {}
+
+
+def init_worker(opts: ProcessOptions, exclude: frozenset[str], spool_dir: str, session: int,
+                in_pool: bool = False) -> None:
+    """Per-process state; in a pool, also die with the parent (kill -9 must not leave orphans)."""
+    _W.clear()
+    _W.update(opts=opts, exclude=exclude, spool_dir=spool_dir, session=session, spool=None, readers={})
+    if in_pool and sys.platform.startswith("linux"):
+        # A forked worker holds the task pipe open itself, so it never sees EOF when the parent
+        # is killed with -9: have the kernel send it SIGKILL instead.
+        try:
+            import ctypes
+            import signal
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
+def _spool() -> Any:
+    if _W["spool"] is None:
+        name = f"spool-{_W['session']:05d}-{os.getpid()}.bin"
+        _W["spool_name"] = name
+        _W["spool"] = open(os.path.join(_W["spool_dir"], name), "ab")
+    return _W["spool"]
+
+
+def scan_chunk(jobs: list[Item]) -> list[Result]:
+    """Process inputs; stored bytes go to this process's spool, results carry their location."""
+    out = []
+    for it in jobs:
+        data, reason = (it.data, None) if it.data is not None else read_source(it.path or "")
+        if data is None:
+            out.append(Result(it.ordinal, it.source, reason=reason))
+            continue
+        r = process_bytes(it.ordinal, it.source, data, _W["opts"], _W["exclude"])
+        if r.reason is None:
+            f = _spool()
+            r.spool, r.off, r.length = _W["spool_name"], f.tell(), len(r.data)
+            f.write(r.data)
+            r.data = b""
+        out.append(r)
+    if _W["spool"] is not None:
+        _W["spool"].flush()  # in the OS before the main process may commit rows pointing here
+    return out
+
+
+def close_spool() -> None:
+    if _W.get("spool") is not None:
+        _W["spool"].close()
+        _W["spool"] = None
+    for f in _W.get("readers", {}).values():
+        f.close()
+    _W["readers"] = {}
+
+
+def _read(spool: str, off: int, n: int) -> bytes:
+    f = _W["readers"].get(spool)
+    if f is None:
+        f = _W["readers"][spool] = open(os.path.join(_W["spool_dir"], spool), "rb")
+    f.seek(off)
+    data = f.read(n)
+    if len(data) != n:
+        raise RuntimeError(f"spool {spool} is short at {off}: was {_W['spool_dir']} altered?")
+    return data
+
+
+def write_shard_job(path: str, rows: list[tuple[str, str, int, int, bytes]]) -> tuple[int, int, str]:
+    """Write one shard from spooled samples (key, spool, off, len, json); atomic."""
+    return write_shard(path, ((k, _read(s, o, n), meta) for k, s, o, n, meta in rows))

@@ -1,0 +1,122 @@
+"""From the `slurm` config section to a submitit executor (SLURM or local), and back to text.
+
+One task per GPU; logs and submitit's pickles go to RUN/slurm/<job id>/. The generated sbatch
+script is what `seer-submit --dry-run` prints, so what a user reviews is what would be submitted.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+import submitit
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+# Extra sbatch flags set unless the user's `slurm.additional_parameters` overrides them.
+_DEFAULT_SBATCH_FLAGS: dict[str, Any] = {
+    # Requeue on preemption/node failure even where the cluster's JobRequeue default is 0.
+    "requeue": True,
+}
+# A task that dies kills its step at once instead of leaving its peers in a collective until
+# the gloo/NCCL timeout.
+_SRUN_ARGS = ["--kill-on-bad-exit=1"]
+
+
+def _as_dict(slurm: Any) -> dict[str, Any]:
+    if isinstance(slurm, DictConfig):
+        return OmegaConf.to_container(slurm, resolve=True)  # type: ignore[return-value]
+    if isinstance(slurm, Mapping):
+        return dict(slurm)
+    return dict(vars(slurm))
+
+
+def executor_parameters(slurm: Any) -> dict[str, Any]:
+    """AutoExecutor parameters (generic names + `slurm_` ones) for a SlurmConfig-shaped section."""
+    s = _as_dict(slurm)
+    if s["nodes"] < 1 or s["tasks_per_node"] < 1 or s["cpus_per_task"] < 1:
+        raise ValueError("slurm.nodes, slurm.tasks_per_node and slurm.cpus_per_task must be >= 1")
+    if s["timeout_min"] < 1:
+        raise ValueError("slurm.timeout_min must be >= 1")
+    if not 0 <= s["signal_delay_s"] < s["timeout_min"] * 60:
+        raise ValueError(
+            f"slurm.signal_delay_s={s['signal_delay_s']} must be in [0, timeout_min*60): the signal "
+            "has to arrive before the time limit"
+        )
+    params: dict[str, Any] = {
+        "name": s["job_name"],
+        "nodes": int(s["nodes"]),
+        "tasks_per_node": int(s["tasks_per_node"]),
+        "cpus_per_task": int(s["cpus_per_task"]),
+        "timeout_min": int(s["timeout_min"]),
+        "slurm_signal_delay_s": int(s["signal_delay_s"]),
+        "slurm_srun_args": list(_SRUN_ARGS),
+        "slurm_additional_parameters": {**_DEFAULT_SBATCH_FLAGS,
+                                        **dict(s.get("additional_parameters") or {})},
+    }
+    if s.get("gpus_per_node"):
+        params["gpus_per_node"] = int(s["gpus_per_node"])
+    if s.get("mem_gb"):
+        params["mem_gb"] = float(s["mem_gb"])
+    for key in ("partition", "account", "qos", "constraint"):
+        if s.get(key):
+            params[f"slurm_{key}"] = str(s[key])
+    if s.get("exclusive"):
+        params["slurm_exclusive"] = True
+    if s.get("setup"):
+        params["slurm_setup"] = list(s["setup"])
+    return params
+
+
+def job_folder(run_dir: str | Path) -> Path:
+    """Where submitit writes a job's pickles and per-task logs (%j: the SLURM job id)."""
+    return Path(run_dir) / "slurm" / "%j"
+
+
+def build_executor(slurm: Any, run_dir: str | Path, local: bool = False) -> submitit.AutoExecutor:
+    """A submitit AutoExecutor for the run: SLURM, or the LocalExecutor for debugging."""
+    s = _as_dict(slurm)
+    params = executor_parameters(s)
+    if local:
+        if s["nodes"] != 1:
+            raise ValueError("--local runs on this machine: slurm.nodes must be 1")
+        ex = submitit.AutoExecutor(folder=job_folder(run_dir), cluster="local")
+        # The local executor takes only the generic keys it understands.
+        ex.update_parameters(timeout_min=params["timeout_min"],
+                             tasks_per_node=params["tasks_per_node"], nodes=1)
+        return ex
+    if shutil.which("sbatch") is None or shutil.which("srun") is None:
+        raise RuntimeError("SLURM client tools (sbatch, srun) not found: run on a SLURM login "
+                           "node, or use --local to debug on this machine")
+    # submitit's own timeout requeue counter gets the same cap as the trainer's.
+    ex = submitit.AutoExecutor(folder=job_folder(run_dir), cluster="slurm",
+                               slurm_max_num_timeout=int(s["max_requeues"]))
+    ex.update_parameters(**params)
+    return ex
+
+
+def sbatch_script(executor: submitit.AutoExecutor) -> str:
+    """The exact batch script this SLURM executor would hand to sbatch."""
+    inner = executor._executor
+    if not isinstance(inner, submitit.SlurmExecutor):
+        raise TypeError("sbatch_script needs a SLURM executor (not --local)")
+    return inner._make_submission_file_text(inner._submitit_command_str, uid="dry-run")
+
+
+def describe_resources(slurm: Any) -> str:
+    """One human-readable paragraph of what the job asks for."""
+    s = _as_dict(slurm)
+    tasks = s["nodes"] * s["tasks_per_node"]
+    lines = [
+        f"nodes={s['nodes']} tasks/node={s['tasks_per_node']} (one per GPU) -> {tasks} ranks",
+        f"cpus/task={s['cpus_per_task']} gpus/node={s.get('gpus_per_node', 0)} "
+        f"mem={str(s['mem_gb']) + 'GB' if s.get('mem_gb') else 'SLURM default'}",
+        f"time limit={s['timeout_min']} min, USR2 {s['signal_delay_s']} s before it, "
+        f"max requeues={s['max_requeues']}",
+        f"partition={s.get('partition') or '(default)'} account={s.get('account') or '-'} "
+        f"qos={s.get('qos') or '-'} constraint={s.get('constraint') or '-'} "
+        f"exclusive={bool(s.get('exclusive'))}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,129 @@
+"""`seer-submit --config PRESET [key=value ...] [--dry-run] [--local]`: start training on SLURM.
+
+The config is loaded with the trainer's own loader (unknown keys fail here, before anything is
+queued); its `slurm` section sizes the job. Every task runs `seer_pipeline.train:main` with
+`--config PRESET overrides... run.dir=ABS`, so a requeued job, which reruns the same pickled
+callable, resumes from the same run folder.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from seer_pipeline.io_utils import atomic_write_json
+
+from .executor import build_executor, describe_resources, sbatch_script
+from .job import DEFAULT_ENTRY, TrainJob, check_entry
+
+log = logging.getLogger(__name__)
+LAUNCH_RECORD = "launch.json"  # RUN/launch.json: the jobs submitted for this run, newest last
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="seer-submit",
+        description="Submit SEER training to SLURM with submitit (slurm.* keys size the job).",
+    )
+    p.add_argument("--config", required=True, help="preset name (e.g. seer_32gf) or a .yaml path")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. slurm.nodes=8)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the sbatch script and resources; submit nothing")
+    p.add_argument("--local", action="store_true",
+                   help="run with submitit's LocalExecutor on this machine and wait for it")
+    p.add_argument("--entry", default=DEFAULT_ENTRY,
+                   help="training entry point as module:function, called with the argv list")
+    return p
+
+
+def build_job(preset: str, overrides: Sequence[str], entry: str = DEFAULT_ENTRY) -> tuple[Any, TrainJob]:
+    """Load the config and make the task callable; run.dir becomes absolute for every task."""
+    from seer_pipeline.train_config import load_train_config  # config only, no model code
+
+    cfg = load_train_config(preset, list(overrides))
+    run_dir = Path(cfg.run.dir).expanduser().resolve()
+    kept = [o for o in overrides if not o.split("=", 1)[0].strip() == "run.dir"]
+    config_arg = str(Path(preset).resolve()) if Path(preset).suffix in (".yaml", ".yml") else preset
+    argv = ["--config", config_arg, *kept, f"run.dir={run_dir}"]
+    check_entry(entry)
+    return cfg, TrainJob(argv=argv, run_dir=str(run_dir), max_requeues=int(cfg.slurm.max_requeues),
+                         entry=entry)
+
+
+def record_submission(run_dir: str | Path, entry: dict[str, Any]) -> None:
+    """Append a job to RUN/launch.json (atomically), so seer-status knows whom to ask."""
+    import json
+
+    path = Path(run_dir) / LAUNCH_RECORD
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = {"jobs": []}
+    data.setdefault("jobs", []).append(entry)
+    atomic_write_json(path, data)
+
+
+def _dry_run(cfg: Any, job: TrainJob) -> int:
+    ex = build_executor(cfg.slurm, job.run_dir)
+    script = sbatch_script(ex).splitlines()
+    header = ["# seer-submit --dry-run: nothing was submitted. Resources:"]
+    header += [f"#   {line}" for line in describe_resources(cfg.slurm).splitlines()]
+    header += [f"#   each task runs {job.entry}({shlex.join(job.argv)})"]
+    # Comments after the shebang keep the whole output a valid sbatch script.
+    print("\n".join([script[0], *header, *script[1:]]))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg, job = build_job(args.config, args.overrides, args.entry)
+    except (ValueError, OSError) as e:  # ConfigError is a ValueError
+        print(f"seer-submit: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        if args.local:
+            print("seer-submit: --dry-run shows a SLURM script; drop --local", file=sys.stderr)
+            return 2
+        return _dry_run(cfg, job)
+    try:
+        ex = build_executor(cfg.slurm, job.run_dir, local=args.local)
+    except (ValueError, RuntimeError) as e:
+        print(f"seer-submit: {e}", file=sys.stderr)
+        return 2
+    Path(job.run_dir).mkdir(parents=True, exist_ok=True)
+    submitted = ex.submit(job)
+    job_id = str(submitted.job_id)
+    record_submission(job.run_dir, {
+        "job_id": job_id, "executor": "local" if args.local else "slurm",
+        "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "entry": job.entry,
+        "argv": job.argv, "folder": str(Path(job.run_dir) / "slurm" / job_id),
+        "cwd": os.getcwd(),
+    })
+    out = Path(job.run_dir) / "slurm" / job_id / f"{job_id}_0_log.out"
+    print(f"job {job_id}", flush=True)
+    print(f"follow the logs:  tail -F {out} {Path(job.run_dir) / 'logs' / 'rank0.log'}")
+    print(f"status:           seer-status {job.run_dir}")
+    if not args.local:
+        return 0
+    # --local is for debugging: wait here and report the result (or the task's traceback).
+    try:
+        results = submitted.results()
+    except KeyboardInterrupt:
+        submitted.cancel()
+        return 130
+    except Exception as e:  # submitit re-raises the task's failure with its traceback
+        print(f"seer-submit: local job {job_id} failed: {e}", file=sys.stderr)
+        return 1
+    print(f"local job {job_id} finished: {results[0]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

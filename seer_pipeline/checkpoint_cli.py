@@ -1,0 +1,77 @@
+"""`seer-ckpt consolidate RUN --out FILE`: one trunk state_dict file from a sharded checkpoint.
+
+The output loads with `torch.load(FILE, weights_only=True)` into `build_trunk(name)` (the name
+is printed and stored next to it as FILE.json). No process group is needed: DCP reads every
+shard in this one process (`no_dist=True`), whatever world size wrote it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.distributed.checkpoint as dcp
+from omegaconf import OmegaConf
+
+from .checkpoint import CheckpointError, find_resumable, verify_step_dir
+from .io_utils import atomic_write_bytes, atomic_write_json
+
+
+def consolidate(run_or_step: str | Path, out: str | Path, step: int | None = None) -> dict:
+    """Write the trunk weights of the newest loadable checkpoint (or `step`) to `out`."""
+    from .trainer import build_model
+    from .train_config import load_train_config
+
+    src = Path(run_or_step)
+    if (src / "meta.json").exists():
+        path, meta = src, verify_step_dir(src)
+    else:
+        cands = find_resumable(src / "checkpoints")
+        if step is not None:
+            cands = [c for c in cands if c[0] == step]
+        if not cands:
+            raise CheckpointError(f"no complete checkpoint under {src}/checkpoints"
+                                  + (f" for step {step}" if step is not None else ""))
+        _, path, meta = cands[0]
+    saved = OmegaConf.to_container(OmegaConf.create(meta["config_yaml"]))
+    cfg = load_train_config(None, [])
+    cfg = OmegaConf.merge(cfg, saved)
+    model = build_model(cfg)
+    template = {"model": model.state_dict()}
+    dcp.load(template, checkpoint_id=str(path), no_dist=True)
+    trunk = {k[len("trunk."):]: v.clone() for k, v in template["model"].items() if k.startswith("trunk.")}
+    model.trunk.load_state_dict(trunk, strict=True)  # every key present and shaped right
+    import io
+
+    buf = io.BytesIO()
+    torch.save(trunk, buf)
+    atomic_write_bytes(out, buf.getvalue())
+    info = {"trunk": cfg.model.trunk, "step": int(meta["step"]), "source": str(path),
+            "tensors": len(trunk), "params": sum(v.numel() for k, v in trunk.items()
+                                                 if "running" not in k and "num_batches" not in k)}
+    atomic_write_json(str(out) + ".json", info)
+    return info
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="seer-ckpt", description="checkpoint tools")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("consolidate", help="single-file trunk state_dict from a sharded checkpoint")
+    c.add_argument("run", help="run folder (newest checkpoint) or a step_XXXXXXXXX folder")
+    c.add_argument("--out", required=True)
+    c.add_argument("--step", type=int, default=None)
+    args = ap.parse_args(argv)
+    try:
+        info = consolidate(args.run, args.out, args.step)
+    except (CheckpointError, OSError, ValueError) as e:
+        print(f"seer-ckpt: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Evaluation of frozen trunks: linear probe and k-NN (`seer-eval`)."""

@@ -1,0 +1,121 @@
+"""Training metrics: RUN/metrics.jsonl (one object per step), TensorBoard, and the console.
+
+Only rank 0 writes. Every step appears exactly once across restarts: on resume from a
+checkpoint at step S, lines with step > S (written after that checkpoint by the interrupted run)
+are dropped, atomically, before anything new is appended, and the first new line carries
+`resumed_from: S`. TensorBoard gets `purge_step` for the same reason.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+from .io_utils import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Parse metrics.jsonl, ignoring a torn last line (a kill -9 mid-write)."""
+    out = []
+    p = Path(path)
+    if not p.exists():
+        return out
+    for line in p.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("ignoring an unreadable line in %s: %.80s", p, line)
+    return out
+
+
+def truncate_metrics(path: str | Path, last_step: int) -> int:
+    """Keep only lines with step <= last_step; returns how many lines were dropped."""
+    p = Path(path)
+    if not p.exists():
+        return 0
+    rows = read_metrics(p)
+    keep = [r for r in rows if int(r.get("step", -1)) <= last_step]
+    dropped = len(rows) - len(keep)
+    text = "".join(json.dumps(r) + "\n" for r in keep)
+    if text != p.read_text():
+        atomic_write_text(p, text)
+    return dropped
+
+
+class MetricsLogger:
+    """Rank-0 sink for per-step scalars: JSON lines, TensorBoard, console every `log_every`."""
+
+    def __init__(
+        self, run_dir: str | Path, rank: int, log_every: int = 10, tensorboard: bool = True,
+        resumed_from: int | None = None,
+    ) -> None:
+        self.rank = rank
+        self.log_every = max(1, log_every)
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._resumed_from = resumed_from
+        self._fh = None
+        self._tb = None
+        if rank != 0:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        start = resumed_from or 0
+        dropped = truncate_metrics(self.path, start)
+        if dropped:
+            log.info("metrics.jsonl: dropped %d line(s) past the checkpoint step %d", dropped, start)
+        self._fh = open(self.path, "a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start + 1)
+            except ImportError:  # tensorboard is a dev extra; metrics.jsonl is the record
+                log.warning("tensorboard not installed: no event files (metrics.jsonl still written)")
+
+    def log_step(self, step: int, values: Mapping[str, Any]) -> None:
+        if self.rank != 0:
+            return
+        row: dict[str, Any] = {"step": step}
+        row.update({k: _plain(v) for k, v in values.items()})
+        if self._resumed_from is not None:
+            row["resumed_from"] = self._resumed_from
+            self._resumed_from = None
+        assert self._fh is not None
+        self._fh.write(json.dumps(row) + "\n")
+        self._fh.flush()
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(f"train/{k}", v, step)
+        if step % self.log_every == 0 or step == 1:
+            shown = " ".join(_fmt(k, v) for k, v in row.items() if k != "step")
+            log.info("step %d %s", step, shown)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+            self._tb = None
+
+
+def _plain(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/inf
+    return v
+
+
+def _fmt(k: str, v: Any) -> str:
+    if isinstance(v, float):
+        return f"{k}={v:.4g}"
+    return f"{k}={v}"

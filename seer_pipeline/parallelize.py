@@ -1,0 +1,160 @@
+"""The one place that applies SyncBN, activation checkpointing, compile and FSDP2 to a model.
+
+The model (a trunk with `.stem`/`.stages[i].blocks` and a SwAV head with `.prototypes`) knows
+nothing of parallelism; this module mutates it in place, following torchtitan's order: AC and
+compile per block first, then `fully_shard` bottom-up (BN units, block groups, prototypes, head,
+root).
+
+Why PyTorch FSDP2 and not fairscale (which SEER/VISSL used): fairscale's FSDP was upstreamed into
+PyTorch, its last release is from 2022, and its FullyShardedDataParallel cannot run on CPU at all
+("Torch not compiled with CUDA enabled", environment-facts.md), so it could not be tested here.
+FSDP2's per-parameter DTensor sharding also makes sharded DCP checkpoints and resharding free.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    """What `parallelize` applies; built from the `parallel` config section."""
+
+    fsdp: str = "full"  # full | hybrid | none
+    hybrid_shard_size: int = 0
+    blocks_per_unit: int = 1
+    ac: str = "none"  # none | stage | block
+    compile: bool = False
+    sync_bn_group: int = 0  # CUDA: 0 = per node, -1 = off, N = groups of N ranks
+    reshard_after_forward: bool = True
+    precision: str = "fp32"
+
+    @classmethod
+    def from_config(cls, parallel: Any, precision: str) -> "ParallelPlan":
+        return cls(
+            fsdp=parallel.fsdp, hybrid_shard_size=parallel.hybrid_shard_size,
+            blocks_per_unit=parallel.blocks_per_unit, ac=parallel.ac, compile=parallel.compile,
+            sync_bn_group=parallel.sync_bn_group,
+            reshard_after_forward=parallel.reshard_after_forward, precision=precision,
+        )
+
+
+def build_mesh(plan: ParallelPlan, device_type: str, world: int, local_world: int) -> DeviceMesh | None:
+    """1-D mesh ("shard") for full sharding; 2-D ("replicate", "shard") for hybrid."""
+    if plan.fsdp == "none" or not dist.is_initialized():
+        return None
+    if plan.fsdp == "full":
+        return init_device_mesh(device_type, (world,), mesh_dim_names=("shard",))
+    shard = plan.hybrid_shard_size or local_world
+    if shard < 1 or world % shard:
+        raise ValueError(f"parallel.hybrid_shard_size={shard} must divide the world size {world}")
+    return init_device_mesh(device_type, (world // shard, shard), mesh_dim_names=("replicate", "shard"))
+
+
+def _sync_bn_groups(group_size: int, local_world: int) -> Any:
+    """Create SyncBN process groups of `group_size` consecutive ranks (every rank creates all)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    size = group_size or local_world
+    if world % size:
+        raise ValueError(f"parallel.sync_bn_group={size} must divide the world size {world}")
+    mine = None
+    for start in range(0, world, size):
+        g = dist.new_group(list(range(start, start + size)))
+        if start <= rank < start + size:
+            mine = g
+    return mine
+
+
+def _stage_blocks(stage: nn.Module) -> nn.Module:
+    inner = getattr(stage, "_checkpoint_wrapped_module", stage)
+    return inner.blocks
+
+
+def parallelize(
+    model: nn.Module, plan: ParallelPlan, mesh: DeviceMesh | None, device: torch.device,
+    local_world: int = 1,
+) -> nn.Module:
+    """Apply SyncBN / AC / compile / FSDP2 (or DDP when fsdp=none and world > 1); returns the model.
+
+    `model` must have `.trunk` (with `.stem`, `.stages`) and `.head` (with `.prototypes`).
+    """
+    trunk, head = model.trunk, model.head
+    on_cuda = device.type == "cuda"
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    if on_cuda and distributed and plan.sync_bn_group >= 0:
+        # SyncBN only trains on CUDA (it raises on CPU, environment-facts), so CPU keeps plain BN.
+        group = _sync_bn_groups(plan.sync_bn_group, local_world)
+        model.trunk = trunk = nn.SyncBatchNorm.convert_sync_batchnorm(trunk, process_group=group)
+    model.to(device)
+
+    for i, stage in enumerate(trunk.stages):
+        blocks = _stage_blocks(stage)
+        for j in range(len(blocks)):
+            if plan.ac == "block":
+                blocks[j] = checkpoint_wrapper(blocks[j])
+            if plan.compile:
+                blocks[j].compile()  # in place: parameter names (and checkpoints) stay the same
+        if plan.ac == "stage":
+            # SEER checkpointed per stage segment (`stage_checkpoints`, reference-systems.md):
+            # only stage inputs are kept, each stage is recomputed during backward.
+            trunk.stages[i] = checkpoint_wrapper(stage)
+
+    if plan.fsdp == "none":
+        if distributed:
+            return nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if on_cuda else None, broadcast_buffers=False)
+        return model
+    if mesh is None:
+        return model
+
+    param_dtype = _DTYPES[plan.precision] if on_cuda else torch.float32
+    mixed = param_dtype != torch.float32
+    # Without mixed precision the default policy casts nothing (float64 test models stay so).
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if mixed \
+        else MixedPrecisionPolicy()
+    fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32) if mixed \
+        else MixedPrecisionPolicy()
+    kw: dict[str, Any] = dict(mesh=mesh, reshard_after_forward=plan.reshard_after_forward)
+    if mixed:
+        # BN must stay fp32 in its own unit or FSDP2 mixed precision fails on it
+        # (environment-facts; torchtitan #674; VISSL's auto_wrap_bn did the same).
+        for m in list(model.modules()):
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                fully_shard(m, mp_policy=fp32, **kw)
+    for stage in trunk.stages:
+        blocks = list(_stage_blocks(stage))
+        for k in range(0, len(blocks), plan.blocks_per_unit):
+            group = blocks[k:k + plan.blocks_per_unit]
+            fully_shard(group if len(group) > 1 else group[0], mp_policy=mp, **kw)
+    # Prototypes (and thus the scores fed to Sinkhorn) always in fp32 (VISSL swav_head_fsdp).
+    fully_shard(head.prototypes, mp_policy=fp32, **kw)
+    fully_shard(head, mp_policy=mp, **kw)
+    fully_shard(model, mp_policy=mp, **kw)
+    n_units = sum(1 for m in model.modules() if type(m).__name__.startswith("FSDP"))
+    log.info("FSDP2 applied: %s sharding, mesh %s, %d units, precision %s, ac=%s, compile=%s",
+             plan.fsdp, tuple(mesh.shape), n_units, param_dtype, plan.ac, plan.compile)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under a DDP wrapper (FSDP2 modules are the model itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def clean_fqn(name: str) -> str:
+    """Parameter name without wrapper prefixes (checkpoint_wrapper, compile, DDP)."""
+    for junk in ("_checkpoint_wrapped_module.", "_orig_mod.", "module."):
+        name = name.replace(junk, "")
+    return name

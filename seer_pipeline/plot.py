@@ -1,0 +1,58 @@
+"""`seer-plot RUN [--out FILE]`: loss, lr and throughput of a run as one PNG."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .metrics import read_metrics
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(Path(run_dir) / "metrics.jsonl")
+    if not rows:
+        raise ValueError(f"{run_dir}/metrics.jsonl has no rows to plot")
+    out = Path(out) if out else Path(run_dir) / "training.png"
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
+    for ax, key, label in zip(axes, ("loss", "lr", "img_s"), ("SwAV loss", "learning rate", "images/s")):
+        pts = [(s, r[key]) for s, r in zip(steps, rows) if isinstance(r.get(key), (int, float))]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    for r in rows:
+        if "resumed_from" in r:
+            for ax in axes:
+                ax.axvline(r["resumed_from"], color="grey", ls="--", lw=0.8)
+    axes[-1].set_xlabel("step")
+    axes[0].set_title(f"{Path(run_dir).name}: {len(rows)} steps (dashed: resumes)")
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(out)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="seer-plot", description=__doc__)
+    ap.add_argument("run")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    try:
+        print(plot_run(args.run, args.out))
+    except (OSError, ValueError) as e:
+        print(f"seer-plot: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Preemption signals: handlers only set a flag; ranks agree on it at step boundaries.
+
+SLURM sends SIGTERM (and, with `--signal`, SIGUSR2) to every task; submitit uses SIGUSR2.
+A handler that saved or exited right away (as submitit's does, on rank 0 only, mid-step) would
+leave the other ranks blocked in a collective, so ours only records the signal. The trainer
+calls `PreemptionFlag.agreed()` once per step: a MAX all-reduce of the flag, so all ranks see
+the signal at the same step and save together.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from types import FrameType
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+# Exit code of a rank that saved a checkpoint because of a signal and stopped. 75 is EX_TEMPFAIL
+# in sysexits.h ("try again later"): re-running the same command resumes the run.
+PREEMPTED = 75
+HANDLED_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+
+class PreemptionFlag:
+    """Records SIGUSR2/SIGTERM; `agreed()` tells every rank whether any rank got one."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.received_at: float | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is None:
+            self.signum = signum
+            self.received_at = time.monotonic()
+
+    def install(self) -> None:
+        """Install the handlers (overriding e.g. submitit's), remembering the old ones."""
+        for s in HANDLED_SIGNALS:
+            self._previous[s] = signal.signal(s, self._handler)
+        log.info("preemption handlers installed for %s",
+                 ", ".join(signal.Signals(s).name for s in HANDLED_SIGNALS))
+
+    def restore(self) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    @property
+    def local(self) -> bool:
+        return self.signum is not None
+
+    def agreed(self, group: Any = None) -> bool:
+        """True on every rank if any rank was signalled (a MAX all-reduce when distributed)."""
+        t = torch.tensor([1 if self.local else 0], dtype=torch.int32)
+        if dist.is_initialized():
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        return bool(t.item())
+
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else "peer signal"
+
+
+def forward_signals(targets: Callable[[], list[Any]]) -> dict[int, Any]:
+    """In a local launcher: pass SIGUSR2/SIGTERM/SIGINT on to each child process."""
+    def handler(signum: int, frame: FrameType | None) -> None:
+        for p in targets():
+            try:
+                if p.poll() is None:
+                    p.send_signal(signum)
+            except OSError:
+                pass
+
+    old = {}
+    for s in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
+        old[s] = signal.signal(s, handler)
+    return old

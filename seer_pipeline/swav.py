@@ -1,0 +1,280 @@
+"""SwAV: projection head with prototypes, distributed Sinkhorn-Knopp, swapped-prediction loss.
+
+Method: Caron et al., "Unsupervised Learning of Visual Features by Contrasting Cluster
+Assignments" (NeurIPS 2020); SEER settings (no BN in the head, prototypes L2-normalised after
+every step and frozen for the first 313 iterations, global-max subtraction before exp) from
+VISSL's SEER configs, see /work/shared/notes/reference-systems.md.
+
+Trainer contract, per iteration:
+    emb, scores = head(trunk(crops))               # crops concatenated crop-major
+    qs = queue.scores(head.prototypes) if queue else None
+    loss, stats = swav_loss(scores, n_crops, queue_scores=qs, group=dp_group)
+    loss.backward(); cancel_prototype_grads(head, it, freeze_iters); opt.step()
+    normalize_prototypes(head)                     # works on an FSDP2 row-sharded weight
+    queue.push(emb.detach().chunk(n_crops), it)
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+ProcessGroup = dist.ProcessGroup
+
+# SwAV paper / VISSL defaults; SEER 10B used epsilon 0.03 and 10 Sinkhorn iterations.
+DEFAULT_EPSILON = 0.05
+DEFAULT_TEMPERATURE = 0.1
+SEER_FREEZE_PROTOTYPES_ITERS = 313
+
+
+def _world(group: Optional[ProcessGroup]) -> int:
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def _all_reduce(t: torch.Tensor, group: Optional[ProcessGroup], op=None) -> torch.Tensor:
+    """In-place all-reduce over `group` when distributed (the group's timeout bounds it)."""
+    if _world(group) > 1:
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=group)
+    return t
+
+
+class SwAVHead(nn.Module):
+    """MLP projection -> L2 normalisation -> prototypes (linear, no bias).
+
+    dims=(in, hidden..., out): SEER 256GF (10444, 8192, 8192, 256) without BN; SwAV RN50
+    (2048, 2048, 128) with `use_bn=True`. `prototypes` is its own submodule so the trainer can
+    shard it alone and keep it in fp32.
+    """
+
+    def __init__(self, dims: Sequence[int], n_prototypes: int = 16000, use_bn: bool = False,
+                 bn_eps: float = 1e-5, bn_momentum: float = 0.1) -> None:
+        super().__init__()
+        if len(dims) < 2 or min(dims) < 1 or n_prototypes < 1:
+            raise ValueError(f"SwAVHead needs >= 2 positive dims and prototypes, got {dims}, {n_prototypes}")
+        layers: list[nn.Module] = []
+        for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+            layers.append(nn.Linear(d_in, d_out))
+            if i < len(dims) - 2:  # no BN/ReLU after the last projection
+                if use_bn:
+                    layers.append(nn.BatchNorm1d(d_out, eps=bn_eps, momentum=bn_momentum))
+                layers.append(nn.ReLU(inplace=True))
+        self.projection = nn.Sequential(*layers)
+        self.prototypes = nn.Linear(dims[-1], n_prototypes, bias=False)
+        self.in_dim, self.out_dim, self.n_prototypes = dims[0], dims[-1], n_prototypes
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Default linear/BN init, then unit-norm prototypes (also after `to_empty`)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.BatchNorm1d)):
+                m.reset_parameters()
+        normalize_prototypes(self)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """L2-normalised embeddings [N, out_dim]."""
+        return F.normalize(self.projection(x), dim=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeddings [N, out_dim], prototype scores [N, K])."""
+        emb = self.embed(x)
+        return emb, self.prototypes(emb)
+
+
+@torch.no_grad()
+def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = DEFAULT_EPSILON, n_iters: int = 3,
+                   group: Optional[ProcessGroup] = None) -> torch.Tensor:
+    """Soft assignments Q [B, K] from scores [B, K]: rows sum to 1, columns equipartitioned.
+
+    Over the global batch of all ranks of `group` (default: WORLD when initialised): every sum
+    is all-reduced, so each rank gets exactly its rows of the single-process answer for the
+    concatenated batch. Always float32 (autocast off); the global max is subtracted before exp.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"sinkhorn_knopp wants scores [B, K], got shape {tuple(scores.shape)}")
+    if epsilon <= 0 or n_iters < 0:
+        raise ValueError(f"need epsilon > 0 and n_iters >= 0, got {epsilon}, {n_iters}")
+    with torch.autocast(scores.device.type, enabled=False):
+        s = scores.detach().float()
+        b_local, k = s.shape
+        batch = _all_reduce(torch.tensor([float(b_local)], device=s.device), group)
+        # The max shift cancels in the first normalisation but keeps exp from overflowing.
+        peak = s.max() if s.numel() else torch.tensor(-math.inf, device=s.device)
+        peak = _all_reduce(peak.reshape(1).clone(), group, dist.ReduceOp.MAX)
+        q = torch.exp((s - peak) / epsilon).t()  # [K, B_local]
+        q /= _all_reduce(q.sum().reshape(1), group)
+        for _ in range(n_iters):
+            rows = _all_reduce(q.sum(dim=1, keepdim=True), group)
+            q /= rows
+            q /= k
+            q /= q.sum(dim=0, keepdim=True)  # columns are whole on their rank: no collective
+            q /= batch
+        q *= batch
+        return q.t()
+
+
+def _split_crops(scores: Union[torch.Tensor, Sequence[torch.Tensor]], n_crops: int) -> list[torch.Tensor]:
+    if isinstance(scores, torch.Tensor):
+        if scores.dim() != 2 or scores.shape[0] % n_crops:
+            raise ValueError(f"scores {tuple(scores.shape)} is not [n_crops*B, K] for n_crops={n_crops}")
+        return list(scores.chunk(n_crops))
+    parts = list(scores)
+    if len(parts) != n_crops:
+        raise ValueError(f"got {len(parts)} per-crop score tensors for n_crops={n_crops}")
+    if len({tuple(p.shape) for p in parts}) != 1:
+        raise ValueError(f"per-crop scores differ in shape: {[tuple(p.shape) for p in parts]}")
+    return parts
+
+
+def swav_loss(
+    scores: Union[torch.Tensor, Sequence[torch.Tensor]], n_crops: int,
+    crops_for_assign: Sequence[int] = (0, 1), temperature: float = DEFAULT_TEMPERATURE,
+    epsilon: float = DEFAULT_EPSILON, n_iters: int = 3, group: Optional[ProcessGroup] = None,
+    queue_scores: Optional[Sequence[Optional[torch.Tensor]]] = None, compute_stats: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Swapped prediction: each assignment crop's codes Q supervise every other crop.
+
+    scores: [n_crops*B, K] (crop-major) or a list of n_crops [B, K]. queue_scores: per
+    assignment crop, queued embeddings scored against the current prototypes ([L, K], no grad),
+    put before the batch for Sinkhorn (`EmbeddingQueue.scores`). Returns (loss, stats); stats
+    hold detached tensors (call `.item()` only when logging, it synchronises).
+    """
+    crops = _split_crops(scores, n_crops)
+    if n_crops < 2 or not crops_for_assign or any(not 0 <= c < n_crops for c in crops_for_assign):
+        raise ValueError(f"crops_for_assign {tuple(crops_for_assign)} invalid for n_crops={n_crops}")
+    if queue_scores is not None and len(queue_scores) != len(crops_for_assign):
+        raise ValueError("queue_scores needs one entry per assignment crop")
+    batch = crops[0].shape[0]
+    log_p = [F.log_softmax(c.float() / temperature, dim=1) for c in crops]
+    loss = crops[0].new_zeros((), dtype=torch.float32)
+    codes = []
+    for i, crop_id in enumerate(crops_for_assign):
+        s = crops[crop_id].detach()
+        extra = queue_scores[i] if queue_scores is not None else None
+        if extra is not None:
+            s = torch.cat((extra.detach().float(), s.float()))
+        q = sinkhorn_knopp(s, epsilon, n_iters, group)[-batch:]
+        codes.append(q)
+        sub = sum(-(q * log_p[v]).sum(dim=1).mean() for v in range(n_crops) if v != crop_id)
+        loss = loss + sub / (n_crops - 1)
+    loss = loss / len(crops_for_assign)
+    stats: dict[str, torch.Tensor] = {"loss": loss.detach()}
+    if compute_stats:
+        assign = torch.cat([crops[c].detach() for c in crops_for_assign])
+        stats.update(collapse_metrics(assign, temperature, group))
+        stats["codes_max_mean"] = torch.cat(codes).max(dim=1).values.mean()
+    return loss, stats
+
+
+@torch.no_grad()
+def collapse_metrics(scores: torch.Tensor, temperature: float = DEFAULT_TEMPERATURE,
+                     group: Optional[ProcessGroup] = None) -> dict[str, torch.Tensor]:
+    """Collapse signals over the global batch (one all-reduce of 2K+1 values).
+
+    prototypes_used: distinct prototypes that are some sample's nearest (argmax of scores);
+    1 means full collapse. mean_assignment_entropy: entropy of the batch-mean softmax
+    prediction, ln K when usage is uniform and 0 when every sample predicts one prototype.
+    """
+    s = scores.float()
+    k = s.shape[1]
+    counts = torch.bincount(s.argmax(dim=1), minlength=k).float()
+    prob_sum = F.softmax(s / temperature, dim=1).sum(dim=0)
+    packed = torch.cat((counts, prob_sum, torch.tensor([float(s.shape[0])], device=s.device)))
+    _all_reduce(packed, group)
+    counts, prob_sum, n = packed[:k], packed[k:2 * k], packed[-1]
+    mean_p = prob_sum / n.clamp_min(1)
+    entropy = -(mean_p * mean_p.clamp_min(1e-30).log()).sum()
+    return {"prototypes_used": (counts > 0).sum().float(), "mean_assignment_entropy": entropy}
+
+
+def _prototype_linear(module: nn.Module) -> nn.Module:
+    return module.prototypes if hasattr(module, "prototypes") else module
+
+
+@torch.no_grad()
+def normalize_prototypes(module: nn.Module) -> None:
+    """L2-normalise prototype rows in place (the head or its `prototypes` linear).
+
+    Under FSDP2 the weight is a DTensor sharded on dim 0: each row is whole on one rank, so
+    normalising the local shard is exact and needs no communication.
+    """
+    weight = _prototype_linear(module).weight
+    local = weight
+    if hasattr(weight, "to_local"):  # DTensor
+        placements = weight.placements
+        if any(p.is_shard() and p.dim != 0 for p in placements) or any(p.is_partial() for p in placements):
+            raise ValueError(f"prototype weight must be row-sharded or replicated, got {placements}")
+        local = weight.to_local()
+    if local.numel():
+        local.copy_(F.normalize(local, dim=1))
+
+
+def cancel_prototype_grads(module: nn.Module, iteration: int,
+                           freeze_iters: int = SEER_FREEZE_PROTOTYPES_ITERS) -> bool:
+    """Drop the prototype gradients while `iteration < freeze_iters` (call before `step()`).
+
+    A None gradient makes SGD/LARS skip the parameter (no momentum, no weight decay), as in
+    SwAV's `freeze_prototypes_niters`. Returns True when the prototypes were frozen.
+    """
+    if iteration >= freeze_iters:
+        return False
+    for p in _prototype_linear(module).parameters():
+        p.grad = None
+    return True
+
+
+class EmbeddingQueue(nn.Module):
+    """Per-rank FIFO of past embeddings, one row block per assignment crop (SwAV's queue).
+
+    Filling starts at `start_iter`; scores are served only once the queue is full, recomputed
+    against the current prototypes. Newest entries sit first. State is per rank: save it
+    under a rank-specific key (DCP keeps one copy of a key that every rank writes).
+    """
+
+    def __init__(self, length: int, dim: int, n_assign_crops: int = 2, start_iter: int = 0) -> None:
+        super().__init__()
+        if length < 1 or dim < 1 or n_assign_crops < 1 or start_iter < 0:
+            raise ValueError(f"bad queue length={length} dim={dim} crops={n_assign_crops} start={start_iter}")
+        self.start_iter = start_iter
+        self.register_buffer("embeddings", torch.zeros(n_assign_crops, length, dim), persistent=True)
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long), persistent=True)
+
+    @property
+    def length(self) -> int:
+        return self.embeddings.shape[1]
+
+    @property
+    def is_full(self) -> bool:
+        return int(self.filled) >= self.length
+
+    def active(self, iteration: int) -> bool:
+        return iteration >= self.start_iter
+
+    @torch.no_grad()
+    def push(self, embeddings: Sequence[torch.Tensor], iteration: int) -> bool:
+        """Enqueue this batch's embeddings (one [B, dim] per assignment crop); False if not started."""
+        if not self.active(iteration):
+            return False
+        if len(embeddings) != self.embeddings.shape[0]:
+            raise ValueError(f"queue holds {self.embeddings.shape[0]} crops, got {len(embeddings)}")
+        b = embeddings[0].shape[0]
+        if b > self.length:
+            raise ValueError(f"batch {b} is larger than the queue ({self.length})")
+        for i, e in enumerate(embeddings):
+            self.embeddings[i, b:] = self.embeddings[i, :-b].clone()
+            self.embeddings[i, :b] = e.detach().to(self.embeddings.dtype)
+        self.filled.fill_(min(self.length, int(self.filled) + b))
+        return True
+
+    @torch.no_grad()
+    def scores(self, prototypes: nn.Module) -> Optional[list[torch.Tensor]]:
+        """Queue scores [length, K] per crop against the current prototypes; None until full."""
+        if not self.is_full:
+            return None
+        return [prototypes(self.embeddings[i]).float() for i in range(self.embeddings.shape[0])]

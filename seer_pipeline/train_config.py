@@ -1,0 +1,187 @@
+"""The training configuration: one typed tree, a YAML preset, and dotlist overrides.
+
+Sections: run, data (the loader's `DataConfig`), model, swav, optim, train, ckpt, dist, parallel,
+init, slurm. `load_train_config(preset, overrides)` is the only way CLIs build it, so every
+launcher (local, torchrun, submitit, SLURM) sees the same values and unknown keys fail early with
+the list of valid ones.
+
+Keys that may change when a run resumes are listed in `RESUME_MUTABLE` (prefixes); any other
+change is refused by `check_resume_compatible` because it would silently change the
+optimisation trajectory (model shape, recipe, data order, precision).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from .config import ConfigError, diff_configs, load_config, to_container
+from .data import DataConfig
+from .slurm_config import SlurmConfig
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"  # run folder: config, logs, metrics, checkpoints
+    seed: int = 0  # model init and any global RNG; the loader has its own data.seed
+
+
+@dataclass
+class ModelConfig:
+    trunk: str = "regnety_32gf"  # a name known to seer_pipeline.models.build_trunk
+    # Projection head: trunk.out_dim -> hidden_dims... -> out_dim. Empty hidden_dims: a single
+    # linear projection. SEER 32GF: 3712 -> 3712 -> 128 (VISSL; see reference-systems.md).
+    hidden_dims: List[int] = field(default_factory=lambda: [3712])
+    out_dim: int = 128
+    n_prototypes: int = 16000  # SEER "proto16k"
+    head_bn: bool = False  # SEER uses no BN in the head ("noBNhead"); SwAV RN50 does
+    channels_last: bool = False
+
+
+@dataclass
+class SwavConfig:
+    epsilon: float = 0.05  # 0.05 base, 0.03 for 10B (VISSL seer configs)
+    sinkhorn_iters: int = 10  # SEER: 10; swav reference: 3
+    temperature: float = 0.1
+    crops_for_assign: List[int] = field(default_factory=lambda: [0, 1])
+    freeze_prototypes_iters: int = 313  # SEER/swav at batch 4096
+    queue_length: int = 0  # global queue length (0: no queue, as SEER)
+    queue_start: int = 0  # step at which the queue starts filling
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 0.3  # per 256 images; peak lr = base_lr * global_batch / 256 (SEER)
+    warmup_steps: int = 8000  # SEER "warmup8k"
+    warmup_start_lr: float = 0.3  # warmup goes linearly from this to the peak (SEER/VISSL)
+    final_lr_ratio: float = 0.001  # cosine to peak/1000
+    weight_decay: float = 1e-5
+    momentum: float = 0.9
+    lars_trust: float = 0.001  # LARC trust coefficient, no clipping
+    lars_exclude_bn_bias: bool = False  # SEER applied LARS and wd to BN and biases too
+    total_steps: int = 0  # schedule length; 0 = train.steps (fix it to extend a run later)
+
+
+@dataclass
+class TrainLoopConfig:
+    steps: int = 1000
+    threads: int = 1  # torch intra-op threads per rank; changes results bitwise, so explicit
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (bf16/fp16 params on GPU, autocast on CPU)
+    log_every: int = 10
+    deterministic: bool = True  # torch.use_deterministic_algorithms where supported
+    tensorboard: bool = True
+
+
+# `ckpt.async` is a required key but `async` is a Python keyword, so this section is built
+# with type(): a dataclass without generated __init__/__repr__/__eq__ (which would spell
+# `self.async`). OmegaConf only reads its fields and defaults.
+CkptConfig = dataclass(init=False, repr=False, eq=False)(type("CkptConfig", (), {
+    "__doc__": "Checkpoint policy.",
+    "__annotations__": {"every": int, "keep_latest": int, "keep_every": int,
+                        "save_final": bool, "async": bool},
+    "every": 1000,  # steps between periodic saves (0: only on a signal and at the end)
+    "keep_latest": 2,  # keep the newest K complete checkpoints
+    "keep_every": 0,  # also keep every Mth step as a milestone (0: none)
+    "save_final": True,  # save when train.steps is reached
+    "async": False,  # save in the background (dcp.async_save on its own gloo group)
+}))
+
+
+@dataclass
+class DistConfig:
+    nproc: int = 1  # local ranks seer-train spawns when no launcher set the rank
+    timeout_s: float = 300.0  # collective timeout: a dead rank fails the job within this
+    backend: str = ""  # "" = nccl on CUDA, gloo on CPU
+
+
+@dataclass
+class ParallelConfig:
+    fsdp: str = "full"  # full | hybrid | none (none: plain replicated model, world 1 only)
+    hybrid_shard_size: int = 0  # hybrid: ranks per shard group (0 = local world size)
+    blocks_per_unit: int = 1  # RegNet blocks per FSDP unit
+    ac: str = "none"  # none | stage | block  (activation checkpointing)
+    compile: bool = False  # torch.compile each block
+    sync_bn_group: int = 0  # CUDA only: SyncBN group size (0 = per node, -1 = off)
+    reshard_after_forward: bool = True
+
+
+@dataclass
+class InitConfig:
+    weights: str = ""  # warm start: a trunk state_dict file (seer-ckpt consolidate output)
+
+
+@dataclass
+class TrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    swav: SwavConfig = field(default_factory=SwavConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+
+# Prefixes of keys that may differ between a checkpoint's config and the resuming run.
+RESUME_MUTABLE: tuple[str, ...] = (
+    "run.dir", "train.steps", "train.log_every", "train.tensorboard", "ckpt.", "slurm.",
+    "dist.", "parallel.", "data.workers", "data.prefetch_factor", "data.shards", "init.",
+    "train.threads",  # allowed, but the continuation is then not bitwise equal (warned)
+)
+_PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _schema() -> DictConfig:
+    return OmegaConf.structured(TrainConfig)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Reject values no component could use (cross-field checks included)."""
+    errs = []
+    if cfg.train.precision not in _PRECISIONS:
+        errs.append(f"train.precision must be one of {_PRECISIONS}, got {cfg.train.precision!r}")
+    if cfg.parallel.fsdp not in ("full", "hybrid", "none"):
+        errs.append(f"parallel.fsdp must be full|hybrid|none, got {cfg.parallel.fsdp!r}")
+    if cfg.parallel.ac not in ("none", "stage", "block"):
+        errs.append(f"parallel.ac must be none|stage|block, got {cfg.parallel.ac!r}")
+    for key in ("train.steps", "train.threads", "dist.nproc", "parallel.blocks_per_unit"):
+        if OmegaConf.select(cfg, key) < 1:
+            errs.append(f"{key} must be >= 1")
+    for key in ("ckpt.every", "ckpt.keep_every", "optim.warmup_steps"):
+        if OmegaConf.select(cfg, key) < 0:
+            errs.append(f"{key} must be >= 0")
+    if cfg.ckpt.keep_latest < 1:
+        errs.append("ckpt.keep_latest must be >= 1 (the checkpoint being resumed from)")
+    if len(cfg.swav.crops_for_assign) < 1:
+        errs.append("swav.crops_for_assign must name at least one crop")
+    if errs:
+        raise ConfigError("invalid training config:\n  " + "\n  ".join(errs))
+
+
+def load_train_config(preset: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """defaults <- preset YAML <- `key=value` overrides, validated."""
+    cfg = load_config(_schema(), preset, list(overrides))
+    validate(cfg)
+    return cfg
+
+
+def check_resume_compatible(saved: dict, current: DictConfig) -> list[str]:
+    """Refuse a resume whose config changed a key outside `RESUME_MUTABLE`.
+
+    Returns the list of (allowed) changed keys so the caller can log them.
+    """
+    changed = diff_configs(saved, to_container(current))
+    bad = [k for k in changed if not any(k == p or k.startswith(p) for p in RESUME_MUTABLE)]
+    if bad:
+        raise ConfigError(
+            "cannot resume: these config keys differ from the checkpoint's and would change the "
+            f"training trajectory: {', '.join(bad)}. Keys that may change on resume: "
+            f"{', '.join(RESUME_MUTABLE)}. Start a new run.dir, or use init.weights=FILE to "
+            "warm-start from weights only."
+        )
+    return changed

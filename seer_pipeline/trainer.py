@@ -1,0 +1,286 @@
+"""The SwAV pretraining loop: components are built here, policies live in the components.
+
+`Trainer(cfg, denv).train()` returns an exit code: 0 when `train.steps` are done, PREEMPTED
+(seer_pipeline.signals) after a signal-triggered save. Per step: lr from the precomputed
+schedule (an index), prototypes normalised, multi-crop forward, SwAV loss, backward, one tiny
+all-reduce carrying [loss, non-finite flag, preemption flag], prototype freeze, LARS step,
+metrics, then the checkpointer decides whether to save.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import resource
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from . import swav
+from .checkpoint import Checkpointer
+from .config import save_config
+from .distributed import DistEnv
+from .metrics import MetricsLogger
+from .models import build_trunk
+from .optim import LARS, build_param_groups, lr_at, lr_schedule, peak_lr
+from .parallelize import ParallelPlan, build_mesh, parallelize
+from .provenance import record_start, requeue_job
+from .signals import PREEMPTED, PreemptionFlag
+from .train_config import check_resume_compatible
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+class SwAVModel(nn.Module):
+    """Trunk + SwAV head; multi-crop forward batches consecutive crops of equal resolution."""
+
+    def __init__(self, trunk: nn.Module, head: nn.Module, channels_last: bool = False) -> None:
+        super().__init__()
+        self.trunk, self.head, self.channels_last = trunk, head, channels_last
+
+    def forward(self, crops: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        feats, start = [], 0
+        while start < len(crops):
+            end = start
+            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
+                end += 1
+            x = torch.cat(crops[start:end])
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            feats.append(self.trunk(x))
+            start = end
+        return self.head(torch.cat(feats))
+
+
+def build_model(cfg: DictConfig) -> SwAVModel:
+    trunk = build_trunk(cfg.model.trunk)
+    dims = [trunk.out_dim, *cfg.model.hidden_dims, cfg.model.out_dim]
+    head = swav.SwAVHead(dims, n_prototypes=cfg.model.n_prototypes, use_bn=cfg.model.head_bn)
+    return SwAVModel(trunk, head, cfg.model.channels_last)
+
+
+def rng_state() -> dict[str, Any]:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state()
+    return st
+
+
+def set_rng_state(st: dict[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st["cuda"])
+
+
+@torch.no_grad()
+def average_bn_stats(model: nn.Module) -> None:
+    """BN running stats are plain per-rank buffers under FSDP2: average them before a save so
+    the one copy DCP keeps is the mean over ranks (training-mode BN does not read them)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    bufs = [m.running_mean for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and m.running_mean is not None]
+    bufs += [m.running_var for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.running_var is not None]
+    if not bufs:
+        return
+    flat = torch.cat([b.reshape(-1).double() for b in bufs])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    i = 0
+    for b in bufs:
+        b.copy_(flat[i:i + b.numel()].view_as(b))
+        i += b.numel()
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, denv: DistEnv, device: torch.device) -> None:
+        from .data import build_loader
+
+        self.cfg, self.denv, self.device = cfg, denv, device
+        self.rank, self.world = denv.rank, denv.world_size
+        self.run_dir = Path(cfg.run.dir)
+        torch.manual_seed(cfg.run.seed)  # identical init on every rank (fully_shard does not broadcast)
+        model = build_model(cfg)
+        if cfg.init.weights:
+            sd = torch.load(cfg.init.weights, map_location="cpu", weights_only=True)
+            model.trunk.load_state_dict(sd, strict=True)
+            log.info("warm start: trunk weights from %s", cfg.init.weights)
+        plan = ParallelPlan.from_config(cfg.parallel, cfg.train.precision)
+        mesh = build_mesh(plan, device.type, self.world, denv.local_world_size)
+        self.model = parallelize(model, plan, mesh, device, denv.local_world_size)
+        self.inner = model
+        self.optimizer = LARS(
+            build_param_groups(model, cfg.optim.lars_exclude_bn_bias), lr=0.0,
+            momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay, trust=cfg.optim.lars_trust,
+        )
+        torch.manual_seed(cfg.run.seed + 1000 * self.rank + 1)  # per-rank stream from here on
+        self.loader = build_loader(OmegaConf.to_object(cfg.data), self.rank, self.world)
+        self.global_batch = cfg.data.batch_size * self.world
+        self.total = cfg.optim.total_steps or cfg.train.steps
+        self.schedule = lr_schedule(
+            peak_lr(cfg.optim.base_lr, self.global_batch), self.total, cfg.optim.warmup_steps,
+            cfg.optim.warmup_start_lr, cfg.optim.final_lr_ratio)
+        self.queue = None
+        if cfg.swav.queue_length > 0:
+            self.queue = swav.EmbeddingQueue(
+                cfg.swav.queue_length // self.world, cfg.model.out_dim,
+                len(cfg.swav.crops_for_assign), cfg.swav.queue_start).to(device)
+        self.ckpt = Checkpointer(
+            self.run_dir, cfg.ckpt.every, cfg.ckpt.keep_latest, cfg.ckpt.keep_every,
+            bool(cfg.ckpt["async"]), self.rank, self.world, OmegaConf.to_yaml(cfg),
+            cfg.dist.timeout_s)
+        self.flag = PreemptionFlag()
+        self.step = 0
+        on_cpu_bf16 = device.type == "cpu" and cfg.train.precision == "bf16"
+        self.autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if on_cpu_bf16 else nullcontext())
+        self.scaler = (torch.amp.GradScaler("cuda") if device.type == "cuda"
+                       and cfg.train.precision == "fp16" else None)
+
+    # -- checkpoint state ---------------------------------------------------------------------
+    def _app_state(self) -> dict[str, Any]:
+        msd, osd = get_state_dict(self.model, self.optimizer)
+        return {"model": msd, "optim": osd,
+                "train": {"step": self.step, "schedule_len": self.total, "global_batch": self.global_batch}}
+
+    def _per_rank(self) -> dict[str, Any]:
+        return {"rng": rng_state(), "loader": self.loader.state_dict(),
+                "queue": self.queue.state_dict() if self.queue is not None else None}
+
+    def save(self, blocking: bool) -> float:
+        average_bn_stats(self.model)
+        return self.ckpt.save(self.step, self._app_state(), self._per_rank(), blocking=blocking)
+
+    def resume(self) -> int | None:
+        got = self.ckpt.load_latest(self._app_state)
+        if got is None:
+            return None
+        step, state, per_rank, meta = got
+        changed = check_resume_compatible(OmegaConf.to_container(OmegaConf.create(meta["config_yaml"])),
+                                          self.cfg)
+        if changed:
+            log.info("config keys changed on resume (allowed): %s", ", ".join(changed))
+        tr = state["train"]
+        if int(tr["schedule_len"]) != self.total:
+            raise ValueError(
+                f"the checkpoint's lr schedule has {tr['schedule_len']} steps, this run's {self.total}: "
+                f"set optim.total_steps={tr['schedule_len']} to train longer on the same schedule")
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        self.step = int(tr["step"])
+        if len(per_rank) == self.world:
+            set_rng_state(per_rank[self.rank]["rng"])
+            if self.queue is not None and per_rank[self.rank]["queue"] is not None:
+                self.queue.load_state_dict(per_rank[self.rank]["queue"])
+        else:
+            log.warning("resuming %d-rank checkpoint on %d ranks: data continues exactly, but the "
+                        "run is no longer bitwise equal to an uninterrupted one", len(per_rank), self.world)
+        self.loader.load_state_dict([p["loader"] for p in per_rank])
+        return step
+
+    # -- the loop -----------------------------------------------------------------------------
+    def train(self) -> int:
+        cfg = self.cfg
+        resumed = self.resume()
+        if self.rank == 0:
+            save_config(cfg, self.run_dir / "config.yaml")
+            record_start(self.run_dir, self.world, cfg.train.threads, resumed)
+        metrics = MetricsLogger(self.run_dir, self.rank, cfg.train.log_every, cfg.train.tensorboard,
+                                resumed_from=resumed)
+        self.flag.install()  # after submitit's own USR2 handler: ours must win
+        it = iter(self.loader)
+        log.info("training steps %d..%d, global batch %d, %d rank(s)", self.step + 1, cfg.train.steps,
+                 self.global_batch, self.world)
+        try:
+            while self.step < cfg.train.steps:
+                t0 = time.perf_counter()
+                views = next(it)
+                t_data = time.perf_counter() - t0
+                values, preempt = self.train_step(views)
+                self.step += 1
+                dt = time.perf_counter() - t0
+                values.update(img_s=self.global_batch / dt, step_s=dt, data_wait=t_data / dt,
+                              rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                metrics.log_step(self.step, values)
+                self.ckpt.poll()
+                if preempt:
+                    return self._preempted()
+                if self.ckpt.due(self.step) and self.step < cfg.train.steps:
+                    self.save(blocking=False)
+            if cfg.ckpt.save_final:
+                self.save(blocking=True)
+            self.ckpt.wait()
+            return 0
+        finally:
+            metrics.close()
+            self.flag.restore()
+
+    def _preempted(self) -> int:
+        log.warning("%s received: saving at step %d before exiting", self.flag.name(), self.step)
+        secs = self.save(blocking=True)
+        log.warning("preemption save took %.2fs", secs)
+        if self.rank == 0:
+            requeue_job(self.run_dir, self.cfg.slurm.max_requeues, self.step, self.flag.name())
+        return PREEMPTED
+
+    def train_step(self, views: list[torch.Tensor]) -> tuple[dict[str, Any], bool]:
+        cfg, step = self.cfg, self.step
+        lr = lr_at(self.schedule, step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        views = [v.to(self.device, non_blocking=True) for v in views]
+        swav.normalize_prototypes(self.inner.head)
+        log_now = (step + 1) % cfg.train.log_every == 0
+        queue_scores = None
+        if self.queue is not None and self.queue.active(step):
+            queue_scores = self.queue.scores(self.inner.head.prototypes)
+        with self.autocast:
+            emb, scores = self.model(views)
+        loss, stats = swav.swav_loss(
+            scores.float(), len(views), cfg.swav.crops_for_assign, cfg.swav.temperature,
+            cfg.swav.epsilon, cfg.swav.sinkhorn_iters, queue_scores=queue_scores, compute_stats=log_now)
+        if self.queue is not None:
+            b = views[0].shape[0]
+            self.queue.push([emb[c * b:(c + 1) * b] for c in cfg.swav.crops_for_assign], step)
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        bad = not bool(torch.isfinite(loss))
+        packed = torch.tensor([float(loss.detach()) if not bad else 0.0, float(bad), float(self.flag.local)],
+                              dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(packed)
+        if packed[1] > 0:
+            self._nonfinite(loss, scores, emb)
+        swav.cancel_prototype_grads(self.inner.head, step, cfg.swav.freeze_prototypes_iters)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        values: dict[str, Any] = {"loss": float(packed[0]) / self.world, "lr": lr}
+        if log_now:
+            values.update({k: float(v) for k, v in stats.items() if k != "loss"})
+        return values, bool(packed[2] > 0)
+
+    def _nonfinite(self, loss: torch.Tensor, scores: torch.Tensor, emb: torch.Tensor) -> None:
+        s = scores.detach().float()
+        fin = s[torch.isfinite(s)]
+        desc = (f"scores min {fin.min():.4g} max {fin.max():.4g} mean {fin.mean():.4g}, "
+                f"{int((~torch.isfinite(s)).sum())} non-finite of {s.numel()}" if fin.numel()
+                else "all scores non-finite")
+        raise NonFiniteLossError(
+            f"non-finite loss at step {self.step + 1} (local loss {float(loss)} on rank {self.rank}; "
+            f"{desc}; embedding norms {emb.detach().float().norm(dim=1).mean():.4g})")

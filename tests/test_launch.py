@@ -1,0 +1,211 @@
+"""launch/ without SLURM: executor parameters, the task callable's exit-code contract,
+seer-status from run-folder files, and submitit's LocalExecutor running a module-path entry.
+
+The `entry_*` functions are training stand-ins that TrainJob calls by module path
+(`test_launch:entry_ok`); tests/test_slurm.py runs them inside real SLURM tasks too.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import submitit
+
+from launch.executor import build_executor, describe_resources, executor_parameters
+from launch.job import (PREEMPTED_EXIT_CODE, NotRequeued, TrainingFailed, TrainJob, check_entry,
+                        read_requeues)
+from launch.status import format_status, run_status
+from launch.status import main as status_main
+from seer_pipeline.distributed import resolve_env
+from seer_pipeline.slurm_config import SlurmConfig
+
+TESTS = Path(__file__).resolve().parent
+
+
+# ---- entries (module-level: submitit and SLURM tasks import them as `test_launch:NAME`) ----
+def _kv(argv: list[str]) -> dict[str, str]:
+    return dict(a.split("=", 1) for a in argv if "=" in a)
+
+
+def entry_ok(argv: list[str]) -> int:
+    """Records where it ran (rank, world, source, SLURM restart count) and succeeds."""
+    kv = _kv(argv)
+    d = resolve_env()
+    rec = {"rank": d.rank, "world": d.world_size, "source": d.source, "job_id": d.job_id,
+           "restart": os.environ.get("SLURM_RESTART_COUNT", "0"), "argv": argv}
+    out = Path(kv["run.dir"]) / f"entry_rank{d.rank}_{rec['restart']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rec))
+    if float(kv.get("fake.sleep_first_s", 0)) and rec["restart"] == "0":
+        time.sleep(float(kv["fake.sleep_first_s"]))  # a window with submitit's handlers in place
+    return 0
+
+
+def entry_code(argv: list[str]) -> int:
+    return int(_kv(argv)["fake.rc"])
+
+
+def entry_exit(argv: list[str]) -> int:
+    sys.exit(int(_kv(argv)["fake.rc"]))
+
+
+def entry_raise(argv: list[str]) -> int:
+    raise ValueError("boom from the training entry")
+
+
+# ---- executor parameters -------------------------------------------------------------------
+def test_executor_parameters_map_every_slurm_key() -> None:
+    s = SlurmConfig(partition="gpu", account="proj", qos="high", constraint="volta32gb", nodes=8,
+                    tasks_per_node=8, gpus_per_node=8, cpus_per_task=10, mem_gb=480,
+                    timeout_min=4320, exclusive=True, job_name="seer32", signal_delay_s=120,
+                    max_requeues=30, additional_parameters={"comment": "seer"}, setup=["module load x"])
+    p = executor_parameters(s)
+    assert p["nodes"] == 8 and p["tasks_per_node"] == 8 and p["gpus_per_node"] == 8
+    assert p["cpus_per_task"] == 10 and p["mem_gb"] == 480.0 and p["timeout_min"] == 4320
+    assert p["name"] == "seer32" and p["slurm_signal_delay_s"] == 120
+    assert (p["slurm_partition"], p["slurm_account"], p["slurm_qos"], p["slurm_constraint"]) == (
+        "gpu", "proj", "high", "volta32gb")
+    assert p["slurm_exclusive"] is True and p["slurm_setup"] == ["module load x"]
+    assert p["slurm_additional_parameters"] == {"requeue": True, "comment": "seer"}
+    assert "--kill-on-bad-exit=1" in p["slurm_srun_args"]
+    text = describe_resources(s)
+    assert "64 ranks" in text and "USR2 120 s" in text and "max requeues=30" in text
+
+
+def test_executor_parameters_omit_unset_and_reject_bad_values() -> None:
+    p = executor_parameters(SlurmConfig())
+    assert not {"mem_gb", "gpus_per_node", "slurm_partition", "slurm_account",
+                "slurm_exclusive", "slurm_setup"} & set(p)
+    with pytest.raises(ValueError, match="signal_delay_s"):
+        executor_parameters(SlurmConfig(timeout_min=1, signal_delay_s=120))
+    with pytest.raises(ValueError, match="tasks_per_node"):
+        executor_parameters(SlurmConfig(tasks_per_node=0))
+    with pytest.raises(ValueError, match="slurm.nodes must be 1"):
+        build_executor(SlurmConfig(nodes=2), "/tmp/unused", local=True)
+
+
+def test_check_entry_finds_modules_without_importing() -> None:
+    check_entry("seer_pipeline.train:main")
+    with pytest.raises(ValueError, match="module:function"):
+        check_entry("seer_pipeline.train")
+    with pytest.raises(ValueError, match="not found"):
+        check_entry("no_such_module_xyz:main")
+
+
+def test_preempted_code_matches_trainer() -> None:
+    from seer_pipeline.signals import PREEMPTED
+
+    assert PREEMPTED_EXIT_CODE == PREEMPTED
+
+
+# ---- the task callable ---------------------------------------------------------------------
+def _job(tmp_path: Path, entry: str, *extra: str, cap: int = 2) -> TrainJob:
+    return TrainJob(argv=["--config", "x", *extra, f"run.dir={tmp_path}"], run_dir=str(tmp_path),
+                    max_requeues=cap, entry=f"test_launch:{entry}")
+
+
+@pytest.fixture
+def tests_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(TESTS))
+    for k in list(os.environ):  # run as a plain single process whatever launched pytest
+        if k.startswith(("SLURM_", "SUBMITIT_")) or k in ("RANK", "WORLD_SIZE"):
+            monkeypatch.delenv(k)
+
+
+def test_trainjob_exit_codes(tmp_path: Path, tests_on_path: None) -> None:
+    old = signal.getsignal(signal.SIGUSR2)
+    try:
+        res = _job(tmp_path, "entry_ok")()
+        assert res["exit_code"] == 0 and res["rank"] == 0
+        assert json.loads((tmp_path / "entry_rank0_0.json").read_text())["source"] == "single"
+        with pytest.raises(TrainingFailed, match="exited with code 3"):
+            _job(tmp_path, "entry_code", "fake.rc=3")()
+        with pytest.raises(TrainingFailed, match="exited with code 4"):
+            _job(tmp_path, "entry_exit", "fake.rc=4")()
+        assert _job(tmp_path, "entry_exit", "fake.rc=0")()["exit_code"] == 0
+        with pytest.raises(ValueError, match="boom"):
+            _job(tmp_path, "entry_raise")()
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+
+
+def test_trainjob_preempted_without_requeue_is_an_error(tmp_path: Path, tests_on_path: None) -> None:
+    old = signal.getsignal(signal.SIGUSR2)
+    try:
+        with pytest.raises(NotRequeued, match="no SLURM requeue"):
+            _job(tmp_path, "entry_code", f"fake.rc={PREEMPTED_EXIT_CODE}")()
+        (tmp_path / "requeues.json").write_text(json.dumps({"count": 2, "history": []}))
+        with pytest.raises(NotRequeued, match=r"requeue cap reached \(2/2"):
+            _job(tmp_path, "entry_code", f"fake.rc={PREEMPTED_EXIT_CODE}")()
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+
+
+def test_checkpoint_books_requeues_up_to_the_cap(tmp_path: Path) -> None:
+    job = _job(tmp_path, "entry_ok", cap=2)
+    for n in (1, 2):
+        again = job.checkpoint()
+        assert isinstance(again, submitit.helpers.DelayedSubmission) and again.function is job
+        assert read_requeues(tmp_path)["count"] == n
+    assert job.checkpoint() is None  # at the cap: submitit ends the job instead of requeueing
+    rq = read_requeues(tmp_path)
+    assert rq["count"] == 2 and len(rq["history"]) == 2
+    assert all(h["requeued"] and "before training started" in h["reason"] for h in rq["history"])
+
+
+# ---- seer-status from files ----------------------------------------------------------------
+def _fake_run(run: Path) -> None:
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step_000000030\n")
+    (run / "requeues.json").write_text(json.dumps({"count": 1, "history": [{}]}))
+    lines = [{"step": s, "loss": 5.0 - s / 10, "lr": 0.1} for s in range(1, 21)]
+    lines[10]["resumed_from"] = 10
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"step": 2')
+
+
+def test_status_from_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    _fake_run(run)
+    st = run_status(run)
+    assert st["state"] == "NOT RUNNING" and st["job_id"] == ""
+    assert st["checkpoint"] == "step_000000030" and st["checkpoint_step"] == 30
+    assert st["restarts"] == 1
+    assert st["last_metrics"]["step"] == 20  # the half-written last line is skipped
+    assert st["last_resume"]["resumed_from"] == 10
+    # A finished submitit job that raised: FAILED, with the exception's last line.
+    (run / "launch.json").write_text(json.dumps({"jobs": [{"job_id": "999999999", "executor": "local"}]}))
+    folder = run / "slurm" / "999999999"
+    folder.mkdir(parents=True)
+    with open(folder / "999999999_0_result.pkl", "wb") as f:
+        pickle.dump(("error", "Traceback...\nNotRequeued: requeue cap reached (2/2)"), f)
+    st = run_status(run)
+    assert st["state"] == "FAILED" and st["job_id"] == "999999999"
+    assert "requeue cap reached" in st["error"]
+    assert "step 30" in format_status(st) and "resumed_from" in format_status(st)
+    assert status_main([str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["state"] == "FAILED"
+    assert status_main([str(tmp_path / "missing")]) == 1
+
+
+# ---- submitit's LocalExecutor ----------------------------------------------------------------
+@pytest.mark.slow
+def test_local_executor_runs_entry_on_two_tasks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    run = tmp_path / "run"
+    ex = build_executor(SlurmConfig(tasks_per_node=2, timeout_min=5), run, local=True)
+    job = ex.submit(_job(run, "entry_ok"))
+    results = job.results()  # one per task; raises if a task failed
+    assert sorted(r["rank"] for r in results) == [0, 1]
+    recs = [json.loads((run / f"entry_rank{r}_0.json").read_text()) for r in (0, 1)]
+    assert {(x["rank"], x["world"], x["source"]) for x in recs} == {
+        (0, 2, "submitit-local"), (1, 2, "submitit-local")}
+    assert (run / "slurm" / str(job.job_id)).is_dir()  # RUN/slurm/<job id>/
+    failing = ex.submit(_job(run, "entry_raise"))
+    with pytest.raises(Exception, match="boom from the training entry"):
+        failing.result()

@@ -1,0 +1,166 @@
+"""Multi-crop augmentation: shapes, draft rule, determinism, and output statistics vs the reference.
+
+The reference is ../shared/bench/bench_reference_loader.py (swav's MultiCropDataset re-done with PIL
++ torch). Tolerances are about 4 standard errors of the difference at the stated sample counts.
+"""
+from __future__ import annotations
+
+import importlib.util
+import io
+import math
+import random
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from seer_pipeline.data.augment import (CROP_PRESETS, MEAN, STD, MultiCrop, draft_factor,
+                                        multicrop_factory, sample_crop_box)
+
+REF_PATH = Path(__file__).resolve().parents[2] / "shared" / "bench" / "bench_reference_loader.py"
+
+
+@pytest.fixture(scope="module")
+def ref():
+    spec = importlib.util.spec_from_file_location("bench_reference_loader", REF_PATH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # a missing reference is an error, not a skip
+    return mod
+
+
+@pytest.fixture(scope="module")
+def photos(photo_dir: Path) -> List[bytes]:
+    return [p.read_bytes() for p in sorted(photo_dir.iterdir()) if p.suffix in (".jpg", ".png")]
+
+
+def to_uint8(t: torch.Tensor) -> torch.Tensor:
+    """Undo the normalisation: [3,S,S] float -> 0..255 float."""
+    return (t * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)) * 255
+
+
+def test_presets_shapes_and_values(photos: List[bytes]) -> None:
+    for name, spec in CROP_PRESETS.items():
+        out = multicrop_factory(*spec)(photos[0])
+        want = [s for s, n in zip(spec[0], spec[1]) for _ in range(n)]
+        assert [t.shape for t in out] == [(3, s, s) for s in want], name
+        assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in out)
+        px = to_uint8(out[0])
+        assert px.min() > -1 and px.max() < 256
+    with pytest.raises(ValueError):
+        MultiCrop([224], [2, 6], [0.14], [1.0])
+
+
+def test_draft_factor_keeps_source_at_least_output() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        W, H = int(rng.integers(200, 6000)), int(rng.integers(200, 4000))
+        sizes = [224, 224, 96, 96, 96]
+        boxes = [sample_crop_box(W, H, (0.14, 1.0) if s == 224 else (0.05, 0.14), rng) for s in sizes]
+        f = draft_factor(boxes, sizes)
+        for (_, _, w, h), s in zip(boxes, sizes):
+            assert w // f >= min(s, w) and h // f >= min(s, h)
+        if f < 8:  # the next scale would break the rule for some crop
+            g = 2 * f
+            assert any(w // g < min(s, w) or h // g < min(s, h) for (_, _, w, h), s in zip(boxes, sizes))
+
+
+def test_same_generator_same_pixels(photos: List[bytes]) -> None:
+    mc = MultiCrop(*CROP_PRESETS["seer"])
+    a = mc(photos[1], np.random.default_rng(7))
+    torch.manual_seed(1)
+    b = mc(photos[1], np.random.default_rng(7))
+    c = mc(photos[1], np.random.default_rng(8))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_crop_box_distribution_matches_reference(ref) -> None:
+    # 4000 boxes per sampler and size; area fraction and log-aspect means within 4 SE.
+    rng = np.random.default_rng(1)
+    torch.manual_seed(1)
+    for (W, H), scale in [((640, 480), (0.14, 1.0)), ((1920, 1080), (0.05, 0.14)), ((300, 900), (0.14, 1.0))]:
+        ours = np.array([sample_crop_box(W, H, scale, rng)[2:] for _ in range(4000)], dtype=float)
+        theirs = np.array([ref.sample_crop_box(W, H, scale)[2:] for _ in range(4000)], dtype=float)
+        for f in (lambda b: b[:, 0] * b[:, 1] / (W * H), lambda b: np.log(b[:, 0] / b[:, 1])):
+            x, y = f(ours), f(theirs)
+            se = math.sqrt(x.var() / len(x) + y.var() / len(y))
+            assert abs(x.mean() - y.mean()) < 4 * se + 1e-3, (W, H, x.mean(), y.mean())
+
+
+def crop_stats(fn: Callable[[bytes], List[torch.Tensor]], photos: List[bytes], reps: int) -> Dict[int, Dict]:
+    """Per crop size: gray fraction, per-channel mean / std of pixels, mean gradient magnitude."""
+    groups: Dict[int, List[torch.Tensor]] = {}
+    for _ in range(reps):
+        for b in photos:
+            for t in fn(b):
+                groups.setdefault(t.shape[-1], []).append(to_uint8(t))
+    out = {}
+    for s, ts in groups.items():
+        x = torch.stack(ts)  # [n,3,S,S]
+        gray = ((x[:, 0] - x[:, 1]).abs().amax((1, 2)) < 0.5) & ((x[:, 1] - x[:, 2]).abs().amax((1, 2)) < 0.5)
+        g = x.mean(1)
+        sharp = (g[:, 1:, :] - g[:, :-1, :]).abs().mean((1, 2)) + (g[:, :, 1:] - g[:, :, :-1]).abs().mean((1, 2))
+        out[s] = {"n": len(ts), "gray": gray.float().mean().item(), "mean": x.mean((0, 2, 3)),
+                  "crop_means": x.mean((2, 3)), "std": x.std((0, 2, 3)), "sharp": sharp}
+    return out
+
+
+def test_output_statistics_match_reference(ref, photos: List[bytes]) -> None:
+    # 11 photos x 12 reps = 132 samples -> 264 crops of 224 and 792 of 96 per pipeline (swav).
+    spec = CROP_PRESETS["swav"]
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    theirs = crop_stats(ref.make_reference_sample_fn(*spec), photos, 12)
+    mc = MultiCrop(*spec)
+    rng = np.random.default_rng(0)
+    ours = crop_stats(lambda b: mc(b, rng), photos, 12)
+    for s in (224, 96):
+        a, b = ours[s], theirs[s]
+        n = a["n"]
+        assert n == b["n"]
+        # two of the photos are grayscale, so the gray fraction is above 0.2
+        se_gray = math.sqrt(2 * b["gray"] * (1 - b["gray"]) / n)
+        assert abs(a["gray"] - b["gray"]) < 4 * se_gray, (s, a["gray"], b["gray"])
+        se_mean = torch.sqrt(a["crop_means"].var(0) / n + b["crop_means"].var(0) / n)
+        assert (a["mean"] - b["mean"]).abs().le(4 * se_mean).all(), (s, a["mean"], b["mean"])
+        assert ((a["std"] - b["std"]).abs() / b["std"]).max() < 0.08, (s, a["std"], b["std"])
+        # sharpness: a lower-resolution shortcut would show as a lower mean gradient
+        sa, sb = a["sharp"], b["sharp"]
+        se_sharp = math.sqrt(sa.var().item() / n + sb.var().item() / n)
+        assert abs(sa.mean().item() - sb.mean().item()) < 4 * se_sharp, (s, sa.mean(), sb.mean())
+
+
+def _enc(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_flip_and_blur_fractions(ref) -> None:
+    # Flip: a gray horizontal ramp stays a ramp under jitter/grayscale/blur; a flipped crop's left
+    # half is brighter. Blur: on white noise, crops whose gradient falls under 45% of the unblurred
+    # median count as blurred. 600 crops of 32 px per pipeline: SE(0.5) = 0.02, tolerance 0.09.
+    ramp = np.repeat(np.linspace(0, 255, 256, dtype=np.uint8)[None, :, None], 256, 0).repeat(3, 2)
+    noise = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    spec = ([32], [6], [0.5], [1.0])
+    mc, rng = MultiCrop(*spec), np.random.default_rng(5)
+    ref_fn = ref.make_reference_sample_fn(*spec)
+    torch.manual_seed(5)
+    np.random.seed(5)
+    random.seed(5)
+    fracs = {}
+    for name, fn in (("ours", lambda b: mc(b, rng)), ("ref", ref_fn)):
+        flips = [(t[:, :, :16].mean() > t[:, :, 16:].mean()).item() for _ in range(100) for t in fn(_enc(ramp))]
+        sharp = torch.tensor([(lambda g: (g[1:] - g[:-1]).abs().mean().item())(to_uint8(t).mean(0))
+                              for _ in range(100) for t in fn(_enc(noise))])
+        fracs[name] = (np.mean(flips), sharp)
+    thresh = 0.45 * fracs["ref"][1].quantile(0.75).item()  # the top quarter is all unblurred
+    f_ours, b_ours = fracs["ours"][0], (fracs["ours"][1] < thresh).float().mean().item()
+    f_ref, b_ref = fracs["ref"][0], (fracs["ref"][1] < thresh).float().mean().item()
+    assert abs(f_ours - 0.5) < 0.09 and abs(f_ref - 0.5) < 0.09, (f_ours, f_ref)
+    assert abs(b_ours - b_ref) < 0.09, (b_ours, b_ref)
+    assert 0.25 < b_ours < 0.6, b_ours
