@@ -120,7 +120,7 @@ def _config(inputs: Sequence[str], o: ShardOptions) -> dict:
     cfg = dataclasses.asdict(o)
     cfg["part"] = list(o.part)
     cfg.pop("workers")  # how fast, not what: a rerun may use another worker count
-    cfg["inputs"] = [os.path.abspath(p) for p in inputs]
+    cfg["inputs"] = list(inputs)
     return cfg
 
 
@@ -131,9 +131,12 @@ def build_shards(inputs: Sequence[str], out: str | os.PathLike, progress: bool =
     out = os.fspath(out)
     if not inputs:
         raise ValueError("no inputs given")
+    # Absolute sources: a resume from another working directory must name inputs the same way.
+    inputs = [os.path.abspath(os.fspath(p)) for p in inputs]
     os.makedirs(os.path.join(out, STATE), exist_ok=True)
     cfg = _config(inputs, opts)
     idx = Index(os.path.join(out, STATE, "index.sqlite"))
+    pool: Optional[cf.Executor] = None
     try:
         old = idx.config()
         if old is not None and old != cfg:
@@ -143,12 +146,23 @@ def build_shards(inputs: Sequence[str], out: str | os.PathLike, progress: bool =
         idx.put("config", json.dumps(cfg))
         idx.commit()
         t0 = time.time()
-        if idx.get("scan_done") != "1":
-            _scan(inputs, out, opts, idx, progress)
+        scan = idx.get("scan_done") != "1"
+        session = -1
+        if scan:
+            session = int(idx.get("sessions", "0") or 0)
+            idx.put("sessions", session + 1)  # fresh spool files per session: a crashed tail is never reused
+            idx.commit()
+        # One pool for both stages: forking and warming workers costs more than it seems.
+        pool = _pool(opts, out, session, load_exclude(opts.exclude) if scan else frozenset())
+        if scan:
+            _scan(inputs, out, opts, idx, progress, pool)
         idx.make_plan(opts.maxcount, opts.maxsize)
-        shards = _write(out, opts, idx, progress)
+        shards = _write(out, opts, idx, progress, pool)
         manifest = _finish(out, cfg, idx, shards)
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        workers.close_spool()
         idx.close()
     log.info("%d inputs: %d written to %d shards, %d skipped (%d duplicates) in %.1fs",
              manifest["inputs_seen"], manifest["written"], len(shards), manifest["skipped"],
@@ -161,18 +175,18 @@ def _pool(opts: ShardOptions, out: str, session: int, exclude: frozenset[str]) -
     if opts.workers <= 1:
         workers.init_worker(*args)
         return None
+    from PIL import Image
+
+    Image.preinit()  # import the common codecs once, before forking, not once per worker
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
     return cf.ProcessPoolExecutor(opts.workers, mp_context=ctx, initializer=workers.init_worker,
                                   initargs=(*args, True))
 
 
-def _scan(inputs: Sequence[str], out: str, opts: ShardOptions, idx: Index, progress: bool) -> None:
+def _scan(inputs: Sequence[str], out: str, opts: ShardOptions, idx: Index, progress: bool,
+          pool: Optional[cf.Executor]) -> None:
     last = int(idx.get("last_ordinal", "-1") or -1)
-    session = int(idx.get("sessions", "0") or 0)
-    idx.put("sessions", session + 1)  # fresh spool files per session: a crashed tail is never reused
-    idx.commit()
     want = lambda o, s: o > last and in_part(s, opts.part)  # noqa: E731
-    pool = _pool(opts, out, session, load_exclude(opts.exclude))
     from tqdm import tqdm
 
     bar = tqdm(unit="img", disable=not progress, desc="scan", smoothing=0.1)
@@ -219,16 +233,10 @@ def _scan(inputs: Sequence[str], out: str, opts: ShardOptions, idx: Index, progr
                 chunk, nbytes = [], 0
         submit(chunk)
         drain(0)
-        if pool is not None:
-            pool.shutdown(wait=True)  # workers flush and close their spools on exit
-        _commit(idx, spools.values(), None)
+        _commit(idx, spools.values(), None)  # workers flushed every chunk; make it durable
         idx.put("scan_done", 1)
         idx.commit()
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-        else:
-            workers.close_spool()
         for fd in spools.values():
             os.close(fd)
         bar.close()
@@ -262,7 +270,8 @@ def shard_name(prefix: str, i: int) -> str:
     return f"{prefix}-{i:06d}.tar"
 
 
-def _write(out: str, opts: ShardOptions, idx: Index, progress: bool) -> list[dict]:
+def _write(out: str, opts: ShardOptions, idx: Index, progress: bool,
+           pool: Optional[cf.Executor]) -> list[dict]:
     from tqdm import tqdm
 
     for fn in os.listdir(out):  # temp files of a killed run
@@ -270,11 +279,8 @@ def _write(out: str, opts: ShardOptions, idx: Index, progress: bool) -> list[dic
             os.unlink(os.path.join(out, fn))
     plan = idx.plan()
     shards: dict[int, dict] = {}
-    pool: Optional[cf.Executor] = None
     bar = tqdm(total=len(plan), unit="shard", disable=not progress, desc="write")
     pending: collections.deque = collections.deque()
-    if opts.workers <= 1:
-        workers.init_worker(opts.process(), frozenset(), os.path.join(out, STATE), -1)
 
     def finish(p: Any, name: str, res: tuple[int, int, str]) -> None:
         count, nbytes, sha = res
@@ -303,8 +309,6 @@ def _write(out: str, opts: ShardOptions, idx: Index, progress: bool) -> list[dic
                 bar.update(1)
                 continue
             job = [(r["key"], r["spool"], r["off"], r["len"], sample_json(r)) for r in rows]
-            if pool is None and opts.workers > 1:
-                pool = _pool(opts, out, -1, frozenset())
             if pool is None:
                 finish(p, name, workers.write_shard_job(path, job))
                 continue
@@ -316,9 +320,8 @@ def _write(out: str, opts: ShardOptions, idx: Index, progress: bool) -> list[dic
             q, qn, fut = pending.popleft()
             finish(q, qn, fut.result())
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-        workers.close_spool()
+        for _, _, fut in pending:
+            fut.cancel()
         bar.close()
     return [shards[i] for i in sorted(shards)]
 

@@ -107,6 +107,15 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _reason(msg: str) -> str:
+    # PIL reports most failures as OSError/ValueError; the message tells the kinds apart.
+    if "truncat" in msg or "premature" in msg:
+        return "truncated"
+    if "decoder" in msg or "not available" in msg or "unsupported" in msg or "conversion" in msg:
+        return "unsupported"
+    return "corrupt"
+
+
 def _jpeg_has_eoi(data: bytes) -> bool:
     # Header check for pass-through: start-of-image and end-of-image markers. Trailing padding
     # bytes some writers append are tolerated.
@@ -132,9 +141,10 @@ def process_bytes(ordinal: int, source: str, data: bytes, opts: ProcessOptions,
             res.reason = "not_an_image"
         except Image.DecompressionBombError:
             res.reason = "too_many_pixels"
+        except NotImplementedError:
+            res.reason = "unsupported"
         except (OSError, SyntaxError, ValueError, EOFError) as e:
-            msg = str(e).lower()
-            res.reason = "truncated" if "truncat" in msg or "premature" in msg else "corrupt"
+            res.reason = _reason(str(e).lower())
         except Exception:  # a decoder bug must cost one image, not the run
             res.reason = "corrupt"
     res.data = b""

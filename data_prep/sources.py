@@ -126,25 +126,44 @@ def unsafe_member(m: tarfile.TarInfo) -> bool:
     return name.startswith("/") or ".." in PurePosixPath(name).parts
 
 
+class _Info(tarfile.TarInfo):
+    """Notes why the header loop stopped: tarfile ends silently on a header cut in half."""
+
+    @classmethod
+    def fromtarfile(cls, tf: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tf)
+        except tarfile.HeaderError as e:
+            tf._seer_stop = type(e).__name__  # type: ignore[attr-defined]
+            raise
+
+
 def _iter_tar(tar_path: str, nxt: Callable[[], int], want: Want) -> Iterator[Item]:
     # Stream mode reads member by member without seeking back; nothing is extracted to disk.
     try:
-        tf = tarfile.open(tar_path, mode="r|*")
+        tf = tarfile.open(tar_path, mode="r|*", tarinfo=_Info)
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         log.warning("cannot open archive %s: %s", tar_path, e)
         yield Item(nxt(), tar_path, reason="corrupt")
         return
+    seen, cut = 0, False
     with tf:
         while True:
             try:
                 m = tf.next()
             except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-                log.warning("archive %s is damaged after %d members: %s", tar_path, len(tf.members), e)
-                yield Item(nxt(), f"{tar_path}::<damaged>", reason="corrupt")
+                log.warning("archive %s is damaged after %d members: %s", tar_path, seen, e)
+                if not cut:  # a member already reported truncated is the same damage
+                    yield Item(nxt(), f"{tar_path}::<damaged>", reason="corrupt")
                 return
             if m is None:
+                # A zero block (or plain end of file) ends an archive; half a header means damage.
+                if getattr(tf, "_seer_stop", "") not in ("EOFHeaderError", "EmptyHeaderError"):
+                    log.warning("archive %s ends inside a header: cut short", tar_path)
+                    yield Item(nxt(), f"{tar_path}::<damaged>", reason="truncated")
                 return
             tf.members = []  # TarFile keeps every header otherwise: unbounded on huge archives
+            seen += 1
             if m.isdir():
                 continue
             ordinal = nxt()
@@ -161,6 +180,7 @@ def _iter_tar(tar_path: str, nxt: Callable[[], int], want: Want) -> Iterator[Ite
             except (tarfile.TarError, OSError, EOFError, zlib.error):
                 data = None
             if data is None or len(data) != m.size:
+                cut = True
                 yield Item(ordinal, source, reason="truncated")
                 continue
             yield Item(ordinal, source, data=data)

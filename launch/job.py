@@ -22,11 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from seer_pipeline.distributed import resolve_env
 from seer_pipeline.io_utils import atomic_write_json
 
 DEFAULT_ENTRY = "seer_pipeline.train:main"
-# seer_pipeline.signals.PREEMPTED, repeated so that submitting imports no torch; a test pins both.
+# seer_pipeline.signals.PREEMPTED, repeated so that seer-status imports no torch; a test pins both.
 PREEMPTED_EXIT_CODE = 75
 # How long a rank that saw PREEMPTED waits for rank 0's `scontrol requeue` to show in the job state.
 _REQUEUE_WAIT_S = 15.0
@@ -126,15 +125,15 @@ class TrainJob:
     run_dir: str
     max_requeues: int
     entry: str = DEFAULT_ENTRY
-    env: dict[str, str] = field(default_factory=dict)  # extra variables set in the task
     # Set by checkpoint() when submitit requeues; submitit then exits this task via SystemExit.
     _requeue_requested: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __call__(self) -> dict[str, Any]:
+        from seer_pipeline.distributed import resolve_env  # imports torch: only inside the task
+
         log = _logger()
         started = time.time()
         self._requeue_requested = False
-        os.environ.update(self.env)
         denv = resolve_env()
         log.info("rank %d/%d (%s, job %s): %s %s", denv.rank, denv.world_size, denv.source,
                  denv.job_id or "-", self.entry, " ".join(self.argv))

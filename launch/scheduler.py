@@ -111,7 +111,12 @@ def requeue(job_id: str) -> bool:
 
 def sbatch_test_only(script_path: str) -> tuple[bool, str]:
     """`sbatch --test-only SCRIPT`: does the scheduler accept it (nothing is submitted)."""
-    res = _run(["sbatch", "--test-only", script_path])
+    return sbatch_test_only_args([script_path])
+
+
+def sbatch_test_only_args(args: list[str]) -> tuple[bool, str]:
+    """`sbatch --test-only ARGS...` (options, then the script and its arguments)."""
+    res = _run(["sbatch", "--test-only", *args])
     if res is None:
         return False, "sbatch not available or timed out"
     text = (res.stdout + res.stderr).strip()

@@ -8,6 +8,7 @@ callable, resumes from the same run folder.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shlex
@@ -57,8 +58,6 @@ def build_job(preset: str, overrides: Sequence[str], entry: str = DEFAULT_ENTRY)
 
 def record_submission(run_dir: str | Path, entry: dict[str, Any]) -> None:
     """Append a job to RUN/launch.json (atomically), so seer-status knows whom to ask."""
-    import json
-
     path = Path(run_dir) / LAUNCH_RECORD
     try:
         data = json.loads(path.read_text())

@@ -39,6 +39,19 @@ class CheckpointError(RuntimeError):
     pass
 
 
+def fault(name: str) -> int | None:
+    """Fault injection for the tests: SEER_FAULT=name:value[,name:value] (never set it otherwise).
+
+    kill_in_save:S - rank 0 SIGKILLs itself after writing step S, before meta.json/rename;
+    kill_rank:R - rank R SIGKILLs itself at the start of step 3 (trainer).
+    """
+    for item in os.environ.get("SEER_FAULT", "").split(","):
+        key, _, val = item.partition(":")
+        if key == name and val:
+            return int(val)
+    return None
+
+
 def step_dir_name(step: int) -> str:
     return f"step_{step:09d}"
 
@@ -188,6 +201,8 @@ class Checkpointer:
         self._finalize(step, tmp, t0)
 
     def _finalize(self, step: int, tmp: Path, t0: float) -> None:
+        if self.rank == 0 and fault("kill_in_save") == step:
+            os.kill(os.getpid(), 9)  # test hook: die with the shards written, before they count
         # DCP returns only after its final collective (metadata written by the coordinator),
         # so every rank's files are complete when rank 0 gets here.
         if self.rank == 0:

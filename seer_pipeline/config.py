@@ -47,7 +47,9 @@ def _check_keys(base: DictConfig, other: DictConfig, where: str, prefix: str = "
         full = f"{prefix}{k}"
         if k not in base:
             # Open dict fields (Dict[str, Any] in the schema) accept any key.
-            if OmegaConf.is_dict(base) and base._get_node_flag("struct") is False:
+            # (In a structured config their struct flag is unset, not False: check the type.)
+            if OmegaConf.is_dict(base) and (base._get_node_flag("struct") is False
+                                            or OmegaConf.get_type(base) is dict):
                 continue
             raise _unknown_key_error(base if not prefix else _root(base), full, where)
         if isinstance(v, DictConfig) and isinstance(base[k], DictConfig):

@@ -70,6 +70,12 @@ class LARS(torch.optim.Optimizer):
                              f"trust={trust}")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust=trust, lars=lars)
         super().__init__(params, defaults)
+        # Eager state: a parameter without gradients so far (frozen prototypes) still has a
+        # momentum buffer, so every checkpoint holds the same keys whatever step it was taken at.
+        for grp in self.param_groups:
+            for p in grp["params"]:
+                if grp["momentum"]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # noqa: D401 - torch signature

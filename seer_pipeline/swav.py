@@ -7,11 +7,11 @@ VISSL's SEER configs, see /work/shared/notes/reference-systems.md.
 
 Trainer contract, per iteration:
     emb, scores = head(trunk(crops))               # crops concatenated crop-major
-    qs = queue.scores(head.prototypes) if queue else None
-    loss, stats = swav_loss(scores, n_crops, queue_scores=qs, group=dp_group)
+    loss, stats = swav_loss(scores, n_crops, group=dp_group,
+                            queue=queue, prototypes=head.prototypes)   # queue optional
     loss.backward(); cancel_prototype_grads(head, it, freeze_iters); opt.step()
     normalize_prototypes(head)                     # works on an FSDP2 row-sharded weight
-    queue.push(emb.detach().chunk(n_crops), it)
+    queue.push([emb.detach().chunk(n_crops)[c] for c in crops_for_assign], it)
 """
 from __future__ import annotations
 
@@ -56,7 +56,8 @@ class SwAVHead(nn.Module):
                  bn_eps: float = 1e-5, bn_momentum: float = 0.1) -> None:
         super().__init__()
         if len(dims) < 2 or min(dims) < 1 or n_prototypes < 1:
-            raise ValueError(f"SwAVHead needs >= 2 positive dims and prototypes, got {dims}, {n_prototypes}")
+            raise ValueError(
+                f"SwAVHead needs >= 2 positive dims and >= 1 prototype, got {dims}, {n_prototypes}")
         layers: list[nn.Module] = []
         for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
             layers.append(nn.Linear(d_in, d_out))
@@ -78,13 +79,18 @@ class SwAVHead(nn.Module):
         normalize_prototypes(self)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """L2-normalised embeddings [N, out_dim]."""
-        return F.normalize(self.projection(x), dim=1)
+        """L2-normalised float32 embeddings [N, out_dim]."""
+        return F.normalize(self.projection(x).float(), dim=1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(embeddings [N, out_dim], prototype scores [N, K])."""
+        """(embeddings [N, out_dim], prototype scores [N, K]), both float32.
+
+        The MLP follows autocast; the normalisation and prototype scores never do, since
+        low-precision scores feed exp(score / epsilon) in Sinkhorn (VISSL kept them fp32 too).
+        """
         emb = self.embed(x)
-        return emb, self.prototypes(emb)
+        with torch.autocast(emb.device.type, enabled=False):
+            return emb, self.prototypes(emb)
 
 
 @torch.no_grad()
@@ -103,12 +109,16 @@ def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = DEFAULT_EPSILON, n_ite
     with torch.autocast(scores.device.type, enabled=False):
         s = scores.detach().float()
         b_local, k = s.shape
-        batch = _all_reduce(torch.tensor([float(b_local)], device=s.device), group)
         # The max shift cancels in the first normalisation but keeps exp from overflowing.
+        # Scores must be bounded (cosines of unit vectors): an entry more than ~87*epsilon
+        # below the global max underflows, and a prototype whose whole row does gives NaN.
         peak = s.max() if s.numel() else torch.tensor(-math.inf, device=s.device)
         peak = _all_reduce(peak.reshape(1).clone(), group, dist.ReduceOp.MAX)
         q = torch.exp((s - peak) / epsilon).t()  # [K, B_local]
-        q /= _all_reduce(q.sum().reshape(1), group)
+        # One collective for the total mass and the global batch size.
+        sums = _all_reduce(torch.stack((q.sum(), q.new_tensor(float(b_local)))), group)
+        q /= sums[0]
+        batch = sums[1]
         for _ in range(n_iters):
             rows = _all_reduce(q.sum(dim=1, keepdim=True), group)
             q /= rows
@@ -119,10 +129,12 @@ def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = DEFAULT_EPSILON, n_ite
         return q.t()
 
 
-def _split_crops(scores: Union[torch.Tensor, Sequence[torch.Tensor]], n_crops: int) -> list[torch.Tensor]:
+def _split_crops(scores: Union[torch.Tensor, Sequence[torch.Tensor]],
+                 n_crops: int) -> list[torch.Tensor]:
     if isinstance(scores, torch.Tensor):
         if scores.dim() != 2 or scores.shape[0] % n_crops:
-            raise ValueError(f"scores {tuple(scores.shape)} is not [n_crops*B, K] for n_crops={n_crops}")
+            raise ValueError(
+                f"scores {tuple(scores.shape)} is not [n_crops*B, K] for n_crops={n_crops}")
         return list(scores.chunk(n_crops))
     parts = list(scores)
     if len(parts) != n_crops:
@@ -137,14 +149,20 @@ def swav_loss(
     crops_for_assign: Sequence[int] = (0, 1), temperature: float = DEFAULT_TEMPERATURE,
     epsilon: float = DEFAULT_EPSILON, n_iters: int = 3, group: Optional[ProcessGroup] = None,
     queue_scores: Optional[Sequence[Optional[torch.Tensor]]] = None, compute_stats: bool = True,
+    queue: Optional["EmbeddingQueue"] = None, prototypes: Optional[nn.Module] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Swapped prediction: each assignment crop's codes Q supervise every other crop.
 
     scores: [n_crops*B, K] (crop-major) or a list of n_crops [B, K]. queue_scores: per
     assignment crop, queued embeddings scored against the current prototypes ([L, K], no grad),
-    put before the batch for Sinkhorn (`EmbeddingQueue.scores`). Returns (loss, stats); stats
-    hold detached tensors (call `.item()` only when logging, it synchronises).
+    put before the batch for Sinkhorn; or pass `queue` and `prototypes` and they are computed
+    here (`queue.scores(prototypes)`, None until the queue is full). Returns (loss, stats);
+    stats hold detached tensors (call `.item()` only when logging, it synchronises).
     """
+    if queue is not None:
+        if prototypes is None or queue_scores is not None:
+            raise ValueError("pass `queue` together with `prototypes`, and not with `queue_scores`")
+        queue_scores = queue.scores(prototypes)
     crops = _split_crops(scores, n_crops)
     if n_crops < 2 or not crops_for_assign or any(not 0 <= c < n_crops for c in crops_for_assign):
         raise ValueError(f"crops_for_assign {tuple(crops_for_assign)} invalid for n_crops={n_crops}")
@@ -208,7 +226,7 @@ def normalize_prototypes(module: nn.Module) -> None:
     local = weight
     if hasattr(weight, "to_local"):  # DTensor
         placements = weight.placements
-        if any(p.is_shard() and p.dim != 0 for p in placements) or any(p.is_partial() for p in placements):
+        if any((p.is_shard() and p.dim != 0) or p.is_partial() for p in placements):
             raise ValueError(f"prototype weight must be row-sharded or replicated, got {placements}")
         local = weight.to_local()
     if local.numel():
@@ -240,7 +258,8 @@ class EmbeddingQueue(nn.Module):
     def __init__(self, length: int, dim: int, n_assign_crops: int = 2, start_iter: int = 0) -> None:
         super().__init__()
         if length < 1 or dim < 1 or n_assign_crops < 1 or start_iter < 0:
-            raise ValueError(f"bad queue length={length} dim={dim} crops={n_assign_crops} start={start_iter}")
+            raise ValueError(
+                f"bad queue length={length} dim={dim} crops={n_assign_crops} start={start_iter}")
         self.start_iter = start_iter
         self.register_buffer("embeddings", torch.zeros(n_assign_crops, length, dim), persistent=True)
         self.register_buffer("filled", torch.zeros((), dtype=torch.long), persistent=True)
@@ -277,4 +296,7 @@ class EmbeddingQueue(nn.Module):
         """Queue scores [length, K] per crop against the current prototypes; None until full."""
         if not self.is_full:
             return None
-        return [prototypes(self.embeddings[i]).float() for i in range(self.embeddings.shape[0])]
+        # Under FSDP this call all-gathers the prototypes: every rank must make it, and does,
+        # since all ranks push equal batches at the same iterations and so fill up together.
+        with torch.autocast(self.embeddings.device.type, enabled=False):
+            return [prototypes(self.embeddings[i]).float() for i in range(self.embeddings.shape[0])]

@@ -29,7 +29,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def spawn_local(argv: list[str], nproc: int, threads: int, grace_s: float = 15.0) -> int:
-    """Run this command on `nproc` local ranks; first failure wins, the rest are killed."""
+    """Run this command on `nproc` local ranks; first failure wins, the rest are killed.
+
+    After a rank fails the others get `grace_s` to notice on their own (their collectives fail
+    within dist.timeout_s and they log which step failed) before they are killed.
+    """
     from .distributed import free_port
 
     port = free_port()
@@ -124,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if denv.source == "single" and cfg.dist.nproc > 1:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s launcher: %(message)s")
         return spawn_local(list(argv if argv is not None else sys.argv[1:]), cfg.dist.nproc,
-                           cfg.train.threads)
+                           cfg.train.threads, grace_s=cfg.dist.timeout_s + 10)
     return run_rank(cfg, denv)
 
 

@@ -9,6 +9,7 @@ metrics, then the checkpointer decides whether to save.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import resource
 import time
@@ -24,7 +25,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from . import swav
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, fault
 from .config import save_config
 from .distributed import DistEnv
 from .metrics import MetricsLogger
@@ -206,6 +207,8 @@ class Trainer:
                  self.global_batch, self.world)
         try:
             while self.step < cfg.train.steps:
+                if fault("kill_rank") == self.rank and self.step == 2:
+                    os.kill(os.getpid(), 9)  # test hook (checkpoint.fault): a rank dies mid-run
                 t0 = time.perf_counter()
                 views = next(it)
                 t_data = time.perf_counter() - t0

@@ -68,9 +68,18 @@ def test_schedule_warmup_cosine_and_index() -> None:
 
 
 # --- sharded equality ---------------------------------------------------------------------------
+def _fp64_embed(self, x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(self.projection(x), dim=1)
+
+
 def _model():
+    from seer_pipeline import swav
     from seer_pipeline.train_config import load_train_config
     from seer_pipeline.trainer import build_model
+
+    # The head casts embeddings to float32 (right for bf16 training); this test runs in float64
+    # throughout, so the same maths without the cast.
+    swav.SwAVHead.embed = _fp64_embed
 
     cfg = load_train_config("cpu_tiny", ["model.n_prototypes=20", "model.hidden_dims=[32]",
                                          "model.out_dim=16"])

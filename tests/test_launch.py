@@ -195,17 +195,46 @@ def test_status_from_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 
 # ---- submitit's LocalExecutor ----------------------------------------------------------------
 @pytest.mark.slow
-def test_local_executor_runs_entry_on_two_tasks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_submit_local_runs_entry_on_two_tasks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`seer-submit --local`: submitit's LocalExecutor, 2 tasks, each calling the entry by path."""
+    from launch.submit import main as submit_main
+
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     run = tmp_path / "run"
-    ex = build_executor(SlurmConfig(tasks_per_node=2, timeout_min=5), run, local=True)
-    job = ex.submit(_job(run, "entry_ok"))
-    results = job.results()  # one per task; raises if a task failed
-    assert sorted(r["rank"] for r in results) == [0, 1]
+    base = ["--config", "cpu_tiny", f"run.dir={run}", "slurm.tasks_per_node=2", "slurm.timeout_min=5",
+            "--local"]
+    assert submit_main([*base, "--entry", "test_launch:entry_ok"]) == 0
+    out = capsys.readouterr().out
+    job_id = out.split("job ", 1)[1].split()[0]
     recs = [json.loads((run / f"entry_rank{r}_0.json").read_text()) for r in (0, 1)]
     assert {(x["rank"], x["world"], x["source"]) for x in recs} == {
         (0, 2, "submitit-local"), (1, 2, "submitit-local")}
-    assert (run / "slurm" / str(job.job_id)).is_dir()  # RUN/slurm/<job id>/
-    failing = ex.submit(_job(run, "entry_raise"))
-    with pytest.raises(Exception, match="boom from the training entry"):
-        failing.result()
+    assert recs[0]["argv"][-1] == f"run.dir={run}"
+    assert (run / "slurm" / job_id / f"{job_id}_0_log.out").exists()  # RUN/slurm/<job id>/
+    st = run_status(run)
+    assert st["job_id"] == job_id and st["state"] == "COMPLETED"
+    # A raising entry: reported, non-zero, and seer-status says FAILED with the exception.
+    assert submit_main([*base, "--entry", "test_launch:entry_raise"]) == 1
+    assert "boom from the training entry" in capsys.readouterr().err
+    st = run_status(run)
+    assert st["state"] == "FAILED" and "boom from the training entry" in st["error"]
+
+
+def test_build_job_pins_an_absolute_run_dir_and_keeps_overrides(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from launch.submit import build_job
+    from seer_pipeline.config import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    cfg, job = build_job("cpu_tiny", ["run.dir=rel/run", "train.steps=3",
+                                      "slurm.additional_parameters.comment=seer"])
+    assert job.run_dir == str(tmp_path / "rel" / "run")
+    assert job.argv == ["--config", "cpu_tiny", "train.steps=3",
+                        "slurm.additional_parameters.comment=seer", f"run.dir={tmp_path / 'rel' / 'run'}"]
+    assert job.entry == "seer_pipeline.train:main" and job.max_requeues == cfg.slurm.max_requeues
+    assert executor_parameters(cfg.slurm)["slurm_additional_parameters"]["comment"] == "seer"
+    with pytest.raises(ConfigError, match="slurm.nodes"):
+        build_job("cpu_tiny", ["slurm.nodez=2"])

@@ -119,3 +119,11 @@ def test_memory_bounded_by_shuffle_buffer(tmp_path: Path, photo_dir: Path) -> No
     assert p_big - p_small < 8 * avg * 4 + 200_000, (p_small, p_big, avg)
     p_wide, n_wide = _peak_bytes(big, 64)
     assert 8 < n_wide <= 64
+
+
+def test_resampled_mode_stops_on_undecodable_data(tmp_path: Path) -> None:
+    write_shards(tmp_path, [b"not an image"] * 12, 4)
+    pattern = str(tmp_path / "shard-{000000..000002}.tar")
+    ld = build_loader(cfg(tmp_path, shards=pattern, epoch_samples=8), 0, 1)
+    with pytest.raises(RuntimeError, match="undecodable"):
+        next(iter(ld))

@@ -169,3 +169,15 @@ def test_init_and_meta_materialisation() -> None:
                                     zero_init_last_bn=True))
     assert all(torch.all(s.blocks[0].c.bn.weight == 0) for s in zero.stages)
     assert torch.all(zero.stages[0].blocks[0].a.bn.weight == 1)
+
+
+def test_count_macs_sees_through_checkpoint_wrappers() -> None:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    trunk = build_trunk("cpu_tiny")
+    before = count_macs(trunk, 28)
+    trunk.stages[0].blocks[0] = checkpoint_wrapper(trunk.stages[0].blocks[0])
+    trunk.stages[2] = checkpoint_wrapper(trunk.stages[2])
+    assert count_macs(trunk, 28) == before
+    x = torch.randn(2, 3, 28, 28)
+    assert trunk(x).shape == (2, 192)  # the wrapped trunk still runs

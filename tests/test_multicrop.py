@@ -92,32 +92,44 @@ def test_crop_box_distribution_matches_reference(ref) -> None:
 
 def crop_stats(fn: Callable[[bytes], List[torch.Tensor]], photos: List[bytes], reps: int) -> Dict[int, Dict]:
     """Per crop size: gray fraction, per-channel mean / std of pixels, mean gradient magnitude."""
-    groups: Dict[int, List[torch.Tensor]] = {}
+    rows: Dict[int, List[np.ndarray]] = {}
+    mean, std = np.array(MEAN, np.float32)[:, None, None], np.array(STD, np.float32)[:, None, None]
     for _ in range(reps):
         for b in photos:
             for t in fn(b):
-                groups.setdefault(t.shape[-1], []).append(to_uint8(t))
+                x = (t.numpy() * std + mean) * 255
+                g = x.mean(0)
+                gray = float(np.abs(x[0] - x[1]).max() < 0.5 and np.abs(x[1] - x[2]).max() < 0.5)
+                sharp = np.abs(np.diff(g, axis=0)).mean() + np.abs(np.diff(g, axis=1)).mean()
+                rows.setdefault(t.shape[-1], []).append(
+                    np.concatenate([x.mean((1, 2)), (x * x).mean((1, 2)), [gray, sharp]]))
     out = {}
-    for s, ts in groups.items():
-        x = torch.stack(ts)  # [n,3,S,S]
-        gray = ((x[:, 0] - x[:, 1]).abs().amax((1, 2)) < 0.5) & ((x[:, 1] - x[:, 2]).abs().amax((1, 2)) < 0.5)
-        g = x.mean(1)
-        sharp = (g[:, 1:, :] - g[:, :-1, :]).abs().mean((1, 2)) + (g[:, :, 1:] - g[:, :, :-1]).abs().mean((1, 2))
-        out[s] = {"n": len(ts), "gray": gray.float().mean().item(), "mean": x.mean((0, 2, 3)),
-                  "crop_means": x.mean((2, 3)), "std": x.std((0, 2, 3)), "sharp": sharp}
+    for s, r in rows.items():
+        m = torch.from_numpy(np.stack(r).astype(np.float64))  # [n, 8]
+        mu = m[:, :3].mean(0)
+        out[s] = {"n": len(r), "gray": m[:, 6].mean().item(), "mean": mu, "crop_means": m[:, :3],
+                  "std": (m[:, 3:6].mean(0) - mu ** 2).sqrt(), "sharp": m[:, 7]}
     return out
 
 
-def test_output_statistics_match_reference(ref, photos: List[bytes]) -> None:
-    # 11 photos x 12 reps = 132 samples -> 264 crops of 224 and 792 of 96 per pipeline (swav).
+@pytest.fixture()
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # small tensor ops on a shared 2-core box: threads only contend
+    yield
+    torch.set_num_threads(n)
+
+
+def test_output_statistics_match_reference(ref, photos: List[bytes], one_thread) -> None:
+    # 12 photos x 6 reps = 72 samples -> 144 crops of 224 and 432 of 96 per pipeline (swav).
     spec = CROP_PRESETS["swav"]
     torch.manual_seed(0)
     np.random.seed(0)
     random.seed(0)
-    theirs = crop_stats(ref.make_reference_sample_fn(*spec), photos, 12)
+    theirs = crop_stats(ref.make_reference_sample_fn(*spec), photos, 6)
     mc = MultiCrop(*spec)
     rng = np.random.default_rng(0)
-    ours = crop_stats(lambda b: mc(b, rng), photos, 12)
+    ours = crop_stats(lambda b: mc(b, rng), photos, 6)
     for s in (224, 96):
         a, b = ours[s], theirs[s]
         n = a["n"]
@@ -140,7 +152,7 @@ def _enc(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def test_flip_and_blur_fractions(ref) -> None:
+def test_flip_and_blur_fractions(ref, one_thread) -> None:
     # Flip: a gray horizontal ramp stays a ramp under jitter/grayscale/blur; a flipped crop's left
     # half is brighter. Blur: on white noise, crops whose gradient falls under 45% of the unblurred
     # median count as blurred. 600 crops of 32 px per pipeline: SE(0.5) = 0.02, tolerance 0.09.
@@ -164,3 +176,24 @@ def test_flip_and_blur_fractions(ref) -> None:
     assert abs(f_ours - 0.5) < 0.09 and abs(f_ref - 0.5) < 0.09, (f_ours, f_ref)
     assert abs(b_ours - b_ref) < 0.09, (b_ours, b_ref)
     assert 0.25 < b_ours < 0.6, b_ours
+
+
+def test_geometry_only_sharpness_matches_reference(ref, photos: List[bytes], one_thread) -> None:
+    # With jitter, grayscale and blur off, sharpness depends only on decode + crop + resize, so a
+    # reduced-resolution shortcut shows. Measured (12 photos x 6 reps: 144 crops of 224, 432 of 96,
+    # every photo equally often in both pipelines): ours/reference 0.99 (224) and 0.98 (96); always
+    # decoding at 1/2 scale gives 0.91, at 1/4 0.77. Tolerance 5%; seeds are fixed.
+    spec = CROP_PRESETS["swav"]
+    off = dict(jitter_p=0.0, gray_p=0.0, blur_p=0.0)
+    refmc = ref.ReferenceMultiCrop(*spec, **off)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    theirs = crop_stats(lambda b: refmc(ref.decode_pil(b)), photos, 6)
+    mc, rng = MultiCrop(*spec, **off), np.random.default_rng(0)
+    ours = crop_stats(lambda b: mc(b, rng), photos, 6)
+    for s in (224, 96):
+        ratio = ours[s]["sharp"].mean().item() / theirs[s]["sharp"].mean().item()
+        assert abs(ratio - 1) < 0.05, (s, ratio)
+        assert ours[s]["gray"] == theirs[s]["gray"]  # only the grayscale photos
+        assert ((ours[s]["mean"] - theirs[s]["mean"]).abs() < 4).all(), (ours[s]["mean"], theirs[s]["mean"])

@@ -256,3 +256,64 @@ def test_tiny_shards_fixture(tiny_shards: Path) -> None:
     man = json.loads((tiny_shards / "manifest.json").read_text())
     assert [s["name"] for s in man["shards"]] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
     assert len(_samples(tiny_shards)) == 12
+
+
+def test_slurm_array_template_run_as_three_tasks(photo_dir: Path, tmp_path: Path) -> None:
+    """slurm/shards-array.sbatch, run as array tasks 2, 0, 1 by hand: the last one merges."""
+    env = {**os.environ, "N": "3", "OUT": str(tmp_path / "out"), "INPUTS": str(photo_dir),
+           "SEER_SHARDS": str(Path(sys.executable).parent / "seer-shards"), "BUILD_ARGS": "--maxcount 2"}
+    for i in (2, 0, 1):
+        r = subprocess.run(["bash", str(REPO / "slurm" / "shards-array.sbatch")], cwd=tmp_path,
+                           env={**env, "SLURM_ARRAY_TASK_ID": str(i)}, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert (tmp_path / "out" / "manifest.json").exists() == (i == 1)
+    assert verify(str(tmp_path / "out")) == []
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["written"] == 12
+
+
+def test_header_check_broken_links_and_damaged_archives(photo_dir: Path, tmp_path: Path) -> None:
+    photos = sorted(p for p in photo_dir.iterdir() if p.suffix == ".jpg")
+    d = tmp_path / "d"
+    d.mkdir()
+    good = photos[0].read_bytes()
+    (d / "good.jpg").write_bytes(good)
+    (d / "cut.jpg").write_bytes(good[: len(good) * 2 // 3])
+    os.symlink(tmp_path / "nowhere.jpg", d / "broken_link.jpg")  # vanished before it was read
+    with tarfile.open(tmp_path / "a.tar", "w") as tf:
+        for p in photos[1:4]:
+            tf.add(p, arcname=p.name)
+    raw = (tmp_path / "a.tar").read_bytes()
+    first = photos[1].stat().st_size
+    (tmp_path / "cut.tar").write_bytes(raw[: 512 + first + 512 + 1000])  # cut in a header
+    (tmp_path / "cut2.tar").write_bytes(raw[: len(raw) - 10240 - 20000])  # cut in the last member
+    man = build_shards([str(d), str(tmp_path / "cut.tar"), str(tmp_path / "cut2.tar")], tmp_path / "o",
+                       check="header", dedup=False)
+    lines = (tmp_path / "o" / "skipped.tsv").read_text().splitlines()[1:]
+    skips = dict(ln.split("\t") for ln in lines)
+    assert skips[str(d / "cut.jpg")] == "truncated" and skips[str(d / "broken_link.jpg")] == "vanished"
+    assert skips[f"{tmp_path / 'cut.tar'}::<damaged>"] == "truncated"
+    assert skips[f"{tmp_path / 'cut2.tar'}::{photos[3].name}"] == "truncated"
+    samples = {m["source"]: jpg for jpg, m in _samples(tmp_path / "o").values()}
+    assert samples[str(d / "good.jpg")] == good
+    assert samples[f"{tmp_path / 'cut.tar'}::{photos[1].name}"] == photos[1].read_bytes()
+    assert samples[f"{tmp_path / 'cut2.tar'}::{photos[2].name}"] == photos[2].read_bytes()
+    assert man["written"] == 4 and man["inputs_seen"] == man["written"] + man["skipped"] == 8
+
+
+def test_hand_built_tar_headers_match_tarfile(tmp_path: Path) -> None:
+    from data_prep.tarwrite import write_shard
+
+    rng = np.random.default_rng(1)
+    samples = [(f"{i:024x}", rng.bytes(int(rng.integers(0, 3000))), b'{"i":%d}' % i) for i in range(40)]
+    count, nbytes, sha = write_shard(str(tmp_path / "a.tar"), samples)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for key, jpg, meta in samples:
+            for name, data in ((f"{key}.jpg", jpg), (f"{key}.json", meta)):
+                ti = tarfile.TarInfo(name)
+                ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = len(data), 0, 0o444, 0, 0, "", ""
+                tf.addfile(ti, io.BytesIO(data))
+    got = (tmp_path / "a.tar").read_bytes()
+    assert got == buf.getvalue() and count == 40 and nbytes == len(got)
+    assert sha == hashlib.sha256(got).hexdigest()

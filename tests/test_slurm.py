@@ -8,16 +8,19 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
-from launch.executor import build_executor, sbatch_script
+from launch.executor import build_executor
 from launch.job import TrainJob, read_requeues
-from launch.scheduler import JobInfo, cancel, job_info, sbatch_test_only, slurm_available
+from launch.scheduler import (JobInfo, cancel, job_info, requeue, sbatch_test_only,
+                              sbatch_test_only_args, slurm_available)
 from launch.status import run_status
+from launch.submit import main as submit_main
 from launch.submit import record_submission
 from seer_pipeline.slurm_config import SlurmConfig
 
@@ -83,19 +86,32 @@ def test_local_cluster_start_is_idempotent() -> None:
     assert out.stdout.strip() == "hi-from-slurm", out.stderr
 
 
-def test_sbatch_script_passes_test_only_and_oversized_fails(tmp_path: Path) -> None:
-    good = sbatch_script(build_executor(SlurmConfig(tasks_per_node=2, cpus_per_task=1, mem_gb=1),
-                                        tmp_path / "run"))
-    (tmp_path / "good.sbatch").write_text(good)
+def test_dry_run_is_a_valid_sbatch_script(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    rc = submit_main(["--config", "cpu_tiny", f"run.dir={run}", "slurm.tasks_per_node=2",
+                      "slurm.cpus_per_task=1", "slurm.mem_gb=1", "--dry-run"])
+    out = capsys.readouterr().out
+    assert rc == 0 and out.startswith("#!/bin/bash")
+    assert "--signal=USR2@120" in out and "--requeue" in out and "#SBATCH --ntasks-per-node=2" in out
+    assert not (run / "launch.json").exists()  # nothing submitted
+    (tmp_path / "good.sbatch").write_text(out)
     ok, text = sbatch_test_only(str(tmp_path / "good.sbatch"))
-    assert ok, text
-    assert "to start at" in text
+    assert ok and "to start at" in text, text
     # The check can fail: more CPUs than this one-node cluster has.
-    bad = sbatch_script(build_executor(SlurmConfig(tasks_per_node=2, cpus_per_task=4096),
-                                       tmp_path / "run"))
-    (tmp_path / "bad.sbatch").write_text(bad)
+    rc = submit_main(["--config", "cpu_tiny", f"run.dir={run}", "slurm.cpus_per_task=4096", "--dry-run"])
+    (tmp_path / "bad.sbatch").write_text(capsys.readouterr().out)
     ok, text = sbatch_test_only(str(tmp_path / "bad.sbatch"))
-    assert not ok, text
+    assert rc == 0 and not ok, text
+    # The SEER preset asks for the paper's 64 nodes x 8 GPUs.
+    assert submit_main(["--config", "seer_32gf", f"run.dir={run}", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for flag in ("--nodes=64", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=10",
+                 "--time=4320", "--signal=USR2@120", "--requeue"):
+        assert f"#SBATCH {flag}" in out, flag
+    assert "-> 512 ranks" in out
+    # Unknown keys fail before anything is built.
+    assert submit_main(["--config", "cpu_tiny", "slurm.nodez=2", "--dry-run"]) == 2
+    assert "slurm.nodes" in capsys.readouterr().err
 
 
 def test_job_that_raises_fails_and_is_not_requeued(tmp_path: Path, entries_importable: None) -> None:
@@ -129,3 +145,147 @@ def test_signal_before_training_starts_requeues_via_checkpoint(
     assert rq["count"] == 1 and "before training started" in rq["history"][0]["reason"]
     rec = json.loads((run / "entry_rank0_1.json").read_text())
     assert rec["source"] == "slurm" and rec["job_id"] == jid
+
+
+# ---- acceptance: the real trainer (cpu_tiny) on 2 SLURM tasks ------------------------------
+# Tiny and fast: 16 steps of 4 images per rank, a periodic save every 5 steps, 1 thread and 1
+# loader worker per rank in the SLURM job and in the local reference alike.
+STEPS = 16
+PREEMPT_AFTER = 7  # past the first periodic checkpoint and the prototype freeze (5 steps)
+
+
+def _train_args(shards: Path) -> list[str]:
+    return [f"data.shards={shards}", "data.batch_size=4", f"train.steps={STEPS}", "ckpt.every=5",
+            "train.threads=1", "data.workers=1"]
+
+
+def _losses(run: Path) -> tuple[dict[int, float], list[dict]]:
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    steps = [r["step"] for r in recs]
+    assert steps == sorted(set(steps)), f"steps not exactly once: {steps}"
+    return {r["step"]: r["loss"] for r in recs}, recs
+
+
+@pytest.fixture(scope="module")
+def reference_losses(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
+    """An uninterrupted local `seer-train --config cpu_tiny dist.nproc=2` with the same settings."""
+    ref = tmp_path_factory.mktemp("reference") / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
+    res = subprocess.run(
+        [sys.executable, "-m", "seer_pipeline.train", "--config", "cpu_tiny", "dist.nproc=2",
+         *_train_args(tiny_shards), f"run.dir={ref}"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    losses, _ = _losses(ref)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    return losses
+
+
+def _submit_tiny(run: Path, shards: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> str:
+    rc = submit_main(["--config", "cpu_tiny", *_train_args(shards), f"run.dir={run}",
+                      "slurm.tasks_per_node=2", "slurm.cpus_per_task=1", "slurm.timeout_min=60",
+                      *extra])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    lines = [ln for ln in out.splitlines() if ln.startswith("job ")]
+    assert lines, out
+    return lines[0].split()[1]
+
+
+def _wait_step(run: Path, jid: str, step: int) -> None:
+    def reached() -> bool:
+        try:
+            _, recs = _losses(run)
+        except (OSError, ValueError):
+            return False
+        return bool(recs) and recs[-1]["step"] >= step
+
+    try:
+        wait_for(reached, 180, f"job {jid} to reach step {step}", every=0.2)
+    except AssertionError:
+        cancel(jid)
+        raise
+    _, recs = _losses(run)
+    assert recs[-1]["step"] < STEPS - 2, "the run got too close to its end before the preemption"
+
+
+def _assert_resumed_bitwise(run: Path, reference: dict[int, float]) -> None:
+    losses, recs = _losses(run)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    resumed = [r for r in recs if "resumed_from" in r]
+    assert len(resumed) == 1 and resumed[0]["resumed_from"] >= PREEMPT_AFTER, resumed
+    assert losses == reference  # ==, not approx: the resume is exact
+
+
+def test_scontrol_requeue_saves_requeues_and_resumes_exactly(
+    tmp_path: Path, tiny_shards: Path, reference_losses: dict[int, float],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Scheduler preemption: SIGTERM to every process, KillWait, requeue under the same id."""
+    run = tmp_path / "run"
+    jid = _submit_tiny(run, tiny_shards, capsys)
+    _wait_step(run, jid, PREEMPT_AFTER)
+    assert requeue(jid)
+    info = wait_final(jid, 240)
+    assert info.state == "COMPLETED" and info.restarts == 1, info
+    _assert_resumed_bitwise(run, reference_losses)
+    st = run_status(run)
+    assert st["state"] == "COMPLETED" and st["checkpoint_step"] == STEPS and st["slurm_restarts"] == 1
+
+
+def test_usr2_timeout_signal_saves_requeues_and_resumes_exactly(
+    tmp_path: Path, tiny_shards: Path, reference_losses: dict[int, float],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """submitit's timeout path: USR2 only (`job._interrupt(timeout=True)`); the trainer saves and
+    requeues itself, counting it in RUN/requeues.json."""
+    import submitit
+
+    run = tmp_path / "run"
+    jid = _submit_tiny(run, tiny_shards, capsys)
+    _wait_step(run, jid, PREEMPT_AFTER)
+    submitit.SlurmJob(folder=run / "slurm" / "%j", job_id=jid)._interrupt(timeout=True)
+    info = wait_final(jid, 240)
+    assert info.state == "COMPLETED" and info.restarts == 1, info
+    _assert_resumed_bitwise(run, reference_losses)
+    rq = read_requeues(run)
+    assert rq["count"] == 1 and rq["history"][-1]["requeued"] is True
+
+
+def test_sbatch_templates_run_training_on_two_tasks(tmp_path: Path, tiny_shards: Path) -> None:
+    """The templates for users without submitit: valid here once sized to this node, and the
+    single-node one trains cpu_tiny on 2 srun tasks (ranks from SLURM variables)."""
+    fit = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0",
+           "--time=10", f"--output={tmp_path}/%j.out", f"--error={tmp_path}/%j.err"]
+    for name in ("single-node", "multi-node"):
+        ok, text = sbatch_test_only_args([*fit, str(REPO / "slurm" / f"{name}.sbatch")])
+        assert ok, f"{name}: {text}"
+    run = tmp_path / "run"
+    args = [a for a in _train_args(tiny_shards) if not a.startswith("train.steps=")]
+    res = subprocess.run(
+        ["sbatch", "--parsable", *fit, str(REPO / "slurm" / "single-node.sbatch"),
+         "--config", "cpu_tiny", *args, "train.steps=3", f"run.dir={run}"],
+        capture_output=True, text=True, timeout=60, env=dict(os.environ, SEER_PYTHON=sys.executable))
+    assert res.returncode == 0, res.stderr
+    jid = res.stdout.strip().split(";")[0]
+    info = wait_final(jid, 180)
+    assert info.state == "COMPLETED", (info, (tmp_path / f"{jid}.err").read_text()[-2000:])
+    losses, _ = _losses(run)
+    assert sorted(losses) == [1, 2, 3]
+    assert (run / "logs" / "rank0.log").exists() and (run / "logs" / "rank1.log").exists()
+    assert f"[seer] job {jid} restart 0" in (tmp_path / f"{jid}.out").read_text()
+
+
+def test_requeue_cap_stops_with_a_clear_message(
+    tmp_path: Path, tiny_shards: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    jid = _submit_tiny(run, tiny_shards, capsys, "slurm.max_requeues=0")
+    _wait_step(run, jid, PREEMPT_AFTER)
+    assert cancel(jid, "USR2")
+    info = wait_final(jid, 120)
+    assert info.state == "FAILED" and info.restarts == 0, info
+    st = run_status(run)
+    assert "requeue cap reached (0/0" in st["error"], st
+    assert st["checkpoint_step"] is not None and st["checkpoint_step"] >= PREEMPT_AFTER
+    assert read_requeues(run)["count"] == 0

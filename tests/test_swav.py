@@ -90,8 +90,8 @@ def test_loss_and_gradients_equal_rederivation(n_crops: int, assign: tuple[int, 
     qs = {a: reference_sinkhorn(ref_scores.detach().chunk(n_crops)[a], 0.05, 3) for a in assign}
     for v, s in enumerate(ref_scores.detach().chunk(n_crops)):
         p = torch.softmax(s / temp, dim=1)
-        g = sum(p - qs[a] for a in assign if a != v)
-        g = g / (temp * b * (n_crops - 1) * len(assign)) if isinstance(g, torch.Tensor) else torch.zeros_like(s)
+        g = sum((p - qs[a] for a in assign if a != v), torch.zeros_like(s))
+        g = g / (temp * b * (n_crops - 1) * len(assign))
         assert torch.allclose(scores.grad.chunk(n_crops)[v].double(), g, atol=1e-6)
 
 
@@ -131,6 +131,10 @@ def test_head_shapes_norms_and_bn_option() -> None:
     assert emb.shape == (7, 16) and scores.shape == (7, 50)
     assert torch.allclose(emb.norm(dim=1), torch.ones(7), atol=1e-5)
     assert torch.allclose(head.prototypes.weight.norm(dim=1), torch.ones(50), atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        emb, scores = head(torch.randn(7, 32))
+        assert head.projection[0](torch.randn(2, 32)).dtype == torch.bfloat16  # MLP follows autocast
+    assert emb.dtype == scores.dtype == torch.float32
     bn_head = SwAVHead([32, 64, 16], 50, use_bn=True)
     assert [type(m).__name__ for m in bn_head.projection] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
     with torch.device("meta"):
@@ -194,6 +198,13 @@ def test_queue_fills_serves_and_round_trips() -> None:
     q = sinkhorn_knopp(torch.cat((qs[0], scores[:3])), 0.05, 3)[-3:]
     expect = -(q * F.log_softmax(scores[3:] / 0.1, dim=1)).sum(dim=1).mean()
     assert abs(loss.item() - expect.item()) < 1e-6
+    scores4 = 0.2 * torch.randn(2 * 3, 5)
+    via_queue, _ = swav_loss(scores4, 2, (0, 1), queue=queue, prototypes=head.prototypes)
+    via_scores, _ = swav_loss(scores4, 2, (0, 1), queue_scores=queue.scores(head.prototypes))
+    no_queue, _ = swav_loss(scores4, 2, (0, 1))
+    assert via_queue.item() == via_scores.item() != no_queue.item()
+    with pytest.raises(ValueError, match="prototypes"):
+        swav_loss(scores4, 2, queue=queue)
     fresh = EmbeddingQueue(length=6, dim=4, n_assign_crops=2, start_iter=2)
     fresh.load_state_dict(queue.state_dict())
     assert fresh.is_full and torch.equal(fresh.embeddings, queue.embeddings)
@@ -239,15 +250,32 @@ def _dist_normalize_sharded(rank: int, world: int, weight: torch.Tensor) -> dict
     w = head.prototypes.weight
     assert isinstance(w, DTensor) and w.to_local().shape[0] < weight.shape[0]
     normalize_prototypes(head)
+    # The trainer's path: build on meta, shard per block, materialise, init on DTensors.
+    with torch.device("meta"):
+        trunk = build_trunk("regnety_tiny")
+        meta_head = SwAVHead([trunk.out_dim, 8, 4], 7)
+    for stage in trunk.stages:
+        for block in stage.blocks:
+            fully_shard(block)
+    for m in (trunk, meta_head.prototypes, meta_head):
+        fully_shard(m)
+    trunk.to_empty(device="cpu")
+    meta_head.to_empty(device="cpu")
+    trunk.init_weights()
+    meta_head.init_weights()
+    scores = meta_head(trunk(torch.randn(2, 3, 32, 32)))[1]
+    proto_norms = meta_head.prototypes.weight.full_tensor().norm(dim=1)
     # full_tensor() may be an AsyncCollectiveTensor, which does not pickle: send plain lists.
-    return {"full": w.full_tensor().tolist(), "local_rows": w.to_local().shape[0]}
+    return {"full": w.full_tensor().tolist(), "local_rows": w.to_local().shape[0],
+            "finite": bool(torch.isfinite(scores).all()), "proto_norms": proto_norms.tolist()}
 
 
 @pytest.mark.slow
-def test_normalize_prototypes_on_fsdp2_row_sharded_weight() -> None:
+def test_normalize_prototypes_on_fsdp2_row_sharded_weight_and_meta_init() -> None:
     torch.manual_seed(0)
     weight = 3.0 * torch.randn(11, 4)  # 11 rows: uneven shards (6 + 5)
     out = run_distributed(_dist_normalize_sharded, 2, weight, timeout=120)
     assert sorted(o["local_rows"] for o in out) == [5, 6]
     for o in out:
         assert torch.allclose(torch.tensor(o["full"]), F.normalize(weight, dim=1), atol=1e-6)
+        assert o["finite"] and torch.allclose(torch.tensor(o["proto_norms"]), torch.ones(7), atol=1e-5)

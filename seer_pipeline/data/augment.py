@@ -135,18 +135,21 @@ class MultiCrop:
             f = draft_factor(boxes, sizes)
             if f > 1:
                 img.draft("RGB", (math.ceil(width / f), math.ceil(height / f)))
-        img = img.convert("RGB")
+        if img.mode == "RGB":
+            img.load()  # convert("RGB") of an RGB image is a full copy: 2 ms at 2 MP
+        else:
+            img = img.convert("RGB")
         fx, fy = img.size[0] / width, img.size[1] / height
         crops = []
         for (size, _), (left, top, w, h) in zip(self.plan, boxes):
             box = (left * fx, top * fy, (left + w) * fx, (top + h) * fy)
-            crops.append(self._distort(img.resize((size, size), Image.BILINEAR, box=box,
+            crops.append(self._distort(img.resize((size, size), Image.Resampling.BILINEAR, box=box,
                                                   reducing_gap=REDUCING_GAP), rng))
         return self._to_tensors(crops)
 
     def _distort(self, crop: Image.Image, rng: np.random.Generator) -> np.ndarray:
         if rng.random() < 0.5:
-            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if rng.random() < self.jitter_p:
             crop = _jitter(crop, rng)
         if rng.random() < self.gray_p:

@@ -28,6 +28,16 @@ STATE_VERSION = 1
 _COUNTERS = ("samples_ok", "decode_failures", "read_failures", "samples_repeated")
 
 
+def _workers_ignore_preemption(worker_id: int) -> None:
+    """SLURM signals every process of a task on preemption (SIGTERM on `scontrol requeue`, SIGUSR2
+    from --signal). The rank's main process saves and stops; a worker killed by the signal would
+    crash the rank before it could save, so workers ignore both (added by the launch engineer)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
 @dataclass
 class DataConfig:
     """The `data` section of the training config."""
@@ -96,6 +106,7 @@ class MultiCropLoader:
         self._metrics: Dict[str, Any] = {k: 0 for k in _COUNTERS}
         self._metrics.update(shards_failed=[], peak_buffered=0)
         self._live: Dict[int, Dict] = {}
+        self.last_uids: List[int] = []  # manifest-order ids of the last batch (-1: resampled)
 
     # ---- iteration --------------------------------------------------------------------------
     @property
@@ -124,7 +135,8 @@ class MultiCropLoader:
                 else:
                     source = iter(DataLoader(ds, batch_size=None, num_workers=self.cfg.workers,
                                              prefetch_factor=self.cfg.prefetch_factor,
-                                             pin_memory=self.cfg.pin_memory, timeout=self.cfg.timeout_s))
+                                             pin_memory=self.cfg.pin_memory, timeout=self.cfg.timeout_s,
+                                             worker_init_fn=_workers_ignore_preemption))
                 for _ in range(left):
                     try:
                         views, meta = next(source)
@@ -140,7 +152,7 @@ class MultiCropLoader:
         w = meta["w"]
         self._outputs[w], self._pads[w] = meta["outputs"], meta["pads"]
         self._live[w] = meta
-        self.last_uids: List[int] = meta["uids"]  # manifest-order ids of the last batch (-1: resampled)
+        self.last_uids = meta["uids"]
         self._batches += 1
 
     def _next_epoch(self) -> None:

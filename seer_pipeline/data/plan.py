@@ -122,21 +122,43 @@ def shuffle_order(n: int, buffer: int, seed: int, epoch: int, rank: int, w: int)
 
 def remainder(plan: Sequence[Run], world: int, workers: int, batch: int, buffer: int, seed: int,
               epoch: int, outputs: Sequence[Sequence[int]]) -> List[Run]:
-    """Plan runs not yet consumed, given outputs[r][w] = shuffle outputs consumed per old worker."""
+    """Sorted plan runs not yet consumed, given outputs[r][w] = shuffle outputs consumed per old worker.
+
+    Per old worker, only the positions below its read frontier are materialised (at most
+    outputs + buffer of them); the unread rest of its slice, and the plan's dropped tail, stay runs.
+    """
     if len(outputs) != world:
         raise ValueError(f"need the states of all {world} old ranks, got {len(outputs)}")
-    consumed = []
+    left: List[Run] = []
+    used = 0
     for r in range(world):
         for w in range(workers):
             a = assign(plan, world, r, workers, w, batch)
+            length = runs_len(a.runs)
+            used += length
             n = int(outputs[r][w])
-            if n:
-                uids = runs_to_uids(a.runs)
-                consumed.append(uids[shuffle_order(len(uids), buffer, seed, epoch, r, w)[:n]])
-    left = runs_to_uids(sorted(plan))
-    if consumed:
-        left = np.setdiff1d(left, np.concatenate(consumed), assume_unique=True)
-    return uids_to_runs(left)
+            if n <= 0:
+                left += a.runs
+                continue
+            eaten = shuffle_order(length, buffer, seed, epoch, r, w)[:n]
+            front = int(eaten.max()) + 1
+            head = runs_to_uids(slice_runs(a.runs, 0, front))
+            keep = np.ones(front, dtype=bool)
+            keep[eaten] = False
+            left += uids_to_runs(head[keep]) + slice_runs(a.runs, front, length)
+    left += slice_runs(plan, used, runs_len(plan))  # the old epoch's equal-batch remainder
+    return merge_runs(left)
+
+
+def merge_runs(runs: Sequence[Run]) -> List[Run]:
+    """Sort and coalesce touching runs."""
+    out: List[Run] = []
+    for a, b in sorted(r for r in runs if r[1] > r[0]):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
 
 
 class UidMap:

@@ -196,8 +196,13 @@ class EpochStream(IterableDataset):
                     draws += 1
                     key = (self.seed, self.epoch, self.rank, w, self.start_batch, draws, TAG_RESAMPLE)
                     crops = self._decode(s, key, st)
-                    if crops is not None:
-                        batch.append((-1, crops))
+                    if crops is None:
+                        if st["decode_failures"] > max(10.0, self.max_fail_fraction * draws):
+                            raise RuntimeError(f"rank {self.rank} worker {w}: {st['decode_failures']} of "
+                                               f"{draws} samples undecodable (max_fail_fraction="
+                                               f"{self.max_fail_fraction}); last shard {shard.path}")
+                        continue
+                    batch.append((-1, crops))
                     if len(batch) == self.batch:
                         yield _collate(batch, st)
                         done += 1
@@ -207,8 +212,11 @@ class EpochStream(IterableDataset):
                 log.warning("%s", e)
                 if shard.path not in st["failed_shards"]:
                     st["failed_shards"].append(shard.path)
-                if len(st["failed_shards"]) == len(self.shards) or (tries > 10 * len(self.shards) and draws == 0):
+                if len(st["failed_shards"]) == len(self.shards):
                     raise RuntimeError(f"no readable shard among {len(self.shards)}: {st['failed_shards']}") from e
+            if draws == 0 and tries > 10 * len(self.shards) + self.buffer:
+                raise RuntimeError(f"{tries} shard draws gave no sample: are the shards empty? "
+                                   f"({self.shards[0].path}, ...)")
 
 
 def _counters(w: int, outputs: int, pads: int) -> Dict:

@@ -87,7 +87,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         "mode": args.mode, "checkpoint": args.checkpoint, "kind": spec.kind,
         "trunk": spec.trunk_name or None, "data": data.name, "stage": args.stage,
         "n_train": len(ytr), "n_test": len(yte), "num_classes": data.num_classes,
-        "feature_dim": int(ftr.shape[1]), "bn_images": bn_n, "skipped": data.skipped,
+        "checkpoint_step": spec.step, "feature_dim": int(ftr.shape[1]), "bn_images": bn_n, "skipped": data.skipped,
     }
     if args.mode in ("linear", "all"):
         lin = linear_probe(ftr, ytr, fte, yte, data.num_classes, WD_SWEEP, max_iter=args.max_iter,
@@ -108,9 +108,11 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(0)
+    from ..checkpoint import CheckpointError
+
     try:
         result = run_eval(args)
-    except (feats.CheckpointSpecError, DataSpecError, FileNotFoundError, KeyError) as e:
+    except (feats.CheckpointSpecError, CheckpointError, DataSpecError, FileNotFoundError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"seer-eval: error: {msg}", file=sys.stderr)
         return 2

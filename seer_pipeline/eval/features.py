@@ -7,6 +7,7 @@ baseline look worse than it is. Every trunk gets the same treatment, so comparis
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ class TrunkSpec:
     trunk_name: str  # model.trunk ("" for raw pixels)
     weights: Path | None
     run_dir: Path | None
+    step: int | None = None  # training step of the loaded checkpoint, when known
 
 
 def trunk_name_from_config(config: str) -> str:
@@ -68,7 +70,9 @@ def parse_checkpoint(spec: str, trunk: str | None = None) -> TrunkSpec:
         raise CheckpointSpecError(f"--checkpoint {spec}: no such run folder or file "
                                   "(or use random:CONFIG / raw)")
     run = _run_of(path)
-    name = trunk or (str(OmegaConf.load(run / "config.yaml").model.trunk) if run else "")
+    sidecar = Path(str(path) + ".json")  # written by seer-ckpt consolidate
+    name = trunk or (json.loads(sidecar.read_text()).get("trunk", "") if sidecar.is_file() else "")
+    name = name or (str(OmegaConf.load(run / "config.yaml").model.trunk) if run else "")
     if not name:
         raise CheckpointSpecError(f"{spec}: no config.yaml above it says which trunk; pass --trunk")
     if path.is_dir():
@@ -112,27 +116,6 @@ def _match_state(trunk: nn.Module, saved: dict[str, torch.Tensor], where: str) -
     raise CheckpointSpecError(f"{where}: does not hold this trunk's weights (e.g. missing {missing})")
 
 
-def _dcp_state(step_dir: Path) -> dict[str, torch.Tensor]:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "full.pt"
-        dcp_to_torch_save(step_dir, out)
-        state = torch.load(out, weights_only=True)
-    flat: dict[str, torch.Tensor] = {}
-
-    def walk(d: dict, prefix: str) -> None:
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            elif isinstance(v, torch.Tensor):
-                flat[f"{prefix}{k}"] = v
-
-    walk(state, "")
-    return flat
-
-
 def load_trunk(spec: TrunkSpec, seed: int = 0) -> nn.Module:
     """The trunk of a spec, weights loaded, on CPU, in eval mode."""
     trunk = build_random(spec.trunk_name, seed)
@@ -144,12 +127,17 @@ def load_trunk(spec: TrunkSpec, seed: int = 0) -> nn.Module:
         trunk.load_state_dict(_match_state(trunk, saved, str(spec.weights)))
     elif spec.kind == "run":
         assert spec.run_dir is not None
-        latest = spec.run_dir / "checkpoints" / "latest"
-        if not latest.exists():
-            raise CheckpointSpecError(f"{spec.run_dir}: no checkpoints/latest yet")
-        step_dir = latest.resolve()
-        trunk.load_state_dict(_match_state(trunk, _dcp_state(step_dir), str(step_dir)))
-        log.info("loaded %s", step_dir)
+        import tempfile
+
+        from ..checkpoint_cli import consolidate
+
+        # The newest complete checkpoint, gathered from its shards in this one process.
+        with tempfile.TemporaryDirectory() as tmp:
+            info = consolidate(spec.run_dir, Path(tmp) / "trunk.pt")
+            saved = torch.load(Path(tmp) / "trunk.pt", map_location="cpu", weights_only=True)
+        trunk.load_state_dict(_match_state(trunk, saved, info["source"]))
+        spec.step = int(info["step"])
+        log.info("loaded %s (step %d)", info["source"], spec.step)
     return trunk.eval()
 
 

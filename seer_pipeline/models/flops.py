@@ -22,7 +22,8 @@ def _out_size(size: int, conv: nn.Conv2d, dim: int) -> int:
 def conv_macs(conv: nn.Conv2d, h: int, w: int) -> tuple[int, int, int]:
     """(MACs, out_h, out_w) of one conv on an h x w input (bias adds not counted)."""
     oh, ow = _out_size(h, conv, 0), _out_size(w, conv, 1)
-    per_pos = conv.out_channels * (conv.in_channels // conv.groups) * conv.kernel_size[0] * conv.kernel_size[1]
+    kh, kw = conv.kernel_size
+    per_pos = conv.out_channels * (conv.in_channels // conv.groups) * kh * kw
     return per_pos * oh * ow, oh, ow
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .regnet import RegNetConfig, get_config
+from .regnet import RegNetConfig, RegNetConfigError, get_config
 
 
 def _bn(width: int, cfg: RegNetConfig) -> nn.BatchNorm2d:
@@ -67,13 +67,16 @@ class ResBottleneckBlock(nn.Module):
                  cfg: RegNetConfig) -> None:
         super().__init__()
         w_b = int(round(w_out * cfg.bot_mul))
+        if w_b % group_width:
+            raise RegNetConfigError(
+                f"bottleneck width {w_b} (= {w_out} x {cfg.bot_mul}) is not a multiple of the "
+                f"group width {group_width}")
         self.proj = ConvBN(w_in, w_out, 1, stride, 1, cfg) if (w_in != w_out or stride != 1) else None
         self.a = ConvBN(w_in, w_b, 1, 1, 1, cfg)
         self.b = ConvBN(w_b, w_b, 3, stride, w_b // group_width, cfg)
         se_width = int(round(w_in * cfg.se_ratio))
         self.se = SqueezeExcite(w_b, se_width) if se_width > 0 else None
         self.c = ConvBN(w_b, w_out, 1, 1, 1, cfg)
-        self.c.bn.final_bn = cfg.zero_init_last_bn  # read by init_weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.proj is None else self.proj(x)
@@ -121,17 +124,25 @@ class RegNetTrunk(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """pycls init: conv kaiming-normal (fan_out), BN gamma 1 / beta 0, conv biases 0."""
+        """pycls init: conv kaiming-normal (fan_out), BN gamma 1 / beta 0, conv biases 0.
+
+        With `zero_init_last_bn` the last BN of each block starts at gamma 0 (identity blocks).
+        Works after SyncBN conversion and wrapping, as it finds modules by type.
+        """
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
                 m.weight.normal_(0.0, math.sqrt(2.0 / fan_out))
                 if m.bias is not None:
                     m.bias.zero_()
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.fill_(0.0 if getattr(m, "final_bn", False) else 1.0)
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.fill_(1.0)
                 m.bias.zero_()
                 m.reset_running_stats()
+        if self.config.zero_init_last_bn:
+            for m in self.modules():
+                if isinstance(m, ResBottleneckBlock):
+                    m.c.bn.weight.zero_()
 
     def _stage_index(self, stage: int) -> int:
         n = len(self.stages)

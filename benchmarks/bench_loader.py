@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""Loader benchmark: multi-crop speed vs the SwAV reference, and full DataLoader throughput.
+
+1. Runs ../shared/bench/bench_reference_loader.py side by side (reference and
+   `seer_pipeline.data:multicrop_factory`, interleaved in one process) for `swav` and `seer` crops,
+   on the whole photo set and on its >= 2 MP subset. Pin it to one core for per-core numbers:
+       taskset -c 0 .venv/bin/python benchmarks/bench_loader.py
+2. Builds shards from the photos (original bytes, any format) and times one epoch of
+   `build_loader` with --workers DataLoader workers (samples/s, swav crops).
+The last line is JSON: ratios candidate/reference (wall-clock medians; cpu-time ratios beside) and
+the loader throughput. Targets (issue 3): swav >= 3x, seer >= 2x on the mixed set, >= 1.8x on 2 MP.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from seer_pipeline.data import DataConfig, build_loader, pil_flavour  # noqa: E402
+from seer_pipeline.data.synth import write_shards  # noqa: E402
+
+SHARED = REPO.parent / "shared"
+EXTS = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def load_reference(path: Path):
+    spec = importlib.util.spec_from_file_location("bench_reference_loader", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def big_subset(photos: Path, out: Path, min_mp: float) -> int:
+    """Symlink the photos of >= min_mp megapixels into `out`; returns how many."""
+    out.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for p in sorted(photos.iterdir()):
+        if p.suffix.lower() in EXTS:
+            with Image.open(p) as im:
+                if im.size[0] * im.size[1] >= min_mp * 1e6:
+                    os.symlink(p, out / p.name)
+                    n += 1
+    return n
+
+
+def side_by_side(ref, root: Path, crops: str, limit: int, runs: int) -> dict:
+    argv = [str(root), "--crops", crops, "--limit", str(limit), "--runs", str(runs),
+            "--candidate", "seer_pipeline.data:multicrop_factory"]
+    out = ref.main(argv)
+    r, c = out[f"multicrop-{crops}"], out[f"candidate-{crops}"]
+    return {"ratio": round(c["median_per_s"] / r["median_per_s"], 2),
+            "cpu_ratio": round(c["cpu_median_per_s"] / r["cpu_median_per_s"], 2),
+            "reference_per_s": r["median_per_s"], "candidate_per_s": c["median_per_s"]}
+
+
+def loader_throughput(photos: Path, workers: int, n: int, batch: int, tmp: Path) -> float:
+    blobs = [p.read_bytes() for p in sorted(photos.iterdir()) if p.suffix.lower() in EXTS][:n]
+    shards = write_shards(tmp / "shards", blobs, 64)
+    cfg = DataConfig(shards=str(shards), batch_size=batch, workers=workers, crops="swav", shuffle_buffer=64)
+    ld = build_loader(cfg, 0, 1)
+    it = iter(ld)
+    next(it)  # worker start-up and first batch are not timed
+    t0 = time.perf_counter()
+    for _ in range(ld.batches_per_epoch - 1):
+        next(it)
+    dt = time.perf_counter() - t0
+    it.close()
+    return (ld.batches_per_epoch - 1) * batch / dt
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--photos", default=str(SHARED / "photos"))
+    ap.add_argument("--reference", default=str(SHARED / "bench" / "bench_reference_loader.py"))
+    ap.add_argument("--limit", type=int, default=256)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--loader-images", type=int, default=256)
+    ap.add_argument("--skip-loader", action="store_true")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    ref = load_reference(Path(a.reference))
+    photos = Path(a.photos)
+    result = {"pil": pil_flavour(), "affinity": sorted(os.sched_getaffinity(0))}
+    with tempfile.TemporaryDirectory() as tmp:
+        big = Path(tmp) / "big"
+        result["images_2mp"] = big_subset(photos, big, 2.0)
+        for crops in ("swav", "seer"):
+            result[f"{crops}_mixed"] = side_by_side(ref, photos, crops, a.limit, a.runs)
+            result[f"{crops}_2mp"] = side_by_side(ref, big, crops, a.limit, a.runs)
+        if not a.skip_loader:
+            result["loader_samples_per_s"] = round(
+                loader_throughput(photos, a.workers, a.loader_images, a.batch, Path(tmp)), 1)
+            result["loader_workers"] = a.workers
+    result["ratios"] = {k: result[k]["ratio"] for k in ("swav_mixed", "seer_mixed", "swav_2mp", "seer_2mp")}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,326 @@
+"""`make demo` (`python -m seer_pipeline.demo`): the whole pipeline, end to end, on CPU.
+
+1. Fashion-MNIST train images -> a raw dump of PNG files (labels withheld): OUT/raw
+2. `seer-shards build` -> OUT/shards (manifest, progress bar)
+3. `seer-train --config cpu_tiny dist.nproc=2`, preempted once by SIGUSR2 part way, then the
+   same command again, which resumes from the preemption checkpoint: OUT/run
+4. `seer-eval` linear + k-NN: the SwAV trunk, the random-init trunk, raw pixels, and the same
+   trunk trained with labels for a few minutes (the upper bound)
+5. `seer-plot` -> OUT/loss.png; OUT/report.md and OUT/report.json
+
+Every duration and size is a flag or a SEER_DEMO_* variable, so a smoke test runs the same code
+on a subset in a few minutes. Reruns reuse finished steps (dump, shards, a completed run).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import fmnist
+from .io_utils import atomic_write_json
+from .logging_utils import setup_logging
+
+log = logging.getLogger(__name__)
+PREEMPTED = 75  # seer_pipeline.signals.PREEMPTED (not imported: keeps torch out of this process)
+
+# Demo recipe on top of the cpu_tiny preset (measured trials: docs/demo.md).
+RECIPE = [
+    "data.batch_size=64", "data.workers=1", "optim.base_lr=0.6", "optim.warmup_steps=30",
+    "model.n_prototypes=100", "swav.freeze_prototypes_iters=30", "train.log_every=10",
+    "train.tensorboard=false", "ckpt.every=200",
+]
+
+
+@dataclass
+class Settings:
+    out: str = "runs/demo"
+    fmnist_dir: str | None = None
+    train_minutes: float = 9.0  # pretraining wall clock, calibration and both legs included
+    sup_minutes: float = 3.0
+    subset: int | None = None  # train images exported (None: all 60k)
+    test_subset: int | None = None
+    preempt_at: float = 0.35  # fraction of the planned steps at which SIGUSR2 is sent
+    calib_steps: int = 15
+    bn_images: int = 4096
+    eval_threads: int = 2
+    overrides: list[str] = field(default_factory=list)
+
+
+def _env(name: str, default: Any, cast: Any) -> Any:
+    v = os.environ.get(name)
+    return cast(v) if v not in (None, "") else default
+
+
+def parse_settings(argv: Sequence[str] | None) -> Settings:
+    d = Settings()
+    ap = argparse.ArgumentParser(prog="python -m seer_pipeline.demo", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=_env("SEER_DEMO_OUT", d.out, str))
+    ap.add_argument("--fmnist-dir", default=_env("SEER_FMNIST_DIR", None, str))
+    ap.add_argument("--train-minutes", type=float, default=_env("SEER_DEMO_TRAIN_MIN", d.train_minutes, float))
+    ap.add_argument("--sup-minutes", type=float, default=_env("SEER_DEMO_SUP_MIN", d.sup_minutes, float))
+    ap.add_argument("--subset", type=int, default=_env("SEER_DEMO_SUBSET", None, int))
+    ap.add_argument("--test-subset", type=int, default=_env("SEER_DEMO_TEST_SUBSET", None, int))
+    ap.add_argument("--preempt-at", type=float, default=d.preempt_at)
+    ap.add_argument("--calib-steps", type=int, default=_env("SEER_DEMO_CALIB_STEPS", d.calib_steps, int))
+    ap.add_argument("--bn-images", type=int, default=_env("SEER_DEMO_BN_IMAGES", d.bn_images, int))
+    ap.add_argument("--fresh", action="store_true", help="delete OUT first")
+    ap.add_argument("overrides", nargs="*", help="extra seer-train key=value overrides")
+    a = ap.parse_args(argv)
+    if not 0 < a.preempt_at < 1:
+        ap.error("--preempt-at must be in (0, 1)")
+    if a.fresh and Path(a.out).exists():
+        shutil.rmtree(a.out)
+    return Settings(a.out, a.fmnist_dir, a.train_minutes, a.sup_minutes, a.subset, a.test_subset,
+                    a.preempt_at, a.calib_steps, a.bn_images, d.eval_threads, list(a.overrides))
+
+
+def _cmd(module: str) -> list[str]:
+    return [sys.executable, "-m", module]
+
+
+def _run(cmd: list[str], what: str, capture: bool = False) -> str:
+    log.info("$ %s", " ".join(cmd[2:] if cmd[0] == sys.executable else cmd))
+    res = subprocess.run(cmd, stdout=subprocess.PIPE if capture else None, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"demo: {what} failed (exit {res.returncode})")
+    return res.stdout or ""
+
+
+def _metrics(run: Path) -> list[dict[str, Any]]:
+    path = run / "metrics.jsonl"
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass  # a torn last line while the trainer writes
+    return rows
+
+
+def export_and_shard(s: Settings, out: Path) -> dict[str, Any]:
+    root = fmnist.check_dir(s.fmnist_dir)  # FashionMNISTMissing names the package and files
+    t0 = time.monotonic()
+    n = fmnist.export_pngs(out / "raw", root, limit=s.subset)
+    t1 = time.monotonic()
+    manifest = out / "shards" / "manifest.json"
+    if manifest.exists() and json.loads(manifest.read_text()).get("inputs_seen") == n:
+        log.info("reusing shards in %s", manifest.parent)
+    else:
+        shutil.rmtree(out / "shards", ignore_errors=True)
+        # 28x28 images: the builder's default --min-side (16) would keep them, 8 says why.
+        _run(_cmd("data_prep.cli") + ["build", str(out / "raw"), "--out", str(out / "shards"),
+                                      "--min-side", "8", "--workers", "2"], "seer-shards build")
+    m = json.loads(manifest.read_text())
+    return {"images": n, "shard_images": m.get("written"), "shards": len(m.get("shards", [])),
+            "export_s": round(t1 - t0, 1), "shards_s": round(time.monotonic() - t1, 1)}
+
+
+def _override(s: Settings, key: str, default: str) -> str:
+    """The value a key gets on the seer-train command line (the last one wins)."""
+    vals = [o.split("=", 1)[1] for o in [*RECIPE, *s.overrides] if o.startswith(key + "=")]
+    return vals[-1] if vals else default
+
+
+def _train_cmd(s: Settings, run: Path, shards: Path, extra: list[str]) -> list[str]:
+    return _cmd("seer_pipeline.train") + [
+        "--config", "cpu_tiny", "dist.nproc=2", f"run.dir={run}", f"data.shards={shards}",
+        *RECIPE, *s.overrides, *extra]
+
+
+def calibrate(s: Settings, out: Path) -> tuple[float, float]:
+    """(seconds per step, launch overhead seconds) from a short throwaway run."""
+    run = out / "calibrate"
+    shutil.rmtree(run, ignore_errors=True)
+    t0 = time.monotonic()
+    _run(_train_cmd(s, run, out / "shards", [f"train.steps={s.calib_steps}", "ckpt.every=0",
+                                              "ckpt.save_final=false", "train.log_every=1"]),
+         "calibration run")
+    wall = time.monotonic() - t0
+    steps = [r["step_s"] for r in _metrics(run) if "step_s" in r]
+    shutil.rmtree(run, ignore_errors=True)
+    later = sorted(steps[len(steps) // 3:]) or [wall]
+    step_s = later[len(later) // 2]
+    return step_s, max(0.0, wall - sum(steps))
+
+
+def pretrain(s: Settings, out: Path) -> dict[str, Any]:
+    run, shards = out / "run", out / "shards"
+    info_path = out / "pretrain.json"
+    if info_path.exists() and (run / "checkpoints").is_dir():
+        info = json.loads(info_path.read_text())
+        if info.get("done"):
+            log.info("reusing the finished pretraining run in %s", run)
+            return info
+    shutil.rmtree(run, ignore_errors=True)
+    t_start = time.monotonic()
+    budget = s.train_minutes * 60
+    step_s, overhead = calibrate(s, out)
+    left = budget - (time.monotonic() - t_start) - 2 * overhead - 10  # two launches + saves
+    steps = max(20, int(0.92 * left / step_s))
+    log.info("calibration: %.3f s/step, %.0f s launch overhead -> %d steps in %.0f s",
+             step_s, overhead, steps, left)
+    # Preempt only once the prototypes are unfrozen: a checkpoint taken while they are frozen
+    # has no momentum for them and the trainer cannot resume it (reported to the trainer owner).
+    freeze = int(_override(s, "swav.freeze_prototypes_iters", "0"))
+    steps = max(steps, freeze + 10)
+    preempt_step = min(steps - 3, max(freeze + 2, int(steps * s.preempt_at)))
+    cmd = _train_cmd(s, run, shards, [f"train.steps={steps}", f"optim.total_steps={steps}"])
+    info: dict[str, Any] = {"steps": steps, "calib_step_s": round(step_s, 4), "preempt_sent_at_step": None}
+
+    # Leg 1: SIGUSR2 once the run is `preempt_at` of the way; it must save and exit PREEMPTED.
+    log.info("$ %s   (SIGUSR2 at step %d)", " ".join(cmd[2:]), preempt_step)
+    proc = subprocess.Popen(cmd)
+    while proc.poll() is None:
+        done = max((r.get("step", 0) for r in _metrics(run)), default=0)
+        if done >= preempt_step and info["preempt_sent_at_step"] is None:
+            log.info("demo: sending SIGUSR2 (preemption) at step %d", done)
+            proc.send_signal(signal.SIGUSR2)
+            info["preempt_sent_at_step"] = done
+        time.sleep(0.5)
+    if proc.returncode != PREEMPTED:
+        raise SystemExit(f"demo: expected the preempted trainer to exit {PREEMPTED}, got {proc.returncode}")
+    info["resumed_from_step"] = max((r.get("step", 0) for r in _metrics(run)), default=0)
+
+    # Leg 2: the same command resumes; past the budget it is stopped (and said so) rather
+    # than overrunning the demo.
+    log.info("$ %s   (rerun: resumes)", " ".join(cmd[2:]))
+    proc = subprocess.Popen(cmd)
+    stopped = False
+    while proc.poll() is None:
+        if not stopped and time.monotonic() - t_start > budget + 30:
+            log.warning("demo: pretraining over its %.1f min budget: stopping it", s.train_minutes)
+            proc.send_signal(signal.SIGUSR2)
+            stopped = True
+        time.sleep(0.5)
+    if proc.returncode not in (0, PREEMPTED if stopped else 0):
+        raise SystemExit(f"demo: resumed training failed (exit {proc.returncode})")
+    rows = [r for r in _metrics(run) if "img_s" in r]
+    final = max((r.get("step", 0) for r in rows), default=0)
+    n_img = json.loads((shards / "manifest.json").read_text()).get("written", 1)
+    cfg_batch = 2 * int(_override(s, "data.batch_size", "16"))
+    info.update(
+        done=True, final_step=final, stopped_by_budget=stopped, global_batch=cfg_batch,
+        epochs=round(final * cfg_batch / max(1, n_img), 2),
+        minutes=round((time.monotonic() - t_start) / 60, 2),
+        median_img_s=round(sorted(r["img_s"] for r in rows)[len(rows) // 2], 1) if rows else None,
+        first_loss=next((r["loss"] for r in rows if "loss" in r), None),
+        final_loss=next((r["loss"] for r in reversed(rows) if "loss" in r), None),
+    )
+    atomic_write_json(info_path, info)
+    return info
+
+
+def evaluate(s: Settings, out: Path) -> dict[str, Any]:
+    data = "fashion-mnist" + (f":{s.fmnist_dir}" if s.fmnist_dir else "")
+    common = ["--data", data, "--bn-images", str(s.bn_images), "--threads", str(s.eval_threads)]
+    if s.subset:
+        common += ["--limit-train", str(s.subset)]
+    if s.test_subset:
+        common += ["--limit-test", str(s.test_subset)]
+    results: dict[str, Any] = {}
+
+    def ev(name: str, mode: str, ckpt: str) -> None:
+        text = _run(_cmd("seer_pipeline.eval.cli") + [mode, "--checkpoint", ckpt, *common,
+                                                       "--out", str(out / "eval" / f"{name}.json")],
+                    f"seer-eval {name}", capture=True)
+        results[name] = json.loads(text.strip().splitlines()[-1])
+
+    ev("swav", "all", str(out / "run"))
+    ev("random", "all", "random:cpu_tiny")
+    ev("raw_pixels", "linear", "raw")
+    sup = out / "supervised"
+    if not (sup / "trunk.pt").exists():
+        cmd = _cmd("seer_pipeline.eval.supervised") + [
+            "--trunk", "cpu_tiny", "--minutes", str(s.sup_minutes), "--out", str(sup),
+            "--threads", str(s.eval_threads), "--data", data]
+        _run(cmd + (["--limit-train", str(s.subset)] if s.subset else []), "supervised training")
+    ev("supervised", "all", str(sup / "trunk.pt"))
+    return results
+
+
+def write_report(out: Path, prep: dict, pre: dict, ev: dict, timings: dict, s: Settings) -> Path:
+    lin = {k: ev[k]["linear"]["accuracy"] for k in ("swav", "random", "raw_pixels", "supervised")}
+    knn = {k: ev[k]["knn"]["accuracy"] for k in ("swav", "random")}
+    gap = lin["supervised"] - lin["random"]
+    closed = (lin["swav"] - lin["random"]) / gap if gap > 0 else None
+    report = {
+        "linear": lin, "knn": knn, "knn_supervised": ev["supervised"]["knn"]["accuracy"],
+        "gap_closed": round(closed, 3) if closed is not None else None,
+        "targets": {"swav_ge_random_plus_10": lin["swav"] >= lin["random"] + 10,
+                    "swav_ge_raw_pixels": lin["swav"] >= lin["raw_pixels"],
+                    "stretch_swav_ge_raw_plus_3": lin["swav"] >= lin["raw_pixels"] + 3},
+        "data": prep, "pretraining": pre, "timings_s": timings, "settings": asdict(s),
+        "recipe": RECIPE + s.overrides, "n_test": ev["swav"]["n_test"],
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
+    atomic_write_json(out / "report.json", report)
+    rows = "\n".join(f"| {k} | {lin[k]:.2f} | {knn[k]:.2f} |" if k in knn else f"| {k} | {lin[k]:.2f} | - |"
+                     for k in ("raw_pixels", "random", "swav", "supervised"))
+    md = f"""# SEER pipeline demo: SwAV on Fashion-MNIST (CPU)
+
+Test accuracy (%) on {report['n_test']} Fashion-MNIST test images; linear probe on standardised,
+global-average-pooled frozen features (weight decay chosen on held-out train), k-NN k=20, T=0.07.
+
+| trunk | linear | k-NN |
+|---|---|---|
+{rows}
+
+SwAV closes **{(closed or 0) * 100:.0f}%** of the random -> supervised gap
+(supervised: the same `cpu_tiny` trunk trained with labels for {s.sup_minutes:g} minutes).
+
+Pretraining: {pre['final_step']} steps at global batch {pre['global_batch']} ({pre['epochs']} epochs),
+{pre['minutes']} min, median {pre['median_img_s']} images/s; loss {pre['first_loss']:.3f} -> {pre['final_loss']:.3f}.
+Preempted by SIGUSR2 at step {pre['preempt_sent_at_step']}, resumed from step {pre['resumed_from_step']}.
+
+Targets: SwAV >= random + 10: {report['targets']['swav_ge_random_plus_10']};
+SwAV >= raw pixels: {report['targets']['swav_ge_raw_pixels']};
+stretch (raw + 3): {report['targets']['stretch_swav_ge_raw_plus_3']}.
+
+Timings (s): {', '.join(f'{k} {v:.0f}' for k, v in timings.items())}. Load average at the end:
+{report['load_average']}.
+
+![loss](loss.png)
+"""
+    (out / "report.md").write_text(md)
+    return out / "report.md"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    s = parse_settings(argv)
+    setup_logging(0)
+    out = Path(s.out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t = time.monotonic()
+    try:
+        prep = export_and_shard(s, out)
+    except fmnist.FashionMNISTMissing as e:
+        print(f"demo: {e}", file=sys.stderr)
+        return 2
+    timings["data"] = time.monotonic() - t
+    t = time.monotonic()
+    pre = pretrain(s, out)
+    timings["pretrain"] = time.monotonic() - t
+    t = time.monotonic()
+    ev = evaluate(s, out)
+    timings["eval"] = time.monotonic() - t
+    _run(_cmd("seer_pipeline.plot") + [str(out / "run"), "--out", str(out / "loss.png")], "seer-plot")
+    path = write_report(out, prep, pre, ev, timings, s)
+    print((out / "report.md").read_text())
+    print(f"demo: report in {path} and {out / 'report.json'}; loss curve {out / 'loss.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
