@@ -27,6 +27,10 @@ bench: install
 	$(PY) benchmarks/bench_loader.py ../shared/photos
 	$(PY) benchmarks/bench_trainer.py
 
+# Launcher tests against the local SLURM (starts it first; idempotent).
+test-slurm: install slurm-start
+	$(PY) -m pytest -q -m slurm tests
+
 slurm-start:
 	bash slurm/local-cluster/start.sh
 

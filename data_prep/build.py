@@ -133,8 +133,12 @@ def build_shards(inputs: Sequence[str], out: str | os.PathLike, progress: bool =
         raise ValueError("no inputs given")
     # Absolute sources: a resume from another working directory must name inputs the same way.
     inputs = [os.path.abspath(os.fspath(p)) for p in inputs]
+    missing = [p for p in inputs if not os.path.exists(p)]
+    if missing:  # a typo in the command line is not a skipped image: stop before any work
+        raise FileNotFoundError(f"input(s) do not exist: {', '.join(missing)}")
     os.makedirs(os.path.join(out, STATE), exist_ok=True)
     cfg = _config(inputs, opts)
+    lock = _lock(out)
     idx = Index(os.path.join(out, STATE, "index.sqlite"))
     pool: Optional[cf.Executor] = None
     try:
@@ -164,10 +168,41 @@ def build_shards(inputs: Sequence[str], out: str | os.PathLike, progress: bool =
             pool.shutdown(wait=True, cancel_futures=True)
         workers.close_spool()
         idx.close()
+        os.close(lock)
     log.info("%d inputs: %d written to %d shards, %d skipped (%d duplicates) in %.1fs",
              manifest["inputs_seen"], manifest["written"], len(shards), manifest["skipped"],
              manifest["duplicates"], time.time() - t0)
     return manifest
+
+
+def _lock(out: str) -> int:
+    """One build per directory at a time; the kernel drops the lock when a build dies."""
+    import fcntl
+
+    fd = os.open(os.path.join(out, STATE, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(f"another seer-shards build is running in {out}") from None
+    return fd
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _bar(progress: bool, **kw: Any) -> Any:
+    """A tqdm bar (images/s), or nothing: tqdm's import is a tenth of our start-up time."""
+    if not progress:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(**kw)
 
 
 def _pool(opts: ShardOptions, out: str, session: int, exclude: frozenset[str]) -> Optional[cf.Executor]:
@@ -187,9 +222,7 @@ def _scan(inputs: Sequence[str], out: str, opts: ShardOptions, idx: Index, progr
           pool: Optional[cf.Executor]) -> None:
     last = int(idx.get("last_ordinal", "-1") or -1)
     want = lambda o, s: o > last and in_part(s, opts.part)  # noqa: E731
-    from tqdm import tqdm
-
-    bar = tqdm(unit="img", disable=not progress, desc="scan", smoothing=0.1)
+    bar = _bar(progress, unit="img", desc="scan", smoothing=0.1)
     pending: collections.deque = collections.deque()
     state = {"n": 0, "since": 0, "t": time.time()}
     spools: dict[str, int] = {}  # spool file -> read-only fd used to fsync it
@@ -272,14 +305,12 @@ def shard_name(prefix: str, i: int) -> str:
 
 def _write(out: str, opts: ShardOptions, idx: Index, progress: bool,
            pool: Optional[cf.Executor]) -> list[dict]:
-    from tqdm import tqdm
-
     for fn in os.listdir(out):  # temp files of a killed run
         if fn.startswith(f".{opts.prefix}-") and fn.endswith(".tmp"):
             os.unlink(os.path.join(out, fn))
     plan = idx.plan()
     shards: dict[int, dict] = {}
-    bar = tqdm(total=len(plan), unit="shard", disable=not progress, desc="write")
+    bar = _bar(progress, total=len(plan), unit="shard", desc="write")
     pending: collections.deque = collections.deque()
 
     def finish(p: Any, name: str, res: tuple[int, int, str]) -> None:

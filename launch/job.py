@@ -137,12 +137,19 @@ class TrainJob:
         denv = resolve_env()
         log.info("rank %d/%d (%s, job %s): %s %s", denv.rank, denv.world_size, denv.source,
                  denv.job_id or "-", self.entry, " ".join(self.argv))
+        _drop_stale_result()
         try:
             rc = load_entry(self.entry)(list(self.argv))
         except SystemExit as e:
             if self._requeue_requested:
                 raise  # submitit's handler requeued the job and is ending this task: not a failure
             rc = _exit_code(e)
+        except (Exception, KeyboardInterrupt):
+            raise
+        except BaseException as e:
+            # e.g. torch.distributed.checkpoint's CheckpointException: submitit records only
+            # Exception subclasses, and the job would look finished without an error.
+            raise TrainingFailed(f"{self.entry} raised {type(e).__name__}: {e}") from e
         finally:
             # submitit's USR2 handler is back once the trainer restores its own: a late signal
             # must not requeue a finished run.
@@ -197,6 +204,18 @@ class TrainJob:
         log.warning("preemption signal before training started: requeueing (%d/%d)",
                     rq["count"], self.max_requeues)
         return submitit.helpers.DelayedSubmission(self)
+
+
+def _drop_stale_result() -> None:
+    """A requeued job reuses its id: remove this task's result file from the previous run, so
+    that a crash of this run is not read as the old run's outcome."""
+    import submitit
+
+    try:
+        path = submitit.JobEnvironment().paths.result_pickle
+    except (RuntimeError, KeyError):  # not inside a submitit job
+        return
+    path.unlink(missing_ok=True)
 
 
 def _log_late_signal(signum: int, frame: Any) -> None:

@@ -60,7 +60,7 @@ def _metrics(run: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
 
 
 def _submitit_result(folder: Path, job_id: str) -> tuple[str, str] | None:
-    """("success"|"error", detail) from rank 0's submitit result pickle, if written."""
+    """("success"|"requeued"|"error", detail) from rank 0's submitit result pickle, if written."""
     path = folder / f"{job_id}_0_result.pkl"
     try:
         with open(path, "rb") as f:
@@ -70,6 +70,8 @@ def _submitit_result(folder: Path, job_id: str) -> tuple[str, str] | None:
     if outcome == "error":
         lines = [ln for ln in str(value).splitlines() if ln.strip()]
         return "error", lines[-1] if lines else "unknown error"
+    if isinstance(value, dict) and value.get("requeued"):
+        return "requeued", str(value)  # saved on a signal; the job reruns under the same id
     return "success", str(value)
 
 
@@ -114,7 +116,7 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
             out.update(state="RUNNING", state_source="local process")
             return out
     if result is not None:
-        out["state"] = "COMPLETED" if result[0] == "success" else "FAILED"
+        out["state"] = {"success": "COMPLETED", "requeued": "REQUEUED"}.get(result[0], "FAILED")
         out["state_source"] = "submitit result"
     elif last is not None or ckpt:
         out["state"] = "NOT RUNNING"

@@ -17,7 +17,6 @@ import io
 import json
 import logging
 import os
-import pickle
 import re
 import shutil
 import time
@@ -27,6 +26,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from .io_utils import atomic_write_json, atomic_write_text, fsync_dir
 
@@ -178,11 +178,12 @@ class Checkpointer:
         full[f"rank{self.rank}"] = pack(per_rank)
         full["config"] = self.config_yaml
         if self.async_save and blocking is False:
-            fut = dcp.async_save(full, checkpoint_id=str(tmp), process_group=self._group)
+            fut = dcp.async_save(full, checkpoint_id=str(tmp), process_group=self._group,
+                                 no_dist=not dist.is_initialized())
             fut = getattr(fut, "upload_completion", fut)
             self._pending = (fut, step, tmp, t0)
             return time.monotonic() - t0
-        dcp.save(full, checkpoint_id=str(tmp))
+        dcp.save(full, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
         self._finalize(step, tmp, t0)
         return time.monotonic() - t0
 
@@ -252,8 +253,9 @@ class Checkpointer:
                 for r in range(old_world):
                     state[f"rank{r}"] = b""
                 state["config"] = ""
-                dcp.load(state, checkpoint_id=str(path))
-            except Exception as e:  # noqa: BLE001 - agreed on below, then reported
+                dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+            except (Exception, CheckpointException) as e:  # noqa: BLE001 - agreed on below
+                # (DCP's CheckpointException derives from BaseException, not Exception)
                 ok, err = False, f"{type(e).__name__}: {e}"
             if dist.is_initialized():
                 flag = torch.tensor([0 if ok else 1])

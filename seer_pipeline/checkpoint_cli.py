@@ -14,6 +14,7 @@ from typing import Sequence
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from omegaconf import OmegaConf
 
 from .checkpoint import CheckpointError, find_resumable, verify_step_dir
@@ -66,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         info = consolidate(args.run, args.out, args.step)
-    except (CheckpointError, OSError, ValueError) as e:
+    except (CheckpointError, CheckpointException, OSError, ValueError) as e:
         print(f"seer-ckpt: {e}", file=sys.stderr)
         return 1
     print(json.dumps(info))

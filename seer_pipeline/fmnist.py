@@ -68,7 +68,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
         raise ValueError(f"{path}: header says {dims} but holds {body.size} bytes")
-    return body.reshape(dims)
+    return body.reshape(dims).copy()  # writable: torch.from_numpy warns on read-only buffers
 
 
 def load_split(split: str, root: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:

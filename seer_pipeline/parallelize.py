@@ -90,10 +90,10 @@ def parallelize(
 
     `model` must have `.trunk` (with `.stem`, `.stages`) and `.head` (with `.prototypes`).
     """
-    trunk, head = model.trunk, model.head
+    trunk = model.trunk
     on_cuda = device.type == "cuda"
     distributed = dist.is_initialized() and dist.get_world_size() > 1
-    if on_cuda and distributed and plan.sync_bn_group >= 0:
+    if on_cuda and dist.is_initialized() and plan.sync_bn_group >= 0:
         # SyncBN only trains on CUDA (it raises on CPU, environment-facts), so CPU keeps plain BN.
         group = _sync_bn_groups(plan.sync_bn_group, local_world)
         model.trunk = trunk = nn.SyncBatchNorm.convert_sync_batchnorm(trunk, process_group=group)
@@ -119,32 +119,47 @@ def parallelize(
     if mesh is None:
         return model
 
+    # CPU: fp32 parameters (bf16 there is torch.autocast, applied by the trainer).
     param_dtype = _DTYPES[plan.precision] if on_cuda else torch.float32
+    apply_fsdp(model, mesh, param_dtype, plan.blocks_per_unit, plan.reshard_after_forward)
+    n_units = sum(1 for m in model.modules() if type(m).__name__.startswith("FSDP"))
+    log.info("FSDP2 applied: %s sharding, mesh %s, %d units, params %s, ac=%s, compile=%s",
+             plan.fsdp, tuple(mesh.shape), n_units, param_dtype, plan.ac, plan.compile)
+    return model
+
+
+def apply_fsdp(
+    model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype = torch.float32,
+    blocks_per_unit: int = 1, reshard_after_forward: bool = True,
+) -> nn.Module:
+    """fully_shard bottom-up: [BN units], block groups, prototypes, head, root."""
+    trunk, head = model.trunk, model.head
     mixed = param_dtype != torch.float32
     # Without mixed precision the default policy casts nothing (float64 test models stay so).
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if mixed \
         else MixedPrecisionPolicy()
     fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32) if mixed \
         else MixedPrecisionPolicy()
-    kw: dict[str, Any] = dict(mesh=mesh, reshard_after_forward=plan.reshard_after_forward)
+    kw: dict[str, Any] = dict(mesh=mesh, reshard_after_forward=reshard_after_forward)
     if mixed:
         # BN must stay fp32 in its own unit or FSDP2 mixed precision fails on it
-        # (environment-facts; torchtitan #674; VISSL's auto_wrap_bn did the same).
+        # (environment-facts; torchtitan #674; VISSL's auto_wrap_bn did the same). Its output
+        # goes back to the compute dtype, or the next conv sees fp32 input with bf16 weights
+        # (measured: "Input type (float) and weight type (BFloat16) should be the same").
+        bn = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32,
+                                  output_dtype=param_dtype)
         for m in list(model.modules()):
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                fully_shard(m, mp_policy=fp32, **kw)
+                fully_shard(m, mp_policy=bn, **kw)
     for stage in trunk.stages:
         blocks = list(_stage_blocks(stage))
-        for k in range(0, len(blocks), plan.blocks_per_unit):
-            group = blocks[k:k + plan.blocks_per_unit]
+        for k in range(0, len(blocks), blocks_per_unit):
+            group = blocks[k:k + blocks_per_unit]
             fully_shard(group if len(group) > 1 else group[0], mp_policy=mp, **kw)
     # Prototypes (and thus the scores fed to Sinkhorn) always in fp32 (VISSL swav_head_fsdp).
     fully_shard(head.prototypes, mp_policy=fp32, **kw)
     fully_shard(head, mp_policy=mp, **kw)
     fully_shard(model, mp_policy=mp, **kw)
-    n_units = sum(1 for m in model.modules() if type(m).__name__.startswith("FSDP"))
-    log.info("FSDP2 applied: %s sharding, mesh %s, %d units, precision %s, ac=%s, compile=%s",
-             plan.fsdp, tuple(mesh.shape), n_units, param_dtype, plan.ac, plan.compile)
     return model
 
 
@@ -155,6 +170,6 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def clean_fqn(name: str) -> str:
     """Parameter name without wrapper prefixes (checkpoint_wrapper, compile, DDP)."""
-    for junk in ("_checkpoint_wrapped_module.", "_orig_mod.", "module."):
+    for junk in ("_checkpoint_wrapped_module.", "_orig_mod."):
         name = name.replace(junk, "")
-    return name
+    return name[len("module."):] if name.startswith("module.") else name

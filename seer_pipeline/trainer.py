@@ -146,6 +146,7 @@ class Trainer:
             cfg.dist.timeout_s)
         self.flag = PreemptionFlag()
         self.step = 0
+        self.saved_step = -1
         on_cpu_bf16 = device.type == "cpu" and cfg.train.precision == "bf16"
         self.autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if on_cpu_bf16 else nullcontext())
         self.scaler = (torch.amp.GradScaler("cuda") if device.type == "cuda"
@@ -162,6 +163,9 @@ class Trainer:
                 "queue": self.queue.state_dict() if self.queue is not None else None}
 
     def save(self, blocking: bool) -> float:
+        if self.step == self.saved_step:  # e.g. a finished run started again: nothing new
+            return 0.0
+        self.saved_step = self.step
         average_bn_stats(self.model)
         return self.ckpt.save(self.step, self._app_state(), self._per_rank(), blocking=blocking)
 
@@ -174,6 +178,9 @@ class Trainer:
                                           self.cfg)
         if changed:
             log.info("config keys changed on resume (allowed): %s", ", ".join(changed))
+        if {"train.threads", "data.workers", "dist.nproc"} & set(changed):
+            log.warning("train.threads/data.workers/dist.nproc changed: the continuation is valid "
+                        "but not bitwise equal to an uninterrupted run")
         tr = state["train"]
         if int(tr["schedule_len"]) != self.total:
             raise ValueError(
@@ -181,7 +188,7 @@ class Trainer:
                 f"set optim.total_steps={tr['schedule_len']} to train longer on the same schedule")
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
-        self.step = int(tr["step"])
+        self.step = self.saved_step = int(tr["step"])
         if len(per_rank) == self.world:
             set_rng_state(per_rank[self.rank]["rng"])
             if self.queue is not None and per_rank[self.rank]["queue"] is not None:
@@ -217,6 +224,9 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 values.update(img_s=self.global_batch / dt, step_s=dt, data_wait=t_data / dt,
                               rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
+                    values.update({f"data_{k}": v for k, v in self.loader.metrics().items()
+                                   if isinstance(v, (int, float)) and not isinstance(v, bool)})
                 metrics.log_step(self.step, values)
                 self.ckpt.poll()
                 if preempt:
@@ -233,7 +243,10 @@ class Trainer:
 
     def _preempted(self) -> int:
         log.warning("%s received: saving at step %d before exiting", self.flag.name(), self.step)
-        secs = self.save(blocking=True)
+        t0 = time.monotonic()
+        self.save(blocking=True)
+        self.ckpt.wait()  # a periodic async save of this very step may still be in flight
+        secs = time.monotonic() - t0
         log.warning("preemption save took %.2fs", secs)
         if self.rank == 0:
             requeue_job(self.run_dir, self.cfg.slurm.max_requeues, self.step, self.flag.name())
@@ -285,5 +298,5 @@ class Trainer:
                 f"{int((~torch.isfinite(s)).sum())} non-finite of {s.numel()}" if fin.numel()
                 else "all scores non-finite")
         raise NonFiniteLossError(
-            f"non-finite loss at step {self.step + 1} (local loss {float(loss)} on rank {self.rank}; "
+            f"non-finite loss at step {self.step + 1} (local loss {float(loss.detach())} on rank {self.rank}; "
             f"{desc}; embedding norms {emb.detach().float().norm(dim=1).mean():.4g})")

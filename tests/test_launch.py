@@ -59,6 +59,14 @@ def entry_raise(argv: list[str]) -> int:
     raise ValueError("boom from the training entry")
 
 
+class _NotAnException(BaseException):
+    """Like torch.distributed.checkpoint's CheckpointException: a BaseException."""
+
+
+def entry_base_exception(argv: list[str]) -> int:
+    raise _NotAnException("dcp load failed")
+
+
 # ---- executor parameters -------------------------------------------------------------------
 def test_executor_parameters_map_every_slurm_key() -> None:
     s = SlurmConfig(partition="gpu", account="proj", qos="high", constraint="volta32gb", nodes=8,
@@ -131,6 +139,9 @@ def test_trainjob_exit_codes(tmp_path: Path, tests_on_path: None) -> None:
         assert _job(tmp_path, "entry_exit", "fake.rc=0")()["exit_code"] == 0
         with pytest.raises(ValueError, match="boom"):
             _job(tmp_path, "entry_raise")()
+        # submitit records only Exceptions: a BaseException must still mark the job failed.
+        with pytest.raises(TrainingFailed, match="_NotAnException: dcp load failed"):
+            _job(tmp_path, "entry_base_exception")()
     finally:
         signal.signal(signal.SIGUSR2, old)
 
@@ -145,6 +156,28 @@ def test_trainjob_preempted_without_requeue_is_an_error(tmp_path: Path, tests_on
             _job(tmp_path, "entry_code", f"fake.rc={PREEMPTED_EXIT_CODE}")()
     finally:
         signal.signal(signal.SIGUSR2, old)
+
+
+def test_rerun_drops_the_previous_runs_result_file(
+    tmp_path: Path, tests_on_path: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A requeued job keeps its id: a crash of the rerun must not leave the first run's
+    'success' file to be read as the outcome."""
+    env = {"SUBMITIT_EXECUTOR": "local", "SUBMITIT_FOLDER": str(tmp_path / "slurm" / "%j"),
+           "SUBMITIT_LOCAL_JOB_ID": "77", "SUBMITIT_LOCAL_NTASKS": "1", "SUBMITIT_LOCAL_GLOBALID": "0",
+           "SUBMITIT_LOCAL_LOCALID": "0", "SUBMITIT_LOCAL_NODEID": "0", "SUBMITIT_LOCAL_JOB_NUM_NODES": "1"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    stale = tmp_path / "slurm" / "77" / "77_0_result.pkl"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(pickle.dumps(("success", {"exit_code": 75, "requeued": True})))
+    old = signal.getsignal(signal.SIGUSR2)
+    try:
+        with pytest.raises(TrainingFailed):
+            _job(tmp_path, "entry_base_exception")()
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+    assert not stale.exists()
 
 
 def test_checkpoint_books_requeues_up_to_the_cap(tmp_path: Path) -> None:
@@ -178,10 +211,13 @@ def test_status_from_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert st["restarts"] == 1
     assert st["last_metrics"]["step"] == 20  # the half-written last line is skipped
     assert st["last_resume"]["resumed_from"] == 10
-    # A finished submitit job that raised: FAILED, with the exception's last line.
+    # Outcomes in submitit's result file: requeued (saved on a signal), then failed.
     (run / "launch.json").write_text(json.dumps({"jobs": [{"job_id": "999999999", "executor": "local"}]}))
     folder = run / "slurm" / "999999999"
     folder.mkdir(parents=True)
+    with open(folder / "999999999_0_result.pkl", "wb") as f:
+        pickle.dump(("success", {"exit_code": 75, "requeued": True}), f)
+    assert run_status(run)["state"] == "REQUEUED"
     with open(folder / "999999999_0_result.pkl", "wb") as f:
         pickle.dump(("error", "Traceback...\nNotRequeued: requeue cap reached (2/2)"), f)
     st = run_status(run)

@@ -207,3 +207,10 @@ def test_config_errors(shards: str, tmp_path: Path) -> None:
         build_loader(DataConfig(shards=str(tmp_path)), 0, 1)
     with pytest.raises(ValueError, match="cannot fill one batch"):
         build_loader(cfg(shards, batch_size=40), 0, 2)
+
+
+def test_brace_patterns() -> None:
+    from seer_pipeline.data.shards import braceexpand, expand_pattern
+    assert braceexpand("s-{008..010}.tar") == ["s-008.tar", "s-009.tar", "s-010.tar"]
+    assert braceexpand("{a,b}-{1..2}") == ["a-1", "a-2", "b-1", "b-2"]
+    assert [s.path for s in expand_pattern("d/{0..1}.tar, e/x.tar")] == ["d/0.tar", "d/1.tar", "e/x.tar"]

@@ -124,6 +124,6 @@ def test_memory_bounded_by_shuffle_buffer(tmp_path: Path, photo_dir: Path) -> No
 def test_resampled_mode_stops_on_undecodable_data(tmp_path: Path) -> None:
     write_shards(tmp_path, [b"not an image"] * 12, 4)
     pattern = str(tmp_path / "shard-{000000..000002}.tar")
-    ld = build_loader(cfg(tmp_path, shards=pattern, epoch_samples=8), 0, 1)
+    ld = build_loader(cfg(Path(pattern), epoch_samples=8), 0, 1)
     with pytest.raises(RuntimeError, match="undecodable"):
         next(iter(ld))

@@ -317,3 +317,25 @@ def test_hand_built_tar_headers_match_tarfile(tmp_path: Path) -> None:
     got = (tmp_path / "a.tar").read_bytes()
     assert got == buf.getvalue() and count == 40 and nbytes == len(got)
     assert sha == hashlib.sha256(got).hexdigest()
+
+
+def test_second_build_in_the_same_directory_is_refused(photo_dir: Path, tmp_path: Path) -> None:
+    import fcntl
+
+    (tmp_path / "o" / ".seer-shards").mkdir(parents=True)
+    with open(tmp_path / "o" / ".seer-shards" / "lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ValueError, match="another seer-shards build"):
+            build_shards([str(photo_dir)], tmp_path / "o")
+    assert build_shards([str(photo_dir)], tmp_path / "o")["written"] == 12
+
+
+def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from data_prep.cli import main
+
+    assert main(["build", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "do not exist" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert main(["verify", str(tmp_path)]) == 2  # no manifest: says so instead of a traceback
+    assert "no manifest.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["build", str(tmp_path), "--out", str(tmp_path / "o"), "--part", "3/3"])

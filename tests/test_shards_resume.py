@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -73,8 +74,9 @@ def test_kill_9_at_random_moments_then_resume_equals_uninterrupted(dump: Path, t
     for round_ in range(4):
         proc = subprocess.Popen(_cmd(dump, out), cwd=REPO, start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # The first kill lands early enough to hit even on a noisy machine; later ones anywhere.
-        time.sleep(rng.uniform(0.05, 0.5 if round_ == 0 else 0.9) * t_ref)
+        # The first kill lands early enough to hit even on a noisy machine; later ones lean
+        # late, towards the shard writing (the deterministic test below pins both stages).
+        time.sleep(rng.uniform(0.05, 0.5) * t_ref if round_ == 0 else rng.uniform(0.3, 1.0) * t_ref)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)  # the whole job, workers included, as SLURM does
             kills += 1
@@ -99,7 +101,11 @@ def test_kill_at_the_worst_moment_of_each_stage(dump: Path, tmp_path: Path, wher
     assert not (out / "manifest.json").exists()
     before = _snapshot(out)
     if where.startswith("write"):
-        assert len(before) == 4  # shard 3 renamed into place but never recorded
+        # Shard 3 renamed into place but never recorded (others may be done by parallel workers).
+        assert "shard-000003.tar" in before
+        db = sqlite3.connect(out / ".seer-shards" / "index.sqlite")
+        assert db.execute("SELECT COUNT(*) FROM shards WHERE idx=3").fetchone()[0] == 0
+        db.close()
     assert _run(dump, out).returncode == 0
     assert _result(out) == _result(tmp_path / "ref")
     assert all(_snapshot(out)[n] == ident for n, ident in before.items())

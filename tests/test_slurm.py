@@ -151,7 +151,7 @@ def test_signal_before_training_starts_requeues_via_checkpoint(
 # Tiny and fast: 16 steps of 4 images per rank, a periodic save every 5 steps, 1 thread and 1
 # loader worker per rank in the SLURM job and in the local reference alike.
 STEPS = 16
-PREEMPT_AFTER = 7  # past the first periodic checkpoint and the prototype freeze (5 steps)
+PREEMPT_AFTER = 7  # past the first periodic save (step 5): the resume must use the signal's save
 
 
 def _train_args(shards: Path) -> list[str]:

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from seer_pipeline.models import build_trunk
 from seer_pipeline.swav import (

@@ -94,6 +94,7 @@ def test_kill9_during_save_then_resume_on_one_rank(tiny_shards: Path, tmp_path: 
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert rows[5]["resumed_from"] == 5
     assert "no longer bitwise" in res.stdout + res.stderr
+    assert rows[-1]["data_samples_repeated"] == 0  # the loader redistributed the epoch
     assert not (ck / "step_000000010.partial").exists()  # stale partial save cleaned up
     # Config keys that would change the trajectory are refused on resume.
     res = _run(_cmd(run, tiny_shards, "optim.base_lr=0.1", f"train.steps={STEPS + 2}"))
@@ -140,3 +141,36 @@ def _shards_of(run: Path) -> str:
     from omegaconf import OmegaConf
 
     return OmegaConf.load(run / "config.yaml").data.shards
+
+
+class _NaNLoader:
+    """Stands in for the data loader to feed non-finite pixels (the trainer must stop)."""
+    epoch, batches_per_epoch = 0, 10
+
+    def __iter__(self):
+        while True:
+            yield [torch.full((2, 3, s, s), float("nan")) for s in (28, 28, 16, 16, 16, 16)]
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, states: list) -> None:
+        pass
+
+    def metrics(self) -> dict:
+        return {}
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_stops_with_step_and_score_stats(tiny_shards: Path, tmp_path: Path) -> None:
+    from seer_pipeline.distributed import DistEnv
+    from seer_pipeline.train_config import load_train_config
+    from seer_pipeline.trainer import NonFiniteLossError, Trainer
+
+    cfg = load_train_config("cpu_tiny", [f"run.dir={tmp_path}", f"data.shards={tiny_shards}",
+                                         "data.batch_size=2", "data.workers=0", "train.tensorboard=false"])
+    tr = Trainer(cfg, DistEnv(0, 1, 0, 1, "127.0.0.1", 0, "single"), torch.device("cpu"))
+    tr.loader = _NaNLoader()
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 1 .*scores"):
+        tr.train()
+    assert not (tmp_path / "checkpoints" / "latest").exists()  # nothing saved from a NaN state

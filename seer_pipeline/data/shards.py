@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
-
-from braceexpand import braceexpand
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +48,25 @@ def expand_pattern(spec: str) -> List[Shard]:
     if not paths:
         raise ValueError(f"shard spec {spec!r} names no shards")
     return [Shard(p, -1) for p in paths]
+
+
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+def braceexpand(pattern: str) -> List[str]:
+    """Expand `{000..012}` ranges (zero padding kept) and `{a,b}` alternatives, left to right."""
+    m = _BRACE.search(pattern)
+    if m is None:
+        return [pattern]
+    body, head, tail = m.group(1), pattern[: m.start()], pattern[m.end():]
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if rng:
+        lo, hi = rng.groups()
+        width = len(lo) if lo.startswith("0") else 0
+        items = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        items = body.split(",")
+    return [x for it in items for x in braceexpand(head + it + tail)]
 
 
 def _split_commas(spec: str) -> List[str]:

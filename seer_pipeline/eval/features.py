@@ -150,7 +150,8 @@ def to_input(batch: np.ndarray, size: int | None = None) -> torch.Tensor:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     mean = torch.tensor(MEAN).view(1, 3, 1, 1)
     std = torch.tensor(STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+    # channels_last: grouped convs on CPU ran 2.4x faster so (cpu_tiny, 28 px, 2 threads).
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
 def _batches(n: int, bs: int, desc: str, progress: bool):
@@ -170,6 +171,7 @@ def recalibrate_bn(trunk: nn.Module, images: np.ndarray, n: int = 4096, batch_si
     if not bns:
         return 0
     idx = np.sort(np.random.default_rng(seed).permutation(len(images))[:n])
+    trunk.to(memory_format=torch.channels_last)
     saved = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
@@ -185,14 +187,14 @@ def recalibrate_bn(trunk: nn.Module, images: np.ndarray, n: int = 4096, batch_si
     return len(idx)
 
 
-@torch.no_grad()
-def extract(trunk: nn.Module | None, images: np.ndarray, stage: int = -1, batch_size: int = 256,
+@torch.inference_mode()
+def extract(trunk: nn.Module | None, images: np.ndarray, stage: int = -1, batch_size: int = 512,
             size: int | None = None, desc: str = "features", progress: bool = True) -> torch.Tensor:
     """Global-average-pooled features of `stage` ([N, C] float32); raw pixels if trunk is None."""
     if trunk is None:  # raw pixels: one channel is enough (the copies add nothing)
         x = to_input(images, size)
         return (x[:, :1] if images.shape[-1] == 1 else x).flatten(1)
-    trunk.eval()
+    trunk.eval().to(memory_format=torch.channels_last)
     fn: Callable[[torch.Tensor], torch.Tensor] = lambda x: trunk.forward_features(x, stage=stage)
     out = [fn(to_input(images[sl], size)).float() for sl in _batches(len(images), batch_size, desc, progress)]
     feats = torch.cat(out)
