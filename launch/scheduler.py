@@ -80,20 +80,6 @@ def job_info(job_id: str) -> JobInfo | None:
     )
 
 
-def queued_jobs(user: str | None = None) -> dict[str, str]:
-    """job id -> state of the jobs squeue lists (all users unless `user`)."""
-    cmd = ["squeue", "-h", "-o", "%i %T"] + (["-u", user] if user else [])
-    res = _run(cmd)
-    if res is None or res.returncode != 0:
-        return {}
-    out = {}
-    for line in res.stdout.splitlines():
-        parts = line.split()
-        if len(parts) == 2:
-            out[parts[0]] = parts[1]
-    return out
-
-
 def cancel(job_id: str, signal_name: str | None = None) -> bool:
     """scancel a job (or only send it a signal); True if scancel accepted."""
     cmd = ["scancel"] + ([f"--signal={signal_name}"] if signal_name else []) + [str(job_id)]

@@ -97,7 +97,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"seer-submit: {e}", file=sys.stderr)
         return 2
     Path(job.run_dir).mkdir(parents=True, exist_ok=True)
-    submitted = ex.submit(job)
+    try:
+        submitted = ex.submit(job)
+    except Exception as e:  # submitit's FailedJobError carries sbatch's own message
+        print(f"seer-submit: submission failed: {e}", file=sys.stderr)
+        return 1
     job_id = str(submitted.job_id)
     record_submission(job.run_dir, {
         "job_id": job_id, "executor": "local" if args.local else "slurm",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import multiprocessing as mp
 import os
+import pickle
 import queue as _queue
 import time
 import traceback
@@ -41,7 +42,9 @@ def _worker(
                 world_size=world_size, timeout=_dt.timedelta(seconds=pg_timeout_s),
             )
         out = fn(rank, world_size, *args)
-        results.put((rank, True, out))
+        # Pickle here, not in the queue's feeder thread: there an unpicklable result is only
+        # printed, and the parent would wait for a report that never comes.
+        results.put((rank, True, pickle.dumps(out)))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -82,11 +85,21 @@ def run_distributed(
             try:
                 rank, ok, payload = results.get(timeout=min(left, 1.0))
                 got[rank] = (ok, payload)
+                if not ok:
+                    # Peers of a failed rank usually block in a collective until the process
+                    # group times out; a short grace is enough for them to report too.
+                    deadline = min(deadline, time.monotonic() + 10.0)
             except _queue.Empty:
-                # A rank that died without reporting (segfault, os._exit) never will.
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in got]
-                if dead and all(p.exitcode is not None for p in procs):
-                    break
+                # A rank that exited without reporting (segfault, os._exit, killed) never will;
+                # give its queue a moment to flush, then stop waiting for it.
+                silent = [r for r, p in enumerate(procs) if p.exitcode is not None and r not in got]
+                if silent:
+                    try:
+                        rank, ok, payload = results.get(timeout=2.0)
+                        got[rank] = (ok, payload)
+                        continue
+                    except _queue.Empty:
+                        break
     finally:
         for p in procs:
             p.join(timeout=5 if len(got) == world_size else 0.1)
@@ -103,4 +116,4 @@ def run_distributed(
             errors.append(f"rank {r} raised:\n{got[r][1]}")
     if errors:
         raise DistributedTestError("\n\n".join(errors))
-    return [got[r][1] for r in range(world_size)]
+    return [pickle.loads(got[r][1]) for r in range(world_size)]

@@ -109,6 +109,10 @@ def test_dry_run_is_a_valid_sbatch_script(tmp_path: Path, capsys: pytest.Capture
                  "--time=4320", "--signal=USR2@120", "--requeue"):
         assert f"#SBATCH {flag}" in out, flag
     assert "-> 512 ranks" in out
+    # sbatch's refusal reaches the user; nothing is recorded as submitted.
+    assert submit_main(["--config", "cpu_tiny", f"run.dir={run}", "slurm.partition=nosuchpart"]) == 1
+    assert "invalid partition" in capsys.readouterr().err.lower()
+    assert not (run / "launch.json").exists()
     # Unknown keys fail before anything is built.
     assert submit_main(["--config", "cpu_tiny", "slurm.nodez=2", "--dry-run"]) == 2
     assert "slurm.nodes" in capsys.readouterr().err
