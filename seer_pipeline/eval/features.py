@@ -45,9 +45,14 @@ def trunk_name_from_config(config: str) -> str:
 
     if config.lower() in list_trunks():
         return config.lower()
+    from ..config import ConfigError
     from ..train_config import load_train_config
 
-    return str(load_train_config(config).model.trunk)
+    try:
+        return str(load_train_config(config).model.trunk)
+    except ConfigError as e:
+        raise CheckpointSpecError(
+            f"{config!r} is neither a trunk ({', '.join(list_trunks())}) nor a usable preset: {e}") from e
 
 
 def _run_of(path: Path) -> Path | None:

@@ -56,7 +56,8 @@ def train_supervised(
 
     trunk = feats.build_random(trunk_name, seed)
     head = nn.Linear(trunk.out_dim, num_classes)
-    model = nn.Sequential(trunk, head).train()
+    # channels_last: ~2x faster grouped convs on CPU (measured in features.py's setting).
+    model = nn.Sequential(trunk, head).train().to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay,
                           nesterov=True)
     gen = torch.Generator().manual_seed(seed)
@@ -77,6 +78,7 @@ def train_supervised(
             for g in opt.param_groups:
                 g["lr"] = cur
             x = augment(feats.to_input(images[idx.numpy()]), gen)
+            x = x.contiguous(memory_format=torch.channels_last)
             loss = F.cross_entropy(model(x), y_all[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
