@@ -7,16 +7,16 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/install.sh
+$(STAMP): pyproject.toml scripts/install.sh scripts/install_system.sh scripts/install_pillow_simd.sh
 	bash scripts/install.sh
 	touch $(STAMP)
 
 demo: install
 	$(PY) -m seer_pipeline.demo
 
-# The full suite: what CI runs. SLURM tests need `make slurm-start` (CI starts it).
+# The full suite: what CI runs. Starts the local SLURM for the launcher tests when it can.
 test: install
-	$(PY) -m pytest -q tests
+	PY=$(PY) bash scripts/run_tests.sh -q tests
 
 # Inner loop: no multi-process / end-to-end tests.
 test-fast: install

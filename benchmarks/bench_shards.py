@@ -1,10 +1,25 @@
 """Throughput of `seer-shards build` against a plain baseline, img2dataset and `tar cf`.
 
-    python benchmarks/bench_shards.py PHOTO_DIR [--repeats 3]
+    python benchmarks/bench_shards.py PHOTO_DIR [--repeats 3] [--big-n 1000]
+                                      [--img2dataset-python PATH]
 
-Everything runs in this process tree on the same files and settings (--resize-short-side 256).
-Runs are interleaved (each repeat runs every contender once) and the median is kept, so
-background load hits all contenders alike. The last line of output is JSON.
+Everything runs in this process tree on the same files. Runs are interleaved (each repeat runs
+every contender once, in an order rotated per repeat) and the median is kept, so background load
+hits all contenders alike; the 1-minute load average is recorded before every run.
+
+Two sets:
+- PHOTO_DIR as it is: resize to a short side of 256 (seer-shards at --workers 1 and 2, the plain
+  baseline, img2dataset), and pass-through of its JPEGs (no resize, --workers 2) against `tar cf`.
+- "big": --big-n distinct JPEG files written to a temp dir, cycled from PHOTO_DIR's unique JPEGs;
+  copy k of a photo gets a JPEG comment segment (COM, "seer-bench copy k") after its SOI marker,
+  so every file has unique bytes (no dedup hits) and still decodes to the same pixels. On the
+  ~120 JPEGs alone the ~0.1 s fixed start-up of a Python command decides the ratio to tar; the
+  big set shows the per-byte cost. Pass-through there is also compared with `tar cf` + fsync,
+  since seer-shards makes its shards durable and tar does not.
+
+img2dataset (version 1.47 requires webdataset<0.3, which would downgrade the project's
+webdataset) can run from its own virtualenv: --img2dataset-python /path/to/venv/bin/python.
+The last line of output is JSON.
 
 Targets (issue 2): seer-shards >= 1.5x baseline at --workers 1, >= 2.5x at --workers 2,
 >= 2x img2dataset at 2 processes; pass-through (JPEG in, no resize, --check header,
@@ -13,6 +28,7 @@ Targets (issue 2): seer-shards >= 1.5x baseline at --workers 1, >= 2.5x at --wor
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -28,13 +44,11 @@ from typing import Callable, Optional
 REPO = Path(__file__).resolve().parent.parent
 SHORT = 256
 EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+JPEG = (".jpg", ".jpeg")
 
 
 def images(d: Path) -> list[Path]:
     return sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in EXTS)
-
-
-CPU: dict[str, list[float]] = {}  # CPU seconds per run: a load-robust view on a shared machine
 
 
 def _child_cpu() -> float:
@@ -42,18 +56,21 @@ def _child_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def seer_shards(inputs: list[str], out: Path, *args: str) -> float:
-    """Wall time of the whole command, interpreter start included (that is what users wait for)."""
+def _timed(cmd: list[str], **kw) -> tuple[float, float]:
+    """(wall, CPU) of a whole command, interpreter start included (that is what users wait for)."""
     t, c = time.perf_counter(), _child_cpu()
-    subprocess.run([sys.executable, "-m", "data_prep.cli", "--log-level", "WARNING", "build", *inputs,
-                    "--out", str(out), "--no-progress", *args], check=True, cwd=REPO,
-                   stdout=subprocess.DEVNULL)
-    CPU.setdefault(out.name, []).append(_child_cpu() - c)
-    return time.perf_counter() - t
+    subprocess.run(cmd, check=True, cwd=REPO, **kw)
+    return time.perf_counter() - t, _child_cpu() - c
+
+
+def seer_shards(inputs: list[str], out: Path, *args: str) -> tuple[float, float, int]:
+    wall, cpu = _timed([sys.executable, "-m", "data_prep.cli", "--log-level", "WARNING", "build", *inputs,
+                        "--out", str(out), "--no-progress", *args], stdout=subprocess.DEVNULL)
+    return wall, cpu, json.loads((out / "manifest.json").read_text())["written"]
 
 
 _BASELINE = r"""
-import sys, time, io, glob
+import sys, time, io
 from PIL import Image
 import webdataset as wds
 files, out, short = sys.argv[1:-2], sys.argv[-2], int(sys.argv[-1])
@@ -68,108 +85,185 @@ with wds.ShardWriter(out + "/base-%06d.tar", maxcount=10000, verbose=0) as sink:
         buf = io.BytesIO()
         im.save(buf, "JPEG", quality=95)
         sink.write({"__key__": "%09d" % i, "jpg": buf.getvalue()})
-print(time.process_time() - c, time.perf_counter() - t)
+print(time.process_time() - c, time.perf_counter() - t, len(files))
 """
 
 
-def baseline(files: list[str], out: Path) -> float:
+def baseline(files: list[str], out: Path) -> tuple[float, float, int]:
     """One process, the obvious loop; import time (webdataset pulls torch) is not counted."""
     r = subprocess.run([sys.executable, "-c", _BASELINE, *files, str(out), str(SHORT)], check=True,
                        capture_output=True, text=True, cwd=REPO)
-    cpu, wall = map(float, r.stdout.strip().splitlines()[-1].split())
-    CPU.setdefault(out.name, []).append(cpu)
-    return wall
+    cpu, wall, n = r.stdout.strip().splitlines()[-1].split()
+    return float(wall), float(cpu), int(n)
 
 
-def img2dataset_run(listfile: Path, out: Path) -> Optional[float]:
-    try:
-        import img2dataset  # noqa: F401
-    except ImportError:
-        return None
-    t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "img2dataset", "--url_list", str(listfile), "--output_folder", str(out),
-                    "--output_format", "webdataset", "--resize_mode", "keep_ratio", "--image_size", str(SHORT),
-                    "--processes_count", "2", "--thread_count", "4", "--disable_all_reencoding", "False"],
-                   check=True, cwd=REPO, capture_output=True)
-    return time.perf_counter() - t
+# The package has no __main__; this is what its `img2dataset` console script runs.
+_I2D_MAIN = "import sys; from img2dataset import main; sys.argv[0] = 'img2dataset'; sys.exit(main())"
 
 
-def tar_cf(listfile: Path, out: Path) -> float:
-    t = time.perf_counter()
+def img2dataset_run(python: str, listfile: Path, out: Path) -> tuple[float, float, int]:
+    """The issue's settings: file:// URLs, keep_ratio, 256, 2 processes (4 threads each)."""
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")  # no update check over the network
+    wall, cpu = _timed([python, "-c", _I2D_MAIN, "--url_list", str(listfile), "--output_folder", str(out),
+                        "--output_format", "webdataset", "--resize_mode", "keep_ratio",
+                        "--image_size", str(SHORT), "--processes_count", "2", "--thread_count", "4"],
+                       capture_output=True, env=env)
+    stats = [json.loads(p.read_text()) for p in out.glob("*_stats.json")]
+    return wall, cpu, sum(s["successes"] for s in stats)
+
+
+def img2dataset_python(arg: Optional[str]) -> Optional[str]:
+    cands = [arg] if arg else [sys.executable]
+    for py in cands:
+        if py and subprocess.run([py, "-c", "import img2dataset"], capture_output=True).returncode == 0:
+            return py
+    if arg:
+        sys.exit(f"{arg} cannot import img2dataset")
+    return None
+
+
+def tar_cf(listfile: Path, out: Path, n: int, fsync: bool = False) -> tuple[float, float, int]:
+    t, c = time.perf_counter(), _child_cpu()
     subprocess.run(["tar", "cf", str(out / "all.tar"), "-P", "-T", str(listfile)], check=True)
-    return time.perf_counter() - t
+    if fsync:  # what seer-shards does before it renames a shard into place
+        fd = os.open(out / "all.tar", os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    return time.perf_counter() - t, _child_cpu() - c, n
+
+
+def unique_jpegs(jpegs: list[Path], n: int, dest: Path) -> tuple[list[Path], int]:
+    """n JPEG files with distinct bytes, cycling through the distinct inputs (see module doc).
+
+    Returns the files and how many need a re-encode even in pass-through (not RGB, or rotated
+    by EXIF): those cost a decode and an encode that tar never does.
+    """
+    from PIL import Image
+
+    seen, srcs = set(), []
+    for p in jpegs:
+        data = p.read_bytes()
+        digest = hashlib.sha256(data).digest()
+        if data[:2] == b"\xff\xd8" and digest not in seen:
+            seen.add(digest)
+            srcs.append((p, data))
+    reencode = 0
+    out = []
+    for i in range(n):
+        p, data = srcs[i % len(srcs)]
+        com = b"seer-bench copy %d" % (i // len(srcs))
+        f = dest / f"c{i // len(srcs):03d}_{i % len(srcs):05d}.jpg"
+        f.write_bytes(data[:2] + b"\xff\xfe" + (len(com) + 2).to_bytes(2, "big") + com + data[2:])
+        out.append(f)
+        with Image.open(f) as im:
+            reencode += im.mode != "RGB" or im.getexif().get(0x0112, 1) != 1
+    return out, reencode
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("photo_dir", type=Path)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--big-n", type=int, default=1000, help="files in the big pass-through set (0: skip it)")
+    ap.add_argument("--img2dataset-python", default=None, help="interpreter that can import img2dataset")
+    ap.add_argument("--only", default="", help="comma-separated contenders to run (default: all)")
     args = ap.parse_args()
     files = images(args.photo_dir)
-    jpegs = [f for f in files if f.suffix.lower() in (".jpg", ".jpeg")]
+    jpegs = [f for f in files if f.suffix.lower() in JPEG]
     if not files:
         sys.exit(f"no images under {args.photo_dir}")
+    i2d = img2dataset_python(args.img2dataset_python)
     tmp = Path(tempfile.mkdtemp(prefix="bench_shards_"))
-    for f in files:  # warm the page cache: every contender reads from memory
-        f.read_bytes()
-    all_list, jpg_list, url_list = tmp / "all.txt", tmp / "jpg.txt", tmp / "urls.txt"
-    all_list.write_text("".join(f"{f}\n" for f in files))
-    jpg_list.write_text("".join(f"{f}\n" for f in jpegs))
-    url_list.write_text("".join(f"file://{f.resolve()}\n" for f in files))
-    runs: dict[str, Callable[[Path], Optional[float]]] = {
-        "baseline": lambda o: baseline([str(f) for f in files], o),
-        "seer_w1": lambda o: seer_shards([str(all_list)], o, "--resize-short-side", str(SHORT), "--workers", "1"),
-        "seer_w2": lambda o: seer_shards([str(all_list)], o, "--resize-short-side", str(SHORT), "--workers", "2"),
-        "img2dataset": lambda o: img2dataset_run(url_list, o),
-        "tar_cf": lambda o: tar_cf(jpg_list, o),
-        "pass_header_w2": lambda o: seer_shards([str(jpg_list)], o, "--check", "header", "--workers", "2"),
-        "pass_full_w2": lambda o: seer_shards([str(jpg_list)], o, "--workers", "2"),
-    }
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    counts: dict[str, int] = {}
     try:
-        for _ in range(args.repeats):
-            for name, fn in runs.items():
-                out = tmp / name
+        big, big_reencode, big_bytes = [], 0, 0
+        if args.big_n and jpegs:
+            (tmp / "big").mkdir()
+            big, big_reencode = unique_jpegs(jpegs, args.big_n, tmp / "big")
+            big_bytes = sum(f.stat().st_size for f in big)
+        for f in files + big:  # warm the page cache: every contender reads from memory
+            f.read_bytes()
+        lists = {"all": files, "jpg": jpegs, "big": big}
+        for name, fs in lists.items():
+            (tmp / f"{name}.txt").write_text("".join(f"{f.resolve()}\n" for f in fs))
+        (tmp / "urls.txt").write_text("".join(f"file://{f.resolve()}\n" for f in files))
+        al, jl, bl = (str(tmp / f"{k}.txt") for k in ("all", "jpg", "big"))
+        rs = ("--resize-short-side", str(SHORT))
+        runs: dict[str, Callable[[Path], tuple[float, float, int]]] = {
+            "baseline": lambda o: baseline([str(f) for f in files], o),
+            "seer_w1": lambda o: seer_shards([al], o, *rs, "--workers", "1"),
+            "seer_w2": lambda o: seer_shards([al], o, *rs, "--workers", "2"),
+            "tar_cf": lambda o: tar_cf(Path(jl), o, len(jpegs)),
+            "pass_header_w2": lambda o: seer_shards([jl], o, "--check", "header", "--workers", "2"),
+            "pass_full_w2": lambda o: seer_shards([jl], o, "--workers", "2"),
+        }
+        if i2d:
+            runs["img2dataset"] = lambda o: img2dataset_run(i2d, tmp / "urls.txt", o)
+        if big:
+            runs.update({
+                "big_tar_cf": lambda o: tar_cf(Path(bl), o, len(big)),
+                "big_tar_cf_fsync": lambda o: tar_cf(Path(bl), o, len(big), fsync=True),
+                "big_pass_header_w2": lambda o: seer_shards([bl], o, "--check", "header", "--workers", "2"),
+                "big_pass_full_w2": lambda o: seer_shards([bl], o, "--workers", "2"),
+            })
+        if args.only:
+            keep = set(args.only.split(","))
+            runs = {k: v for k, v in runs.items() if k in keep}
+        times: dict[str, list[float]] = {k: [] for k in runs}
+        cpus: dict[str, list[float]] = {k: [] for k in runs}
+        loads: dict[str, list[float]] = {k: [] for k in runs}
+        written: dict[str, int] = {}
+        order = list(runs)
+        for r in range(args.repeats):
+            for name in order[r % len(order):] + order[:r % len(order)]:
+                out = tmp / "out" / name
                 shutil.rmtree(out, ignore_errors=True)
-                out.mkdir()
-                t = fn(out)
-                if t is None:
-                    continue
-                times[name].append(t)
-                man = out / "manifest.json"
-                if man.exists():
-                    counts[name] = json.loads(man.read_text())["written"]
+                out.mkdir(parents=True)
+                loads[name].append(os.getloadavg()[0])
+                wall, cpu, n = runs[name](out)
+                times[name].append(wall)
+                cpus[name].append(cpu)
+                written[name] = n
+                shutil.rmtree(out, ignore_errors=True)
+            print(f"repeat {r + 1}/{args.repeats} done, load {os.getloadavg()[0]:.2f}", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    n_all, n_jpg = len(files), len(jpegs)
-    ips: dict[str, Optional[float]] = {}
-    for name, ts in times.items():
-        n = n_jpg if name in ("tar_cf", "pass_header_w2", "pass_full_w2") else n_all
-        ips[name] = round(n / statistics.median(ts), 1) if ts else None
-        print(f"{name:16s} {('%.1f img/s' % ips[name]) if ts else 'not installed':>16s}"
-              f"  {'median of %d' % len(ts) if ts else ''}")
 
-    def ratio(a: str, b: str) -> Optional[float]:
-        return round(ips[a] / ips[b], 2) if ips.get(a) and ips.get(b) else None
+    def n_in(name: str) -> int:
+        return len(big) if name.startswith("big") else len(jpegs) if name in ("tar_cf", "pass_header_w2",
+                                                                                "pass_full_w2") else len(files)
 
-    # Images per CPU-second: what the same code would do per core on a quiet machine.
-    cpu_ips = {k: round((n_jpg if k.startswith("pass") else n_all) / statistics.median(v), 1)
-               for k, v in CPU.items() if v}
-    print("images per CPU-second:", cpu_ips)
+    med = statistics.median
+    ips = {k: round(n_in(k) / med(v), 1) for k, v in times.items() if v}
+    cpu_ips = {k: round(n_in(k) / med(v), 1) for k, v in cpus.items() if v and med(v) > 0}
+    for k in runs:
+        print(f"{k:20s} in {n_in(k):5d} written {written.get(k, 0):5d}  {ips[k]:8.1f} img/s  "
+              f"wall {med(times[k]):6.2f}s (min {min(times[k]):.2f})  cpu {med(cpus[k]):6.2f}s  "
+              f"load {med(loads[k]):.2f}")
 
+    def ratio(a: str, b: str, d: dict = ips) -> Optional[float]:
+        return round(d[a] / d[b], 2) if d.get(a) and d.get(b) else None
+
+    all_loads = [x for v in loads.values() for x in v]
     result = {
-        "images": n_all, "jpegs": n_jpg, "written": counts, "images_per_s": ips, "cpus": os.cpu_count(),
+        "images": len(files), "jpegs": len(jpegs), "cpus": os.cpu_count(), "repeats": args.repeats,
+        "big_set": (f"{len(big)} distinct JPEG files cycled from the {len(jpegs)} JPEGs of {args.photo_dir} "
+                    f"(exact duplicates dropped), a unique COM segment each; {big_reencode} of them are "
+                    "greyscale or EXIF-rotated and get re-encoded even in pass-through") if big else None,
+        "big_bytes": big_bytes,
+        "written": written, "images_per_s": ips, "images_per_cpu_s": cpu_ips,
         "ratio_w1_vs_baseline": ratio("seer_w1", "baseline"),
         "ratio_w2_vs_baseline": ratio("seer_w2", "baseline"),
         "ratio_w2_vs_img2dataset": ratio("seer_w2", "img2dataset"),
-        "img2dataset": "ran" if ips.get("img2dataset") else "not installed",
+        "img2dataset": f"ran ({i2d})" if "img2dataset" in ips else "not installed",
         "passthrough_header_vs_tar": ratio("pass_header_w2", "tar_cf"),
         "passthrough_full_vs_tar": ratio("pass_full_w2", "tar_cf"),
-        "images_per_cpu_s": cpu_ips,
-        "cpu_ratio_w1_vs_baseline": round(cpu_ips["seer_w1"] / cpu_ips["baseline"], 2),
-        "cpu_ratio_w2_vs_baseline": round(cpu_ips["seer_w2"] / cpu_ips["baseline"], 2),
-        "loadavg_1min": round(os.getloadavg()[0], 2),
+        "big_passthrough_header_vs_tar": ratio("big_pass_header_w2", "big_tar_cf"),
+        "big_passthrough_full_vs_tar": ratio("big_pass_full_w2", "big_tar_cf"),
+        "big_passthrough_header_vs_tar_fsync": ratio("big_pass_header_w2", "big_tar_cf_fsync"),
+        "cpu_ratio_w1_vs_baseline": ratio("seer_w1", "baseline", cpu_ips),
+        "cpu_ratio_w2_vs_baseline": ratio("seer_w2", "baseline", cpu_ips),
+        "loadavg_1min": {"median": round(med(all_loads), 2), "min": round(min(all_loads), 2),
+                         "max": round(max(all_loads), 2)} if all_loads else None,
     }
     print(json.dumps(result))
 

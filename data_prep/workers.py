@@ -88,21 +88,20 @@ def close_spool() -> None:
     if _W.get("spool") is not None:
         _W["spool"].close()
         _W["spool"] = None
-    for f in _W.get("readers", {}).values():
-        f.close()
+    for fd in _W.get("readers", {}).values():
+        os.close(fd)
     _W["readers"] = {}
 
 
 def _read(spool: str, off: int, n: int) -> bytes:
-    f = _W["readers"].get(spool)
-    if f is None:
+    fd = _W["readers"].get(spool)
+    if fd is None:
         try:
-            f = _W["readers"][spool] = open(os.path.join(_W["spool_dir"], spool), "rb")
+            fd = _W["readers"][spool] = os.open(os.path.join(_W["spool_dir"], spool), os.O_RDONLY)
         except FileNotFoundError:
             raise RuntimeError(f"{spool} is gone (a finished build removes its spool): a shard "
                                "changed after the build; rebuild into a new --out") from None
-    f.seek(off)
-    data = f.read(n)
+    data = os.pread(fd, n, off)  # one syscall, one copy; no shared file position
     if len(data) != n:
         raise RuntimeError(f"spool {spool} is short at {off}: was {_W['spool_dir']} altered?")
     return data

@@ -11,6 +11,7 @@ VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 TORCH_CPU_VERSION=${TORCH_CPU_VERSION:-2.13.0}
 
+bash scripts/install_system.sh
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade pip setuptools wheel >/dev/null 2>&1 || true

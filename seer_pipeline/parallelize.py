@@ -99,13 +99,27 @@ def parallelize(
         model.trunk = trunk = nn.SyncBatchNorm.convert_sync_batchnorm(trunk, process_group=group)
     model.to(device)
 
+    if plan.compile:
+        # Every block shares one forward code object, so dynamo's per-frame recompile limit
+        # (8) would send all but the first few (block, resolution) graphs back to eager.
+        import torch._dynamo.config as dcfg
+
+        n = sum(len(_stage_blocks(s)) for s in trunk.stages)
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dcfg, name):
+                setattr(dcfg, name, max(getattr(dcfg, name), 4 * n + 8))
+        if hasattr(dcfg, "accumulated_recompile_limit"):
+            dcfg.accumulated_recompile_limit = max(dcfg.accumulated_recompile_limit, 8 * n + 64)
     for i, stage in enumerate(trunk.stages):
         blocks = _stage_blocks(stage)
         for j in range(len(blocks)):
             if plan.ac == "block":
                 blocks[j] = checkpoint_wrapper(blocks[j])
             if plan.compile:
-                blocks[j].compile()  # in place: parameter names (and checkpoints) stay the same
+                # In place: parameter names (and checkpoints) stay the same. dynamic=False: each
+                # crop resolution gets its own static graph (dynamic shapes failed in inductor on
+                # CPU here: "Cannot convert expression to float").
+                blocks[j].compile(dynamic=False)
         if plan.ac == "stage":
             # SEER checkpointed per stage segment (`stage_checkpoints`, reference-systems.md):
             # only stage inputs are kept, each stage is recomputed during backward.

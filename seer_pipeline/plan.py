@@ -61,10 +61,11 @@ class ActProfile:
         full = self.stem + sum(self.stages)
         if ac == "none":
             return full
+        # The first segment's input is the stem's output, which the stem already holds.
         if ac == "stage":
-            return self.stem + sum(self.stage_inputs) + max(self.stages)
+            return self.stem + sum(self.stage_inputs[1:]) + max(self.stages)
         if ac == "block":
-            return self.stem + sum(self.block_inputs) + max(self.blocks)
+            return self.stem + sum(self.block_inputs[1:]) + max(self.blocks)
         raise ValueError(f"ac must be none|stage|block, got {ac!r}")
 
 

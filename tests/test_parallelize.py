@@ -68,13 +68,23 @@ def _bf16_worker(rank: int, world: int) -> dict:
     cfg = load_train_config("cpu_tiny")
     torch.manual_seed(0)
     model = build_model(cfg)
-    seen: dict[str, set] = {"bn": set(), "conv": set(), "proto": set()}
+    apply_fsdp(model, build_mesh(ParallelPlan(), "cpu", world, world), torch.bfloat16)
+    # Hooks registered after fully_shard run after FSDP's own pre-forward (unshard + cast), so
+    # they see the parameters and inputs the module really computes with.
+    seen: dict[str, set] = {"bn": set(), "conv": set(), "proto": set(), "conv_in": set()}
+
+    def hook(kind: str):
+        def fn(mod, inp):
+            seen[kind].add(str(mod.weight.dtype))
+            if kind == "conv":
+                seen["conv_in"].add(str(inp[0].dtype))
+        return fn
+
     for name, m in model.named_modules():
         kind = ("bn" if isinstance(m, torch.nn.BatchNorm2d) else "conv" if isinstance(m, torch.nn.Conv2d)
                 else "proto" if name == "head.prototypes" else None)
         if kind:
-            m.register_forward_pre_hook(lambda mod, inp, k=kind: seen[k].add(str(mod.weight.dtype)))
-    apply_fsdp(model, build_mesh(ParallelPlan(), "cpu", world, world), torch.bfloat16)
+            m.register_forward_pre_hook(hook(kind))
     g = torch.Generator().manual_seed(rank)
     _, scores = model([torch.randn(4, 3, 28, 28, generator=g) for _ in range(2)])
     scores.float().pow(2).mean().backward()
@@ -92,5 +102,6 @@ def test_bf16_fsdp_keeps_bn_and_prototypes_fp32() -> None:
 
     for r in run_distributed(_bf16_worker, 2, timeout=240):
         assert r["bn"] == ["torch.float32"] and r["conv"] == ["torch.bfloat16"], r
+        assert r["conv_in"] == ["torch.bfloat16"], r  # BN units hand bf16 back to the convs
         assert r["proto"] == ["torch.float32"] and r["scores"] == "torch.float32", r
         assert r["master"] == ["torch.float32"] and r["grads_ok"], r

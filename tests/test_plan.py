@@ -66,8 +66,10 @@ def test_activation_checkpointing_policies() -> None:
     with torch.device("meta"):
         trunk = build_trunk("regnety_400mf")
     prof = P.activation_profile(trunk, 96)
-    assert prof.saved("none") > prof.saved("stage") > prof.saved("block") > 0
-    assert prof.saved("stage") == prof.stem + sum(prof.stage_inputs) + max(prof.stages)
+    # Block AC keeps more inputs but recomputes less; which wins depends on the model.
+    assert prof.saved("none") > max(prof.saved("stage"), prof.saved("block")) > 0
+    assert prof.saved("stage") == prof.stem + sum(prof.stage_inputs[1:]) + max(prof.stages)
+    assert prof.stage_inputs[0] == prof.block_inputs[0]  # the stem's output
     assert len(prof.blocks) == sum(len(s.blocks) for s in trunk.stages)
     assert prof.saved("none") == pytest.approx(prof.stem + sum(prof.blocks) + 0, rel=0.01)
     with pytest.raises(ValueError):

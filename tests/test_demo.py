@@ -1,0 +1,61 @@
+"""`make demo`: settings, the missing-dataset message, and (slow) a whole run on a subset."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from seer_pipeline import demo
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_settings_from_env_and_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SEER_DEMO_TRAIN_MIN", "1.5")
+    monkeypatch.setenv("SEER_DEMO_SUBSET", "3000")
+    s = demo.parse_settings(["--out", str(tmp_path), "--sup-minutes", "0.5", "optim.base_lr=1.0"])
+    assert (s.train_minutes, s.subset, s.sup_minutes, s.out) == (1.5, 3000, 0.5, str(tmp_path))
+    assert s.overrides == ["optim.base_lr=1.0"]
+    assert demo._override(s, "optim.base_lr", "x") == "1.0"  # the command line beats the recipe
+    assert demo._override(s, "data.batch_size", "x") == "64"
+    with pytest.raises(SystemExit):
+        demo.parse_settings(["--preempt-at", "1.5"])
+
+
+def test_missing_fashion_mnist_is_a_clear_error(tmp_path: Path) -> None:
+    env = {**os.environ, "SEER_FMNIST_DIR": str(tmp_path / "empty")}
+    res = subprocess.run([sys.executable, "-m", "seer_pipeline.demo", "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert res.returncode == 2
+    assert "apt-get install dataset-fashion-mnist" in res.stderr
+    assert "t10k-labels-idx1-ubyte.gz" in res.stderr
+
+
+@pytest.mark.slow
+def test_demo_smoke_on_a_subset(tmp_path: Path) -> None:
+    """The real pipeline, small: dump -> shards -> 2-rank SwAV, preempted and resumed -> evals
+    -> plot -> report. ~2-3 minutes on a quiet 2-core machine."""
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "seer_pipeline.demo", "--out", str(out), "--subset", "1500",
+           "--test-subset", "500", "--train-minutes", "1.0", "--sup-minutes", "0.1",
+           "--bn-images", "500", "--calib-steps", "4",
+           "swav.freeze_prototypes_iters=2", "optim.warmup_steps=3", "data.batch_size=32"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"report in {out / 'report.md'}" in res.stdout
+    rep = json.loads((out / "report.json").read_text())
+    for k in ("swav", "random", "raw_pixels", "supervised"):
+        assert 0 < rep["linear"][k] <= 100
+    assert set(rep["knn"]) == {"swav", "random"}
+    pre = rep["pretraining"]
+    # Preempted part way, then the same command resumed from the preemption checkpoint.
+    assert 0 < pre["preempt_sent_at_step"] <= pre["resumed_from_step"] < pre["final_step"]
+    assert pre["final_step"] == pre["steps"] or pre["stopped_by_budget"]
+    steps = [json.loads(line)["step"] for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == pre["final_step"]  # no gap, no repeat
+    assert (out / "loss.png").stat().st_size > 1000 and (out / "report.md").exists()
+    assert json.loads((out / "eval" / "swav.json").read_text())["checkpoint_step"] == pre["final_step"]
