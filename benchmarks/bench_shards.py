@@ -132,11 +132,12 @@ def tar_cf(listfile: Path, out: Path, n: int, fsync: bool = False) -> tuple[floa
     return time.perf_counter() - t, _child_cpu() - c, n
 
 
-def unique_jpegs(jpegs: list[Path], n: int, dest: Path) -> tuple[list[Path], int]:
+def unique_jpegs(jpegs: list[Path], n: int, dest: Path) -> tuple[list[Path], int, int]:
     """n JPEG files with distinct bytes, cycling through the distinct inputs (see module doc).
 
-    Returns the files and how many need a re-encode even in pass-through (not RGB, or rotated
-    by EXIF): those cost a decode and an encode that tar never does.
+    Returns the files, how many need a re-encode even in pass-through (not RGB, or rotated by
+    EXIF: a decode and an encode that tar never does), and how many distinct JPEG streams (by
+    content: a PNG named .jpg is left out) they were cycled from.
     """
     from PIL import Image
 
@@ -157,7 +158,7 @@ def unique_jpegs(jpegs: list[Path], n: int, dest: Path) -> tuple[list[Path], int
         out.append(f)
         with Image.open(f) as im:
             reencode += im.mode != "RGB" or im.getexif().get(0x0112, 1) != 1
-    return out, reencode
+    return out, reencode, len(srcs)
 
 
 def main() -> None:
@@ -175,10 +176,10 @@ def main() -> None:
     i2d = img2dataset_python(args.img2dataset_python)
     tmp = Path(tempfile.mkdtemp(prefix="bench_shards_"))
     try:
-        big, big_reencode, big_bytes = [], 0, 0
+        big, big_reencode, big_bytes, n_src = [], 0, 0, 0
         if args.big_n and jpegs:
             (tmp / "big").mkdir()
-            big, big_reencode = unique_jpegs(jpegs, args.big_n, tmp / "big")
+            big, big_reencode, n_src = unique_jpegs(jpegs, args.big_n, tmp / "big")
             big_bytes = sum(f.stat().st_size for f in big)
         for f in files + big:  # warm the page cache: every contender reads from memory
             f.read_bytes()
@@ -246,9 +247,10 @@ def main() -> None:
     all_loads = [x for v in loads.values() for x in v]
     result = {
         "images": len(files), "jpegs": len(jpegs), "cpus": os.cpu_count(), "repeats": args.repeats,
-        "big_set": (f"{len(big)} distinct JPEG files cycled from the {len(jpegs)} JPEGs of {args.photo_dir} "
-                    f"(exact duplicates dropped), a unique COM segment each; {big_reencode} of them are "
-                    "greyscale or EXIF-rotated and get re-encoded even in pass-through") if big else None,
+        "big_set": (f"{len(big)} files with distinct bytes cycled from the {n_src} distinct JPEG streams "
+                    f"among the {len(jpegs)} .jpg/.jpeg files of {args.photo_dir}, a unique COM segment "
+                    f"each; {big_reencode} of them are greyscale or EXIF-rotated and get re-encoded even "
+                    "in pass-through") if big else None,
         "big_bytes": big_bytes,
         "written": written, "images_per_s": ips, "images_per_cpu_s": cpu_ips,
         "ratio_w1_vs_baseline": ratio("seer_w1", "baseline"),

@@ -55,6 +55,7 @@ def _config(inputs: Sequence[str], o: ShardOptions) -> dict:
 def build_shards(inputs: Sequence[str], out: str | os.PathLike, progress: bool = False,
                  **options: Any) -> dict:
     """Build (or finish) the shard set in `out`; returns the manifest."""
+    t0 = time.time()
     opts = options.pop("opts", None) or ShardOptions(**options)
     out = os.fspath(out)
     if not inputs:
@@ -77,7 +78,6 @@ def build_shards(inputs: Sequence[str], out: str | os.PathLike, progress: bool =
                              "use the same command to resume, or a new --out")
         idx.put("config", json.dumps(cfg))
         idx.commit()
-        t0 = time.time()
         scan = idx.get("scan_done") != "1"
         session = -1
         if scan:
@@ -86,10 +86,13 @@ def build_shards(inputs: Sequence[str], out: str | os.PathLike, progress: bool =
             idx.commit()
         # One pool for both stages: forking and warming workers costs more than it seems.
         pool = _pool(opts, out, session, load_exclude(opts.exclude) if scan else frozenset())
+        t1 = time.time()
         if scan:
             _scan(inputs, out, opts, idx, progress, pool)
+        t2 = time.time()
         idx.make_plan(opts.maxcount, opts.maxsize)
         shards = _write(out, opts, idx, progress, pool)
+        t3 = time.time()
         manifest = _finish(out, cfg, idx, shards)
     finally:
         if pool is not None:
@@ -97,9 +100,12 @@ def build_shards(inputs: Sequence[str], out: str | os.PathLike, progress: bool =
         workers.close_spool()
         idx.close()
         os.close(lock)
-    log.info("%d inputs: %d written to %d shards, %d skipped (%d duplicates) in %.1fs",
+    t4 = time.time()
+    # Where the time went (start-up, scan, plan + write, manifest + clean-up): what to profile.
+    log.info("%d inputs: %d written to %d shards, %d skipped (%d duplicates) in %.2fs "
+             "(start %.2f, scan %.2f, write %.2f, finish %.2f)",
              manifest["inputs_seen"], manifest["written"], len(shards), manifest["skipped"],
-             manifest["duplicates"], time.time() - t0)
+             manifest["duplicates"], t4 - t0, t1 - t0, t2 - t1, t3 - t2, t4 - t3)
     return manifest
 
 

@@ -125,6 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DistEnvError) as e:
         print(f"seer-train: {e}", file=sys.stderr)
         return 2
+    if not cfg.data.shards:
+        print("seer-train: data.shards is empty: pass data.shards=DIR (a `seer-shards build` output "
+              "folder) or a shard pattern", file=sys.stderr)
+        return 2
     if denv.source == "single" and cfg.dist.nproc > 1:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s launcher: %(message)s")
         return spawn_local(list(argv if argv is not None else sys.argv[1:]), cfg.dist.nproc,

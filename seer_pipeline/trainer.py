@@ -237,6 +237,9 @@ class Trainer:
                 self.save(blocking=True)
             self.ckpt.wait()
             return 0
+        except Exception:
+            log.error("rank %d stopped in step %d", self.rank, self.step + 1)
+            raise
         finally:
             metrics.close()
             self.flag.restore()

@@ -138,3 +138,21 @@ def test_requeue_counts_against_cap(tmp_path: Path, monkeypatch) -> None:
     assert data["count"] == 2 and [h["requeued"] for h in data["history"]] == [True, True, False]
     monkeypatch.delenv("SLURM_JOB_ID")
     assert not requeue_job(tmp_path, 2, 40, "SIGUSR2")  # not under SLURM: nothing to requeue
+
+
+def test_presets_load_and_carry_the_seer_recipe() -> None:
+    from seer_pipeline.models import list_trunks
+
+    names = ["cpu_tiny", "seer_32gf", "seer_128gf", "seer_256gf", "seer_10b", "swav_rn50like"]
+    cfgs = {n: load_train_config(n) for n in names}
+    assert all(c.model.trunk in list_trunks() for c in cfgs.values())
+    for n in names[1:5]:
+        c = cfgs[n]
+        assert (c.optim.base_lr, c.optim.weight_decay, c.optim.final_lr_ratio, c.optim.lars_trust,
+                c.optim.momentum) == (0.3, 1e-5, 1e-3, 1e-3, 0.9), n
+        assert (c.model.n_prototypes, c.model.head_bn, c.swav.freeze_prototypes_iters) == (16000, False, 313)
+        assert c.data.batch_size == 16 and c.parallel.ac == "stage" and c.train.precision == "bf16"
+    assert cfgs["seer_10b"].swav.epsilon == 0.03 and cfgs["seer_10b"].data.crops == "seer"
+    assert cfgs["seer_256gf"].model.hidden_dims == [8192, 8192] and cfgs["seer_256gf"].model.out_dim == 256
+    tiny = cfgs["cpu_tiny"]
+    assert list(tiny.data.size_crops) == [28, 16] and tiny.train.threads == 1 and tiny.train.precision == "fp32"

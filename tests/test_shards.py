@@ -301,6 +301,32 @@ def test_header_check_broken_links_and_damaged_archives(photo_dir: Path, tmp_pat
     assert man["written"] == 4 and man["inputs_seen"] == man["written"] + man["skipped"] == 8
 
 
+def test_full_check_gives_the_verdict_of_a_full_decode(photo_dir: Path, tmp_path: Path) -> None:
+    """--check full decodes pass-through JPEGs at 1/8 DCT scale (all entropy data, less IDCT);
+    on cut baseline and progressive streams it must judge exactly as a full-size decode does."""
+    src = next(p for p in sorted(photo_dir.glob("*.jpg")) if Image.open(p).mode == "RGB")
+    d = tmp_path / "d"
+    d.mkdir()
+    expect: dict[str, str] = {}
+    for tag, data in (("base", src.read_bytes()),
+                      ("prog", _save(Image.open(src), "JPEG", quality=90, progressive=True))):
+        for frac in (1.0, 0.3, 0.7, 0.95):
+            cut = data[: int(len(data) * frac)]
+            name = f"{tag}_{int(frac * 100)}.jpg"
+            (d / name).write_bytes(cut)
+            try:
+                Image.open(io.BytesIO(cut)).load()
+                expect[name] = "written"
+            except OSError:
+                expect[name] = "truncated"
+    assert list(expect.values()).count("truncated") >= 4  # the cuts must be real damage
+    build_shards([str(d)], tmp_path / "o", check="full", dedup=False)
+    got = {name: "written" for name in expect} | _skips(tmp_path / "o")
+    assert got == expect
+    stored = {Path(m["source"]).name: jpg for jpg, m in _samples(tmp_path / "o").values()}
+    assert stored["base_100.jpg"] == src.read_bytes()  # passed through byte for byte
+
+
 def test_hand_built_tar_headers_match_tarfile(tmp_path: Path) -> None:
     from data_prep.tarwrite import write_shard
 

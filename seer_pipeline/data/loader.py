@@ -38,6 +38,22 @@ def _workers_ignore_preemption(worker_id: int) -> None:
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
+def _shutdown(source: Any) -> None:
+    """Stop a DataLoader iterator's workers now, also when an error or close() ends the epoch.
+
+    Workers ignore SIGTERM (above), so DataLoader's own terminate() fallback cannot stop a stuck
+    one, and a leaked iterator would hang interpreter exit: stop them here, SIGKILL as last resort.
+    """
+    stop = getattr(source, "_shutdown_workers", None)
+    if stop is None:
+        return
+    stop()
+    for w in getattr(source, "_workers", []):
+        if w.is_alive():
+            w.kill()
+            w.join(timeout=5)
+
+
 @dataclass
 class DataConfig:
     """The `data` section of the training config."""
@@ -137,15 +153,19 @@ class MultiCropLoader:
                                              prefetch_factor=self.cfg.prefetch_factor,
                                              pin_memory=self.cfg.pin_memory, timeout=self.cfg.timeout_s,
                                              worker_init_fn=_workers_ignore_preemption))
-                for _ in range(left):
-                    try:
-                        views, meta = next(source)
-                    except StopIteration:
-                        raise RuntimeError(f"rank {self.rank}: epoch {self.epoch} ended after {self._batches} "
-                                           f"of {self.batches_this_epoch} batches (loader bug)") from None
-                    self._consume(meta)
-                    yield views
-                del source
+                try:
+                    for _ in range(left):
+                        try:
+                            views, meta = next(source)
+                        except StopIteration:
+                            raise RuntimeError(f"rank {self.rank}: epoch {self.epoch} ended after "
+                                               f"{self._batches} of {self.batches_this_epoch} batches "
+                                               "(loader bug)") from None
+                        self._consume(meta)
+                        yield views
+                finally:
+                    _shutdown(source)
+                    source = None
             self._next_epoch()
 
     def _consume(self, meta: Dict) -> None:
