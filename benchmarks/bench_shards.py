@@ -5,7 +5,9 @@
 
 Everything runs in this process tree on the same files. Runs are interleaved (each repeat runs
 every contender once, in an order rotated per repeat) and the median is kept, so background load
-hits all contenders alike; the 1-minute load average is recorded before every run.
+hits all contenders alike; the 1-minute load average is recorded before every run, and each
+repeat first measures how much a trivially parallel 2-process loop gains over 1 process right
+now (`parallel_probe_speedup`): where that is ~1, no --workers 2 figure can show scaling.
 
 Two sets:
 - PHOTO_DIR as it is: resize to a short side of 256 (seer-shards at --workers 1 and 2, the plain
@@ -132,6 +134,32 @@ def tar_cf(listfile: Path, out: Path, n: int, fsync: bool = False) -> tuple[floa
     return time.perf_counter() - t, _child_cpu() - c, n
 
 
+def _spin(n: int) -> int:
+    s = 0
+    for i in range(n):
+        s += i * i
+    return s
+
+
+def parallel_probe(n: int = 3_000_000) -> float:
+    """Speed-up of 2 processes over 1 on the same pure-Python loop, right now.
+
+    On a busy shared machine this is often ~1: no second core is free, and then no --workers 2
+    figure can show scaling. Reported next to the ratios so they can be read.
+    """
+    import multiprocessing as mp
+
+    t = time.perf_counter()
+    _spin(2 * n)
+    one = time.perf_counter() - t
+    with mp.get_context("fork").Pool(2) as pool:
+        pool.map(_spin, [1000, 1000])  # start-up outside the timing
+        t = time.perf_counter()
+        pool.map(_spin, [n, n])
+        two = time.perf_counter() - t
+    return one / two
+
+
 def unique_jpegs(jpegs: list[Path], n: int, dest: Path) -> tuple[list[Path], int, int]:
     """n JPEG files with distinct bytes, cycling through the distinct inputs (see module doc).
 
@@ -213,8 +241,10 @@ def main() -> None:
         cpus: dict[str, list[float]] = {k: [] for k in runs}
         loads: dict[str, list[float]] = {k: [] for k in runs}
         written: dict[str, int] = {}
+        probes: list[float] = []
         order = list(runs)
         for r in range(args.repeats):
+            probes.append(parallel_probe())
             for name in order[r % len(order):] + order[:r % len(order)]:
                 out = tmp / "out" / name
                 shutil.rmtree(out, ignore_errors=True)
@@ -225,7 +255,8 @@ def main() -> None:
                 cpus[name].append(cpu)
                 written[name] = n
                 shutil.rmtree(out, ignore_errors=True)
-            print(f"repeat {r + 1}/{args.repeats} done, load {os.getloadavg()[0]:.2f}", flush=True)
+            print(f"repeat {r + 1}/{args.repeats} done, load {os.getloadavg()[0]:.2f}, "
+                  f"2-process speed-up {probes[-1]:.2f}", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -264,6 +295,8 @@ def main() -> None:
         "big_passthrough_header_vs_tar_fsync": ratio("big_pass_header_w2", "big_tar_cf_fsync"),
         "cpu_ratio_w1_vs_baseline": ratio("seer_w1", "baseline", cpu_ips),
         "cpu_ratio_w2_vs_baseline": ratio("seer_w2", "baseline", cpu_ips),
+        "parallel_probe_speedup": {"median": round(med(probes), 2), "min": round(min(probes), 2),
+                                   "max": round(max(probes), 2)},
         "loadavg_1min": {"median": round(med(all_loads), 2), "min": round(min(all_loads), 2),
                          "max": round(max(all_loads), 2)} if all_loads else None,
     }

@@ -234,7 +234,9 @@ def evaluate(s: Settings, out: Path) -> dict[str, Any]:
         text = _run(_cmd("seer_pipeline.eval.cli") + [mode, "--checkpoint", ckpt, *common,
                                                        "--out", str(out / "eval" / f"{name}.json")],
                     f"seer-eval {name}", capture=True)
-        results[name] = json.loads(text.strip().splitlines()[-1])
+        results[name] = r = json.loads(text.strip().splitlines()[-1])
+        log.info("%s: linear %s, k-NN %s (%.0f s)", name, r.get("linear", {}).get("accuracy", "-"),
+                 r.get("knn", {}).get("accuracy", "-"), r["seconds"])
 
     ev("swav", "all", str(out / "run"))
     ev("random", "all", "random:cpu_tiny")

@@ -88,7 +88,7 @@ def parse_checkpoint(spec: str, trunk: str | None = None) -> TrunkSpec:
 
 
 def build_random(trunk_name: str, seed: int = 0) -> nn.Module:
-    """A seeded, randomly initialised trunk on CPU (build_trunk builds on meta)."""
+    """A seeded, randomly initialised trunk on CPU (materialised if built on the meta device)."""
     from ..models import build_trunk
 
     torch.manual_seed(seed)

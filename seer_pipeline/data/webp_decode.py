@@ -1,0 +1,110 @@
+"""WebP decoding straight to RGB through libwebp's advanced API (ctypes); PIL is the fallback.
+
+PIL decodes every WebP through the animation decoder (RGBA, then a copy to RGB): 25.6 ms for a
+1920x1080 photo vs 11.1 ms here (one core, loaded machine). libwebp can also scale while it
+converts from YUV (`use_scaling`), but that measured no faster (12.3 ms at 1/2, 9.5 ms at 1/4:
+the VP8 decode dominates), so images are decoded at full size. The library is the one PIL's WebP plugin links (Debian's libwebp7); when it is missing or
+its decoder ABI differs, `decode_webp` returns None and the caller uses PIL.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+_ABI = 0x0209  # WEBP_DECODER_ABI_VERSION of libwebp 0.5 .. 1.5 (webp/decode.h)
+_MODE_RGB = 0
+
+
+class _Features(ctypes.Structure):
+    _fields_ = [("width", ctypes.c_int), ("height", ctypes.c_int), ("has_alpha", ctypes.c_int),
+                ("has_animation", ctypes.c_int), ("format", ctypes.c_int), ("pad", ctypes.c_uint32 * 5)]
+
+
+class _RGBA(ctypes.Structure):
+    _fields_ = [("rgba", ctypes.c_void_p), ("stride", ctypes.c_int), ("size", ctypes.c_size_t)]
+
+
+class _YUVA(ctypes.Structure):
+    _fields_ = [("y", ctypes.c_void_p), ("u", ctypes.c_void_p), ("v", ctypes.c_void_p),
+                ("a", ctypes.c_void_p), ("y_stride", ctypes.c_int), ("u_stride", ctypes.c_int),
+                ("v_stride", ctypes.c_int), ("a_stride", ctypes.c_int), ("y_size", ctypes.c_size_t),
+                ("u_size", ctypes.c_size_t), ("v_size", ctypes.c_size_t), ("a_size", ctypes.c_size_t)]
+
+
+class _Union(ctypes.Union):
+    _fields_ = [("RGBA", _RGBA), ("YUVA", _YUVA)]
+
+
+class _DecBuffer(ctypes.Structure):
+    _fields_ = [("colorspace", ctypes.c_int), ("width", ctypes.c_int), ("height", ctypes.c_int),
+                ("is_external_memory", ctypes.c_int), ("u", _Union), ("pad", ctypes.c_uint32 * 4),
+                ("private_memory", ctypes.c_void_p)]
+
+
+class _Options(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_int) for n in (
+        "bypass_filtering", "no_fancy_upsampling", "use_cropping", "crop_left", "crop_top",
+        "crop_width", "crop_height", "use_scaling", "scaled_width", "scaled_height", "use_threads",
+        "dithering_strength", "flip", "alpha_dithering_strength")] + [("pad", ctypes.c_uint32 * 5)]
+
+
+class _Config(ctypes.Structure):
+    _fields_ = [("input", _Features), ("output", _DecBuffer), ("options", _Options)]
+
+
+def _load() -> Optional[ctypes.CDLL]:
+    name = ctypes.util.find_library("webp")
+    if name is None:
+        return None
+    try:
+        lib = ctypes.CDLL(name)
+        lib.WebPInitDecoderConfigInternal.argtypes = [ctypes.POINTER(_Config), ctypes.c_int]
+        lib.WebPGetFeaturesInternal.argtypes = [ctypes.c_char_p, ctypes.c_size_t,
+                                                ctypes.POINTER(_Features), ctypes.c_int]
+        lib.WebPDecode.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(_Config)]
+        if not lib.WebPInitDecoderConfigInternal(ctypes.byref(_Config()), _ABI):
+            log.info("libwebp %s has another decoder ABI; WebP decodes through PIL", name)
+            return None
+        return lib
+    except (OSError, AttributeError) as e:
+        log.info("libwebp not usable (%s); WebP decodes through PIL", e)
+        return None
+
+
+_LIB = _load()
+
+
+def available() -> bool:
+    return _LIB is not None
+
+
+def decode_webp(data: bytes) -> Optional[Image.Image]:
+    """Full-size RGB image of a still WebP (alpha dropped, as PIL's convert("RGB")), or None.
+
+    None means "let PIL decide": no usable libwebp, an animation, or a stream libwebp rejects
+    (PIL then raises its own error for a broken file, which the loader counts).
+    """
+    if _LIB is None:
+        return None
+    cfg = _Config()
+    if not _LIB.WebPInitDecoderConfigInternal(ctypes.byref(cfg), _ABI):
+        return None
+    if _LIB.WebPGetFeaturesInternal(data, len(data), ctypes.byref(cfg.input), _ABI) != 0:
+        return None
+    w, h = cfg.input.width, cfg.input.height
+    if cfg.input.has_animation or w <= 0 or h <= 0:
+        return None
+    out = np.empty((h, w, 3), dtype=np.uint8)
+    buf = cfg.output
+    buf.colorspace, buf.is_external_memory = _MODE_RGB, 1
+    buf.u.RGBA.rgba, buf.u.RGBA.stride, buf.u.RGBA.size = out.ctypes.data, w * 3, out.nbytes
+    if _LIB.WebPDecode(data, len(data), ctypes.byref(cfg)) != 0:
+        return None
+    return Image.fromarray(out, "RGB")
