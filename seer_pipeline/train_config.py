@@ -34,18 +34,18 @@ class ModelConfig:
     # Projection head: trunk.out_dim -> hidden_dims... -> out_dim. Empty hidden_dims: a single
     # linear projection. SEER 32GF: 3712 -> 3712 -> 128 (VISSL; see reference-systems.md).
     hidden_dims: List[int] = field(default_factory=lambda: [3712])
-    out_dim: int = 128
+    out_dim: int = 128  # embedding dimension (L2-normalised) scored against the prototypes
     n_prototypes: int = 16000  # SEER "proto16k"
     head_bn: bool = False  # SEER uses no BN in the head ("noBNhead"); SwAV RN50 does
-    channels_last: bool = False
+    channels_last: bool = False  # NHWC memory format (faster convolutions on CPU and tensor cores)
 
 
 @dataclass
 class SwavConfig:
     epsilon: float = 0.05  # 0.05 base, 0.03 for 10B (VISSL seer configs)
     sinkhorn_iters: int = 10  # SEER: 10; swav reference: 3
-    temperature: float = 0.1
-    crops_for_assign: List[int] = field(default_factory=lambda: [0, 1])
+    temperature: float = 0.1  # softmax temperature of the swapped prediction (SwAV/SEER)
+    crops_for_assign: List[int] = field(default_factory=lambda: [0, 1])  # crops whose codes are predicted
     freeze_prototypes_iters: int = 313  # SEER/swav at batch 4096
     queue_length: int = 0  # global queue length (0: no queue, as SEER)
     queue_start: int = 0  # step at which the queue starts filling
@@ -57,8 +57,8 @@ class OptimConfig:
     warmup_steps: int = 8000  # SEER "warmup8k"
     warmup_start_lr: float = 0.3  # warmup goes linearly from this to the peak (SEER/VISSL)
     final_lr_ratio: float = 0.001  # cosine to peak/1000
-    weight_decay: float = 1e-5
-    momentum: float = 0.9
+    weight_decay: float = 1e-5  # SEER (1e-6 in the SwAV ImageNet base)
+    momentum: float = 0.9  # SGD momentum inside LARS
     lars_trust: float = 0.001  # LARC trust coefficient, no clipping
     lars_exclude_bn_bias: bool = False  # SEER applied LARS and wd to BN and biases too
     total_steps: int = 0  # schedule length; 0 = train.steps (fix it to extend a run later)
@@ -66,12 +66,12 @@ class OptimConfig:
 
 @dataclass
 class TrainLoopConfig:
-    steps: int = 1000
+    steps: int = 1000  # optimizer steps of the run (may grow on resume)
     threads: int = 1  # torch intra-op threads per rank; changes results bitwise, so explicit
     precision: str = "fp32"  # fp32 | bf16 | fp16 (bf16/fp16 params on GPU, autocast on CPU)
-    log_every: int = 10
+    log_every: int = 10  # console/TensorBoard interval; metrics.jsonl has every step
     deterministic: bool = True  # torch.use_deterministic_algorithms where supported
-    tensorboard: bool = True
+    tensorboard: bool = True  # write RUN/tb event files
 
 
 # `ckpt.async` is a required key but `async` is a Python keyword, so this section is built
@@ -84,7 +84,7 @@ CkptConfig = dataclass(init=False, repr=False, eq=False)(type("CkptConfig", (), 
     "every": 1000,  # steps between periodic saves (0: only on a signal and at the end)
     "keep_latest": 2,  # keep the newest K complete checkpoints
     "keep_every": 0,  # also keep every Mth step as a milestone (0: none)
-    "save_final": True,  # save when train.steps is reached
+    "save_final": True,  # also save when train.steps is reached
     "async": False,  # save in the background (dcp.async_save on its own gloo group)
 }))
 
@@ -104,7 +104,7 @@ class ParallelConfig:
     ac: str = "none"  # none | stage | block  (activation checkpointing)
     compile: bool = False  # torch.compile each block
     sync_bn_group: int = 0  # CUDA only: SyncBN group size (0 = per node, -1 = off)
-    reshard_after_forward: bool = True
+    reshard_after_forward: bool = True  # free gathered params after forward (ZeRO-3); False trades memory for speed
 
 
 @dataclass

@@ -103,3 +103,15 @@ def test_harness_runs_ranks_and_reports_failures():
     assert run_distributed(_allreduce, 2) == [3.0, 3.0]
     with pytest.raises(DistributedTestError, match="boom on rank 1"):
         run_distributed(_fails_on_rank1, 2, timeout=60)
+
+
+def test_config_reference_is_current():
+    """docs/config.md is generated from the config dataclasses; regenerate it when they change:
+    `python -m seer_pipeline.config_reference > docs/config.md`."""
+    from pathlib import Path
+
+    from seer_pipeline.config_reference import render
+
+    doc = Path(__file__).resolve().parent.parent / "docs" / "config.md"
+    assert doc.read_text() == render()
+    assert "| `ckpt.async` |" in doc.read_text() and "| `slurm.max_requeues` |" in doc.read_text()

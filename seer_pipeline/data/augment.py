@@ -9,10 +9,9 @@ crop built from at least as many source pixels as the reference's:
   region stays >= its output size; simplejpeg also decodes full-size JPEGs faster than PIL;
 - crop + resize is one `resize(box=...)` with a reducing gap (box pre-reduction over all source
   pixels, then bilinear), instead of copying the crop and resizing at full resolution;
-- brightness and contrast are per-value maps, so runs of them fuse into one 256-entry table (the
-  contrast mean comes from the channel histograms through the pending table), applied in one pass;
-  the hue shift is a lookup on the HSV hue band; uint8 -> float and normalisation run once per
-  crop size over the stacked crops.
+- colour jitter and grayscale run as numba-compiled loops over the uint8 crop with PIL's own
+  arithmetic (colour.py); WebP decodes straight to RGB through libwebp (webp_decode.py);
+  uint8 -> float and normalisation run once per crop size over the stacked crops.
 Randomness comes only from the `numpy.random.Generator` passed in (per sample), never global RNG.
 """
 from __future__ import annotations
@@ -27,6 +26,7 @@ import PIL
 import torch
 from PIL import Image, ImageFilter
 
+from .colour import gray_inplace, jitter_inplace
 from .webp_decode import decode_webp
 
 try:  # libjpeg-turbo with DCT scaling; ~15-30% faster than PIL's JPEG decode at full size (measured)
@@ -103,74 +103,16 @@ def _decode_jpeg(data: bytes, boxes: Sequence[Tuple[int, int, int, int]], sizes:
     return Image.fromarray(arr, "RGB")
 
 
-_IDENTITY = np.arange(256, dtype=np.float64)
-
-
-def _brightness_table(f: float) -> np.ndarray:
-    # PIL's blend with black: truncate f * v, clipped to 0..255
-    return np.floor(np.clip(_IDENTITY * f, 0, 255))
-
-
-def _contrast_table(f: float, mean: int) -> np.ndarray:
-    # PIL's blend with a flat image of the rounded mean of the luma
-    return np.floor(np.clip(mean + f * (_IDENTITY - mean), 0, 255))
-
-
-class _Table(Image.ImagePointHandler):
-    """A ready uint8 table for `Image.point` (a plain list costs 768 Python round() calls)."""
-
-    def __init__(self, table: np.ndarray, bands: int) -> None:
-        self.lut = table.astype(np.uint8).tolist() * bands
-
-    def point(self, im: Image.Image) -> Image.Image:
-        return im._new(im.im.point(self.lut, None))
-
-
-def _saturate(img: Image.Image, f: float) -> Image.Image:
-    # ImageEnhance.Color is blend(gray, img, f) in three passes; as one colour matrix it is one
-    # pass, rounding once instead of twice (values differ by at most 1 level).
-    g = [(1 - f) * w for w in _GRAY]
-    return img.convert("RGB", matrix=(g[0] + f, g[1], g[2], 0.0, g[0], g[1] + f, g[2], 0.0,
-                                      g[0], g[1], g[2] + f, 0.0))
-
-
-def _shift_hue(img: Image.Image, amount: float) -> Image.Image:
-    # Same arithmetic as the reference (truncate toward 0, wrap mod 256), via a band lookup table.
-    shift = int(amount * 255) & 0xFF
-    h, s, v = img.convert("HSV").split()
-    h = h.point(_Table((_IDENTITY + shift) % 256, 1))
-    return Image.merge("HSV", (h, s, v)).convert("RGB")
-
-
-def _jitter(img: Image.Image, rng: np.random.Generator, b: float = 0.8, c: float = 0.8,
-            s: float = 0.8, hue: float = 0.2) -> Image.Image:
+def _jitter(crop: np.ndarray, rng: np.random.Generator, b: float = 0.8, c: float = 0.8,
+            s: float = 0.8, hue: float = 0.2) -> None:
+    """Brightness/contrast/saturation/hue jitter in a random order, in place on [H,W,3] uint8."""
     order = rng.permutation(4)
     fb = rng.uniform(max(0.0, 1 - b), 1 + b)
     fc = rng.uniform(max(0.0, 1 - c), 1 + c)
     fs = rng.uniform(max(0.0, 1 - s), 1 + s)
     fh = rng.uniform(-hue, hue)
-    # Brightness (0) and contrast (1) act on each value alone: compose them into `table` and apply
-    # it in one pass before saturation (2) or hue (3) or at the end. Contrast needs the luma mean
-    # of the image as it would be: the channel histograms through the pending table give it.
-    table: Optional[np.ndarray] = None
-    for k in order:
-        if k == 0:
-            t = _brightness_table(fb)
-            table = t if table is None else t[table.astype(np.intp)]
-        elif k == 1:
-            hist = np.asarray(img.histogram(), dtype=np.float64).reshape(3, 256)
-            cur = _IDENTITY if table is None else table
-            means = (hist * cur).sum(1) / hist[0].sum()
-            t = _contrast_table(fc, int(float(means @ np.array(_GRAY)) + 0.5))
-            table = t if table is None else t[table.astype(np.intp)]
-        else:
-            if table is not None:
-                img = img.point(_Table(table, 3))
-                table = None
-            img = _saturate(img, fs) if k == 2 else _shift_hue(img, fh)
-    if table is not None:
-        img = img.point(_Table(table, 3))
-    return img
+    # The reference's hue arithmetic: a fraction of a turn, truncated toward 0, wrapped mod 256.
+    jitter_inplace(crop, order, fb, fc, fs, int(fh * 255) & 0xFF)
 
 
 class MultiCrop:
@@ -230,13 +172,16 @@ class MultiCrop:
     def _distort(self, crop: Image.Image, rng: np.random.Generator) -> np.ndarray:
         if rng.random() < 0.5:
             crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        arr = np.array(crop)  # a writable copy for the in-place colour kernels
         if rng.random() < self.jitter_p:
-            crop = _jitter(crop, rng)
+            _jitter(arr, rng)
         if rng.random() < self.gray_p:
-            crop = crop.convert("L").convert("RGB")
+            gray_inplace(arr)
         if rng.random() < self.blur_p:
-            crop = crop.filter(ImageFilter.GaussianBlur(radius=rng.uniform(*self.blur_radius)))
-        return np.asarray(crop)
+            blurred = Image.fromarray(arr, "RGB").filter(
+                ImageFilter.GaussianBlur(radius=rng.uniform(*self.blur_radius)))
+            arr = np.asarray(blurred)
+        return arr
 
     def _to_tensors(self, crops: List[np.ndarray]) -> List[torch.Tensor]:
         # One uint8 -> float pass per group of equal-size consecutive crops.

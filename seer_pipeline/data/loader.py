@@ -62,15 +62,15 @@ class DataConfig:
     workers: int = 2  # DataLoader workers per rank; 0 = in-process
     crops: str = "swav"  # swav | seer | seer2021 | custom
     size_crops: List[int] = field(default_factory=list)  # used when crops == "custom"
-    nmb_crops: List[int] = field(default_factory=list)
-    min_scale_crops: List[float] = field(default_factory=list)
-    max_scale_crops: List[float] = field(default_factory=list)
-    shuffle_buffer: int = 1000
-    seed: int = 0
-    max_fail_fraction: float = 0.01
+    nmb_crops: List[int] = field(default_factory=list)  # crops per size (custom)
+    min_scale_crops: List[float] = field(default_factory=list)  # RandomResizedCrop min area fraction per size (custom)
+    max_scale_crops: List[float] = field(default_factory=list)  # RandomResizedCrop max area fraction per size (custom)
+    shuffle_buffer: int = 1000  # samples per worker in the streaming shuffle buffer (bounds memory)
+    seed: int = 0  # data order and augmentations are a function of (seed, epoch, rank, worker)
+    max_fail_fraction: float = 0.01  # above this fraction of undecodable samples the loader stops
     epoch_samples: int = 0  # resampled mode only: samples per epoch (whole world)
-    prefetch_factor: int = 2
-    pin_memory: bool = False
+    prefetch_factor: int = 2  # batches prefetched per worker
+    pin_memory: bool = False  # pin host memory (CUDA)
     timeout_s: float = 0.0  # DataLoader batch timeout (0 = wait forever)
 
 
