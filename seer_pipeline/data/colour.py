@@ -40,53 +40,56 @@ def _round_c(x: float) -> int:
     return int(math.floor(x + 0.5)) if x >= 0 else -int(math.floor(-x + 0.5))
 
 
+# Tables that turn PIL's divisions into exact lookups (the quotients are the same float32 / double
+# values, so results stay bit-identical): QUOT[x, y] = float32(x) / float32(y); for a hue byte h,
+# SECTOR[h] = floor(h * 6.0 / 255.0) and FRAC[h] = float32(h * 6.0 / 255.0 - SECTOR[h]);
+# SAT[s] = float32(s / 255.0).
+_n = np.arange(256, dtype=np.float32)
+with np.errstate(divide="ignore", invalid="ignore"):
+    QUOT = (_n[:, None] / _n[None, :]).astype(np.float32)
+_h6 = np.arange(256, dtype=np.float64) * 6.0 / 255.0
+SECTOR = np.floor(_h6).astype(np.int64)
+FRAC = (_h6 - SECTOR).astype(np.float32)
+SAT = (np.arange(256, dtype=np.float64) / 255.0).astype(np.float32)
+# PIL's hsv2rgb sector cases 0..5 (and 6 == 0): (r, g, b) as indices into (v, q, t, p)
+ORDER = np.array([[0, 2, 3], [1, 0, 3], [3, 0, 2], [3, 1, 0], [2, 3, 0], [0, 3, 1], [0, 2, 3]],
+                 dtype=np.int64)
+
+
 @numba.njit(cache=True)
-def _hue(a: np.ndarray, shift: int) -> None:
-    h_, w_ = a.shape[0], a.shape[1]
-    for y in range(h_):
-        for x in range(w_):
-            r, g, b = np.int32(a[y, x, 0]), np.int32(a[y, x, 1]), np.int32(a[y, x, 2])
-            mx, mn = max(r, g, b), min(r, g, b)
-            if mx == mn:
-                continue  # s == 0: gray stays gray whatever the hue
-            cr = np.float32(mx - mn)
-            s = cr / np.float32(mx)
-            rc, gc, bc = np.float32(mx - r) / cr, np.float32(mx - g) / cr, np.float32(mx - b) / cr
-            if r == mx:
-                hf = np.float32(bc - gc)
-            elif g == mx:
-                hf = np.float32(2.0 + rc - bc)
-            else:
-                hf = np.float32(4.0 + gc - rc)
-            hx = hf / 6.0 + 1.0  # in [5/6, 11/6]: fmod(hx, 1) is hx - floor(hx), exactly
-            hf = np.float32(hx - math.floor(hx))
-            uh = min(max(int(hf * 255.0), 0), 255)
-            us = min(max(int(s * 255.0), 0), 255)
-            uh = (uh + shift) & 0xFF
-            if us == 0:
-                a[y, x, 0] = a[y, x, 1] = a[y, x, 2] = mx
-                continue
-            h6 = np.float32(uh) * 6.0 / 255.0
-            i = int(math.floor(h6))
-            f = np.float32(h6 - i)
-            fs = np.float32(us / 255.0)
-            p = min(max(_round_c(mx * (1.0 - fs)), 0), 255)
-            q = min(max(_round_c(mx * (1.0 - fs * f)), 0), 255)
-            t = min(max(_round_c(mx * (1.0 - fs * (1.0 - f))), 0), 255)
-            k = i % 6
-            if k == 0:
-                r, g, b = mx, t, p
-            elif k == 1:
-                r, g, b = q, mx, p
-            elif k == 2:
-                r, g, b = p, mx, t
-            elif k == 3:
-                r, g, b = p, q, mx
-            elif k == 4:
-                r, g, b = t, p, mx
-            else:
-                r, g, b = mx, p, q
-            a[y, x, 0], a[y, x, 1], a[y, x, 2] = r, g, b
+def _hue(a: np.ndarray, shift: int, quot: np.ndarray, sector: np.ndarray, frac: np.ndarray,
+         sat: np.ndarray, order: np.ndarray) -> None:
+    px = a.reshape(-1, 3)
+    cand = np.empty(4, np.int32)  # v, q, t, p of PIL's hsv2rgb; ORDER picks them per sector
+    for n in range(px.shape[0]):
+        r, g, b = np.int32(px[n, 0]), np.int32(px[n, 1]), np.int32(px[n, 2])
+        mx, mn = max(r, g, b), min(r, g, b)
+        if mx == mn:
+            continue  # s == 0: gray stays gray whatever the hue
+        cr = mx - mn
+        s = quot[cr, mx]
+        if r == mx:
+            hf = np.float32(quot[mx - b, cr] - quot[mx - g, cr])
+        elif g == mx:
+            hf = np.float32(2.0 + quot[mx - r, cr] - quot[mx - b, cr])
+        else:
+            hf = np.float32(4.0 + quot[mx - g, cr] - quot[mx - r, cr])
+        hx = hf / 6.0 + 1.0  # in [5/6, 11/6]: fmod(hx, 1) is hx - floor(hx), exactly
+        hf = np.float32(hx - math.floor(hx))
+        uh = min(max(int(hf * 255.0), 0), 255)
+        us = min(max(int(s * 255.0), 0), 255)
+        uh = (uh + shift) & 0xFF
+        if us == 0:
+            px[n, 0] = px[n, 1] = px[n, 2] = mx
+            continue
+        f = frac[uh]
+        fs = sat[us]
+        cand[0] = mx
+        cand[1] = min(max(_round_c(mx * (1.0 - fs * f)), 0), 255)
+        cand[2] = min(max(_round_c(mx * (1.0 - fs * (1.0 - f))), 0), 255)
+        cand[3] = min(max(_round_c(mx * (1.0 - fs)), 0), 255)
+        k = sector[uh]
+        px[n, 0], px[n, 1], px[n, 2] = cand[order[k, 0]], cand[order[k, 1]], cand[order[k, 2]]
 
 
 @numba.njit(cache=True)
@@ -126,8 +129,9 @@ def _saturation(a: np.ndarray, f: np.float32) -> None:
 
 
 @numba.njit(cache=True)
-def jitter_inplace(a: np.ndarray, order: np.ndarray, fb: float, fc: float, fs: float, shift: int) -> None:
-    """Brightness (0), contrast (1), saturation (2), hue shift (3) on `a` [H,W,3] uint8, in `order`."""
+def _jitter(a: np.ndarray, order: np.ndarray, fb: float, fc: float, fs: float, shift: int,
+            quot: np.ndarray, sector: np.ndarray, frac: np.ndarray, sat: np.ndarray,
+            hsv_order: np.ndarray) -> None:
     for k in order:
         if k == 0:
             _brightness(a, np.float32(fb))
@@ -136,7 +140,12 @@ def jitter_inplace(a: np.ndarray, order: np.ndarray, fb: float, fc: float, fs: f
         elif k == 2:
             _saturation(a, np.float32(fs))
         else:
-            _hue(a, shift)
+            _hue(a, shift, quot, sector, frac, sat, hsv_order)
+
+
+def jitter_inplace(a: np.ndarray, order: np.ndarray, fb: float, fc: float, fs: float, shift: int) -> None:
+    """Brightness (0), contrast (1), saturation (2), hue shift (3) on `a` [H,W,3] uint8, in `order`."""
+    _jitter(a, order, fb, fc, fs, shift, QUOT, SECTOR, FRAC, SAT, ORDER)
 
 
 @numba.njit(cache=True)
