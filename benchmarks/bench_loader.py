@@ -7,7 +7,8 @@
        taskset -c 0 .venv/bin/python benchmarks/bench_loader.py
 2. Builds shards from the photos (original bytes, any format) and times one epoch of
    `build_loader` with --workers DataLoader workers (samples/s, swav crops).
-The last line is JSON: ratios candidate/reference (wall-clock medians; cpu-time ratios beside) and
+The last line is JSON: ratios candidate/reference (median over runs of the paired wall-clock
+ratio; cpu-time ratios and the ratio of medians beside), the load average before and after, and
 the loader throughput. Targets (issue 3): swav >= 3x, seer >= 2x on the mixed set, >= 1.8x on 2 MP.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import importlib.util
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -58,8 +60,13 @@ def side_by_side(ref, root: Path, crops: str, limit: int, runs: int) -> dict:
             "--candidate", "seer_pipeline.data:multicrop_factory"]
     out = ref.main(argv)
     r, c = out[f"multicrop-{crops}"], out[f"candidate-{crops}"]
-    return {"ratio": round(c["median_per_s"] / r["median_per_s"], 2),
-            "cpu_ratio": round(c["cpu_median_per_s"] / r["cpu_median_per_s"], 2),
+    # Runs alternate reference, candidate, ...: the ratio within a pair sees the same machine load,
+    # so the median of the paired ratios is steadier than a ratio of medians on a shared box.
+    paired = [cw / rw for cw, rw in zip(c["runs_per_s"], r["runs_per_s"])]
+    cpu_paired = [cc / rc for cc, rc in zip(c["cpu_runs_per_s"], r["cpu_runs_per_s"])]
+    return {"ratio": round(statistics.median(paired), 2), "cpu_ratio": round(statistics.median(cpu_paired), 2),
+            "ratio_of_medians": round(c["median_per_s"] / r["median_per_s"], 2),
+            "paired_ratios": [round(x, 2) for x in paired],
             "reference_per_s": r["median_per_s"], "candidate_per_s": c["median_per_s"]}
 
 
@@ -92,7 +99,8 @@ def main(argv=None) -> dict:
     torch.set_num_threads(1)
     ref = load_reference(Path(a.reference))
     photos = Path(a.photos)
-    result = {"pil": pil_flavour(), "affinity": sorted(os.sched_getaffinity(0))}
+    result = {"pil": pil_flavour(), "affinity": sorted(os.sched_getaffinity(0)),
+              "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
     with tempfile.TemporaryDirectory() as tmp:
         big = Path(tmp) / "big"
         result["images_2mp"] = big_subset(photos, big, 2.0)
@@ -103,6 +111,7 @@ def main(argv=None) -> dict:
             result["loader_samples_per_s"] = round(
                 loader_throughput(photos, a.workers, a.loader_images, a.batch, Path(tmp)), 1)
             result["loader_workers"] = a.workers
+    result["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     result["ratios"] = {k: result[k]["ratio"] for k in ("swav_mixed", "seer_mixed", "swav_2mp", "seer_2mp")}
     print(json.dumps(result))
     return result

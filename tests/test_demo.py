@@ -41,7 +41,7 @@ def test_demo_smoke_on_a_subset(tmp_path: Path) -> None:
     -> plot -> report. ~2-3 minutes on a quiet 2-core machine."""
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "seer_pipeline.demo", "--out", str(out), "--subset", "1500",
-           "--test-subset", "500", "--train-minutes", "1.0", "--sup-minutes", "0.1",
+           "--test-subset", "500", "--train-minutes", "1.5", "--sup-minutes", "0.1",
            "--bn-images", "500", "--calib-steps", "4",
            "swav.freeze_prototypes_iters=2", "optim.warmup_steps=3", "data.batch_size=32"]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)

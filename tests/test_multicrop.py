@@ -1,4 +1,5 @@
-"""Multi-crop augmentation: shapes, draft rule, determinism, and output statistics vs the reference.
+"""Multi-crop augmentation: shapes, draft rule, decoders and colour kernels vs PIL, determinism, and
+output statistics vs the reference.
 
 The reference is ../shared/bench/bench_reference_loader.py (swav's MultiCropDataset re-done with PIL
 + torch). Tolerances are about 4 standard errors of the difference at the stated sample counts.
@@ -15,10 +16,13 @@ from typing import Callable, Dict, List
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageEnhance
 
+from seer_pipeline.data import colour
 from seer_pipeline.data.augment import (CROP_PRESETS, MEAN, STD, MultiCrop, draft_factor,
                                         multicrop_factory, sample_crop_box)
+from seer_pipeline.data.webp_decode import available as webp_available
+from seer_pipeline.data.webp_decode import decode_webp
 
 REF_PATH = Path(__file__).resolve().parents[2] / "shared" / "bench" / "bench_reference_loader.py"
 
@@ -65,6 +69,67 @@ def test_draft_factor_keeps_source_at_least_output() -> None:
         if f < 8:  # the next scale would break the rule for some crop
             g = 2 * f
             assert any(w // g < min(s, w) or h // g < min(s, h) for (_, _, w, h), s in zip(boxes, sizes))
+
+
+def _agree(ours: np.ndarray, theirs: Image.Image, exact: bool) -> None:
+    d = np.abs(ours.astype(int) - np.asarray(theirs).astype(int))
+    if exact:
+        assert d.max() == 0, d.max()
+    else:  # one rounding instead of PIL's two: at most one level, on under 1% of the values
+        assert d.max() <= 1 and (d > 0).mean() < 0.01, (d.max(), (d > 0).mean())
+
+
+def test_colour_kernels_match_pil() -> None:
+    # Random pixels reach every hue sector and the clipping edges; a real photo crop too.
+    noise = np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    photo = np.array(Image.open(Path(__file__).parent / "data" / "photos" /
+                                "opencv-doc__examples_data_butterfly.jpg").convert("RGB").resize((96, 96)))
+    for a in (noise, photo):
+        im = Image.fromarray(a)
+        for f in (0.25, 1.0, 1.7):
+            for k, enh, exact in ((0, ImageEnhance.Brightness, True), (1, ImageEnhance.Contrast, True),
+                                  (2, ImageEnhance.Color, False)):
+                x = a.copy()
+                colour.jitter_inplace(x, np.array([k]), f, f, f, 0)
+                _agree(x, enh(im).enhance(f), exact)
+        for amount in (-0.2, 0.0, 0.13):  # the reference's hue shift: HSV round trip in PIL
+            shift = int(amount * 255) & 0xFF
+            h, sat, v = im.convert("HSV").split()
+            want = Image.merge("HSV", (h.point(lambda i: (i + shift) % 256), sat, v)).convert("RGB")
+            x = a.copy()
+            colour.jitter_inplace(x, np.array([3]), 1.0, 1.0, 1.0, shift)
+            _agree(x, want, True)
+        x = a.copy()
+        colour.gray_inplace(x)
+        _agree(x, im.convert("L").convert("RGB"), False)
+
+
+def _webp(im: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "WEBP", **kw)
+    return buf.getvalue()
+
+
+def test_webp_and_jpeg_fast_decoders_match_pil(photo_dir: Path) -> None:
+    # The fast paths must give PIL's own pixels at full scale (libwebp / libjpeg-turbo both ways).
+    assert webp_available()
+    rgb = Image.open(photo_dir / "opencv-doc__examples_data_butterfly.jpg").convert("RGB")
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(rgb.size))
+    for data in (_webp(rgb, quality=80), _webp(rgba, lossless=True)):
+        want = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        assert np.array_equal(np.asarray(decode_webp(data)), want)
+    assert decode_webp(_webp(rgb)[:300]) is None  # truncated: PIL decides (and raises)
+    with pytest.raises(OSError):
+        MultiCrop(*CROP_PRESETS["seer"])(_webp(rgb)[:300], np.random.default_rng(0))
+    full = [(0, 0, 224, 224)]  # a box no larger than its output forbids any reduction
+    for name in ("opencv-doc__examples_data_messi5.jpg", "python3-skimage__skimage_data_rocket.jpg"):
+        data = (photo_dir / name).read_bytes()
+        img = Image.open(io.BytesIO(data))
+        got = MultiCrop._decode(img, data, full * 2, [224, 224])
+        assert np.array_equal(np.asarray(got), np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+        half = MultiCrop._decode(Image.open(io.BytesIO(data)), data, [(0, 0, 448, 460)], [224])
+        assert half.size == tuple(math.ceil(d / 2) for d in img.size)  # DCT scale 1/2, no further
 
 
 def test_same_generator_same_pixels(photos: List[bytes]) -> None:

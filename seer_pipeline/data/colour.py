@@ -16,6 +16,7 @@ import numpy as np
 # Pillow's ITU-R 601 luma in 16-bit fixed point (Convert.c, L24): L = (19595 R + 38470 G + 7471 B
 # + 0x8000) >> 16, i.e. 0.299/0.587/0.114 rounded.
 _LR, _LG, _LB = 19595, 38470, 7471
+_SIXTH = 1.0 / 6.0
 
 
 @numba.njit(cache=True, inline="always")
@@ -74,10 +75,10 @@ def _hue(a: np.ndarray, shift: int, quot: np.ndarray, sector: np.ndarray, frac: 
             hf = np.float32(2.0 + quot[mx - r, cr] - quot[mx - b, cr])
         else:
             hf = np.float32(4.0 + quot[mx - g, cr] - quot[mx - r, cr])
-        hx = hf / 6.0 + 1.0  # in [5/6, 11/6]: fmod(hx, 1) is hx - floor(hx), exactly
+        hx = hf * _SIXTH + 1.0  # in [5/6, 11/6]: fmod(hx, 1) is hx - floor(hx), exactly
         hf = np.float32(hx - math.floor(hx))
-        uh = min(max(int(hf * 255.0), 0), 255)
-        us = min(max(int(s * 255.0), 0), 255)
+        uh = int(hf * 255.0)  # hf in [0, 1), s in (0, 1]: no clipping needed
+        us = int(s * 255.0)
         uh = (uh + shift) & 0xFF
         if us == 0:
             px[n, 0] = px[n, 1] = px[n, 2] = mx
@@ -85,9 +86,10 @@ def _hue(a: np.ndarray, shift: int, quot: np.ndarray, sector: np.ndarray, frac: 
         f = frac[uh]
         fs = sat[us]
         cand[0] = mx
-        cand[1] = min(max(_round_c(mx * (1.0 - fs * f)), 0), 255)
-        cand[2] = min(max(_round_c(mx * (1.0 - fs * (1.0 - f))), 0), 255)
-        cand[3] = min(max(_round_c(mx * (1.0 - fs)), 0), 255)
+        # all three lie in [0, mx], so C's round() is floor(x + 0.5) and nothing clips
+        cand[1] = int(mx * (1.0 - fs * f) + 0.5)
+        cand[2] = int(mx * (1.0 - fs * (1.0 - f)) + 0.5)
+        cand[3] = int(mx * (1.0 - fs) + 0.5)
         k = sector[uh]
         px[n, 0], px[n, 1], px[n, 2] = cand[order[k, 0]], cand[order[k, 1]], cand[order[k, 2]]
 
@@ -155,3 +157,25 @@ def gray_inplace(a: np.ndarray) -> None:
         for x in range(a.shape[1]):
             v = _luma(np.int32(a[y, x, 0]), np.int32(a[y, x, 1]), np.int32(a[y, x, 2]))
             a[y, x, 0] = a[y, x, 1] = a[y, x, 2] = v
+
+
+@numba.njit(cache=True)
+def normalise_into(a: np.ndarray, out: np.ndarray, mean: np.ndarray, inv_std: np.ndarray) -> None:
+    """`out[c, y, x] = (a[y, x, c] - mean[c]) * inv_std[c]`: HWC uint8 to CHW float32 in one pass."""
+    for c in range(3):
+        m, s = mean[c], inv_std[c]
+        for y in range(a.shape[0]):
+            for x in range(a.shape[1]):
+                out[c, y, x] = (np.float32(a[y, x, c]) - m) * s
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) every kernel now, so that DataLoader workers forked
+    later inherit machine code instead of each compiling on its first sample."""
+    a = np.zeros((2, 2, 3), np.uint8)
+    jitter_inplace(a, np.arange(4), 1.0, 1.0, 1.0, 0)
+    gray_inplace(a)
+    out, zero, one = np.empty((3, 2, 2), np.float32), np.zeros(3, np.float32), np.ones(3, np.float32)
+    normalise_into(a, out, zero, one)
+    a.setflags(write=False)  # blurred crops come back from PIL read-only: another specialisation
+    normalise_into(a, out, zero, one)
