@@ -11,7 +11,7 @@ import os
 import tarfile
 from typing import Any, BinaryIO, Iterable, Mapping
 
-from seer_pipeline.io_utils import fsync_dir
+from seer_pipeline.io_utils import atomic_open
 
 BLOCK = tarfile.BLOCKSIZE  # 512
 RECORD = tarfile.RECORDSIZE  # 10240: tarfile pads the archive to a whole record
@@ -78,28 +78,17 @@ def write_shard(path: str, samples: Iterable[tuple[str, bytes, bytes]]) -> tuple
     d, base = os.path.split(path)
     tmp = os.path.join(d, f".{base}.tmp")
     count = 0
-    try:
-        with open(tmp, "wb") as raw:
-            hw = _HashingWriter(raw)
-            for key, jpg, meta in samples:
-                for name, data in ((f"{key}.jpg", jpg), (f"{key}.json", meta)):
-                    hw.write(ustar_header(name, len(data)))
-                    hw.write(data)
-                    if len(data) % BLOCK:
-                        hw.write(b"\0" * (BLOCK - len(data) % BLOCK))
-                count += 1
-            # End of archive: two zero blocks, then zeros to a whole record, as tar(1) writes.
-            hw.write(b"\0" * (tar_bytes(hw.n) - hw.n))
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_dir(d)
+    with atomic_open(path, tmp) as raw:
+        hw = _HashingWriter(raw)
+        for key, jpg, meta in samples:
+            for name, data in ((f"{key}.jpg", jpg), (f"{key}.json", meta)):
+                hw.write(ustar_header(name, len(data)))
+                hw.write(data)
+                if len(data) % BLOCK:
+                    hw.write(b"\0" * (BLOCK - len(data) % BLOCK))
+            count += 1
+        # End of archive: two zero blocks, then zeros to a whole record, as tar(1) writes.
+        hw.write(b"\0" * (tar_bytes(hw.n) - hw.n))
     return count, hw.n, hw.h.hexdigest()
 
 

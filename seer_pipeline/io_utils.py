@@ -1,11 +1,12 @@
 """Atomic file writes: a reader (or a rerun after kill -9) sees the old file or the new one."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Iterator
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -22,24 +23,40 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, then rename over `path`."""
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, tmp: str | os.PathLike | None = None) -> Iterator[BinaryIO]:
+    """Write `path` through a temp file beside it: fsync and rename on success, remove on error.
+
+    `tmp` fixes the temp name (so a resumed job can find and clear its leftovers); by default a
+    unique hidden name in the same directory is used.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if tmp is None:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        f = os.fdopen(fd, "wb")
+    else:
+        tmp_name = str(tmp)
+        f = open(tmp_name, "wb")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        with f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp_name, path)
     except BaseException:
         try:
-            os.unlink(tmp)
+            os.unlink(tmp_name)
         except OSError:
             pass
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temp file in the same directory, fsync, then rename over `path`."""
+    with atomic_open(path) as f:
+        f.write(data)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
