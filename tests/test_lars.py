@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import math
+import types
 
 import numpy as np
 import pytest
+
 import torch
 
 from seer_pipeline.optim import LARS, build_param_groups, lr_at, lr_schedule, peak_lr
@@ -77,16 +79,18 @@ def _model():
     from seer_pipeline.train_config import load_train_config
     from seer_pipeline.trainer import build_model
 
-    # The head casts embeddings to float32 (right for bf16 training); this test runs in float64
-    # throughout, so the same maths without the cast.
-    swav.SwAVHead.embed = _fp64_embed
-
     cfg = load_train_config("cpu_tiny", ["model.n_prototypes=20", "model.hidden_dims=[32]",
                                          "model.out_dim=16"])
     torch.manual_seed(0)
     # float64: reduction-order noise (~1e-7 in fp32) would otherwise be amplified by the steps
     # and hide the difference between right and wrong (local-shard) trust ratios.
-    return build_model(cfg).double()
+    model = build_model(cfg).double()
+    # The head casts embeddings to float32 (right for bf16 training); this test runs in float64
+    # throughout, so the same maths without the cast. Patched on this instance only: patching
+    # the class leaked into every later test in the same pytest process.
+    assert isinstance(model.head, swav.SwAVHead)
+    model.head.embed = types.MethodType(_fp64_embed, model.head)
+    return model
 
 
 def _batch(rank: int, step: int) -> list[torch.Tensor]:

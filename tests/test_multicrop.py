@@ -18,18 +18,19 @@ import pytest
 import torch
 from PIL import Image, ImageEnhance
 
+from conftest import shared_dir
 from seer_pipeline.data import colour
 from seer_pipeline.data.augment import (CROP_PRESETS, MEAN, STD, MultiCrop, draft_factor,
                                         multicrop_factory, sample_crop_box)
 from seer_pipeline.data.webp_decode import available as webp_available
 from seer_pipeline.data.webp_decode import decode_webp
 
-REF_PATH = Path(__file__).resolve().parents[2] / "shared" / "bench" / "bench_reference_loader.py"
 
 
 @pytest.fixture(scope="module")
 def ref():
-    spec = importlib.util.spec_from_file_location("bench_reference_loader", REF_PATH)
+    spec = importlib.util.spec_from_file_location(
+        "bench_reference_loader", shared_dir() / "bench" / "bench_reference_loader.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)  # a missing reference is an error, not a skip
     return mod
