@@ -40,6 +40,10 @@ RECIPE = [
     # with 300 prototypes and 1400 steps: 78.7 linear (docs/demo.md).
     "model.n_prototypes=300", "swav.epsilon=0.025", "swav.freeze_prototypes_iters=30",
     "train.log_every=10",
+    # Throughput decides this result (more epochs in the budget). Measured on a quiet 2-core
+    # machine, 2 ranks, 60 steps: 384 img/s as is, 458 with channels_last, 501 with one FSDP
+    # unit per 8 blocks too (a 0.26M-parameter trunk does not need per-block sharding).
+    "model.channels_last=true", "parallel.blocks_per_unit=8",
     "train.tensorboard=false", "ckpt.every=200",
 ]
 
