@@ -24,7 +24,7 @@ test-fast: install
 
 bench: install
 	$(PY) benchmarks/bench_shards.py ../shared/photos
-	$(PY) benchmarks/bench_loader.py ../shared/photos
+	$(PY) benchmarks/bench_loader.py
 	$(PY) benchmarks/bench_trainer.py
 
 # Launcher tests against the local SLURM (starts it first; idempotent).
