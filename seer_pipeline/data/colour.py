@@ -95,14 +95,20 @@ def _hue(a: np.ndarray, shift: int, quot: np.ndarray, sector: np.ndarray, frac: 
 
 
 @numba.njit(cache=True)
-def _brightness(a: np.ndarray, f: np.float32) -> None:
-    table = np.empty(256, np.uint8)  # ImageEnhance.Brightness: blend with black
-    for v in range(256):
-        table[v] = _blend(0.0, v, f)
+def _apply_table(a: np.ndarray, table: np.ndarray) -> None:
+    """In place: every channel value v of the HxWx3 uint8 image becomes table[v]."""
     for y in range(a.shape[0]):
         for x in range(a.shape[1]):
             for c in range(3):
                 a[y, x, c] = table[a[y, x, c]]
+
+
+@numba.njit(cache=True)
+def _brightness(a: np.ndarray, f: np.float32) -> None:
+    table = np.empty(256, np.uint8)  # ImageEnhance.Brightness: blend with black
+    for v in range(256):
+        table[v] = _blend(0.0, v, f)
+    _apply_table(a, table)
 
 
 @numba.njit(cache=True)
@@ -115,10 +121,7 @@ def _contrast(a: np.ndarray, f: np.float32) -> None:
     table = np.empty(256, np.uint8)
     for v in range(256):
         table[v] = _blend(mean, v, f)
-    for y in range(a.shape[0]):
-        for x in range(a.shape[1]):
-            for c in range(3):
-                a[y, x, c] = table[a[y, x, c]]
+    _apply_table(a, table)
 
 
 @numba.njit(cache=True)
