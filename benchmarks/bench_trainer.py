@@ -121,7 +121,7 @@ def bench_overhead(shards: str, threads: int, blocks: int, per_block: int) -> di
 
 
 def _step_worker(rank: int, world: int, spec: tuple, fsdp: str, steps: int, warm: int,
-                 reshard: bool = True) -> dict:
+                 reshard: bool = True, blocks_per_unit: int = 1) -> dict:
     from seer_pipeline.parallelize import ParallelPlan, build_mesh, parallelize
     from seer_pipeline.trainer import build_model
 
@@ -129,7 +129,7 @@ def _step_worker(rank: int, world: int, spec: tuple, fsdp: str, steps: int, warm
     trunk, big, small, batch = spec
     cfg = _cfg(trunk, big, small, batch)
     torch.manual_seed(0)
-    plan = ParallelPlan(fsdp=fsdp, reshard_after_forward=reshard)
+    plan = ParallelPlan(fsdp=fsdp, reshard_after_forward=reshard, blocks_per_unit=blocks_per_unit)
     model = parallelize(build_model(cfg), plan, build_mesh(plan, "cpu", world, world), torch.device("cpu"))
     opt = LARS(model.parameters(), lr=0.1)
     inner = model.module if hasattr(model, "module") else model
@@ -165,6 +165,10 @@ def bench_fsdp_vs_ddp(spec: tuple, steps: int, warm: int) -> dict:
     res = run_distributed(_step_worker, 2, spec, "full", steps, warm, False, timeout=1800)
     out["fsdp_no_reshard_step_s"] = max(r["step_s"] for r in res)
     out["fsdp_no_reshard_over_ddp"] = out["fsdp_no_reshard_step_s"] / ddp - 1.0
+    # Coarser units (`parallel.blocks_per_unit`): fewer, larger all-gathers per step.
+    res = run_distributed(_step_worker, 2, spec, "full", steps, warm, False, 4, timeout=1800)
+    out["fsdp_4blocks_no_reshard_step_s"] = max(r["step_s"] for r in res)
+    out["fsdp_4blocks_no_reshard_over_ddp"] = out["fsdp_4blocks_no_reshard_step_s"] / ddp - 1.0
     out.pop("ddp2_peak_rss_mb")
     out.pop("fsdp2_peak_rss_mb")
     return out
