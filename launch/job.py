@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from seer_pipeline.exit_codes import PREEMPTED
 from seer_pipeline.io_utils import atomic_write_json
 
 DEFAULT_ENTRY = "seer_pipeline.train:main"
-# seer_pipeline.signals.PREEMPTED, repeated so that seer-status imports no torch; a test pins both.
-PREEMPTED_EXIT_CODE = 75
+PREEMPTED_EXIT_CODE = PREEMPTED  # the trainer's "saved on a signal, rerun to resume" code
 # How long a rank that saw PREEMPTED waits for rank 0's `scontrol requeue` to show in the job state.
 _REQUEUE_WAIT_S = 15.0
 

@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import fmnist
+from .exit_codes import PREEMPTED
 from .io_utils import atomic_write_json
+from .metrics import read_metrics
 from .logging_utils import setup_logging
 
 log = logging.getLogger(__name__)
-PREEMPTED = 75  # seer_pipeline.signals.PREEMPTED (not imported: keeps torch out of this process)
 
 # Demo recipe on top of the cpu_tiny preset (measured trials: docs/demo.md).
 RECIPE = [
@@ -104,15 +105,7 @@ def _run(cmd: list[str], what: str, capture: bool = False) -> str:
 
 
 def _metrics(run: Path) -> list[dict[str, Any]]:
-    path = run / "metrics.jsonl"
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass  # a torn last line while the trainer writes
-    return rows
+    return read_metrics(run / "metrics.jsonl")
 
 
 def export_and_shard(s: Settings, out: Path) -> dict[str, Any]:

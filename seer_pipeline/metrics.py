@@ -24,14 +24,15 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     p = Path(path)
     if not p.exists():
         return out
-    for line in p.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
+    lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+    for i, line in enumerate(lines):
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:
-            log.warning("ignoring an unreadable line in %s: %.80s", p, line)
+            # The last line may be half-written (the trainer is appending, or was killed):
+            # expected, so silent. Anywhere else it is damage worth a warning.
+            if i != len(lines) - 1:
+                log.warning("ignoring an unreadable line in %s: %.80s", p, line)
     return out
 
 

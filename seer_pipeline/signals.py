@@ -17,11 +17,10 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from .exit_codes import PREEMPTED  # noqa: F401  (re-exported: the trainer's exit code)
+
 log = logging.getLogger(__name__)
 
-# Exit code of a rank that saved a checkpoint because of a signal and stopped. 75 is EX_TEMPFAIL
-# in sysexits.h ("try again later"): re-running the same command resumes the run.
-PREEMPTED = 75
 HANDLED_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
 

@@ -1,0 +1,9 @@
+"""Exit codes shared by the trainer and the processes that watch it (launcher, demo).
+
+Torch-free on purpose: `seer-status`, the submitit callable and the demo driver read these
+without importing torch.
+"""
+
+# A rank that saved a checkpoint because of a signal and stopped. 75 is EX_TEMPFAIL in
+# sysexits.h ("try again later"): re-running the same command resumes the run.
+PREEMPTED = 75
