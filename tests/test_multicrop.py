@@ -22,8 +22,8 @@ from conftest import shared_dir
 from seer_pipeline.data import colour
 from seer_pipeline.data.augment import (CROP_PRESETS, MEAN, STD, MultiCrop, draft_factor,
                                         multicrop_factory, sample_crop_box)
-from seer_pipeline.data.webp_decode import available as webp_available
-from seer_pipeline.data.webp_decode import decode_webp
+from seer_pipeline.webp_decode import available as webp_available
+from seer_pipeline.webp_decode import decode_webp
 
 
 
@@ -263,3 +263,22 @@ def test_geometry_only_sharpness_matches_reference(ref, photos: List[bytes], one
         assert abs(ratio - 1) < 0.05, (s, ratio)
         assert ours[s]["gray"] == theirs[s]["gray"]  # only the grayscale photos
         assert ((ours[s]["mean"] - theirs[s]["mean"]).abs() < 4).all(), (ours[s]["mean"], theirs[s]["mean"])
+
+
+def test_distortion_knobs_come_from_the_data_config(photos: List[bytes]) -> None:
+    from seer_pipeline.data.loader import DataConfig, build_multicrop
+
+    cfg = DataConfig(crops="custom", size_crops=[32], nmb_crops=[2], min_scale_crops=[0.5],
+                     max_scale_crops=[1.0], jitter_p=0.0, gray_p=1.0, blur_p=0.0,
+                     blur_radius=[0.1, 0.25], jitter=[0.4, 0.4, 0.0, 0.0])
+    mc = build_multicrop(cfg)
+    assert (mc.jitter_p, mc.gray_p, mc.blur_p, mc.blur_radius, mc.jitter) == (
+        0.0, 1.0, 0.0, (0.1, 0.25), (0.4, 0.4, 0.0, 0.0))
+    # gray_p=1: every crop is grey (equal channels before normalisation).
+    for v in mc(photos[0], np.random.default_rng(0)):
+        rgb = v * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)
+        assert torch.allclose(rgb[0], rgb[1], atol=1e-5) and torch.allclose(rgb[1], rgb[2], atol=1e-5)
+    for bad in (dict(blur_p=1.5), dict(blur_radius=[2.0, 0.1]), dict(jitter=[0.8, 0.8, 0.8]),
+                dict(jitter=[0.8, 0.8, 0.8, 0.7])):
+        with pytest.raises(ValueError):
+            build_multicrop(DataConfig(**{**cfg.__dict__, **bad}))

@@ -91,6 +91,9 @@ def messy(tmp_path_factory: pytest.TempPathFactory, photo_dir: Path) -> dict:
     (d / "img.tiff").write_bytes(_save(_halves(48, 32), "TIFF"))
     (d / "img.bmp").write_bytes(_save(_halves(48, 32), "BMP"))
     (d / "img.webp").write_bytes(_save(_halves(48, 32), "WEBP", lossless=True))
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[:, :16] = (255, 0, 0, 255)  # right half fully transparent
+    (d / "alpha.webp").write_bytes(_save(Image.fromarray(rgba, "RGBA"), "WEBP", lossless=True))
     (d / "grey.jpg").write_bytes(_save(Image.new("L", (40, 40), 90), "JPEG"))
     exif = Image.Exif()
     exif[0x0112] = 6
@@ -130,10 +133,10 @@ def test_bad_inputs_get_reasons_and_run_goes_on(messy_built: tuple[Path, dict]) 
               "here.jpg": "missing"}
     for name, reason in expect.items():
         assert skips.get(name) == reason, (name, skips.get(name))
-    # written: 6 photos + cmyk grey16 palette gif tiff bmp webp grey rotated + tar + tar.gz + bmp again
+    # written: 6 photos + cmyk grey16 palette gif tiff bmp webp alpha-webp grey rotated + tar + tar.gz + bmp again
     # via the list (same bytes as img.bmp -> duplicate).
     assert skips.get("img.bmp") == "duplicate"
-    assert man["written"] == 6 + 9 + 2
+    assert man["written"] == 6 + 10 + 2
     assert man["inputs_seen"] == man["written"] + man["skipped"] == len(_samples(out)) + len(skips)
     assert man["duplicates"] == 2
     assert verify(str(out)) == []
@@ -152,6 +155,14 @@ def test_conversions_orientation_and_passthrough(messy_built: tuple[Path, dict],
     pa = np.asarray(Image.open(io.BytesIO(by_name["palette_alpha.png"][0])), float)
     assert pa[:, :12].mean(axis=(0, 1)) == pytest.approx([255, 0, 0], abs=12)
     assert pa[:, 20:].mean(axis=(0, 1)) == pytest.approx([255, 255, 255], abs=12)
+    # Transparent WebP (libwebp's fast path declines it): composited on white too.
+    wa = np.asarray(Image.open(io.BytesIO(by_name["alpha.webp"][0])), float)
+    assert wa[:, :12].mean(axis=(0, 1)) == pytest.approx([255, 0, 0], abs=12)
+    assert wa[:, 20:].mean(axis=(0, 1)) == pytest.approx([255, 255, 255], abs=12)
+    # Opaque WebP (decoded by libwebp straight to RGB): red left, blue right.
+    wo = np.asarray(Image.open(io.BytesIO(by_name["img.webp"][0])), float)
+    assert wo[:, :20].mean(axis=(0, 1)) == pytest.approx([255, 0, 0], abs=12)
+    assert wo[:, 28:].mean(axis=(0, 1)) == pytest.approx([0, 0, 255], abs=12)
     # GIF: first frame (green).
     assert np.asarray(Image.open(io.BytesIO(by_name["anim.gif"][0])), float).mean(axis=(0, 1))[1] > 200
     # CMYK (0,255,255,0) is red.
@@ -183,6 +194,22 @@ def test_resize_maxsize_and_reencode(photo_dir: Path, tmp_path: Path) -> None:
         assert abs(ar_in - ar_out) < 0.03
     st = stats(str(tmp_path / "a"))
     assert st["written"] == 12 and st["short_side_histogram"]["64-127"] == 12
+
+
+def test_resized_webp_matches_a_bicubic_resize(photo_dir: Path, tmp_path: Path) -> None:
+    # Opaque WebPs are downscaled by libwebp while decoding (area averaging); the stored image
+    # must be the same picture as PIL's bicubic resize of the full decode, at the planned size.
+    d = tmp_path / "in"
+    d.mkdir()
+    src = Image.open(sorted(p for p in photo_dir.iterdir() if p.suffix == ".jpg")[0]).convert("RGB")
+    src = src.resize((400, 300))
+    (d / "big.webp").write_bytes(_save(src, "WEBP", quality=95))
+    build_shards([str(d)], tmp_path / "out", resize_short_side=120, quality=95)
+    (jpg, meta), = _samples(tmp_path / "out").values()
+    got = Image.open(io.BytesIO(jpg))
+    assert got.size == (meta["width"], meta["height"]) == (160, 120)
+    want = Image.open(d / "big.webp").convert("RGB").resize((160, 120), Image.Resampling.BICUBIC)
+    assert np.abs(np.asarray(got, float) - np.asarray(want, float)).mean() < 4
 
 
 def test_shuffle_is_deterministic_and_independent_of_workers(photo_dir: Path, tmp_path: Path) -> None:

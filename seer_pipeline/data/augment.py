@@ -11,7 +11,7 @@ comes from at least as many source pixels as the reference's:
   pixels, then bilinear), instead of copying the crop and resizing at full resolution;
 - colour jitter and grayscale run as numba-compiled loops over the uint8 crop with PIL's own
   arithmetic (colour.py), as does uint8 HWC -> normalised float CHW (one pass into one buffer
-  per crop size); WebP decodes straight to RGB through libwebp (webp_decode.py).
+  per crop size); WebP decodes straight to RGB through libwebp (seer_pipeline/webp_decode.py).
 Randomness comes only from the `numpy.random.Generator` passed in (per sample), never global RNG.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from .colour import gray_inplace, jitter_inplace, normalise_into, warm_up
-from .webp_decode import decode_webp
+from ..webp_decode import decode_webp
 
 try:  # libjpeg-turbo with DCT scaling; ~15-30% faster than PIL's JPEG decode at full size (measured)
     import simplejpeg
@@ -120,7 +120,8 @@ class MultiCrop:
     def __init__(self, size_crops: Sequence[int], nmb_crops: Sequence[int],
                  min_scale_crops: Sequence[float], max_scale_crops: Sequence[float],
                  jitter_p: float = 0.8, gray_p: float = 0.2, blur_p: float = 0.5,
-                 blur_radius: Tuple[float, float] = (0.1, 2.0)) -> None:
+                 blur_radius: Tuple[float, float] = (0.1, 2.0),
+                 jitter: Tuple[float, float, float, float] = (0.8, 0.8, 0.8, 0.2)) -> None:
         lens = {len(size_crops), len(nmb_crops), len(min_scale_crops), len(max_scale_crops)}
         if len(lens) != 1 or not size_crops:
             raise ValueError("size_crops, nmb_crops, min/max_scale_crops must be non-empty and of equal length")
@@ -129,7 +130,15 @@ class MultiCrop:
             if not (0 < lo <= hi <= 1) or size <= 0 or n < 0:
                 raise ValueError(f"bad crop spec size={size} n={n} scale=({lo}, {hi})")
             self.plan += [(int(size), (float(lo), float(hi)))] * int(n)
+        for name, p in (("jitter_p", jitter_p), ("gray_p", gray_p), ("blur_p", blur_p)):
+            if not 0 <= p <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {p}")
+        if not 0 < blur_radius[0] <= blur_radius[1]:
+            raise ValueError(f"blur_radius must be 0 < min <= max, got {blur_radius}")
+        if min(jitter) < 0 or jitter[3] > 0.5:
+            raise ValueError(f"jitter strengths must be >= 0 and hue <= 0.5, got {jitter}")
         self.jitter_p, self.gray_p, self.blur_p, self.blur_radius = jitter_p, gray_p, blur_p, blur_radius
+        self.jitter = jitter
         self.mean = np.array(MEAN, dtype=np.float32) * 255
         self.inv_std = (1.0 / (np.array(STD, dtype=np.float64) * 255)).astype(np.float32)
         warm_up()
@@ -174,7 +183,7 @@ class MultiCrop:
             crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         arr = np.array(crop)  # a writable copy for the in-place colour kernels
         if rng.random() < self.jitter_p:
-            _jitter(arr, rng)
+            _jitter(arr, rng, *self.jitter)
         if rng.random() < self.gray_p:
             gray_inplace(arr)
         if rng.random() < self.blur_p:

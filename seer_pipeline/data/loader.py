@@ -65,6 +65,14 @@ class DataConfig:
     nmb_crops: List[int] = field(default_factory=list)  # crops per size (custom)
     min_scale_crops: List[float] = field(default_factory=list)  # RandomResizedCrop min area fraction per size (custom)
     max_scale_crops: List[float] = field(default_factory=list)  # RandomResizedCrop max area fraction per size (custom)
+    # Per-crop distortions; defaults are the SwAV reference's (main_swav.py / VISSL swav configs).
+    jitter_p: float = 0.8  # colour jitter probability
+    jitter: List[float] = field(default_factory=lambda: [0.8, 0.8, 0.8, 0.2])  # brightness, contrast, saturation, hue
+    gray_p: float = 0.2  # random grayscale probability
+    blur_p: float = 0.5  # Gaussian blur probability
+    # Blur radius range in pixels of the output crop. SwAV's 0.1-2.0 is sized for 224 px crops;
+    # on 28 px images scale it down (the demo uses 0.1-0.25 = 2.0 * 28/224).
+    blur_radius: List[float] = field(default_factory=lambda: [0.1, 2.0])
     shuffle_buffer: int = 1000  # samples per worker in the streaming shuffle buffer (bounds memory)
     seed: int = 0  # data order and augmentations are a function of (seed, epoch, rank, worker)
     max_fail_fraction: float = 0.01  # above this fraction of undecodable samples the loader stops
@@ -85,6 +93,16 @@ def crop_spec(cfg: DataConfig) -> tuple:
     return CROP_PRESETS[cfg.crops]
 
 
+def build_multicrop(cfg: DataConfig) -> MultiCrop:
+    """The multi-crop transform a config describes (crop geometry + distortion knobs)."""
+    if len(cfg.jitter) != 4 or len(cfg.blur_radius) != 2:
+        raise ValueError("data.jitter needs 4 values (brightness, contrast, saturation, hue) and "
+                         "data.blur_radius 2 (min, max)")
+    return MultiCrop(*crop_spec(cfg), jitter_p=cfg.jitter_p, gray_p=cfg.gray_p, blur_p=cfg.blur_p,
+                     blur_radius=(float(cfg.blur_radius[0]), float(cfg.blur_radius[1])),
+                     jitter=tuple(float(x) for x in cfg.jitter))
+
+
 class MultiCropLoader:
     """Iterate for batches (list of [B,3,S,S] tensors, one per crop), forever; see module doc."""
 
@@ -95,7 +113,7 @@ class MultiCropLoader:
             raise ValueError("batch_size and shuffle_buffer must be > 0, workers >= 0")
         self.cfg, self.rank, self.world = cfg, rank, world_size
         self.shards, self.exact = resolve_shards(cfg.shards)
-        self.multicrop = MultiCrop(*crop_spec(cfg))
+        self.multicrop = build_multicrop(cfg)
         self.logical_workers = max(1, cfg.workers)
         if self.exact:
             self.n_samples = sum(s.count for s in self.shards)
