@@ -3,8 +3,8 @@ per-rank batch, crops and threads.
 
 1. overhead: our Trainer.train_step (+ metrics line) vs a bare loop (same model, LARS, swav_loss,
    in-memory batches, one process), interleaved in blocks; target <= 5 %.
-2. fsdp_vs_ddp: 2-rank FSDP2 step time vs 2-rank DDP, regnety_1.6gf at 128 px and cpu_tiny;
-   target FSDP within 15 % of DDP.
+2. fsdp_vs_ddp: 2-rank FSDP2 step time vs 2-rank DDP: cpu_tiny, regnety_1.6gf at 128 px with
+   4 and with 16 images per rank (--skip fsdp16 drops the slow one); target FSDP within 15 %.
 3. async_ckpt: extra loop wall time while a dcp.async_save is in flight, as a share of a
    synchronous save of the same state (2 ranks); target <= 10 %.
 4. memory: peak RSS per rank minus an idle baseline (torch imported, process group up).

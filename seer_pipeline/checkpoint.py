@@ -39,30 +39,6 @@ class CheckpointError(RuntimeError):
     pass
 
 
-class _BackgroundWriter(dcp.FileSystemWriter):
-    """A FileSystemWriter that, on DCP's background save thread, lowers that thread's priority.
-
-    The save then runs on CPU time training leaves idle (collective waits, loader waits) instead
-    of taking it from the training threads: with every core busy training, as on this 2-core
-    machine, a save at normal priority costs the loop about its own CPU time. Linux lets one
-    thread's nice value change (setpriority on its TID); elsewhere this is a plain writer. The
-    main thread is never touched: DCP also calls these hooks there before handing off.
-    """
-
-    def set_up_storage_writer(self, *args: Any, **kwargs: Any) -> None:
-        import threading
-
-        if threading.current_thread() is not threading.main_thread() and hasattr(os, "setpriority"):
-            try:
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
-            except OSError:
-                pass
-        super().set_up_storage_writer(*args, **kwargs)
-
-
-BACKGROUND_NICE = 19  # the save thread dies with its save, so the lowered priority dies with it
-
-
 def fault(name: str) -> int | None:
     """Fault injection for the tests: SEER_FAULT=name:value[,name:value] (never set it otherwise).
 
@@ -203,7 +179,6 @@ class Checkpointer:
         full["config"] = self.config_yaml
         if self.async_save and blocking is False:
             fut = dcp.async_save(full, checkpoint_id=str(tmp), process_group=self._group,
-                                 storage_writer=_BackgroundWriter(str(tmp)),
                                  no_dist=not dist.is_initialized())
             fut = getattr(fut, "upload_completion", fut)
             self._pending = (fut, step, tmp, t0)

@@ -156,19 +156,3 @@ def test_presets_load_and_carry_the_seer_recipe() -> None:
     assert cfgs["seer_256gf"].model.hidden_dims == [8192, 8192] and cfgs["seer_256gf"].model.out_dim == 256
     tiny = cfgs["cpu_tiny"]
     assert list(tiny.data.size_crops) == [28, 16] and tiny.train.threads == 1 and tiny.train.precision == "fp32"
-
-
-def test_async_save_runs_at_low_priority_off_the_main_thread(tmp_path: Path, monkeypatch) -> None:
-    # The background writer lowers only its own thread's priority (so a save takes idle CPU, not
-    # the training threads'); the main thread is never reniced, and the checkpoint is complete.
-    import threading
-
-    calls: list[tuple[int, int]] = []
-    monkeypatch.setattr(os, "setpriority", lambda which, who, prio: calls.append((who, prio)),
-                        raising=False)
-    ck = Checkpointer(tmp_path, every=1, config_yaml="a: 1\n", async_save=True)
-    ck.save(3, _state(3), {"rng": torch.tensor([3])}, blocking=False)
-    ck.wait()
-    assert calls and all(who != threading.main_thread().native_id and prio == 19 for who, prio in calls)
-    step, state, _, _ = ck.load_latest(_template)
-    assert step == 3 and torch.equal(state["model"]["w"], torch.full((4, 3), 3.0))

@@ -1,0 +1,58 @@
+"""One recipe trial of the demo: fixed-length SwAV pretraining, then linear + k-NN on a subset.
+
+    python benchmarks/demo_trial.py --steps 700 [KEY=VALUE ...]
+
+The demo's own command line (`seer_pipeline.demo.RECIPE` on the `cpu_tiny` preset, 2 ranks)
+plus your overrides, for a fixed number of steps instead of a time budget, so that trials on a
+busy machine give the same numbers (only slower). Then `seer-eval all` on a 20,000 / 5,000
+train / test subset of Fashion-MNIST. It needs the demo's shards (`make demo` once, or
+--shards DIR). docs/demo.md's sweep table was made with this. Last line: JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from seer_pipeline.demo import Settings, _cmd, _train_cmd  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=700)
+    ap.add_argument("--shards", default=str(REPO / "runs" / "demo" / "shards"))
+    ap.add_argument("--out", default=str(REPO / "runs" / "trials" / "trial"))
+    ap.add_argument("--limit-train", type=int, default=20000)
+    ap.add_argument("--limit-test", type=int, default=5000)
+    ap.add_argument("overrides", nargs="*", help="extra seer-train KEY=VALUE (win over the recipe)")
+    a = ap.parse_args(argv)
+    if not (Path(a.shards) / "manifest.json").exists():
+        sys.exit(f"no shards at {a.shards}: run `make demo` once, or pass --shards DIR")
+    run = Path(a.out)
+    shutil.rmtree(run, ignore_errors=True)
+    s = Settings(overrides=list(a.overrides))
+    t0 = time.monotonic()
+    subprocess.run(_train_cmd(s, run, Path(a.shards), [
+        f"train.steps={a.steps}", f"optim.total_steps={a.steps}", "ckpt.every=0", "train.log_every=100"]),
+        check=True)
+    t1 = time.monotonic()
+    res = subprocess.run(_cmd("seer_pipeline.eval.cli") + [
+        "all", "--checkpoint", str(run), "--data", "fashion-mnist", "--limit-train", str(a.limit_train),
+        "--limit-test", str(a.limit_test), "--threads", "2", "--no-progress"],
+        check=True, stdout=subprocess.PIPE, text=True)
+    ev = json.loads(res.stdout.strip().splitlines()[-1])
+    print(json.dumps({"overrides": a.overrides, "steps": a.steps, "train_s": round(t1 - t0, 1),
+                      "linear": ev["linear"]["accuracy"], "knn": ev["knn"]["accuracy"],
+                      "n_train": ev["n_train"], "n_test": ev["n_test"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
