@@ -65,8 +65,9 @@ def measure(trunk_name: str, batch: int, crops: str) -> dict:
 def predict(trunk_name: str, batch: int, crops: str) -> dict:
     from seer_pipeline.plan import plan
 
+    # The measurement runs the trunk alone, so the prediction leaves the SwAV head out too.
     p = plan(trunk_name, gpus=1, batch_per_gpu=batch, crops=crops, precision="fp32", ac="none",
-             gpu_type="a100")
+             gpu_type="a100", with_head=False)
     m = p["memory_per_gpu_bytes"]
     # On one CPU process there is no FSDP gather; params exist before the step (not growth).
     total = m["activations_no_ac"] + m["backward_transient"] + m["grads_sharded"] + m["optimizer_sharded"]

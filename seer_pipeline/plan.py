@@ -1,8 +1,9 @@
 """`seer-plan`: what a SEER-style run costs at scale, from the real model graph.
 
-Parameters and multiply-adds come from the trunk built on the meta device (`count_macs` per
-crop resolution). Activation memory is measured, not guessed: one meta-device forward in
-training mode records every tensor autograd saves for backward (`saved_tensors_hooks`,
+Parameters and multiply-adds come from the model built on the meta device: the trunk
+(`count_macs` per crop resolution) and the SwAV head (projection MLP + prototypes) of the preset
+named, or of the SEER preset that trains the named trunk. Activation memory is measured, not
+guessed: one meta-device forward in training mode records every tensor autograd saves for backward (`saved_tensors_hooks`,
 deduplicated by storage, parameters excluded), attributed to the stem or the stage running at
 the time. Two batch sizes give an exact per-image slope. Activation checkpointing then keeps
 only stage (or block) inputs plus one recomputed segment. Nothing is allocated.
@@ -129,23 +130,61 @@ def activation_profile(trunk: nn.Module, resolution: int) -> ActProfile:
     )
 
 
-def build_meta(model: str) -> nn.Module:
+def build_meta(model: str, with_head: bool = True) -> tuple[nn.Module, nn.Module | None, str]:
+    """(trunk, SwAV head or None, where the head came from), built on the meta device.
+
+    A training preset gives its own head. A trunk name borrows the head of the first preset
+    that trains that trunk (SEER's presets: seer_32gf ... seer_10b); with none, no head.
+    """
     from .eval.features import trunk_name_from_config
-    from .models import build_trunk
+    from .models import list_trunks
+    from .train_config import load_train_config
+    from .trainer import build_model
 
+    name = trunk_name_from_config(model)
+    preset = model if model.lower() not in list_trunks() else _preset_for(name)
     with torch.device("meta"):
-        return build_trunk(trunk_name_from_config(model))
+        if preset is None or not with_head:
+            from .models import build_trunk
+
+            why = "left out" if not with_head else "none (no preset trains this trunk)"
+            return build_trunk(name), None, why
+        m = build_model(load_train_config(preset))
+    return m.trunk, m.head, preset
 
 
-def largest_unit(trunk: nn.Module) -> int:
-    """Parameters of the largest FSDP unit (one block: the trainer's default blocks_per_unit)."""
+def _preset_for(trunk: str) -> str | None:
+    from importlib import resources
+
+    from omegaconf import OmegaConf
+
+    for f in sorted(resources.files("seer_pipeline").joinpath("configs").iterdir(), key=lambda f: f.name):
+        if f.name.endswith(".yaml") and OmegaConf.select(OmegaConf.load(str(f)), "model.trunk") == trunk:
+            return f.name[:-5]
+    return None
+
+
+def head_macs(head: nn.Module | None) -> int:
+    """Multiply-adds of the head per crop: its Linear layers (projection MLP and prototypes)."""
+    if head is None:
+        return 0
+    return sum(m.in_features * m.out_features for m in head.modules() if isinstance(m, nn.Linear))
+
+
+def largest_unit(trunk: nn.Module, head: nn.Module | None = None) -> int:
+    """Parameters of the largest FSDP unit: one block (the trainer's default blocks_per_unit),
+    the stem, the head's projection MLP or the prototypes (the head's two units)."""
     sizes = [sum(p.numel() for p in b.parameters()) for s in trunk.stages for b in s.blocks]
-    return max(sizes + [sum(p.numel() for p in trunk.stem.parameters())])
+    sizes.append(sum(p.numel() for p in trunk.stem.parameters()))
+    if head is not None:
+        sizes += [sum(p.numel() for p in head.projection.parameters()),
+                  sum(p.numel() for p in head.prototypes.parameters())]
+    return max(sizes)
 
 
 def plan(model: str, gpus: int, batch_per_gpu: int, crops: str = "seer2021",
          precision: str | None = None, ac: str = "stage", gpu_type: str = "v100",
-         mfu: float = 0.25, images: float = 1e9) -> dict[str, Any]:
+         mfu: float = 0.25, images: float = 1e9, with_head: bool = True) -> dict[str, Any]:
     """Every number `seer-plan` prints, as one dict."""
     from .models import count_macs
 
@@ -157,9 +196,12 @@ def plan(model: str, gpus: int, batch_per_gpu: int, crops: str = "seer2021",
     if gpus < 1 or batch_per_gpu < 1 or not 0 < mfu <= 1:
         raise ValueError("need gpus >= 1, batch_per_gpu >= 1 and 0 < mfu <= 1")
     crop_list = parse_crops(crops)
-    trunk = build_meta(model)
-    params = sum(p.numel() for p in trunk.parameters())
-    macs = {r: count_macs(trunk, r) for _, r in crop_list}
+    trunk, head, head_from = build_meta(model, with_head)
+    trunk_params = sum(p.numel() for p in trunk.parameters())
+    head_params = sum(p.numel() for p in head.parameters()) if head is not None else 0
+    params = trunk_params + head_params
+    trunk_macs = {r: count_macs(trunk, r) for _, r in crop_list}
+    macs = {r: trunk_macs[r] + head_macs(head) for r in trunk_macs}
     fwd_flops = sum(n * 2 * macs[r] for n, r in crop_list)
     train_flops = 3 * fwd_flops  # backward = 2x forward (standard estimate, Kaplan et al. 2020)
     profiles = {r: activation_profile(trunk, r) for _, r in crop_list}
@@ -169,7 +211,7 @@ def plan(model: str, gpus: int, batch_per_gpu: int, crops: str = "seer2021",
            for a in ("none", "stage", "block")}
     # Backward holds a gradient (and a temporary) the size of the largest saved activation.
     transient = 2 * scale * max(n * batch_per_gpu * profiles[r].max_tensor for n, r in crop_list)
-    unit = largest_unit(trunk)
+    unit = largest_unit(trunk, head)
     shard = params / gpus
     mem = {
         "params_sharded": 4 * shard,  # fp32 master weights
@@ -195,7 +237,9 @@ def plan(model: str, gpus: int, batch_per_gpu: int, crops: str = "seer2021",
     out = {
         "model": model, "gpus": gpus, "batch_per_gpu": batch_per_gpu, "global_batch": global_batch,
         "crops": crop_list, "precision": precision, "ac": ac, "gpu_type": gpu_type, "mfu": mfu,
-        "params": params, "macs_per_crop": {str(r): macs[r] for r in macs},
+        "params": params, "trunk_params": trunk_params, "head_params": head_params, "head_from": head_from,
+        "macs_per_crop": {str(r): macs[r] for r in macs},
+        "trunk_macs_per_crop": {str(r): trunk_macs[r] for r in trunk_macs}, "head_macs_per_crop": head_macs(head),
         "flops_per_image": train_flops, "fwd_flops_per_image": fwd_flops,
         "memory_per_gpu_bytes": mem, "peak_memory_per_gpu_bytes": peak,
         "memory_per_gpu_gib": peak / GIB, "gpu_memory_gib": GPUS[gpu_type]["mem_gib"],
@@ -220,7 +264,8 @@ def render(p: dict[str, Any]) -> str:
     lines = [
         f"seer-plan: {p['model']} on {p['gpus']} x {p['gpu_type'].upper()}, {p['batch_per_gpu']}/GPU "
         f"(global {p['global_batch']}), crops {crops}, {p['precision']}, AC {p['ac']}",
-        f"  parameters            {p['params'] / 1e6:10.1f} M",
+        f"  parameters            {p['params'] / 1e6:10.1f} M  (trunk {p['trunk_params'] / 1e6:.1f} M, "
+        f"SwAV head {p['head_params'] / 1e6:.1f} M from {p['head_from']})",
         "  multiply-adds / crop  " + ", ".join(f"{r}px {v / 1e9:.2f} G" for r, v in p["macs_per_crop"].items()),
         f"  FLOPs / image (all crops): forward {p['fwd_flops_per_image'] / 1e12:.3f} T, "
         f"forward+backward {p['flops_per_image'] / 1e12:.3f} T",
@@ -259,11 +304,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--gpu-type", choices=tuple(GPUS), default="v100")
     ap.add_argument("--mfu", type=float, default=0.25, help="assumed model-FLOPs utilisation")
     ap.add_argument("--images", type=float, default=1e9, help="images seen, for the days estimate")
+    ap.add_argument("--no-head", action="store_true", help="count the trunk only (no SwAV head)")
     ap.add_argument("--json", action="store_true", help="also print the numbers as a JSON last line")
     args = ap.parse_args(argv)
     try:
         p = plan(args.model, args.gpus, args.batch_per_gpu, args.crops, args.precision, args.ac,
-                 args.gpu_type, args.mfu, args.images)
+                 args.gpu_type, args.mfu, args.images, not args.no_head)
     except (ValueError, KeyError) as e:
         print(f"seer-plan: error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2

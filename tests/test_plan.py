@@ -23,10 +23,31 @@ def seer() -> dict:
 def test_params_and_macs_match_independent_counts(seer: dict) -> None:
     # environment-facts.md: timm regnety_2560 without classifier 1272.2M params, and
     # torch.utils.flop_counter 254.37G multiply-adds at 224 px.
-    assert seer["params"] / 1e6 == pytest.approx(1272.2, abs=0.1)
-    assert int(seer["macs_per_crop"]["224"]) / 1e9 == pytest.approx(254.37, abs=0.01)
+    assert seer["trunk_params"] / 1e6 == pytest.approx(1272.2, abs=0.1)
+    assert int(seer["trunk_macs_per_crop"]["224"]) / 1e9 == pytest.approx(254.37, abs=0.01)
     fwd = 2 * (2 * seer["macs_per_crop"]["224"] + 4 * seer["macs_per_crop"]["96"])
     assert seer["fwd_flops_per_image"] == fwd and seer["flops_per_image"] == 3 * fwd
+
+
+def test_the_swav_head_is_counted(seer: dict) -> None:
+    # The named trunk borrows the head of the preset that trains it (seer_256gf), built for real.
+    from seer_pipeline.train_config import load_train_config
+    from seer_pipeline.trainer import build_model
+
+    assert seer["head_from"] == "seer_256gf"
+    with torch.device("meta"):
+        head = build_model(load_train_config("seer_256gf")).head
+    assert seer["head_params"] == sum(p.numel() for p in head.parameters()) > 0
+    assert seer["params"] == seer["trunk_params"] + seer["head_params"]
+    lin = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    assert seer["head_macs_per_crop"] == sum(m.in_features * m.out_features for m in lin)
+    for r in ("224", "96"):
+        assert seer["macs_per_crop"][r] == seer["trunk_macs_per_crop"][r] + seer["head_macs_per_crop"]
+    # The prototypes are their own FSDP unit, so the largest gathered unit is at least that big.
+    assert P.largest_unit(*P.build_meta("seer_256gf")[:2]) >= head.prototypes.weight.numel()
+    bare = P.plan("regnety_256gf", 512, 16, "seer2021", gpu_type="v100", with_head=False)
+    assert bare["params"] == seer["trunk_params"] and bare["head_params"] == 0
+    assert P.plan("regnety_400mf", 8, 32)["head_from"].startswith("none")
 
 
 def test_seer_cross_check_implied_utilisation(seer: dict, capsys: pytest.CaptureFixture) -> None:
