@@ -5,6 +5,7 @@ import random
 from pathlib import Path
 from typing import Dict, List, Tuple
 
+import numpy as np
 import pytest
 import torch
 
@@ -56,6 +57,40 @@ def test_plan_split_is_exact_and_equal() -> None:
     o = shuffle_order(50, 8, 0, 0, 0, 0)
     assert sorted(o.tolist()) == list(range(50))
     assert all(o[t] <= t + 8 for t in range(50)), "an output came from beyond the shuffle buffer"
+
+
+def _python_shuffle_order(n: int, buffer: int, seed: int, epoch: int, rank: int, w: int) -> np.ndarray:
+    # The streaming buffer written plainly; the compiled one must give the same order, or a
+    # checkpoint written before the kernel existed would resume onto other samples.
+    from seer_pipeline.data.plan import TAG_SHUFFLE, rng_for
+
+    rng = rng_for(seed, epoch, rank, w, TAG_SHUFFLE)
+    size = max(1, min(buffer, n))
+    picks = rng.integers(0, size, size=max(0, n - size))
+    buf, out = list(range(min(size, n))), []
+    for nxt, k in enumerate(picks.tolist(), start=size):
+        out.append(buf[k])
+        buf[k] = nxt
+    rest = np.array(buf, dtype=np.int64)
+    rng.shuffle(rest)
+    return np.concatenate([np.array(out, dtype=np.int64), rest])
+
+
+def test_compiled_shuffle_and_bisected_slices_match_plain_versions() -> None:
+    from seer_pipeline.data.plan import run_starts, slice_runs
+
+    for n, b in [(0, 5), (1, 5), (5, 5), (4, 10), (50, 8), (1000, 1), (3001, 97)]:
+        for seed in range(3):
+            assert np.array_equal(shuffle_order(n, b, seed, 1, 2, 3), _python_shuffle_order(n, b, seed, 1, 2, 3))
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        plan = epoch_runs(rng.integers(0, 30, size=int(rng.integers(1, 25))).tolist(), trial, 0)
+        total, starts = runs_len(plan), run_starts(plan)
+        assert starts[-1] == total
+        for _ in range(20):
+            lo = int(rng.integers(0, total + 2))
+            hi = int(rng.integers(lo, total + 3))
+            assert slice_runs(plan, lo, hi, starts) == slice_runs(plan, lo, hi)
 
 
 def test_two_ranks_two_workers_each_sample_once(shards: str) -> None:

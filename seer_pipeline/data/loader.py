@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .augment import CROP_PRESETS, MultiCrop, pil_flavour
-from .plan import epoch_runs, remainder, runs_len
+from .plan import epoch_runs, remainder, runs_len, shuffle_order
 from .shards import resolve_shards
 from .stream import EpochStream
 
@@ -114,6 +114,7 @@ class MultiCropLoader:
         self.cfg, self.rank, self.world = cfg, rank, world_size
         self.shards, self.exact = resolve_shards(cfg.shards)
         self.multicrop = build_multicrop(cfg)
+        shuffle_order(2, 1, 0, 0, 0, 0)  # compile / load the kernel before DataLoader workers fork
         self.logical_workers = max(1, cfg.workers)
         if self.exact:
             self.n_samples = sum(s.count for s in self.shards)
