@@ -57,9 +57,10 @@ def slice_runs(runs: Sequence[Run], start: int, stop: int,
     thousands of old workers over a 100k-shard plan would otherwise rescan it for each.
     """
     out: List[Run] = []
-    i0 = max(0, bisect.bisect_right(starts, start) - 1) if starts is not None else 0
-    pos = starts[i0] if starts is not None else 0
-    for a, b in runs[i0:] if starts is not None else runs:
+    i0 = 0 if starts is None else max(0, bisect.bisect_right(starts, start) - 1)
+    pos = 0 if starts is None else starts[i0]
+    for i in range(i0, len(runs)):
+        a, b = runs[i]
         n = b - a
         lo, hi = max(start, pos), min(stop, pos + n)
         if lo < hi:
