@@ -74,7 +74,8 @@ def _views(cfg, seed: int = 0) -> list[torch.Tensor]:
             for s, n in zip(cfg.data.size_crops, cfg.data.nmb_crops) for _ in range(n)]
 
 
-def _bare_step(model, opt, views, cfg) -> None:
+def bare_step(model, opt, views, cfg) -> torch.Tensor:
+    """One SwAV step with no trainer around it (also gpu_check.py's timed step); the loss."""
     swav.normalize_prototypes(model.head)
     _, scores = model(views)
     loss, _ = swav.swav_loss(scores, len(views), cfg.swav.crops_for_assign, cfg.swav.temperature,
@@ -82,6 +83,7 @@ def _bare_step(model, opt, views, cfg) -> None:
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+    return loss.detach()
 
 
 def bench_overhead(shards: str, threads: int, blocks: int, per_block: int) -> dict:
@@ -112,7 +114,7 @@ def bench_overhead(shards: str, threads: int, blocks: int, per_block: int) -> di
                 metrics.log_step(tr.step, vals)
             t1 = time.perf_counter()
             for _ in range(per_block):
-                _bare_step(bare, opt, views, cfg)
+                bare_step(bare, opt, views, cfg)
             t2 = time.perf_counter()
             if b:
                 ours.append((t1 - t0) / per_block)

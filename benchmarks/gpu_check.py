@@ -22,6 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -42,7 +43,7 @@ def check_model(preset: str, batch: int, steps: int, warmup: int, ac: str, compi
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from seer_pipeline import swav
+    from bench_trainer import bare_step  # the same bare step the CPU benchmark times
     from seer_pipeline.models import count_macs
     from seer_pipeline.optim import LARS
     from seer_pipeline.parallelize import ParallelPlan, build_mesh, parallelize
@@ -83,13 +84,7 @@ def check_model(preset: str, batch: int, steps: int, warmup: int, ac: str, compi
     for i in range(warmup + steps):
         torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        swav.normalize_prototypes(model.head)
-        _, scores = model(views)
-        loss, _ = swav.swav_loss(scores, len(views), cfg.swav.crops_for_assign, cfg.swav.temperature,
-                                 cfg.swav.epsilon, cfg.swav.sinkhorn_iters, compute_stats=False)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = bare_step(model, opt, views, cfg)
         torch.cuda.synchronize(device)
         losses.append(float(loss))
         if i >= warmup:
