@@ -212,6 +212,25 @@ def test_resized_webp_matches_a_bicubic_resize(photo_dir: Path, tmp_path: Path) 
     assert np.abs(np.asarray(got, float) - np.asarray(want, float)).mean() < 4
 
 
+def test_big_progressive_jpeg_resized_from_its_dc_scans(photo_dir: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # At 1/8 DCT scale only a progressive JPEG's DC scans are read: the stored JPEG must be the
+    # very bytes a decode of the whole file gives, and the source hash that of the whole file.
+    from data_prep import images
+    src = Image.open(photo_dir / "opencv-doc__examples_data_butterfly.jpg").convert("RGB")
+    data = _save(src.resize((src.width * 4, src.height * 4)), "JPEG", quality=90, progressive=True)
+    opts = images.ProcessOptions(resize_short_side=min(src.size) // 2)
+    calls = []
+    real = images.eighth_scale_scans
+    monkeypatch.setattr(images, "eighth_scale_scans", lambda d: calls.append(len(d)) or real(d))
+    fast = images.process_bytes(0, "big.jpg", data, opts)
+    monkeypatch.setattr(images, "eighth_scale_scans", lambda d: None)
+    slow = images.process_bytes(0, "big.jpg", data, opts)
+    assert calls == [len(data)] and fast.reason is None and not fast.passthrough
+    assert fast.data == slow.data and fast.sha256 == slow.sha256 == hashlib.sha256(data).hexdigest()
+    assert (fast.width, fast.height) == (src.width // 2, src.height // 2)
+
+
 def test_shuffle_is_deterministic_and_independent_of_workers(photo_dir: Path, tmp_path: Path) -> None:
     a = build_shards([str(photo_dir)], tmp_path / "a", maxcount=3, workers=1, seed=7)
     b = build_shards([str(photo_dir)], tmp_path / "b", maxcount=3, workers=2, seed=7)

@@ -6,7 +6,8 @@ p=0.2, Gaussian blur p=0.5 with radius U(0.1, 2), normalise), made faster while 
 comes from at least as many source pixels as the reference's:
 - crop boxes are drawn from the header size before decoding, so a JPEG can be decoded at a reduced
   DCT scale (simplejpeg's libjpeg-turbo, else `Image.draft`) exactly as far as every crop's source
-  region stays >= its output size; simplejpeg also decodes full-size JPEGs faster than PIL;
+  region stays >= its output size; simplejpeg also decodes full-size JPEGs faster than PIL; at
+  1/8 a progressive JPEG is decoded from its DC scans only, with the same pixels (jpeg_scans.py);
 - crop + resize is one `resize(box=...)` with a reducing gap (box pre-reduction over all source
   pixels, then bilinear), instead of copying the crop and resizing at full resolution;
 - colour jitter and grayscale run as numba-compiled loops over the uint8 crop with PIL's own
@@ -27,6 +28,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from .colour import gray_inplace, jitter_inplace, normalise_into, warm_up
+from ..jpeg_scans import eighth_scale_scans
 from ..webp_decode import decode_webp
 
 try:  # libjpeg-turbo with DCT scaling; ~15-30% faster than PIL's JPEG decode at full size (measured)
@@ -94,6 +96,8 @@ def _decode_jpeg(data: bytes, boxes: Sequence[Tuple[int, int, int, int]], sizes:
     if simplejpeg is None:
         return None
     f = draft_factor(boxes, sizes)
+    if f == 8:  # a progressive JPEG needs only its DC scans at 1/8 (same pixels: jpeg_scans.py)
+        data = eighth_scale_scans(data) or data
     try:  # only 1/2^k scales: libjpeg-turbo's 3/8..7/8 scales measured slower than full size
         arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=math.ceil(width / f),
                                      min_height=math.ceil(height / f))
