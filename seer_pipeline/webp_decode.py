@@ -88,6 +88,18 @@ def available() -> bool:
     return _LIB is not None
 
 
+def webp_size(data: bytes) -> Optional[tuple[int, int]]:
+    """(width, height) of a still WebP from its header alone (~1 us; PIL's open: ~120 us), or None."""
+    if _LIB is None or data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+        return None
+    feat = _Features()
+    if _LIB.WebPGetFeaturesInternal(data, len(data), ctypes.byref(feat), _ABI) != 0:
+        return None
+    if feat.has_animation or feat.width <= 0 or feat.height <= 0:
+        return None
+    return feat.width, feat.height
+
+
 def decode_webp(data: bytes, opaque_only: bool = False,
                 size: Optional[tuple[int, int]] = None) -> Optional[Image.Image]:
     """RGB image of a still WebP (alpha dropped, as PIL's convert("RGB")), or None.

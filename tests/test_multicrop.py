@@ -105,6 +105,21 @@ def test_colour_kernels_match_pil() -> None:
         _agree(x, im.convert("L").convert("RGB"), False)
 
 
+def test_hue_kernel_matches_pil_on_every_colour() -> None:
+    # All 2^24 RGB colours as one 4096x4096 image: the compiled HSV round trip must be PIL's,
+    # bit for bit, for a positive and a negative shift (the reference's hue jitter).
+    v = np.arange(1 << 24, dtype=np.uint32)
+    every = np.stack([v >> 16, (v >> 8) & 255, v & 255], -1).astype(np.uint8).reshape(4096, 4096, 3)
+    im = Image.fromarray(every)
+    h, sat, val = im.convert("HSV").split()
+    for amount in (0.17, -0.06):
+        shift = int(amount * 255) & 0xFF
+        want = Image.merge("HSV", (h.point(lambda i: (i + shift) % 256), sat, val)).convert("RGB")
+        x = every.copy()
+        colour.jitter_inplace(x, np.array([3]), 1.0, 1.0, 1.0, shift)
+        assert np.array_equal(x, np.asarray(want)), shift
+
+
 def _webp(im: Image.Image, **kw) -> bytes:
     buf = io.BytesIO()
     im.save(buf, "WEBP", **kw)
