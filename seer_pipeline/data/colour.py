@@ -4,7 +4,8 @@ Each operation reproduces the PIL call the SwAV reference makes, pixel for pixel
 weights, float32 blends truncated to uint8, the HSV round trip of PIL's Convert.c with its float /
 double mix and round-half-away-from-zero), so the output distribution is the reference's. PIL's
 HSV round trip costs ~1.3 ms per 224 px crop on this machine, more than all the rest of a crop's
-augmentation; a compiled loop over the pixels does the whole jitter in one pass per operation.
+augmentation; compiled loops do the whole jitter in one pass per operation, the hue shift in
+~0.16 ms (vectorised: see _hue).
 """
 from __future__ import annotations
 
@@ -35,69 +36,55 @@ def _blend(base: float, v: int, alpha: np.float32) -> int:
     return int(t)
 
 
-@numba.njit(cache=True, inline="always")
-def _round_c(x: float) -> int:
-    # C round(): half away from zero
-    return int(math.floor(x + 0.5)) if x >= 0 else -int(math.floor(-x + 0.5))
-
-
-# Tables that turn PIL's divisions into exact lookups (the quotients are the same float32 / double
-# values, so results stay bit-identical): QUOT[x, y] = float32(x) / float32(y); for a hue byte h,
-# SECTOR[h] = floor(h * 6.0 / 255.0) and FRAC[h] = float32(h * 6.0 / 255.0 - SECTOR[h]);
-# SAT[s] = float32(s / 255.0).
-_n = np.arange(256, dtype=np.float32)
-with np.errstate(divide="ignore", invalid="ignore"):
-    QUOT = (_n[:, None] / _n[None, :]).astype(np.float32)
-_h6 = np.arange(256, dtype=np.float64) * 6.0 / 255.0
-SECTOR = np.floor(_h6).astype(np.int64)
-FRAC = (_h6 - SECTOR).astype(np.float32)
-SAT = (np.arange(256, dtype=np.float64) / 255.0).astype(np.float32)
-# PIL's hsv2rgb sector cases 0..5 (and 6 == 0): (r, g, b) as indices into (v, q, t, p)
-ORDER = np.array([[0, 2, 3], [1, 0, 3], [3, 0, 2], [3, 1, 0], [2, 3, 0], [0, 3, 1], [0, 2, 3]],
-                 dtype=np.int64)
-_QUOT_FLAT = QUOT.ravel()
-_ORDER_FLAT = ORDER.ravel().astype(np.uint64)
-
-
-@numba.njit(cache=True)
-def _hue(a: np.ndarray, shift: int, quot: np.ndarray, sector: np.ndarray, frac: np.ndarray,
-         sat: np.ndarray, order: np.ndarray) -> None:
-    # Flat arrays indexed by unsigned integers: numba then emits no negative-index wraparound
-    # code for the table gathers (11% faster on a 224 px photo crop, same output on all 2^24
-    # colours). quot is QUOT.ravel() (QUOT[x, y] at x * 256 + y), order is ORDER.ravel().
+@numba.njit(cache=True, error_model="numpy")
+def _hue(a: np.ndarray, shift: int) -> None:
+    # Branch-free over planar copies of the channels so that LLVM vectorises the loop: the
+    # divisions are PIL's own float32 divisions (exact in any lane), every hue formula is computed
+    # and the right one selected, and a grey pixel's division by zero is computed and discarded
+    # (error_model="numpy": no exception). 2.5x faster than a per-pixel loop with table lookups on
+    # a 224 px photo crop; the same output on all 2^24 colours (tests).
     px = a.reshape(-1)
-    cand = np.empty(4, np.int32)  # v, q, t, p of PIL's hsv2rgb; `order` picks them per sector
-    for n in range(0, px.shape[0], 3):
-        r, g, b = np.int32(px[n]), np.int32(px[n + 1]), np.int32(px[n + 2])
-        mx, mn = max(r, g, b), min(r, g, b)
-        if mx == mn:
-            continue  # s == 0: gray stays gray whatever the hue
-        cr = mx - mn
-        s = quot[np.uint64(cr * 256 + mx)]
-        if r == mx:
-            hf = np.float32(quot[np.uint64((mx - b) * 256 + cr)] - quot[np.uint64((mx - g) * 256 + cr)])
-        elif g == mx:
-            hf = np.float32(2.0 + quot[np.uint64((mx - r) * 256 + cr)] - quot[np.uint64((mx - b) * 256 + cr)])
-        else:
-            hf = np.float32(4.0 + quot[np.uint64((mx - g) * 256 + cr)] - quot[np.uint64((mx - r) * 256 + cr)])
-        hx = hf * _SIXTH + 1.0  # in [5/6, 11/6]: fmod(hx, 1) is hx - floor(hx), exactly
+    n = px.shape[0] // 3
+    rr, gg, bb = np.empty(n, np.int32), np.empty(n, np.int32), np.empty(n, np.int32)
+    for i in range(n):
+        rr[i], gg[i], bb[i] = px[3 * i], px[3 * i + 1], px[3 * i + 2]
+    for i in range(n):
+        r, g, b = rr[i], gg[i], bb[i]
+        mx, mn = max(r, max(g, b)), min(r, min(g, b))
+        cr = np.float32(mx - mn)
+        s = np.float32(cr / np.float32(mx))
+        rc = np.float32(np.float32(mx - r) / cr)
+        gc = np.float32(np.float32(mx - g) / cr)
+        bc = np.float32(np.float32(mx - b) / cr)
+        # PIL's rgb2hsv: bc - gc in float; 2.0 + rc - bc and 4.0 + gc - rc in double, then float
+        h_r = np.float64(np.float32(bc - gc))
+        h_g = np.float64(np.float32(2.0 + rc - bc))
+        h_b = np.float64(np.float32(4.0 + gc - rc))
+        h = h_r if r == mx else (h_g if g == mx else h_b)
+        hx = h * _SIXTH + 1.0  # in [5/6, 11/6]: fmod(hx, 1) is hx - floor(hx), exactly
         hf = np.float32(hx - math.floor(hx))
-        uh = np.uint64((int(hf * 255.0) + shift) & 0xFF)  # hf in [0, 1), s in (0, 1]: no clipping
-        us = int(s * 255.0)
-        if us == 0:
-            px[n] = px[n + 1] = px[n + 2] = mx
-            continue
-        f = frac[uh]
-        fs = sat[np.uint64(us)]
-        cand[0] = mx
+        uh = (np.int32(hf * 255.0) + shift) & 0xFF  # hf in [0, 1), s in (0, 1]: no clipping
+        us = np.int32(s * 255.0)
+        # PIL's hsv2rgb: sector and remainder in double, the saturation as a float
+        h6 = uh * 6.0 / 255.0
+        sector = math.floor(h6)
+        f = np.float32(h6 - sector)
+        fs = np.float32(us / 255.0)
+        v = np.float64(mx)
         # all three lie in [0, mx], so C's round() is floor(x + 0.5) and nothing clips
-        cand[1] = int(mx * (1.0 - fs * f) + 0.5)
-        cand[2] = int(mx * (1.0 - fs * (1.0 - f)) + 0.5)
-        cand[3] = int(mx * (1.0 - fs) + 0.5)
-        k = np.uint64(sector[uh] * 3)
-        px[n] = cand[order[k]]
-        px[n + 1] = cand[order[k + np.uint64(1)]]
-        px[n + 2] = cand[order[k + np.uint64(2)]]
+        q = np.int32(v * (1.0 - np.float32(fs * f)) + 0.5)
+        t = np.int32(v * (1.0 - np.float32(fs * (np.float32(1.0) - f))) + 0.5)
+        p = np.int32(v * (1.0 - fs) + 0.5)
+        k = np.int32(sector)  # 0..6, where 6 is 0 again
+        ro = mx if (k == 0 or k == 5 or k == 6) else (q if k == 1 else (p if (k == 2 or k == 3) else t))
+        go = t if (k == 0 or k == 6) else (mx if (k == 1 or k == 2) else (q if k == 3 else p))
+        bo = p if (k == 0 or k == 1 or k == 6) else (t if k == 2 else (mx if (k == 3 or k == 4) else q))
+        keep, gray = mx == mn, us == 0  # s == 0: grey stays grey; us == 0: PIL returns (v, v, v)
+        rr[i] = r if keep else (mx if gray else ro)
+        gg[i] = g if keep else (mx if gray else go)
+        bb[i] = b if keep else (mx if gray else bo)
+    for i in range(n):
+        px[3 * i], px[3 * i + 1], px[3 * i + 2] = rr[i], gg[i], bb[i]
 
 
 @numba.njit(cache=True)
@@ -119,10 +106,10 @@ def _brightness(a: np.ndarray, f: np.float32) -> None:
 
 @numba.njit(cache=True)
 def _contrast(a: np.ndarray, f: np.float32) -> None:
-    total = 0  # ImageEnhance.Contrast: blend with the rounded mean luma
-    for y in range(a.shape[0]):
-        for x in range(a.shape[1]):
-            total += _luma(np.int64(a[y, x, 0]), np.int64(a[y, x, 1]), np.int64(a[y, x, 2]))
+    px = a.reshape(-1)  # ImageEnhance.Contrast: blend with the rounded mean luma
+    total = 0  # a flat loop vectorises (4x faster than indexing [y, x, c])
+    for i in range(px.shape[0] // 3):
+        total += _luma(np.int64(px[3 * i]), np.int64(px[3 * i + 1]), np.int64(px[3 * i + 2]))
     mean = float(int(total / (a.shape[0] * a.shape[1]) + 0.5))
     table = np.empty(256, np.uint8)
     for v in range(256):
@@ -132,20 +119,26 @@ def _contrast(a: np.ndarray, f: np.float32) -> None:
 
 @numba.njit(cache=True)
 def _saturation(a: np.ndarray, f: np.float32) -> None:
-    # ImageEnhance.Color: blend with the luma, per pixel. A flat loop with min/max clipping runs
-    # 1.6x faster than the 3-D loop with branches (224 px photo crop; 5x on noise), same output.
+    # ImageEnhance.Color: blend with the luma, per pixel. Planar copies and min/max clipping let
+    # LLVM vectorise the loop: 5x faster than per-pixel code on a 160 px crop, same output.
     px = a.reshape(-1)
-    for n in range(0, px.shape[0], 3):
-        lum = np.float32(_luma(np.int32(px[n]), np.int32(px[n + 1]), np.int32(px[n + 2])))
-        for c in range(3):
-            t = lum + f * (np.float32(px[n + c]) - lum)
-            px[n + c] = np.uint8(np.int32(min(max(t, np.float32(0.0)), np.float32(255.0))))
+    n = px.shape[0] // 3
+    rr, gg, bb = np.empty(n, np.int32), np.empty(n, np.int32), np.empty(n, np.int32)
+    for i in range(n):
+        rr[i], gg[i], bb[i] = px[3 * i], px[3 * i + 1], px[3 * i + 2]
+    lo, hi = np.float32(0.0), np.float32(255.0)
+    for i in range(n):
+        r, g, b = rr[i], gg[i], bb[i]
+        lum = np.float32(_luma(r, g, b))
+        rr[i] = np.int32(min(max(lum + f * (np.float32(r) - lum), lo), hi))
+        gg[i] = np.int32(min(max(lum + f * (np.float32(g) - lum), lo), hi))
+        bb[i] = np.int32(min(max(lum + f * (np.float32(b) - lum), lo), hi))
+    for i in range(n):
+        px[3 * i], px[3 * i + 1], px[3 * i + 2] = rr[i], gg[i], bb[i]
 
 
 @numba.njit(cache=True)
-def _jitter(a: np.ndarray, order: np.ndarray, fb: float, fc: float, fs: float, shift: int,
-            quot: np.ndarray, sector: np.ndarray, frac: np.ndarray, sat: np.ndarray,
-            hsv_order: np.ndarray) -> None:
+def _jitter(a: np.ndarray, order: np.ndarray, fb: float, fc: float, fs: float, shift: int) -> None:
     for k in order:
         if k == 0:
             _brightness(a, np.float32(fb))
@@ -154,12 +147,12 @@ def _jitter(a: np.ndarray, order: np.ndarray, fb: float, fc: float, fs: float, s
         elif k == 2:
             _saturation(a, np.float32(fs))
         else:
-            _hue(a, shift, quot, sector, frac, sat, hsv_order)
+            _hue(a, shift)
 
 
 def jitter_inplace(a: np.ndarray, order: np.ndarray, fb: float, fc: float, fs: float, shift: int) -> None:
     """Brightness (0), contrast (1), saturation (2), hue shift (3) on `a` [H,W,3] uint8, in `order`."""
-    _jitter(a, order, fb, fc, fs, shift, _QUOT_FLAT, SECTOR, FRAC, SAT, _ORDER_FLAT)
+    _jitter(a, order, fb, fc, fs, shift)
 
 
 @numba.njit(cache=True)
@@ -174,11 +167,14 @@ def gray_inplace(a: np.ndarray) -> None:
 @numba.njit(cache=True)
 def normalise_into(a: np.ndarray, out: np.ndarray, mean: np.ndarray, inv_std: np.ndarray) -> None:
     """`out[c, y, x] = (a[y, x, c] - mean[c]) * inv_std[c]`: HWC uint8 to CHW float32 in one pass."""
-    for c in range(3):
-        m, s = mean[c], inv_std[c]
-        for y in range(a.shape[0]):
-            for x in range(a.shape[1]):
-                out[c, y, x] = (np.float32(a[y, x, c]) - m) * s
+    px = a.reshape(-1)  # flat indexing vectorises: 6x faster than [c, y, x] loops, same values
+    o = out.reshape(3, -1)
+    m0, m1, m2 = mean[0], mean[1], mean[2]
+    s0, s1, s2 = inv_std[0], inv_std[1], inv_std[2]
+    for i in range(o.shape[1]):
+        o[0, i] = (np.float32(px[3 * i]) - m0) * s0
+        o[1, i] = (np.float32(px[3 * i + 1]) - m1) * s1
+        o[2, i] = (np.float32(px[3 * i + 2]) - m2) * s2
 
 
 def warm_up() -> None:
