@@ -16,10 +16,10 @@ from typing import Callable, Dict, List
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageEnhance
+from PIL import Image, ImageEnhance, ImageFilter
 
 from conftest import shared_dir
-from seer_pipeline.data import colour
+from seer_pipeline.data import blur, colour
 from seer_pipeline.data.augment import (CROP_PRESETS, MEAN, STD, MultiCrop, draft_factor,
                                         multicrop_factory, sample_crop_box)
 from seer_pipeline.webp_decode import available as webp_available
@@ -297,3 +297,18 @@ def test_distortion_knobs_come_from_the_data_config(photos: List[bytes]) -> None
                 dict(jitter=[0.8, 0.8, 0.8, 0.7])):
         with pytest.raises(ValueError):
             build_multicrop(DataConfig(**{**cfg.__dict__, **bad}))
+
+
+def test_blur_kernel_matches_pil(photo_dir: Path) -> None:
+    # PIL's extended-box Gaussian blur, bit for bit: radii across the augmentation's range (and the
+    # edges of the integer box radius), crop sizes including images smaller than the box.
+    rng = np.random.default_rng(0)
+    src = Image.open(photo_dir / "opencv-doc__examples_data_butterfly.jpg").convert("RGB")
+    sigmas = [0.1, 0.25, 0.5, 1.0, 1.37, 2.0, 3.5, *rng.uniform(0.1, 2.0, 24)]
+    for w, h in ((96, 96), (160, 163), (224, 224), (7, 3), (2, 5), (1, 5), (6, 1)):
+        photo = np.array(src.resize((w, h)))
+        noise = rng.integers(0, 256, photo.shape, dtype=np.uint8)
+        for a in (photo, noise):
+            for sigma in sigmas:
+                want = np.asarray(Image.fromarray(a).filter(ImageFilter.GaussianBlur(radius=float(sigma))))
+                assert np.array_equal(blur.gaussian_blur(a, float(sigma)), want), (w, h, sigma)

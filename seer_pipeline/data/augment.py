@@ -12,7 +12,8 @@ comes from at least as many source pixels as the reference's:
   pixels, then bilinear), instead of copying the crop and resizing at full resolution;
 - colour jitter and grayscale run as numba-compiled loops over the uint8 crop with PIL's own
   arithmetic (colour.py), as does uint8 HWC -> normalised float CHW (one pass into one buffer
-  per crop size); WebP decodes straight to RGB through libwebp (seer_pipeline/webp_decode.py).
+  per crop size), and so does PIL's Gaussian blur (blur.py); WebP decodes straight to RGB through
+  libwebp (seer_pipeline/webp_decode.py).
 Randomness comes only from the `numpy.random.Generator` passed in (per sample), never global RNG.
 """
 from __future__ import annotations
@@ -25,8 +26,10 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 import PIL
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image
 
+from .blur import gaussian_blur
+from .blur import warm_up as warm_up_blur
 from .colour import gray_inplace, jitter_inplace, normalise_into, warm_up
 from ..jpeg_scans import eighth_scale_scans
 from ..webp_decode import decode_webp, webp_size
@@ -159,6 +162,7 @@ class MultiCrop:
         self.mean = np.array(MEAN, dtype=np.float32) * 255
         self.inv_std = (1.0 / (np.array(STD, dtype=np.float64) * 255)).astype(np.float32)
         warm_up()
+        warm_up_blur()
 
     def __call__(self, data: bytes, rng: Optional[np.random.Generator] = None) -> List[torch.Tensor]:
         rng = rng if rng is not None else np.random.default_rng()
@@ -210,9 +214,7 @@ class MultiCrop:
         if rng.random() < self.gray_p:
             gray_inplace(arr)
         if rng.random() < self.blur_p:
-            blurred = Image.fromarray(arr, "RGB").filter(
-                ImageFilter.GaussianBlur(radius=rng.uniform(*self.blur_radius)))
-            arr = np.asarray(blurred)
+            arr = gaussian_blur(arr, rng.uniform(*self.blur_radius))  # PIL's GaussianBlur, exactly
         return arr
 
     def _to_tensors(self, crops: List[np.ndarray]) -> List[torch.Tensor]:
