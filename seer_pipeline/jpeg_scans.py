@@ -64,6 +64,13 @@ def _zero_ac(segment: bytes, tables: Set[int]) -> Optional[bytes]:
 
 def eighth_scale_scans(data: bytes) -> Optional[bytes]:
     """`data` (a progressive Huffman JPEG) reduced to what a 1/8-scale decode reads, or None."""
+    try:
+        return _prune(data)
+    except (IndexError, ValueError, struct.error):  # a segment shorter than its fields say
+        return None
+
+
+def _prune(data: bytes) -> Optional[bytes]:
     n = len(data)
     if n < 4 or data[:2] != b"\xff\xd8":
         return None

@@ -75,6 +75,14 @@ def test_anything_unusual_falls_back(photo_dir: Path) -> None:
     at = prog.index(b"\xff\xc2")
     broken[at + 2:at + 4] = (60000).to_bytes(2, "big")  # SOF length past the end
     assert eighth_scale_scans(bytes(broken)) is None
+    assert eighth_scale_scans(prog[:at + 2] + b"\x00\x02\xff\xd9") is None  # SOF shorter than its fields
+    rng = np.random.default_rng(0)  # damaged headers: None or a file, never an exception
+    for _ in range(2000):
+        d = bytearray(prog)
+        for i in rng.integers(0, 1500, rng.integers(1, 5)):
+            d[i] = rng.integers(0, 256)
+        out = eighth_scale_scans(bytes(d[: rng.integers(len(d) // 2, len(d) + 1)]))
+        assert out is None or isinstance(out, bytes)
 
 
 def test_multicrop_uses_it_only_at_one_eighth(progressive: List[Tuple[str, bytes]]) -> None:
