@@ -15,6 +15,8 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from seer_pipeline.jpeg_scans import eighth_scale_scans
 from seer_pipeline.webp_decode import decode_webp
 
+from .jpeg_grey import grey_to_ycbcr
+
 # Our own --max-pixels check replaces PIL's bomb guard, which would raise at open time with a
 # different threshold (and warn below it).
 Image.MAX_IMAGE_PIXELS = None
@@ -173,8 +175,11 @@ def _decode_and_encode(res: Result, data: bytes, opts: ProcessOptions) -> Result
         return res
     tw, th = _target_size(ow, oh, opts.resize_short_side)
     resize = (tw, th) != (ow, oh)
-    if (img.format == "JPEG" and opts.reencode != "always" and orient == 1 and not resize
-            and img.mode == "RGB"):
+    # A grey JPEG becomes a colour one without a decode or an encode (lossless: jpeg_grey.py).
+    stored = None
+    if img.format == "JPEG" and opts.reencode != "always" and orient == 1 and not resize:
+        stored = data if img.mode == "RGB" else grey_to_ycbcr(data) if img.mode == "L" else None
+    if stored is not None:
         if opts.check == "full":
             # The decoder is the judge of a damaged stream. Damage shows in the entropy-coded
             # data, which libjpeg decodes in full even at 1/8 DCT scaling; the scaling only skips
@@ -186,7 +191,7 @@ def _decode_and_encode(res: Result, data: bytes, opts: ProcessOptions) -> Result
         elif not _jpeg_has_eoi(data):
             res.reason = "truncated"
             return res
-        res.data, res.passthrough = data, True
+        res.data, res.passthrough = stored, stored is data
         res.width, res.height = w, h
         return res
     # Work in the stored orientation and transpose at the end: resizing first is cheaper.

@@ -231,6 +231,51 @@ def test_big_progressive_jpeg_resized_from_its_dc_scans(photo_dir: Path,
     assert (fast.width, fast.height) == (src.width // 2, src.height // 2)
 
 
+@pytest.mark.parametrize("check", ["full", "header"])
+def test_grey_jpegs_become_colour_without_loss(photo_dir: Path, tmp_path: Path, check: str) -> None:
+    # A one-component JPEG is stored as a three-component one built from its own scan: the
+    # stored image decodes (PIL and libjpeg-turbo) to R = G = B = the source's grey, exactly.
+    import simplejpeg
+    d = tmp_path / "in"
+    d.mkdir()
+    grey = Image.open(photo_dir / "opencv-doc__examples_data_butterfly.jpg").convert("L")
+    variants = {"plain.jpg": {}, "restarts.jpg": {"restart_marker_blocks": 3},
+                "optimized.jpg": {"quality": 60, "optimize": True}}
+    for name, kw in variants.items():
+        (d / name).write_bytes(_save(grey, "JPEG", **kw))
+    (d / "odd.jpg").write_bytes(_save(grey.resize((37, 21)), "JPEG"))
+    build_shards([str(d)], tmp_path / "out", check=check)
+    got = _samples(tmp_path / "out")
+    assert len(got) == 4
+    for jpg, meta in got.values():
+        src = (d / Path(meta["source"]).name).read_bytes()
+        assert meta["sha256"] == hashlib.sha256(src).hexdigest()
+        want = np.asarray(Image.open(io.BytesIO(src)))
+        im = Image.open(io.BytesIO(jpg))
+        assert im.mode == "RGB" and (meta["width"], meta["height"]) == im.size
+        rgb = np.asarray(im)
+        assert all(np.array_equal(rgb[..., c], want) for c in range(3)), meta["source"]
+        assert np.array_equal(simplejpeg.decode_jpeg(jpg, colorspace="RGB"), rgb)
+        assert len(jpg) < len(src) * 1.2
+
+
+def test_grey_conversion_declines_what_it_cannot_do_losslessly() -> None:
+    from data_prep.jpeg_grey import grey_to_ycbcr
+    grey = Image.linear_gradient("L").resize((64, 48))
+    plain = _save(grey, "JPEG")
+    assert grey_to_ycbcr(_save(grey, "JPEG", progressive=True)) is None
+    assert grey_to_ycbcr(_save(grey.convert("RGB"), "JPEG")) is None
+    assert grey_to_ycbcr(plain[:-2]) is None and grey_to_ycbcr(plain[: len(plain) // 2]) is None
+    assert grey_to_ycbcr(plain) is not None
+    rng = np.random.default_rng(0)  # damaged headers: None or a file, never an exception
+    for _ in range(2000):
+        d = bytearray(plain)
+        for i in rng.integers(0, len(d), rng.integers(1, 5)):
+            d[i] = rng.integers(0, 256)
+        out = grey_to_ycbcr(bytes(d))
+        assert out is None or isinstance(out, bytes)
+
+
 def test_shuffle_is_deterministic_and_independent_of_workers(photo_dir: Path, tmp_path: Path) -> None:
     a = build_shards([str(photo_dir)], tmp_path / "a", maxcount=3, workers=1, seed=7)
     b = build_shards([str(photo_dir)], tmp_path / "b", maxcount=3, workers=2, seed=7)
