@@ -16,14 +16,14 @@ Only 8-bit sequential Huffman JPEGs are handled; anything else returns None (dec
 """
 from __future__ import annotations
 
-import re
 import struct
 from typing import List, Optional
 
-_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # end of entropy-coded data
+from seer_pipeline.jpeg_scans import segments
+
 _SOF_SEQUENTIAL = {0xC0, 0xC1}
 _SOF_OTHER = {0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-_SOS, _EOI, _APP14, _DNL = 0xDA, 0xD9, 0xEE, 0xDC
+_SOS, _APP14, _DNL = 0xDA, 0xEE, 0xDC
 # DHT: DC table 1 and AC table 1, each a single one-bit code "0" (DC category 0 / AC end of block)
 _ZERO_TABLES = (b"\xff\xc4" + struct.pack(">H", 2 + 2 * 17 + 2)
                 + b"\x01" + b"\x01" + bytes(15) + b"\x00"
@@ -45,30 +45,16 @@ def grey_to_ycbcr(data: bytes) -> Optional[bytes]:
     """A lossless three-component version of a one-component sequential JPEG, or None."""
     try:
         return _convert(data)
-    except (IndexError, ValueError, struct.error):  # a segment shorter than its fields say
+    except (IndexError, ValueError, struct.error):  # malformed or truncated: decode and encode
         return None
 
 
 def _convert(data: bytes) -> Optional[bytes]:
-    n = len(data)
-    if n < 4 or data[:2] != b"\xff\xd8":
-        return None
     parts: List[bytes] = [data[:2]]
-    blocks, ids, seen_scan, pos = 0, (0, 0), False, 2
-    while True:
-        if pos + 2 > n or data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:
-            pos += 1
-            continue
-        if marker == _EOI:
-            break
-        if marker in _SOF_OTHER or marker == _DNL or pos + 4 > n:
-            return None
-        end = pos + 2 + struct.unpack_from(">H", data, pos + 2)[0]
-        if end > n:
-            return None
+    blocks, ids, scanned = 0, (0, 0), False
+    for marker, pos, end in segments(data):
+        if scanned or marker in _SOF_OTHER or marker == _DNL:
+            return None  # only EOI may follow the one scan of a sequential grey JPEG
         if marker in _SOF_SEQUENTIAL:
             precision, height, width, count = struct.unpack_from(">BHHB", data, pos + 4)
             if precision != 8 or count != 1 or height == 0 or end != pos + 2 + 8 + 3:
@@ -79,19 +65,13 @@ def _convert(data: bytes) -> Optional[bytes]:
             comps = bytes([cid, 0x11, table, ids[0], 0x11, table, ids[1], 0x11, table])
             parts.append(data[pos:pos + 2] + struct.pack(">HBHHB", 8 + 9, 8, height, width, 3) + comps)
         elif marker == _SOS:
-            if not blocks or seen_scan:
+            if not blocks:
                 return None
-            seen_scan = True
-            nxt = _NEXT_MARKER.search(data, end)
-            if nxt is None or nxt.start() + 2 > n or data[nxt.start() + 1] != _EOI:
-                return None  # no EOI right after the scan: truncated or odd, let the decoder judge
-            parts.append(data[pos:nxt.start()])
-            pos = nxt.start()
-            continue
+            scanned = True
+            parts.append(data[pos:end])
         elif marker != _APP14:
             parts.append(data[pos:end])
-        pos = end
-    if not seen_scan:
+    if not scanned:
         return None
     parts += [_NO_RESTART, _ZERO_TABLES, _flat_scan(ids[0], blocks), _flat_scan(ids[1], blocks), b"\xff\xd9"]
     return b"".join(parts)

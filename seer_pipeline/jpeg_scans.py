@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 import struct
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, Iterator, List, Optional, Set, Tuple
 
 # The next marker after entropy-coded data: 0xFF not followed by a stuffed 0x00, a restart
 # marker RST0-7 (those belong to the scan), or another 0xFF fill byte.
@@ -62,37 +62,53 @@ def _zero_ac(segment: bytes, tables: Set[int]) -> Optional[bytes]:
     return bytes(seg)
 
 
-def eighth_scale_scans(data: bytes) -> Optional[bytes]:
-    """`data` (a progressive Huffman JPEG) reduced to what a 1/8-scale decode reads, or None."""
-    try:
-        return _prune(data)
-    except (IndexError, ValueError, struct.error):  # a segment shorter than its fields say
-        return None
-
-
-def _prune(data: bytes) -> Optional[bytes]:
+def segments(data: bytes) -> Iterator[Tuple[int, int, int]]:
+    """(marker, start, end) of each segment between SOI and EOI. A scan (SOS) segment ends where
+    its entropy-coded data does. Raises ValueError for a stream that is not a JPEG, a segment
+    running past the end, or a missing EOI (truncated: the caller leaves it to the decoder)."""
     n = len(data)
     if n < 4 or data[:2] != b"\xff\xd8":
-        return None
-    parts: List[bytes] = [data[:2]]
-    dqt_at: List[int] = []
-    sampling: Dict[int, Tuple[int, int]] = {}
-    table_of: Dict[int, int] = {}
-    needs_ac: Optional[Dict[int, bool]] = None
+        raise ValueError("not a JPEG")
     pos = 2
     while True:
         if pos + 2 > n or data[pos] != 0xFF:
-            return None
+            raise ValueError("no marker where one must be")
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte before a marker
             pos += 1
             continue
         if marker == _EOI:
-            break
-        if marker in _SOF_OTHER or marker == _DNL or pos + 4 > n:
-            return None
+            return
+        if pos + 4 > n:
+            raise ValueError("truncated")
         end = pos + 2 + struct.unpack_from(">H", data, pos + 2)[0]
         if end > n:
+            raise ValueError("segment past the end")
+        if marker == _SOS:
+            nxt = _NEXT_MARKER.search(data, end)
+            if nxt is None:
+                raise ValueError("no EOI after the last scan")
+            end = nxt.start()
+        yield marker, pos, end
+        pos = end
+
+
+def eighth_scale_scans(data: bytes) -> Optional[bytes]:
+    """`data` (a progressive Huffman JPEG) reduced to what a 1/8-scale decode reads, or None."""
+    try:
+        return _prune(data)
+    except (IndexError, ValueError, struct.error):  # malformed: a full decode decides
+        return None
+
+
+def _prune(data: bytes) -> Optional[bytes]:
+    parts: List[bytes] = [data[:2]]
+    dqt_at: List[int] = []
+    sampling: Dict[int, Tuple[int, int]] = {}
+    table_of: Dict[int, int] = {}
+    needs_ac: Optional[Dict[int, bool]] = None
+    for marker, pos, end in segments(data):
+        if marker in _SOF_OTHER or marker == _DNL:
             return None
         if marker == _SOF_PROGRESSIVE_HUFFMAN:
             count = data[pos + 9]
@@ -105,24 +121,18 @@ def _prune(data: bytes) -> Optional[bytes]:
                 sampling[cid], table_of[cid] = (hv >> 4, hv & 15), tq
             needs_ac = _needs_ac(sampling)
         elif marker == _SOS:
-            if needs_ac is None or end > n:
+            if needs_ac is None:
                 return None
             count = data[pos + 4]
             cids = list(data[pos + 5:pos + 5 + 2 * count:2])
             if any(c not in needs_ac for c in cids):
                 return None
-            spectral_start = data[pos + 5 + 2 * count]
-            nxt = _NEXT_MARKER.search(data, end)
-            if nxt is None:  # no EOI after the last scan: truncated, let the decoder judge it
-                return None
-            if spectral_start == 0 or all(needs_ac[c] for c in cids):
-                parts.append(data[pos:nxt.start()])
-            pos = nxt.start()
+            if data[pos + 5 + 2 * count] == 0 or all(needs_ac[c] for c in cids):  # Ss == 0: DC
+                parts.append(data[pos:end])
             continue
-        elif marker == _DQT:
+        if marker == _DQT:
             dqt_at.append(len(parts))
         parts.append(data[pos:end])
-        pos = end
     if needs_ac is None:
         return None
     pruned = {table_of[c] for c, ac in needs_ac.items() if not ac}
