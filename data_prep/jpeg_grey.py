@@ -19,11 +19,11 @@ from __future__ import annotations
 import struct
 from typing import List, Optional
 
-from seer_pipeline.jpeg_scans import segments
+from seer_pipeline.jpeg_scans import SOS, segments
 
 _SOF_SEQUENTIAL = {0xC0, 0xC1}
 _SOF_OTHER = {0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-_SOS, _APP14, _DNL = 0xDA, 0xEE, 0xDC
+_APP14 = 0xEE
 # DHT: DC table 1 and AC table 1, each a single one-bit code "0" (DC category 0 / AC end of block)
 _ZERO_TABLES = (b"\xff\xc4" + struct.pack(">H", 2 + 2 * 17 + 2)
                 + b"\x01" + b"\x01" + bytes(15) + b"\x00"
@@ -53,7 +53,7 @@ def _convert(data: bytes) -> Optional[bytes]:
     parts: List[bytes] = [data[:2]]
     blocks, ids, scanned = 0, (0, 0), False
     for marker, pos, end in segments(data):
-        if scanned or marker in _SOF_OTHER or marker == _DNL:
+        if scanned or marker in _SOF_OTHER:
             return None  # only EOI may follow the one scan of a sequential grey JPEG
         if marker in _SOF_SEQUENTIAL:
             precision, height, width, count = struct.unpack_from(">BHHB", data, pos + 4)
@@ -64,7 +64,7 @@ def _convert(data: bytes) -> Optional[bytes]:
             blocks = -(-width // 8) * -(-height // 8)
             comps = bytes([cid, 0x11, table, ids[0], 0x11, table, ids[1], 0x11, table])
             parts.append(data[pos:pos + 2] + struct.pack(">HBHHB", 8 + 9, 8, height, width, 3) + comps)
-        elif marker == _SOS:
+        elif marker == SOS:
             if not blocks:
                 return None
             scanned = True

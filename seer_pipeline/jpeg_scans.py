@@ -31,7 +31,7 @@ from typing import Dict, Iterator, List, Optional, Set, Tuple
 _NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 _SOF_OTHER = {0xC0, 0xC1, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 _SOF_PROGRESSIVE_HUFFMAN = 0xC2
-_SOS, _DQT, _EOI, _DNL = 0xDA, 0xDB, 0xD9, 0xDC
+SOS, _DQT, _EOI, _DNL = 0xDA, 0xDB, 0xD9, 0xDC
 
 
 def _needs_ac(sampling: Dict[int, Tuple[int, int]]) -> Dict[int, bool]:
@@ -65,7 +65,8 @@ def _zero_ac(segment: bytes, tables: Set[int]) -> Optional[bytes]:
 def segments(data: bytes) -> Iterator[Tuple[int, int, int]]:
     """(marker, start, end) of each segment between SOI and EOI. A scan (SOS) segment ends where
     its entropy-coded data does. Raises ValueError for a stream that is not a JPEG, a segment
-    running past the end, or a missing EOI (truncated: the caller leaves it to the decoder)."""
+    running past the end, a DNL marker, or a missing EOI (truncated: the caller leaves it to the
+    decoder)."""
     n = len(data)
     if n < 4 or data[:2] != b"\xff\xd8":
         raise ValueError("not a JPEG")
@@ -79,12 +80,14 @@ def segments(data: bytes) -> Iterator[Tuple[int, int, int]]:
             continue
         if marker == _EOI:
             return
+        if marker == _DNL:  # the image height comes after the scan: no rewriter here handles it
+            raise ValueError("DNL marker")
         if pos + 4 > n:
             raise ValueError("truncated")
         end = pos + 2 + struct.unpack_from(">H", data, pos + 2)[0]
         if end > n:
             raise ValueError("segment past the end")
-        if marker == _SOS:
+        if marker == SOS:
             nxt = _NEXT_MARKER.search(data, end)
             if nxt is None:
                 raise ValueError("no EOI after the last scan")
@@ -108,7 +111,7 @@ def _prune(data: bytes) -> Optional[bytes]:
     table_of: Dict[int, int] = {}
     needs_ac: Optional[Dict[int, bool]] = None
     for marker, pos, end in segments(data):
-        if marker in _SOF_OTHER or marker == _DNL:
+        if marker in _SOF_OTHER:
             return None
         if marker == _SOF_PROGRESSIVE_HUFFMAN:
             count = data[pos + 9]
@@ -120,7 +123,7 @@ def _prune(data: bytes) -> Optional[bytes]:
                     return None
                 sampling[cid], table_of[cid] = (hv >> 4, hv & 15), tq
             needs_ac = _needs_ac(sampling)
-        elif marker == _SOS:
+        elif marker == SOS:
             if needs_ac is None:
                 return None
             count = data[pos + 4]
