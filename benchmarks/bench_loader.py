@@ -28,8 +28,10 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from seer_pipeline.data import DataConfig, build_loader, pil_flavour  # noqa: E402
-from seer_pipeline.data.synth import write_shards  # noqa: E402
+from seer_pipeline.data.augment import pil_flavour
+from seer_pipeline.data.config import DataConfig
+from seer_pipeline.data.loader import build_loader  # noqa: E402
+from seer_pipeline.shards.synth import write_shards  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 EXTS = (".jpg", ".jpeg", ".png", ".webp")

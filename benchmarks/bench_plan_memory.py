@@ -46,7 +46,7 @@ def measure(trunk_name: str, batch: int, crops: str) -> dict:
     import torch.nn.functional as F
 
     from seer_pipeline.models import build_trunk
-    from seer_pipeline.plan import parse_crops
+    from seer_pipeline.plan.cli import parse_crops
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -63,7 +63,7 @@ def measure(trunk_name: str, batch: int, crops: str) -> dict:
 
 
 def predict(trunk_name: str, batch: int, crops: str) -> dict:
-    from seer_pipeline.plan import plan
+    from seer_pipeline.plan.cli import plan
 
     # The measurement runs the trunk alone, so the prediction leaves the SwAV head out too.
     p = plan(trunk_name, gpus=1, batch_per_gpu=batch, crops=crops, precision="fp32", ac="none",

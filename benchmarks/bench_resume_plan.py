@@ -2,7 +2,7 @@
 """How long a loader resume at another world size spends planning, at dump scale.
 
 A resume at a different world size replays every old worker's shuffle buffer to find what it
-consumed (`seer_pipeline.data.plan.remainder`); every new rank does this once. This times it on a
+consumed (`seer_pipeline.data.order.remainder`); every new rank does this once. This times it on a
 synthetic manifest (shards of 10,000 images) for an old run of --world ranks x --workers loader
 workers stopped half way through the epoch, and prints the seconds and the extrapolation to
 1B images (the work is linear in the images of the epoch). No data is read.
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from seer_pipeline.data.plan import epoch_runs, remainder, runs_len, shuffle_order  # noqa: E402
+from seer_pipeline.data.order import epoch_runs, remainder, runs_len, shuffle_order  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

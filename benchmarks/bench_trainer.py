@@ -28,9 +28,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from seer_pipeline import swav  # noqa: E402
-from seer_pipeline.optim import LARS  # noqa: E402
-from seer_pipeline.testing import run_distributed  # noqa: E402
+from seer_pipeline.train import swav  # noqa: E402
+from seer_pipeline.train.optim import LARS  # noqa: E402
+from seer_pipeline.dist.testing import run_distributed  # noqa: E402
 
 BIG = ("regnety_1.6gf", 128, 96, 4)  # trunk, big crop, small crop, per-rank batch
 TINY = ("cpu_tiny", 28, 16, 16)
@@ -60,7 +60,7 @@ def _idle_mb() -> float:
 
 
 def _cfg(trunk: str, big: int, small: int, batch: int, extra: list[str] = ()):
-    from seer_pipeline.train_config import load_train_config
+    from seer_pipeline.config.train import load_train_config
 
     return load_train_config("cpu_tiny", [
         f"model.trunk={trunk}", f"data.batch_size={batch}", f"data.size_crops=[{big},{small}]",
@@ -87,9 +87,10 @@ def bare_step(model, opt, views, cfg) -> torch.Tensor:
 
 
 def bench_overhead(shards: str, threads: int, blocks: int, per_block: int) -> dict:
-    from seer_pipeline.distributed import DistEnv
-    from seer_pipeline.metrics import MetricsLogger
-    from seer_pipeline.trainer import Trainer, build_model
+    from seer_pipeline.dist.setup import DistEnv
+    from seer_pipeline.train.metrics import MetricsLogger
+    from seer_pipeline.models.swav import build_model
+    from seer_pipeline.train.trainer import Trainer
 
     torch.set_num_threads(threads)
     trunk, big, small, batch = TINY
@@ -128,8 +129,8 @@ def bench_overhead(shards: str, threads: int, blocks: int, per_block: int) -> di
 
 def _step_worker(rank: int, world: int, spec: tuple, fsdp: str, steps: int, warm: int,
                  reshard: bool = True, blocks_per_unit: int = 1) -> dict:
-    from seer_pipeline.parallelize import ParallelPlan, build_mesh, parallelize
-    from seer_pipeline.trainer import build_model
+    from seer_pipeline.dist.parallelize import ParallelPlan, build_mesh, parallelize
+    from seer_pipeline.models.swav import build_model
 
     idle = _idle_mb()  # torch imported, process group up, no model yet
     trunk, big, small, batch = spec
@@ -185,9 +186,9 @@ def _async_worker(rank: int, world: int, spec: tuple, steps: int, tmp: str) -> d
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from seer_pipeline.checkpoint import Checkpointer
-    from seer_pipeline.parallelize import ParallelPlan, build_mesh, parallelize
-    from seer_pipeline.trainer import build_model
+    from seer_pipeline.checkpoint.checkpointer import Checkpointer
+    from seer_pipeline.dist.parallelize import ParallelPlan, build_mesh, parallelize
+    from seer_pipeline.models.swav import build_model
 
     trunk, big, small, batch = spec
     cfg = _cfg(trunk, big, small, batch)

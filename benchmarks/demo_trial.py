@@ -2,7 +2,7 @@
 
     python benchmarks/demo_trial.py --steps 700 [KEY=VALUE ...]
 
-The demo's own command line (`seer_pipeline.demo.RECIPE` on the `cpu_tiny` preset, 2 ranks)
+The demo's own command line (`seer_pipeline.demo.run.RECIPE` on the `cpu_tiny` preset, 2 ranks)
 plus your overrides, for a fixed number of steps instead of a time budget, so that trials on a
 busy machine give the same numbers (only slower). Then `seer-eval all` on a 20,000 / 5,000
 train / test subset of Fashion-MNIST. It needs the demo's shards (`make demo` once, or
@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from seer_pipeline.demo import Settings, _cmd, _train_cmd  # noqa: E402
+from seer_pipeline.demo.run import Settings, _cmd, _train_cmd  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

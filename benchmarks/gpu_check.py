@@ -45,10 +45,10 @@ def check_model(preset: str, batch: int, steps: int, warmup: int, ac: str, compi
 
     from bench_trainer import bare_step  # the same bare step the CPU benchmark times
     from seer_pipeline.models import count_macs
-    from seer_pipeline.optim import LARS
-    from seer_pipeline.parallelize import ParallelPlan, build_mesh, parallelize
-    from seer_pipeline.train_config import load_train_config
-    from seer_pipeline.trainer import build_model
+    from seer_pipeline.train.optim import LARS
+    from seer_pipeline.dist.parallelize import ParallelPlan, build_mesh, parallelize
+    from seer_pipeline.config.train import load_train_config
+    from seer_pipeline.models.swav import build_model
 
     cfg = load_train_config(preset, [f"data.batch_size={batch}", "data.crops=seer2021",
                                      f"parallel.ac={ac}", f"parallel.compile={str(compile_).lower()}",
@@ -137,10 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     if "RANK" not in os.environ:  # standalone: one process, one GPU
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1")
-        from seer_pipeline.distributed import free_port
+        from seer_pipeline.dist.setup import free_port
 
         os.environ["MASTER_PORT"] = str(free_port())
-    from seer_pipeline.distributed import init_distributed, resolve_env
+    from seer_pipeline.dist.setup import init_distributed, resolve_env
 
     denv = resolve_env()
     if denv.world_size == 1:  # init_distributed skips world 1; the check wants NCCL anyway

@@ -10,7 +10,7 @@ __all__ = ["build_shards", "ShardOptions"]
 
 def __getattr__(name: str):  # lazy, so `import data_prep` stays cheap
     if name in __all__:
-        from . import build
+        from data_prep import build
 
         return getattr(build, name)
     raise AttributeError(name)

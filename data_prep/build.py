@@ -20,14 +20,14 @@ import os
 import time
 from typing import Any, Iterable, Optional, Sequence
 
-from seer_pipeline.io_utils import atomic_write_json, atomic_write_text
+from seer_pipeline.core.io_utils import atomic_write_json, atomic_write_text
 
-from . import workers
-from .images import Result
-from .index import Index
-from .options import ShardOptions, in_part, load_exclude
-from .sources import Item, iter_inputs
-from .tarwrite import file_sha256, sample_json, shard_keys
+from data_prep import workers
+from data_prep.images import Result
+from data_prep.index import Index
+from data_prep.options import ShardOptions, in_part, load_exclude
+from data_prep.sources import Item, iter_inputs
+from seer_pipeline.shards.writer import file_sha256, sample_json, shard_keys
 
 log = logging.getLogger(__name__)
 STATE = ".seer-shards"

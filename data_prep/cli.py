@@ -83,7 +83,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.cmd == "build":
             return _build(args)
         if args.cmd == "verify":
-            from .verify import verify
+            from data_prep.verify import verify
 
             problems = verify(args.dir, decode=not args.no_decode)
             for p in problems:
@@ -91,13 +91,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"{len(problems)} problem(s) in {args.dir}" if problems else f"OK: {args.dir}")
             return 1 if problems else 0
         if args.cmd == "stats":
-            from .verify import format_stats, stats
+            from data_prep.verify import format_stats, stats
 
             st = stats(args.dir)
             print(json.dumps(st, indent=2) if args.json else format_stats(st))
             return 0
         if args.cmd == "merge":
-            from .merge import merge
+            from data_prep.merge import merge
 
             man = merge(args.parts, args.out)
             print(f"merged {len(args.parts)} parts: {man['written']} samples in {len(man['shards'])} shards")
@@ -109,7 +109,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from .build import ShardOptions, build_shards
+    from data_prep.build import ShardOptions, build_shards
 
     opts = ShardOptions(
         maxcount=args.maxcount, maxsize=args.maxsize, seed=args.seed, workers=max(1, args.workers),

@@ -12,10 +12,10 @@ from typing import Optional
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from seer_pipeline.jpeg_scans import eighth_scale_scans
-from seer_pipeline.webp_decode import decode_webp
+from seer_pipeline.codecs.jpeg_scans import eighth_scale_scans
+from seer_pipeline.codecs.webp import decode_webp
 
-from .jpeg_grey import grey_to_ycbcr
+from seer_pipeline.codecs.jpeg_grey import grey_to_ycbcr
 
 # Our own --max-pixels check replaces PIL's bomb guard, which would raise at open time with a
 # different threshold (and warn below it).

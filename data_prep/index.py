@@ -10,7 +10,7 @@ import json
 import sqlite3
 from typing import Any, Iterator, Optional
 
-from .tarwrite import member_bytes, sample_json, tar_bytes
+from seer_pipeline.shards.writer import member_bytes, sample_json, tar_bytes
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT);

@@ -12,9 +12,9 @@ import shutil
 from collections import Counter
 from typing import Sequence
 
-from seer_pipeline.io_utils import atomic_write_json, atomic_write_text, fsync_dir
+from seer_pipeline.core.io_utils import atomic_write_json, atomic_write_text, fsync_dir
 
-from .verify import load_manifest
+from data_prep.verify import load_manifest
 
 _PLAN = os.path.join(".seer-shards", "merge-plan.json")
 

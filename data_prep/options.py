@@ -6,8 +6,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
-from .images import ProcessOptions, read_source
-from .sources import walk_dir
+from data_prep.images import ProcessOptions, read_source
+from data_prep.sources import walk_dir
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 from PIL import Image
 
-from .tarwrite import file_sha256
+from seer_pipeline.shards.writer import file_sha256
 
 # Short-side bins for the resolution histogram (pixels, lower bounds).
 _BINS = (0, 64, 128, 256, 512, 1024, 2048, 4096)

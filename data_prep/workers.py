@@ -9,9 +9,9 @@ import os
 import sys
 from typing import Any
 
-from .images import ProcessOptions, Result, process_bytes, read_source
-from .sources import Item
-from .tarwrite import write_shard
+from data_prep.images import ProcessOptions, Result, process_bytes, read_source
+from data_prep.sources import Item
+from seer_pipeline.shards.writer import write_shard
 
 _W: dict[str, Any] = {}
 

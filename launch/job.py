@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from seer_pipeline.exit_codes import PREEMPTED
-from seer_pipeline.io_utils import atomic_write_json
+from seer_pipeline.core.exit_codes import PREEMPTED
+from seer_pipeline.core.io_utils import atomic_write_json
 
-DEFAULT_ENTRY = "seer_pipeline.train:main"
+DEFAULT_ENTRY = "seer_pipeline.train.cli:main"
 PREEMPTED_EXIT_CODE = PREEMPTED  # the trainer's "saved on a signal, rerun to resume" code
 # How long a rank that saw PREEMPTED waits for rank 0's `scontrol requeue` to show in the job state.
 _REQUEUE_WAIT_S = 15.0
@@ -101,7 +101,7 @@ def _requeue_underway(job_id: str, run_dir: str, since: float, wait_s: float) ->
     the job (rank 0's `scontrol requeue`, or the scheduler's own preemption). A RUNNING job whose
     rank 0 booked a refused requeue in RUN/requeues.json since this task started will not be.
     """
-    from .scheduler import job_info
+    from launch.scheduler import job_info
 
     deadline = time.monotonic() + wait_s
     while True:
@@ -129,7 +129,7 @@ class TrainJob:
     _requeue_requested: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __call__(self) -> dict[str, Any]:
-        from seer_pipeline.distributed import resolve_env  # imports torch: only inside the task
+        from seer_pipeline.dist.setup import resolve_env  # imports torch: only inside the task
 
         log = _logger()
         started = time.time()
@@ -193,7 +193,7 @@ class TrainJob:
                       "again with the same run.dir to resume", rq["count"], self.max_requeues)
             return None
         rq["count"] += 1
-        # Same record shape as the trainer's own requeues (seer_pipeline.provenance.requeue_job).
+        # Same record shape as the trainer's own requeues (seer_pipeline.train.provenance.requeue_job).
         rq["history"].append({
             "time": time.time(), "job_id": os.environ.get("SLURM_JOB_ID", ""), "requeued": True,
             "reason": "signal before training started (launch.job.TrainJob.checkpoint)",

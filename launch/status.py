@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .job import latest_checkpoint, read_requeues
-from .scheduler import job_info
-from .submit import LAUNCH_RECORD
+from launch.job import latest_checkpoint, read_requeues
+from launch.scheduler import job_info
+from launch.submit import LAUNCH_RECORD
 
 
 def _read_json(path: Path) -> Any:

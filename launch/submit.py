@@ -1,7 +1,7 @@
 """`seer-submit --config PRESET [key=value ...] [--dry-run] [--local]`: start training on SLURM.
 
 The config is loaded with the trainer's own loader (unknown keys fail here, before anything is
-queued); its `slurm` section sizes the job. Every task runs `seer_pipeline.train:main` with
+queued); its `slurm` section sizes the job. Every task runs `seer_pipeline.train.cli:main` with
 `--config PRESET overrides... run.dir=ABS`, so a requeued job, which reruns the same pickled
 callable, resumes from the same run folder.
 """
@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from seer_pipeline.io_utils import atomic_write_json
+from seer_pipeline.core.io_utils import atomic_write_json
 
-from .executor import build_executor, describe_resources, sbatch_script
-from .job import DEFAULT_ENTRY, TrainJob, check_entry
+from launch.executor import build_executor, describe_resources, sbatch_script
+from launch.job import DEFAULT_ENTRY, TrainJob, check_entry
 
 log = logging.getLogger(__name__)
 LAUNCH_RECORD = "launch.json"  # RUN/launch.json: the jobs submitted for this run, newest last
@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def build_job(preset: str, overrides: Sequence[str], entry: str = DEFAULT_ENTRY) -> tuple[Any, TrainJob]:
     """Load the config and make the task callable; run.dir becomes absolute for every task."""
-    from seer_pipeline.train_config import load_train_config  # config only, no model code
+    from seer_pipeline.config.train import load_train_config  # config only, no model code
 
     cfg = load_train_config(preset, list(overrides))
     run_dir = Path(cfg.run.dir).expanduser().resolve()

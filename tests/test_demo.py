@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from seer_pipeline import demo
-
+from seer_pipeline.demo import run as demo
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from seer_pipeline import fmnist
+from seer_pipeline.eval import fmnist
 from seer_pipeline.eval import cli, features
 from seer_pipeline.eval.datasets import DataSpecError, load_data
 from seer_pipeline.eval.knn import knn_accuracy, knn_classify

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from seer_pipeline.config import ConfigError, load_config
-from seer_pipeline.distributed import DistEnvError, port_from_job_id, resolve_env
-from seer_pipeline.io_utils import atomic_write_json
-from seer_pipeline.testing import DistributedTestError, run_distributed
+from seer_pipeline.config.base import ConfigError, load_config
+from seer_pipeline.dist.setup import DistEnvError, port_from_job_id, resolve_env
+from seer_pipeline.core.io_utils import atomic_write_json
+from seer_pipeline.dist.testing import DistributedTestError, run_distributed
 
 
 def test_resolve_single_process():
@@ -107,10 +107,10 @@ def test_harness_runs_ranks_and_reports_failures():
 
 def test_config_reference_is_current():
     """docs/config.md is generated from the config dataclasses; regenerate it when they change:
-    `python -m seer_pipeline.config_reference > docs/config.md`."""
+    `python -m seer_pipeline.config.reference > docs/config.md`."""
     from pathlib import Path
 
-    from seer_pipeline.config_reference import render
+    from seer_pipeline.config.reference import render
 
     doc = Path(__file__).resolve().parent.parent / "docs" / "config.md"
     assert doc.read_text() == render()

@@ -12,8 +12,8 @@ import simplejpeg
 from PIL import Image
 
 from seer_pipeline.data.augment import MultiCrop
-from seer_pipeline import jpeg_scans
-from seer_pipeline.jpeg_scans import eighth_scale_scans
+from seer_pipeline.codecs import jpeg_scans
+from seer_pipeline.codecs.jpeg_scans import eighth_scale_scans
 
 
 def _jpeg(im: Image.Image, **kw) -> bytes:

@@ -22,8 +22,8 @@ from launch.job import (PREEMPTED_EXIT_CODE, NotRequeued, TrainingFailed, TrainJ
                         read_requeues)
 from launch.status import format_status, run_status
 from launch.status import main as status_main
-from seer_pipeline.distributed import resolve_env
-from seer_pipeline.slurm_config import SlurmConfig
+from seer_pipeline.dist.setup import resolve_env
+from seer_pipeline.config.slurm import SlurmConfig
 
 TESTS = Path(__file__).resolve().parent
 
@@ -99,15 +99,15 @@ def test_executor_parameters_omit_unset_and_reject_bad_values() -> None:
 
 
 def test_check_entry_finds_modules_without_importing() -> None:
-    check_entry("seer_pipeline.train:main")
+    check_entry("seer_pipeline.train.cli:main")
     with pytest.raises(ValueError, match="module:function"):
-        check_entry("seer_pipeline.train")
+        check_entry("seer_pipeline.train.cli")
     with pytest.raises(ValueError, match="not found"):
         check_entry("no_such_module_xyz:main")
 
 
 def test_preempted_code_matches_trainer() -> None:
-    from seer_pipeline.signals import PREEMPTED
+    from seer_pipeline.train.signals import PREEMPTED
 
     assert PREEMPTED_EXIT_CODE == PREEMPTED
 
@@ -262,7 +262,7 @@ def test_build_job_pins_an_absolute_run_dir_and_keeps_overrides(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from launch.submit import build_job
-    from seer_pipeline.config import ConfigError
+    from seer_pipeline.config.base import ConfigError
 
     monkeypatch.chdir(tmp_path)
     cfg, job = build_job("cpu_tiny", ["run.dir=rel/run", "train.steps=3",
@@ -270,7 +270,7 @@ def test_build_job_pins_an_absolute_run_dir_and_keeps_overrides(
     assert job.run_dir == str(tmp_path / "rel" / "run")
     assert job.argv == ["--config", "cpu_tiny", "train.steps=3",
                         "slurm.additional_parameters.comment=seer", f"run.dir={tmp_path / 'rel' / 'run'}"]
-    assert job.entry == "seer_pipeline.train:main" and job.max_requeues == cfg.slurm.max_requeues
+    assert job.entry == "seer_pipeline.train.cli:main" and job.max_requeues == cfg.slurm.max_requeues
     assert executor_parameters(cfg.slurm)["slurm_additional_parameters"]["comment"] == "seer"
     with pytest.raises(ConfigError, match="slurm.nodes"):
         build_job("cpu_tiny", ["slurm.nodez=2"])

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from seer_pipeline.data import DataConfig, build_loader
-from seer_pipeline.data.plan import assign, epoch_runs, runs_len, shuffle_order, worker_batches
-from seer_pipeline.data.synth import photo_variants, write_shards
+from seer_pipeline.data.config import DataConfig
+from seer_pipeline.data.loader import build_loader
+from seer_pipeline.data.order import assign, epoch_runs, runs_len, shuffle_order, worker_batches
+from seer_pipeline.shards.synth import photo_variants, write_shards
 
 N_SAMPLES, PER_SHARD = 61, 9  # uneven: 6 shards of 9 + one of 7
 TINY = dict(crops="custom", size_crops=[24, 12], nmb_crops=[2, 2], min_scale_crops=[0.3, 0.1],
@@ -62,7 +63,7 @@ def test_plan_split_is_exact_and_equal() -> None:
 def _python_shuffle_order(n: int, buffer: int, seed: int, epoch: int, rank: int, w: int) -> np.ndarray:
     # The streaming buffer written plainly; the compiled one must give the same order, or a
     # checkpoint written before the kernel existed would resume onto other samples.
-    from seer_pipeline.data.plan import TAG_SHUFFLE, rng_for
+    from seer_pipeline.data.order import TAG_SHUFFLE, rng_for
 
     rng = rng_for(seed, epoch, rank, w, TAG_SHUFFLE)
     size = max(1, min(buffer, n))
@@ -77,7 +78,7 @@ def _python_shuffle_order(n: int, buffer: int, seed: int, epoch: int, rank: int,
 
 
 def test_compiled_shuffle_and_bisected_slices_match_plain_versions() -> None:
-    from seer_pipeline.data.plan import run_starts, slice_runs
+    from seer_pipeline.data.order import run_starts, slice_runs
 
     for n, b in [(0, 5), (1, 5), (5, 5), (4, 10), (50, 8), (1000, 1), (3001, 97)]:
         for seed in range(3):
@@ -245,7 +246,7 @@ def test_config_errors(shards: str, tmp_path: Path) -> None:
 
 
 def test_brace_patterns() -> None:
-    from seer_pipeline.data.shards import braceexpand, expand_pattern
+    from seer_pipeline.shards.reader import braceexpand, expand_pattern
     assert braceexpand("s-{008..010}.tar") == ["s-008.tar", "s-009.tar", "s-010.tar"]
     assert braceexpand("{a,b}-{1..2}") == ["a-1", "a-2", "b-1", "b-2"]
     assert [s.path for s in expand_pattern("d/{0..1}.tar, e/x.tar")] == ["d/0.tar", "d/1.tar", "e/x.tar"]

@@ -9,8 +9,9 @@ from typing import List
 
 import pytest
 
-from seer_pipeline.data import DataConfig, build_loader
-from seer_pipeline.data.synth import photo_variants, write_shards
+from seer_pipeline.data.config import DataConfig
+from seer_pipeline.data.loader import build_loader
+from seer_pipeline.shards.synth import photo_variants, write_shards
 
 TINY = dict(crops="custom", size_crops=[24, 12], nmb_crops=[2, 2], min_scale_crops=[0.3, 0.1],
             max_scale_crops=[1.0, 0.4])

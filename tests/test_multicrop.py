@@ -22,8 +22,8 @@ from conftest import shared_dir
 from seer_pipeline.data import blur, colour
 from seer_pipeline.data.augment import (CROP_PRESETS, MEAN, STD, MultiCrop, draft_factor,
                                         multicrop_factory, sample_crop_box)
-from seer_pipeline.webp_decode import available as webp_available
-from seer_pipeline.webp_decode import decode_webp
+from seer_pipeline.codecs.webp import available as webp_available
+from seer_pipeline.codecs.webp import decode_webp
 
 
 
@@ -281,7 +281,8 @@ def test_geometry_only_sharpness_matches_reference(ref, photos: List[bytes], one
 
 
 def test_distortion_knobs_come_from_the_data_config(photos: List[bytes]) -> None:
-    from seer_pipeline.data.loader import DataConfig, build_multicrop
+    from seer_pipeline.data.config import DataConfig
+    from seer_pipeline.data.loader import build_multicrop
 
     cfg = DataConfig(crops="custom", size_crops=[32], nmb_crops=[2], min_scale_crops=[0.5],
                      max_scale_crops=[1.0], jitter_p=0.0, gray_p=1.0, blur_p=0.0,

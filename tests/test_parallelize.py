@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from seer_pipeline.parallelize import ParallelPlan, clean_fqn, parallelize
-from seer_pipeline.train_config import load_train_config
-from seer_pipeline.trainer import build_model
+from seer_pipeline.dist.parallelize import ParallelPlan, clean_fqn, parallelize
+from seer_pipeline.config.train import load_train_config
+from seer_pipeline.models.swav import build_model
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -52,7 +52,7 @@ def test_ac_wrappers_are_applied_and_names_cleaned() -> None:
 def test_cpu_bf16_autocast_with_stage_ac_trains(tiny_shards: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     res = subprocess.run(
-        [sys.executable, "-m", "seer_pipeline.train", "--config", "cpu_tiny", "train.steps=3",
+        [sys.executable, "-m", "seer_pipeline.train.cli", "--config", "cpu_tiny", "train.steps=3",
          "train.precision=bf16", "parallel.ac=stage", f"run.dir={run}", f"data.shards={tiny_shards}",
          "data.batch_size=4", "data.workers=0", "train.tensorboard=false"],
         cwd=REPO, capture_output=True, text=True, timeout=240)
@@ -63,7 +63,7 @@ def test_cpu_bf16_autocast_with_stage_ac_trains(tiny_shards: Path, tmp_path: Pat
 
 
 def _bf16_worker(rank: int, world: int) -> dict:
-    from seer_pipeline.parallelize import apply_fsdp, build_mesh
+    from seer_pipeline.dist.parallelize import apply_fsdp, build_mesh
 
     cfg = load_train_config("cpu_tiny")
     torch.manual_seed(0)
@@ -98,7 +98,7 @@ def _bf16_worker(rank: int, world: int) -> dict:
 def test_bf16_fsdp_keeps_bn_and_prototypes_fp32() -> None:
     """The GPU mixed-precision layout, exercised on CPU/gloo: bf16 convs, fp32 BN units and
     prototypes, fp32 master weights and gradients."""
-    from seer_pipeline.testing import run_distributed
+    from seer_pipeline.dist.testing import run_distributed
 
     for r in run_distributed(_bf16_worker, 2, timeout=240):
         assert r["bn"] == ["torch.float32"] and r["conv"] == ["torch.bfloat16"], r

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from seer_pipeline import plan as P
+from seer_pipeline.plan import cli as P
 from seer_pipeline.models import build_trunk
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,8 +31,8 @@ def test_params_and_macs_match_independent_counts(seer: dict) -> None:
 
 def test_the_swav_head_is_counted(seer: dict) -> None:
     # The named trunk borrows the head of the preset that trains it (seer_256gf), built for real.
-    from seer_pipeline.train_config import load_train_config
-    from seer_pipeline.trainer import build_model
+    from seer_pipeline.config.train import load_train_config
+    from seer_pipeline.models.swav import build_model
 
     assert seer["head_from"] == "seer_256gf"
     with torch.device("meta"):

@@ -260,7 +260,7 @@ def test_grey_jpegs_become_colour_without_loss(photo_dir: Path, tmp_path: Path, 
 
 
 def test_grey_conversion_declines_what_it_cannot_do_losslessly() -> None:
-    from data_prep.jpeg_grey import grey_to_ycbcr
+    from seer_pipeline.codecs.jpeg_grey import grey_to_ycbcr
     grey = Image.linear_gradient("L").resize((64, 48))
     plain = _save(grey, "JPEG")
     assert grey_to_ycbcr(_save(grey, "JPEG", progressive=True)) is None
@@ -419,7 +419,7 @@ def test_full_check_gives_the_verdict_of_a_full_decode(photo_dir: Path, tmp_path
 
 
 def test_hand_built_tar_headers_match_tarfile(tmp_path: Path) -> None:
-    from data_prep.tarwrite import write_shard
+    from seer_pipeline.shards.writer import write_shard
 
     rng = np.random.default_rng(1)
     samples = [(f"{i:024x}", rng.bytes(int(rng.integers(0, 3000))), b'{"i":%d}' % i) for i in range(40)]

@@ -22,7 +22,7 @@ from launch.scheduler import (JobInfo, cancel, job_info, requeue, sbatch_test_on
 from launch.status import run_status
 from launch.submit import main as submit_main
 from launch.submit import record_submission
-from seer_pipeline.slurm_config import SlurmConfig
+from seer_pipeline.config.slurm import SlurmConfig
 
 pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parent.parent
@@ -176,7 +176,7 @@ def reference_losses(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory
     ref = tmp_path_factory.mktemp("reference") / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
     res = subprocess.run(
-        [sys.executable, "-m", "seer_pipeline.train", "--config", "cpu_tiny", "dist.nproc=2",
+        [sys.executable, "-m", "seer_pipeline.train.cli", "--config", "cpu_tiny", "dist.nproc=2",
          *_train_args(tiny_shards), f"run.dir={ref}"],
         capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from seer_pipeline.signals import PREEMPTED
+from seer_pipeline.train.signals import PREEMPTED
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 12
@@ -28,7 +28,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _cmd(run: Path, shards: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "seer_pipeline.train", "--config", "cpu_tiny", "dist.nproc=2",
+    return [sys.executable, "-m", "seer_pipeline.train.cli", "--config", "cpu_tiny", "dist.nproc=2",
             f"train.steps={STEPS}", "ckpt.every=5", f"run.dir={run}", f"data.shards={shards}",
             "data.batch_size=2", "data.workers=1", "dist.timeout_s=20", "train.tensorboard=false", *extra]
 
@@ -115,9 +115,9 @@ def test_dead_rank_fails_the_job_within_timeout(tiny_shards: Path, tmp_path: Pat
 
 @pytest.mark.slow
 def test_consolidate_and_plot(reference_run: Path, tmp_path: Path) -> None:
-    from seer_pipeline.checkpoint_cli import main as ckpt_main
+    from seer_pipeline.checkpoint.cli import main as ckpt_main
     from seer_pipeline.models import build_trunk
-    from seer_pipeline.plot import main as plot_main
+    from seer_pipeline.train.plot import main as plot_main
 
     out = tmp_path / "trunk.pt"
     assert ckpt_main(["consolidate", str(reference_run), "--out", str(out)]) == 0
@@ -163,9 +163,9 @@ class _NaNLoader:
 
 @pytest.mark.slow
 def test_nonfinite_loss_stops_with_step_and_score_stats(tiny_shards: Path, tmp_path: Path) -> None:
-    from seer_pipeline.distributed import DistEnv
-    from seer_pipeline.train_config import load_train_config
-    from seer_pipeline.trainer import NonFiniteLossError, Trainer
+    from seer_pipeline.dist.setup import DistEnv
+    from seer_pipeline.config.train import load_train_config
+    from seer_pipeline.train.trainer import NonFiniteLossError, Trainer
 
     cfg = load_train_config("cpu_tiny", [f"run.dir={tmp_path}", f"data.shards={tiny_shards}",
                                          "data.batch_size=2", "data.workers=0", "train.tensorboard=false"])

@@ -28,11 +28,11 @@ import PIL
 import torch
 from PIL import Image
 
-from .blur import gaussian_blur
-from .blur import warm_up as warm_up_blur
-from .colour import gray_inplace, jitter_inplace, normalise_into, warm_up
-from ..jpeg_scans import eighth_scale_scans
-from ..webp_decode import decode_webp, webp_size
+from seer_pipeline.data.blur import gaussian_blur
+from seer_pipeline.data.blur import warm_up as warm_up_blur
+from seer_pipeline.data.colour import gray_inplace, jitter_inplace, normalise_into, warm_up
+from seer_pipeline.codecs.jpeg_scans import eighth_scale_scans
+from seer_pipeline.codecs.webp import decode_webp, webp_size
 
 try:  # libjpeg-turbo with DCT scaling; ~15-30% faster than PIL's JPEG decode at full size (measured)
     import simplejpeg

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .augment import MultiCrop
-from .plan import TAG_RESAMPLE, UidMap, assign, rng_for, runs_to_uids, shuffle_order, worker_batches
-from .shards import Shard, ShardReadError, image_bytes, iter_samples
+from seer_pipeline.data.augment import MultiCrop
+from seer_pipeline.data.order import TAG_RESAMPLE, UidMap, assign, rng_for, runs_to_uids, shuffle_order, worker_batches
+from seer_pipeline.shards.reader import Shard, ShardReadError, image_bytes, iter_samples
 
 log = logging.getLogger(__name__)
 

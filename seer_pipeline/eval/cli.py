@@ -16,12 +16,12 @@ from typing import Any, Sequence
 
 import torch
 
-from ..io_utils import atomic_write_json
-from ..logging_utils import setup_logging
-from . import features as feats
-from .datasets import DataSpecError, load_data
-from .knn import knn_accuracy
-from .linear import WD_SWEEP, linear_probe
+from seer_pipeline.core.io_utils import atomic_write_json
+from seer_pipeline.core.logging_utils import setup_logging
+from seer_pipeline.eval import features as feats
+from seer_pipeline.eval.datasets import DataSpecError, load_data
+from seer_pipeline.eval.knn import knn_accuracy
+from seer_pipeline.eval.linear import WD_SWEEP, linear_probe
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(0)
-    from ..checkpoint import CheckpointError
+    from seer_pipeline.checkpoint.checkpointer import CheckpointError
 
     try:
         result = run_eval(args)

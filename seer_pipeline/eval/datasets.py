@@ -99,8 +99,7 @@ def _split(items: list[tuple[str, np.ndarray, int]], test_fraction: float, name:
 
 
 def load_fashion_mnist(root: str | None) -> LabelledData:
-    from .. import fmnist
-
+    from seer_pipeline.eval import fmnist
     trx, try_ = fmnist.load_split("train", root)
     tex, tey = fmnist.load_split("test", root)
     return LabelledData("fashion-mnist", trx[..., None], try_, tex[..., None], tey, list(fmnist.CLASSES))

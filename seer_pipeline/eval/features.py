@@ -41,12 +41,12 @@ class TrunkSpec:
 
 def trunk_name_from_config(config: str) -> str:
     """A preset name/YAML path (its model.trunk) or a trunk name itself."""
-    from ..models import list_trunks
+    from seer_pipeline.models import list_trunks
 
     if config.lower() in list_trunks():
         return config.lower()
-    from ..config import ConfigError
-    from ..train_config import load_train_config
+    from seer_pipeline.config.base import ConfigError
+    from seer_pipeline.config.train import load_train_config
 
     try:
         return str(load_train_config(config).model.trunk)
@@ -89,7 +89,7 @@ def parse_checkpoint(spec: str, trunk: str | None = None) -> TrunkSpec:
 
 def build_random(trunk_name: str, seed: int = 0) -> nn.Module:
     """A seeded, randomly initialised trunk on CPU (materialised if built on the meta device)."""
-    from ..models import build_trunk
+    from seer_pipeline.models import build_trunk
 
     torch.manual_seed(seed)
     trunk = build_trunk(trunk_name)
@@ -134,7 +134,7 @@ def load_trunk(spec: TrunkSpec, seed: int = 0) -> nn.Module:
         assert spec.run_dir is not None
         import tempfile
 
-        from ..checkpoint_cli import consolidate
+        from seer_pipeline.checkpoint.cli import consolidate
 
         # The newest complete checkpoint, gathered from its shards in this one process.
         with tempfile.TemporaryDirectory() as tmp:

@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..io_utils import atomic_write_bytes, atomic_write_json, atomic_write_text
-from ..logging_utils import setup_logging
-from . import features as feats
-from .datasets import load_data
+from seer_pipeline.core.io_utils import atomic_write_bytes, atomic_write_json, atomic_write_text
+from seer_pipeline.core.logging_utils import setup_logging
+from seer_pipeline.eval import features as feats
+from seer_pipeline.eval.datasets import load_data
 
 log = logging.getLogger(__name__)
 

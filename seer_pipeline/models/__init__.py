@@ -1,6 +1,6 @@
 """RegNetY trunks (SEER configurations and small CPU ones) and their MAC counter."""
-from .flops import count_macs, trunk_macs
-from .regnet import (
+from seer_pipeline.models.flops import count_macs, trunk_macs
+from seer_pipeline.models.regnet import (
     SEER_TRUNKS,
     RegNetConfig,
     RegNetConfigError,
@@ -10,7 +10,7 @@ from .regnet import (
     quantized_widths,
     regnet_widths_depths,
 )
-from .trunk import RegNetTrunk, ResBottleneckBlock, Stage, Stem, build_trunk
+from seer_pipeline.models.trunk import RegNetTrunk, ResBottleneckBlock, Stage, Stem, build_trunk
 
 __all__ = [
     "SEER_TRUNKS", "RegNetConfig", "RegNetConfigError", "RegNetTrunk", "ResBottleneckBlock",

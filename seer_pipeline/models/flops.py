@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .trunk import ConvBN, RegNetTrunk, ResBottleneckBlock, Stem
+from seer_pipeline.models.trunk import ConvBN, RegNetTrunk, ResBottleneckBlock, Stem
 
 
 def _out_size(size: int, conv: nn.Conv2d, dim: int) -> int:

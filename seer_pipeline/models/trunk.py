@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .regnet import RegNetConfig, RegNetConfigError, get_config
+from seer_pipeline.models.regnet import RegNetConfig, RegNetConfigError, get_config
 
 
 def _bn(width: int, cfg: RegNetConfig) -> nn.BatchNorm2d:

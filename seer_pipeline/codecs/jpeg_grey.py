@@ -19,7 +19,7 @@ from __future__ import annotations
 import struct
 from typing import List, Optional
 
-from seer_pipeline.jpeg_scans import SOS, segments
+from seer_pipeline.codecs.jpeg_scans import SOS, segments
 
 _SOF_SEQUENTIAL = {0xC0, 0xC1}
 _SOF_OTHER = {0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}

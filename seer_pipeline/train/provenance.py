@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .io_utils import atomic_write_json
+from seer_pipeline.core.io_utils import atomic_write_json
 
 log = logging.getLogger(__name__)
 

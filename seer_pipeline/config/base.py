@@ -12,9 +12,9 @@ from typing import Any, Iterable, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
-from .io_utils import atomic_write_text
+from seer_pipeline.core.io_utils import atomic_write_text
 
-PRESET_DIR = Path(__file__).parent / "configs"
+PRESET_DIR = Path(__file__).parent / "presets"
 
 
 class ConfigError(ValueError):

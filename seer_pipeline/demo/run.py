@@ -26,11 +26,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import fmnist
-from .exit_codes import PREEMPTED
-from .io_utils import atomic_write_json
-from .metrics import read_metrics
-from .logging_utils import setup_logging
+from seer_pipeline.eval import fmnist
+from seer_pipeline.core.exit_codes import PREEMPTED
+from seer_pipeline.core.io_utils import atomic_write_json
+from seer_pipeline.train.metrics import read_metrics
+from seer_pipeline.core.logging_utils import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def _override(s: Settings, key: str, default: str) -> str:
 
 
 def _train_cmd(s: Settings, run: Path, shards: Path, extra: list[str]) -> list[str]:
-    return _cmd("seer_pipeline.train") + [
+    return _cmd("seer_pipeline.train.cli") + [
         "--config", "cpu_tiny", "dist.nproc=2", f"run.dir={run}", f"data.shards={shards}",
         *RECIPE, *s.overrides, *extra]
 
@@ -324,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t = time.monotonic()
     ev = evaluate(s, out)
     timings["eval"] = time.monotonic() - t
-    _run(_cmd("seer_pipeline.plot") + [str(out / "run"), "--out", str(out / "loss.png")], "seer-plot")
+    _run(_cmd("seer_pipeline.train.plot") + [str(out / "run"), "--out", str(out / "loss.png")], "seer-plot")
     path = write_report(out, prep, pre, ev, timings, s)
     print((out / "report.md").read_text())
     print(f"demo: report in {path} and {out / 'report.json'}; loss curve {out / 'loss.png'}")

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from .exit_codes import PREEMPTED  # noqa: F401  (re-exported: the trainer's exit code)
+from seer_pipeline.core.exit_codes import PREEMPTED  # noqa: F401  (re-exported: the trainer's exit code)
 
 log = logging.getLogger(__name__)
 

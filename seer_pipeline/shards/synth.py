@@ -16,7 +16,7 @@ from typing import List, Sequence
 import numpy as np
 from PIL import Image
 
-from seer_pipeline.io_utils import atomic_write_bytes, atomic_write_json
+from seer_pipeline.core.io_utils import atomic_write_bytes, atomic_write_json
 
 PHOTO_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 

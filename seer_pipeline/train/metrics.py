@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-from .io_utils import atomic_write_text
+from seer_pipeline.core.io_utils import atomic_write_text
 
 log = logging.getLogger(__name__)
 

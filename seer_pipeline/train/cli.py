@@ -1,7 +1,7 @@
 """`seer-train --config PRESET [key=value ...]`: one entry for every launcher.
 
 Under torchrun, SLURM (srun) or submitit the rank comes from the environment
-(seer_pipeline.distributed.resolve_env). Run alone with `dist.nproc=N > 1`, it spawns N local
+(seer_pipeline.dist.setup.resolve_env). Run alone with `dist.nproc=N > 1`, it spawns N local
 ranks (fresh processes with RANK/WORLD_SIZE/... set), forwards SIGUSR2/SIGTERM/SIGINT to them and
 fails if any rank fails, killing the rest. Exit codes: 0 done, signals.PREEMPTED (75) saved on a
 signal (re-run the same command to resume), 1 error, 2 bad config.
@@ -16,14 +16,14 @@ import sys
 import time
 from typing import Sequence
 
-from .signals import PREEMPTED, forward_signals
+from seer_pipeline.train.signals import PREEMPTED, forward_signals
 
-log = logging.getLogger("seer_pipeline.train")
+log = logging.getLogger("seer_pipeline.train.cli")
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="seer-train", description=__doc__.split("\n")[0])
-    ap.add_argument("--config", required=True, help="preset name under seer_pipeline/configs or a .yaml")
+    ap.add_argument("--config", required=True, help="preset name under seer_pipeline/config/presets or a .yaml")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
     return ap.parse_args(argv)
 
@@ -34,7 +34,7 @@ def spawn_local(argv: list[str], nproc: int, threads: int, grace_s: float = 15.0
     After a rank fails the others get `grace_s` to notice on their own (their collectives fail
     within dist.timeout_s and they log which step failed) before they are killed.
     """
-    from .distributed import free_port
+    from seer_pipeline.dist.setup import free_port
 
     port = free_port()
     procs: list[subprocess.Popen] = []
@@ -42,7 +42,7 @@ def spawn_local(argv: list[str], nproc: int, threads: int, grace_s: float = 15.0
         env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(nproc), LOCAL_RANK=str(r),
                    LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                    OMP_NUM_THREADS=str(threads))
-        procs.append(subprocess.Popen([sys.executable, "-m", "seer_pipeline.train", *argv], env=env))
+        procs.append(subprocess.Popen([sys.executable, "-m", "seer_pipeline.train.cli", *argv], env=env))
     old = forward_signals(lambda: procs)
     failed_at: float | None = None
     first_bad: tuple[int, int] | None = None
@@ -85,8 +85,8 @@ def run_rank(cfg, denv) -> int:  # noqa: ANN001 - DictConfig, DistEnv
     torch.set_num_threads(cfg.train.threads)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    from .distributed import cleanup_distributed, init_distributed
-    from .logging_utils import setup_logging
+    from seer_pipeline.dist.setup import cleanup_distributed, init_distributed
+    from seer_pipeline.core.logging_utils import setup_logging
 
     setup_logging(denv.rank, os.path.join(cfg.run.dir, "logs"))
     if cfg.dist.nproc != denv.world_size and denv.source != "torchrun":
@@ -94,7 +94,7 @@ def run_rank(cfg, denv) -> int:  # noqa: ANN001 - DictConfig, DistEnv
                  denv.world_size, denv.source, cfg.dist.nproc)
     try:
         device = init_distributed(denv, cfg.dist.timeout_s, cfg.dist.backend or None)
-        from .trainer import Trainer
+        from seer_pipeline.train.trainer import Trainer
 
         return Trainer(cfg, denv, device).train()
     except Exception as e:
@@ -115,9 +115,9 @@ def run_rank(cfg, denv) -> int:  # noqa: ANN001 - DictConfig, DistEnv
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
-    from .config import ConfigError
-    from .distributed import DistEnvError, resolve_env
-    from .train_config import load_train_config
+    from seer_pipeline.config.base import ConfigError
+    from seer_pipeline.dist.setup import DistEnvError, resolve_env
+    from seer_pipeline.config.train import load_train_config
 
     try:
         cfg = load_train_config(args.config, args.overrides)

@@ -136,16 +136,16 @@ def build_meta(model: str, with_head: bool = True) -> tuple[nn.Module, nn.Module
     A training preset gives its own head. A trunk name borrows the head of the first preset
     that trains that trunk (SEER's presets: seer_32gf ... seer_10b); with none, no head.
     """
-    from .eval.features import trunk_name_from_config
-    from .models import list_trunks
-    from .train_config import load_train_config
-    from .trainer import build_model
+    from seer_pipeline.eval.features import trunk_name_from_config
+    from seer_pipeline.models import list_trunks
+    from seer_pipeline.config.train import load_train_config
+    from seer_pipeline.models.swav import build_model
 
     name = trunk_name_from_config(model)
     preset = model if model.lower() not in list_trunks() else _preset_for(name)
     with torch.device("meta"):
         if preset is None or not with_head:
-            from .models import build_trunk
+            from seer_pipeline.models import build_trunk
 
             why = "left out" if not with_head else "none (no preset trains this trunk)"
             return build_trunk(name), None, why
@@ -158,7 +158,7 @@ def _preset_for(trunk: str) -> str | None:
 
     from omegaconf import OmegaConf
 
-    for f in sorted(resources.files("seer_pipeline").joinpath("configs").iterdir(), key=lambda f: f.name):
+    for f in sorted(resources.files("seer_pipeline.config").joinpath("presets").iterdir(), key=lambda f: f.name):
         if f.name.endswith(".yaml") and OmegaConf.select(OmegaConf.load(str(f)), "model.trunk") == trunk:
             return f.name[:-5]
     return None
@@ -186,7 +186,7 @@ def plan(model: str, gpus: int, batch_per_gpu: int, crops: str = "seer2021",
          precision: str | None = None, ac: str = "stage", gpu_type: str = "v100",
          mfu: float = 0.25, images: float = 1e9, with_head: bool = True) -> dict[str, Any]:
     """Every number `seer-plan` prints, as one dict."""
-    from .models import count_macs
+    from seer_pipeline.models import count_macs
 
     if gpu_type not in GPUS:
         raise ValueError(f"--gpu-type must be one of {', '.join(GPUS)}")

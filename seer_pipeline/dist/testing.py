@@ -16,7 +16,7 @@ import time
 import traceback
 from typing import Any, Callable, Sequence
 
-from .distributed import free_port
+from seer_pipeline.dist.setup import free_port
 
 
 class DistributedTestError(AssertionError):

@@ -11,7 +11,7 @@ import os
 import tarfile
 from typing import Any, BinaryIO, Iterable, Mapping
 
-from seer_pipeline.io_utils import atomic_open
+from seer_pipeline.core.io_utils import atomic_open
 
 BLOCK = tarfile.BLOCKSIZE  # 512
 RECORD = tarfile.RECORDSIZE  # 10240: tarfile pads the archive to a whole record

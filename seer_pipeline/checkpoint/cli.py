@@ -17,14 +17,14 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from omegaconf import OmegaConf
 
-from .checkpoint import CheckpointError, find_resumable, verify_step_dir
-from .io_utils import atomic_write_bytes, atomic_write_json
+from seer_pipeline.checkpoint.checkpointer import CheckpointError, find_resumable, verify_step_dir
+from seer_pipeline.core.io_utils import atomic_write_bytes, atomic_write_json
 
 
 def consolidate(run_or_step: str | Path, out: str | Path, step: int | None = None) -> dict:
     """Write the trunk weights of the newest loadable checkpoint (or `step`) to `out`."""
-    from .trainer import build_model
-    from .train_config import load_train_config
+    from seer_pipeline.models.swav import build_model
+    from seer_pipeline.config.train import load_train_config
 
     src = Path(run_or_step)
     if (src / "meta.json").exists():

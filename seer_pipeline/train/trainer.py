@@ -1,7 +1,7 @@
 """The SwAV pretraining loop: components are built here, policies live in the components.
 
 `Trainer(cfg, denv).train()` returns an exit code: 0 when `train.steps` are done, PREEMPTED
-(seer_pipeline.signals) after a signal-triggered save. Per step: lr from the precomputed
+(seer_pipeline.train.signals) after a signal-triggered save. Per step: lr from the precomputed
 schedule (an index), prototypes normalised, multi-crop forward, SwAV loss, backward, one tiny
 all-reduce carrying [loss, non-finite flag, preemption flag], prototype freeze, LARS step,
 metrics, then the checkpointer decides whether to save.
@@ -24,51 +24,23 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from . import swav
-from .checkpoint import Checkpointer, fault
-from .config import save_config
-from .distributed import DistEnv
-from .metrics import MetricsLogger
-from .models import build_trunk
-from .optim import LARS, build_param_groups, lr_at, lr_schedule, peak_lr
-from .parallelize import ParallelPlan, build_mesh, parallelize
-from .provenance import record_start, requeue_job
-from .signals import PREEMPTED, PreemptionFlag
-from .train_config import check_resume_compatible
+from seer_pipeline.train import swav
+from seer_pipeline.checkpoint.checkpointer import Checkpointer, fault
+from seer_pipeline.config.base import save_config
+from seer_pipeline.dist.setup import DistEnv
+from seer_pipeline.train.metrics import MetricsLogger
+from seer_pipeline.models.swav import SwAVModel, build_model  # noqa: F401
+from seer_pipeline.train.optim import LARS, build_param_groups, lr_at, lr_schedule, peak_lr
+from seer_pipeline.dist.parallelize import ParallelPlan, build_mesh, parallelize
+from seer_pipeline.train.provenance import record_start, requeue_job
+from seer_pipeline.train.signals import PREEMPTED, PreemptionFlag
+from seer_pipeline.config.train import check_resume_compatible
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
     pass
-
-
-class SwAVModel(nn.Module):
-    """Trunk + SwAV head; multi-crop forward batches consecutive crops of equal resolution."""
-
-    def __init__(self, trunk: nn.Module, head: nn.Module, channels_last: bool = False) -> None:
-        super().__init__()
-        self.trunk, self.head, self.channels_last = trunk, head, channels_last
-
-    def forward(self, crops: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        feats, start = [], 0
-        while start < len(crops):
-            end = start
-            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
-                end += 1
-            x = torch.cat(crops[start:end])
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            feats.append(self.trunk(x))
-            start = end
-        return self.head(torch.cat(feats))
-
-
-def build_model(cfg: DictConfig) -> SwAVModel:
-    trunk = build_trunk(cfg.model.trunk)
-    dims = [trunk.out_dim, *cfg.model.hidden_dims, cfg.model.out_dim]
-    head = swav.SwAVHead(dims, n_prototypes=cfg.model.n_prototypes, use_bn=cfg.model.head_bn)
-    return SwAVModel(trunk, head, cfg.model.channels_last)
 
 
 def rng_state() -> dict[str, Any]:
@@ -109,7 +81,7 @@ def average_bn_stats(model: nn.Module) -> None:
 
 class Trainer:
     def __init__(self, cfg: DictConfig, denv: DistEnv, device: torch.device) -> None:
-        from .data import build_loader
+        from seer_pipeline.data.loader import build_loader
 
         self.cfg, self.denv, self.device = cfg, denv, device
         self.rank, self.world = denv.rank, denv.world_size

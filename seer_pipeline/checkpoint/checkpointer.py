@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from .io_utils import atomic_write_json, atomic_write_text, fsync_dir
+from seer_pipeline.core.io_utils import atomic_write_json, atomic_write_text, fsync_dir
 
 log = logging.getLogger(__name__)
 

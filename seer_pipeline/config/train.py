@@ -17,9 +17,9 @@ from typing import List, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, diff_configs, load_config, to_container
-from .data import DataConfig
-from .slurm_config import SlurmConfig
+from seer_pipeline.config.base import ConfigError, diff_configs, load_config, to_container
+from seer_pipeline.data.config import DataConfig
+from seer_pipeline.config.slurm import SlurmConfig
 
 
 @dataclass

@@ -23,6 +23,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from seer_pipeline.models.swav import SwAVHead, _prototype_linear, normalize_prototypes  # noqa: F401
+
 ProcessGroup = dist.ProcessGroup
 
 # SwAV paper / VISSL defaults; SEER 10B used epsilon 0.03 and 10 Sinkhorn iterations.
@@ -42,55 +44,6 @@ def _all_reduce(t: torch.Tensor, group: Optional[ProcessGroup], op=None) -> torc
     if _world(group) > 1:
         dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=group)
     return t
-
-
-class SwAVHead(nn.Module):
-    """MLP projection -> L2 normalisation -> prototypes (linear, no bias).
-
-    dims=(in, hidden..., out): SEER 256GF (10444, 8192, 8192, 256) without BN; SwAV RN50
-    (2048, 2048, 128) with `use_bn=True`. `prototypes` is its own submodule so the trainer can
-    shard it alone and keep it in fp32.
-    """
-
-    def __init__(self, dims: Sequence[int], n_prototypes: int = 16000, use_bn: bool = False,
-                 bn_eps: float = 1e-5, bn_momentum: float = 0.1) -> None:
-        super().__init__()
-        if len(dims) < 2 or min(dims) < 1 or n_prototypes < 1:
-            raise ValueError(
-                f"SwAVHead needs >= 2 positive dims and >= 1 prototype, got {dims}, {n_prototypes}")
-        layers: list[nn.Module] = []
-        for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
-            layers.append(nn.Linear(d_in, d_out))
-            if i < len(dims) - 2:  # no BN/ReLU after the last projection
-                if use_bn:
-                    layers.append(nn.BatchNorm1d(d_out, eps=bn_eps, momentum=bn_momentum))
-                layers.append(nn.ReLU(inplace=True))
-        self.projection = nn.Sequential(*layers)
-        self.prototypes = nn.Linear(dims[-1], n_prototypes, bias=False)
-        self.in_dim, self.out_dim, self.n_prototypes = dims[0], dims[-1], n_prototypes
-        self.init_weights()
-
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """Default linear/BN init, then unit-norm prototypes (also after `to_empty`)."""
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.BatchNorm1d)):
-                m.reset_parameters()
-        normalize_prototypes(self)
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """L2-normalised float32 embeddings [N, out_dim]."""
-        return F.normalize(self.projection(x).float(), dim=1)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(embeddings [N, out_dim], prototype scores [N, K]), both float32.
-
-        The MLP follows autocast; the normalisation and prototype scores never do, since
-        low-precision scores feed exp(score / epsilon) in Sinkhorn (VISSL kept them fp32 too).
-        """
-        emb = self.embed(x)
-        with torch.autocast(emb.device.type, enabled=False):
-            return emb, self.prototypes(emb)
 
 
 @torch.no_grad()
@@ -209,28 +162,6 @@ def collapse_metrics(scores: torch.Tensor, temperature: float = DEFAULT_TEMPERAT
     mean_p = prob_sum / n.clamp_min(1)
     entropy = -(mean_p * mean_p.clamp_min(1e-30).log()).sum()
     return {"prototypes_used": (counts > 0).sum().float(), "mean_assignment_entropy": entropy}
-
-
-def _prototype_linear(module: nn.Module) -> nn.Module:
-    return module.prototypes if hasattr(module, "prototypes") else module
-
-
-@torch.no_grad()
-def normalize_prototypes(module: nn.Module) -> None:
-    """L2-normalise prototype rows in place (the head or its `prototypes` linear).
-
-    Under FSDP2 the weight is a DTensor sharded on dim 0: each row is whole on one rank, so
-    normalising the local shard is exact and needs no communication.
-    """
-    weight = _prototype_linear(module).weight
-    local = weight
-    if hasattr(weight, "to_local"):  # DTensor
-        placements = weight.placements
-        if any((p.is_shard() and p.dim != 0) or p.is_partial() for p in placements):
-            raise ValueError(f"prototype weight must be row-sharded or replicated, got {placements}")
-        local = weight.to_local()
-    if local.numel():
-        local.copy_(F.normalize(local, dim=1))
 
 
 def cancel_prototype_grads(module: nn.Module, iteration: int,
