@@ -27,15 +27,12 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-# Dense bf16 tensor-core peaks (vendor datasheets), for MFU.
-PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362.05e12, "A10": 125e12}
+from seer_pipeline.plan.gpus import GPUS, gpu_key  # noqa: E402
 
 
 def peak_flops(name: str) -> float | None:
-    for key, val in PEAK_BF16.items():
-        if key in name:
-            return val
-    return None
+    key = gpu_key(name)
+    return GPUS[key]["bf16"] if key else None
 
 
 def check_model(preset: str, batch: int, steps: int, warmup: int, ac: str, compile_: bool,

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from seer_pipeline.data.blur import gaussian_blur
+from seer_pipeline.data.crops import CROP_PRESETS  # noqa: F401  (re-exported)
 from seer_pipeline.data.blur import warm_up as warm_up_blur
 from seer_pipeline.data.colour import gray_inplace, jitter_inplace, normalise_into, warm_up
 from seer_pipeline.codecs.jpeg_scans import eighth_scale_scans
@@ -41,12 +42,6 @@ except ImportError:  # pragma: no cover - declared dependency; PIL's draft() is 
 
 log = logging.getLogger(__name__)
 
-# (size_crops, nmb_crops, min_scale_crops, max_scale_crops)
-CROP_PRESETS = {
-    "swav": ([224, 96], [2, 6], [0.14, 0.05], [1.0, 0.14]),  # SwAV paper / repo main_swav.py
-    "seer": ([160, 96], [2, 4], [0.14, 0.05], [1.0, 0.14]),  # SEER model card, VISSL 2x160+4x96 yaml
-    "seer2021": ([224, 96], [2, 4], [0.14, 0.05], [1.0, 0.14]),  # SEER paper (Goyal et al. 2021)
-}
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.228, 0.224, 0.225)  # swav repo uses 0.228 for R (VISSL 0.229)
 RATIO = (3 / 4, 4 / 3)

@@ -21,18 +21,12 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from seer_pipeline.data.crops import CROP_PRESETS, crop_counts
+from seer_pipeline.plan.gpus import GPUS
+
 GIB = 2**30
-CROPS = {  # name -> [(count, resolution)]
-    "seer2021": [(2, 224), (4, 96)],  # SEER 2021 paper / VISSL seer configs
-    "seer160": [(2, 160), (4, 96)],  # SEER's cheaper benchmark setting (reference-systems.md)
-    "swav": [(2, 224), (6, 96)],  # SwAV paper default
-}
-# Dense peak TFLOPs from NVIDIA datasheets (V100 SXM2, A100 SXM4, H100 SXM5; no sparsity).
-GPUS: dict[str, dict[str, float]] = {
-    "v100": {"fp16": 125e12, "bf16": 0.0, "fp32": 15.7e12, "mem_gib": 32},
-    "a100": {"fp16": 312e12, "bf16": 312e12, "fp32": 19.5e12, "mem_gib": 80},
-    "h100": {"fp16": 989e12, "bf16": 989e12, "fp32": 67e12, "mem_gib": 80},
-}
+CROPS = {name: crop_counts(name) for name in CROP_PRESETS}  # name -> [(count, resolution)]
+CROPS["seer160"] = CROPS["seer"]  # the name earlier plans used for SEER's 2x160+4x96
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 SEER_MS_PER_ITER = 6125.0  # SEER 2021 paper, section 3.2 (512 V100-32GB, RegNetY-256GF)
 
