@@ -6,9 +6,13 @@ PIL decodes every WebP through the animation decoder (RGBA, then a copy to RGB):
 1920x1080 photo vs 11.1 ms here (one core, loaded machine). libwebp can also scale while it
 converts from YUV (`use_scaling`): for multi-crop that measured no faster (12.3 ms at 1/2, 9.5 ms
 at 1/4: the VP8 decode dominates), so the loader decodes at full size; `seer-shards` uses it to
-resize (23% less time than a full decode + bicubic resize on the WebPs of shared/photos).
-The library is the one PIL's WebP plugin links (Debian's libwebp7); when it is missing or its
-decoder ABI differs, `decode_webp` returns None and the caller uses PIL.
+resize (23% less time than a full decode + bicubic resize on the WebPs of the benchmark photo set,
+docs/benchmarks.md).
+The library is the one PIL's WebP plugin links (Debian's libwebp7). The structures below are
+copied by hand from webp/decode.h of libwebp 1.2.4 (WEBP_DECODER_ABI_VERSION 0x0209): a library
+of another major version, or one whose decoder refuses that ABI, could lay them out differently
+and a wrong layout would write out of bounds. So `_load` checks both and, on any mismatch,
+`decode_webp` returns None and the caller uses PIL.
 """
 from __future__ import annotations
 
@@ -21,7 +25,11 @@ from PIL import Image
 
 log = logging.getLogger(__name__)
 
-_ABI = 0x0209  # WEBP_DECODER_ABI_VERSION of libwebp 0.5 .. 1.5 (webp/decode.h)
+_ABI = 0x0209  # WEBP_DECODER_ABI_VERSION in webp/decode.h of libwebp 1.2.4, the layout below
+# libwebp keeps the decoder ABI major (the high byte) for a whole 1.x series; a minor ABI bump only
+# appends to the padding. WebPGetDecoderVersion() packs (major << 16) | (minor << 8) | revision.
+_LIB_MAJOR = 1
+CHECKED_VERSION = "1.2.4"  # exhaustively checked against PIL (tests/test_codec_versions.py)
 _MODE_RGB = 0
 
 
@@ -62,12 +70,29 @@ class _Config(ctypes.Structure):
     _fields_ = [("input", _Features), ("output", _DecBuffer), ("options", _Options)]
 
 
+def library_version(lib: ctypes.CDLL) -> int:
+    """WebPGetDecoderVersion(): (major << 16) | (minor << 8) | revision."""
+    lib.WebPGetDecoderVersion.restype = ctypes.c_int
+    return int(lib.WebPGetDecoderVersion())
+
+
+def abi_compatible(version: int) -> bool:
+    """Whether a libwebp of `version` (WebPGetDecoderVersion) has the struct layout copied here."""
+    return (version >> 16) == _LIB_MAJOR
+
+
 def _load() -> Optional[ctypes.CDLL]:
     name = ctypes.util.find_library("webp")
     if name is None:
         return None
     try:
         lib = ctypes.CDLL(name)
+        version = library_version(lib)
+        if not abi_compatible(version):
+            log.warning("libwebp %d.%d.%d is not the 1.x series whose decoder ABI 0x%04x this "
+                        "binding copies; WebP decodes through PIL", version >> 16,
+                        (version >> 8) & 0xFF, version & 0xFF, _ABI)
+            return None
         lib.WebPInitDecoderConfigInternal.argtypes = [ctypes.POINTER(_Config), ctypes.c_int]
         lib.WebPGetFeaturesInternal.argtypes = [ctypes.c_char_p, ctypes.c_size_t,
                                                 ctypes.POINTER(_Features), ctypes.c_int]
