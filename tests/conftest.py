@@ -8,16 +8,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PHOTOS = REPO / "tests" / "data" / "photos"
-
-
-def shared_dir() -> Path:
-    """The project's shared/ folder (reference loader, photos): $SEER_SHARED_DIR, else the
-    `shared/` beside the checkout (where CI and developers have it), else /work/shared."""
-    for cand in (os.environ.get("SEER_SHARED_DIR"), REPO.parent / "shared", Path("/work/shared")):
-        if cand and (Path(cand) / "bench" / "bench_reference_loader.py").exists():
-            return Path(cand)
-    raise FileNotFoundError(
-        "shared/bench/bench_reference_loader.py not found beside the checkout; set SEER_SHARED_DIR")
 _ci_skips: list[str] = []
 
 

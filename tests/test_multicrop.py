@@ -1,12 +1,11 @@
 """Multi-crop augmentation: shapes, draft rule, decoders and colour kernels vs PIL, determinism, and
 output statistics vs the reference.
 
-The reference is ../shared/bench/bench_reference_loader.py (swav's MultiCropDataset re-done with PIL
-+ torch). Tolerances are about 4 standard errors of the difference at the stated sample counts.
+The reference is tests/reference_multicrop.py (SwAV's published multi-crop transforms, plain PIL).
+Tolerances are about 4 standard errors of the difference at the stated sample counts.
 """
 from __future__ import annotations
 
-import importlib.util
 import io
 import math
 import random
@@ -18,22 +17,14 @@ import pytest
 import torch
 from PIL import Image, ImageEnhance, ImageFilter
 
-from conftest import shared_dir
+from reference_multicrop import ReferenceMultiCrop
+from reference_multicrop import sample_crop_box as ref_crop_box
 from seer_pipeline.data import blur, colour
 from seer_pipeline.data.augment import (CROP_PRESETS, MEAN, STD, MultiCrop, draft_factor,
                                         multicrop_factory, sample_crop_box)
 from seer_pipeline.codecs.webp import available as webp_available
 from seer_pipeline.codecs.webp import decode_webp
 
-
-
-@pytest.fixture(scope="module")
-def ref():
-    spec = importlib.util.spec_from_file_location(
-        "bench_reference_loader", shared_dir() / "bench" / "bench_reference_loader.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # a missing reference is an error, not a skip
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -158,13 +149,12 @@ def test_same_generator_same_pixels(photos: List[bytes]) -> None:
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
 
 
-def test_crop_box_distribution_matches_reference(ref) -> None:
+def test_crop_box_distribution_matches_reference() -> None:
     # 4000 boxes per sampler and size; area fraction and log-aspect means within 4 SE.
-    rng = np.random.default_rng(1)
-    torch.manual_seed(1)
+    rng, ref_rng = np.random.default_rng(1), random.Random(1)
     for (W, H), scale in [((640, 480), (0.14, 1.0)), ((1920, 1080), (0.05, 0.14)), ((300, 900), (0.14, 1.0))]:
         ours = np.array([sample_crop_box(W, H, scale, rng)[2:] for _ in range(4000)], dtype=float)
-        theirs = np.array([ref.sample_crop_box(W, H, scale)[2:] for _ in range(4000)], dtype=float)
+        theirs = np.array([ref_crop_box(W, H, scale, ref_rng)[2:] for _ in range(4000)], dtype=float)
         for f in (lambda b: b[:, 0] * b[:, 1] / (W * H), lambda b: np.log(b[:, 0] / b[:, 1])):
             x, y = f(ours), f(theirs)
             se = math.sqrt(x.var() / len(x) + y.var() / len(y))
@@ -201,13 +191,10 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def test_output_statistics_match_reference(ref, photos: List[bytes], one_thread) -> None:
+def test_output_statistics_match_reference(photos: List[bytes], one_thread) -> None:
     # 12 photos x 6 reps = 72 samples -> 144 crops of 224 and 432 of 96 per pipeline (swav).
     spec = CROP_PRESETS["swav"]
-    torch.manual_seed(0)
-    np.random.seed(0)
-    random.seed(0)
-    theirs = crop_stats(ref.make_reference_sample_fn(*spec), photos, 6)
+    theirs = crop_stats(ReferenceMultiCrop(*spec, seed=0), photos, 6)
     mc = MultiCrop(*spec)
     rng = np.random.default_rng(0)
     ours = crop_stats(lambda b: mc(b, rng), photos, 6)
@@ -233,7 +220,7 @@ def _enc(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def test_flip_and_blur_fractions(ref, one_thread) -> None:
+def test_flip_and_blur_fractions(one_thread) -> None:
     # Flip: a gray horizontal ramp stays a ramp under jitter/grayscale/blur; a flipped crop's left
     # half is brighter. Blur: on white noise, crops whose gradient falls under 45% of the unblurred
     # median count as blurred. 600 crops of 32 px per pipeline: SE(0.5) = 0.02, tolerance 0.09.
@@ -241,10 +228,7 @@ def test_flip_and_blur_fractions(ref, one_thread) -> None:
     noise = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
     spec = ([32], [6], [0.5], [1.0])
     mc, rng = MultiCrop(*spec), np.random.default_rng(5)
-    ref_fn = ref.make_reference_sample_fn(*spec)
-    torch.manual_seed(5)
-    np.random.seed(5)
-    random.seed(5)
+    ref_fn = ReferenceMultiCrop(*spec, seed=5)
     fracs = {}
     for name, fn in (("ours", lambda b: mc(b, rng)), ("ref", ref_fn)):
         flips = [(t[:, :, :16].mean() > t[:, :, 16:].mean()).item() for _ in range(100) for t in fn(_enc(ramp))]
@@ -259,18 +243,14 @@ def test_flip_and_blur_fractions(ref, one_thread) -> None:
     assert 0.25 < b_ours < 0.6, b_ours
 
 
-def test_geometry_only_sharpness_matches_reference(ref, photos: List[bytes], one_thread) -> None:
+def test_geometry_only_sharpness_matches_reference(photos: List[bytes], one_thread) -> None:
     # With jitter, grayscale and blur off, sharpness depends only on decode + crop + resize, so a
     # reduced-resolution shortcut shows. Measured (12 photos x 6 reps: 144 crops of 224, 432 of 96,
     # every photo equally often in both pipelines): ours/reference 0.99 (224) and 0.98 (96); always
     # decoding at 1/2 scale gives 0.91, at 1/4 0.77. Tolerance 5%; seeds are fixed.
     spec = CROP_PRESETS["swav"]
     off = dict(jitter_p=0.0, gray_p=0.0, blur_p=0.0)
-    refmc = ref.ReferenceMultiCrop(*spec, **off)
-    torch.manual_seed(0)
-    np.random.seed(0)
-    random.seed(0)
-    theirs = crop_stats(lambda b: refmc(ref.decode_pil(b)), photos, 6)
+    theirs = crop_stats(ReferenceMultiCrop(*spec, **off, seed=0), photos, 6)
     mc, rng = MultiCrop(*spec, **off), np.random.default_rng(0)
     ours = crop_stats(lambda b: mc(b, rng), photos, 6)
     for s in (224, 96):
