@@ -22,9 +22,15 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not slurm" tests
 
+# Benchmark inputs: PHOTOS, a folder of images (default: the 12 test photos; the figures in
+# docs/benchmarks.md used a 303-photo set: `make bench PHOTOS=/path/to/photos`); REFERENCE, an
+# optional external SwAV reference harness for bench_loader (default: tests/reference_multicrop.py).
+PHOTOS ?= tests/data/photos
+REFERENCE ?=
+
 bench: install
-	$(PY) benchmarks/bench_shards.py ../shared/photos
-	$(PY) benchmarks/bench_loader.py
+	$(PY) benchmarks/bench_shards.py $(PHOTOS)
+	$(PY) benchmarks/bench_loader.py --photos $(PHOTOS) $(if $(REFERENCE),--reference $(REFERENCE))
 	$(PY) benchmarks/bench_trainer.py
 
 # Launcher tests against the local SLURM (starts it first; idempotent).

@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Loader benchmark: multi-crop speed vs the SwAV reference, and full DataLoader throughput.
 
-1. Runs ../shared/bench/bench_reference_loader.py side by side (reference and
-   `seer_pipeline.data:multicrop_factory`, interleaved in one process) for `swav` and `seer` crops,
-   on the whole photo set and on its >= 2 MP subset. Pin it to one core for per-core numbers:
-       taskset -c 0 .venv/bin/python benchmarks/bench_loader.py
+1. Times a SwAV reference pipeline and `seer_pipeline.data:multicrop_factory` side by side
+   (interleaved in one process) for `swav` and `seer` crops, on the whole photo set and on its
+   >= 2 MP subset. The reference is tests/reference_multicrop.py unless --reference names an
+   external harness with the same contract (`main(argv)` taking --candidate module:factory, as
+   the one the figures in docs/benchmarks.md were measured with). Pin it to one core:
+       taskset -c 0 .venv/bin/python benchmarks/bench_loader.py --photos DIR [--reference FILE]
 2. Builds shards from the photos (original bytes, any format) and times one epoch of
    `build_loader` with --workers DataLoader workers (samples/s, swav crops).
 The last line is JSON: ratios candidate/reference (median over runs of the paired wall-clock
@@ -17,6 +19,7 @@ import argparse
 import importlib.util
 import json
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -28,12 +31,14 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from seer_pipeline.data.augment import pil_flavour
-from seer_pipeline.data.config import DataConfig
+sys.path.insert(0, str(REPO / "tests"))
+from reference_multicrop import ReferenceMultiCrop  # noqa: E402
+from seer_pipeline.data.augment import pil_flavour, multicrop_factory  # noqa: E402
+from seer_pipeline.data.config import DataConfig  # noqa: E402
+from seer_pipeline.data.crops import CROP_PRESETS  # noqa: E402
 from seer_pipeline.data.loader import build_loader  # noqa: E402
 from seer_pipeline.shards.synth import write_shards  # noqa: E402
 
-SHARED = REPO.parent / "shared"
 EXTS = (".jpg", ".jpeg", ".png", ".webp")
 
 
@@ -57,10 +62,39 @@ def big_subset(photos: Path, out: Path, min_mp: float) -> int:
     return n
 
 
+def _timed(fn, blobs: list) -> tuple:
+    c0, t0 = time.process_time(), time.perf_counter()
+    for b in blobs:
+        fn(b)
+    return len(blobs) / (time.perf_counter() - t0), len(blobs) / (time.process_time() - c0)
+
+
+def in_repo_pair(root: Path, crops: str, limit: int, runs: int) -> dict:
+    """tests/reference_multicrop.py vs ours, runs interleaved: {name: per-run rates}."""
+    paths = sorted(p for p in root.iterdir() if p.suffix.lower() in EXTS)
+    random.Random(0).shuffle(paths)
+    blobs = [p.read_bytes() for p in (paths[:limit] if limit > 0 else paths)]
+    spec = CROP_PRESETS[crops]
+    fns = {"ref": ReferenceMultiCrop(*spec, seed=0), "cand": multicrop_factory(*spec)}
+    for fn in fns.values():  # warm-up: imports, numba compilation, caches
+        _timed(fn, blobs[:8])
+    rates = {k: [] for k in fns}
+    for _ in range(runs):
+        for k, fn in fns.items():
+            rates[k].append(_timed(fn, blobs))
+    out = {}
+    for k, key in (("ref", f"multicrop-{crops}"), ("cand", f"candidate-{crops}")):
+        w, c = [r for r, _ in rates[k]], [r for _, r in rates[k]]
+        out[key] = {"median_per_s": round(statistics.median(w), 2), "runs_per_s": w, "cpu_runs_per_s": c}
+    return out
+
+
 def side_by_side(ref, root: Path, crops: str, limit: int, runs: int) -> dict:
-    argv = [str(root), "--crops", crops, "--limit", str(limit), "--runs", str(runs),
-            "--candidate", "seer_pipeline.data:multicrop_factory"]
-    out = ref.main(argv)
+    if ref is None:
+        out = in_repo_pair(root, crops, limit, runs)
+    else:
+        out = ref.main([str(root), "--crops", crops, "--limit", str(limit), "--runs", str(runs),
+                        "--candidate", "seer_pipeline.data:multicrop_factory"])
     r, c = out[f"multicrop-{crops}"], out[f"candidate-{crops}"]
     # Runs alternate reference, candidate, ...: the ratio within a pair sees the same machine load,
     # so the median of the paired ratios is steadier than a ratio of medians on a shared box.
@@ -89,8 +123,12 @@ def loader_throughput(photos: Path, workers: int, n: int, batch: int, tmp: Path)
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--photos", default=str(SHARED / "photos"))
-    ap.add_argument("--reference", default=str(SHARED / "bench" / "bench_reference_loader.py"))
+    ap.add_argument("--photos", default=str(REPO / "tests" / "data" / "photos"),
+                    help="folder of images (default: the 12 test photos; the published figures "
+                         "used a 303-photo set, docs/benchmarks.md)")
+    ap.add_argument("--reference", default=None,
+                    help="external reference harness (.py with main(argv) and --candidate); "
+                         "default: tests/reference_multicrop.py timed here")
     ap.add_argument("--limit", type=int, default=256)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
@@ -99,22 +137,25 @@ def main(argv=None) -> dict:
     ap.add_argument("--skip-loader", action="store_true")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    ref = load_reference(Path(a.reference))
+    ref = load_reference(Path(a.reference)) if a.reference else None
     photos = Path(a.photos)
     result = {"pil": pil_flavour(), "affinity": sorted(os.sched_getaffinity(0)),
+              "reference": a.reference or "tests/reference_multicrop.py",
               "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
     with tempfile.TemporaryDirectory() as tmp:
         big = Path(tmp) / "big"
         result["images_2mp"] = big_subset(photos, big, 2.0)
         for crops in ("swav", "seer"):
             result[f"{crops}_mixed"] = side_by_side(ref, photos, crops, a.limit, a.runs)
-            result[f"{crops}_2mp"] = side_by_side(ref, big, crops, a.limit, a.runs)
+            if result["images_2mp"]:
+                result[f"{crops}_2mp"] = side_by_side(ref, big, crops, a.limit, a.runs)
         if not a.skip_loader:
             result["loader_samples_per_s"] = round(
                 loader_throughput(photos, a.workers, a.loader_images, a.batch, Path(tmp)), 1)
             result["loader_workers"] = a.workers
     result["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    result["ratios"] = {k: result[k]["ratio"] for k in ("swav_mixed", "seer_mixed", "swav_2mp", "seer_2mp")}
+    result["ratios"] = {k: result[k]["ratio"] for k in ("swav_mixed", "seer_mixed", "swav_2mp", "seer_2mp")
+                        if k in result}
     print(json.dumps(result))
     return result
 

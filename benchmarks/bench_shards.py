@@ -24,8 +24,11 @@ webdataset) can run from its own virtualenv: --img2dataset-python /path/to/venv/
 The last line of output is JSON.
 
 Targets (issue 2): seer-shards >= 1.5x baseline at --workers 1, >= 2.5x at --workers 2,
->= 2x img2dataset at 2 processes; pass-through (JPEG in, no resize, --check header,
---workers 2) >= 80% of `tar cf` over the same files.
+>= 2x img2dataset at 2 processes. Pass-through (JPEG in, no resize, --check header, --workers 2)
+is still timed against `tar cf`, but the 0.8x target is retired: the manifest's two sha256
+passes alone cost more than that budget (docs/benchmarks.md).
+The published figures used a 303-photo set (docs/benchmarks.md); `make bench` defaults to the
+12 test photos, which time start-up more than throughput.
 """
 from __future__ import annotations
 

@@ -184,7 +184,7 @@ def _decode_and_encode(res: Result, data: bytes, opts: ProcessOptions) -> Result
             # The decoder is the judge of a damaged stream. Damage shows in the entropy-coded
             # data, which libjpeg decodes in full even at 1/8 DCT scaling; the scaling only skips
             # most of the inverse DCT and colour work we would throw away. Measured on the 121
-            # JPEGs of shared/photos: 35% less CPU, and the same verdict on 240 cut or
+            # JPEGs of the benchmark photo set (docs/benchmarks.md): 35% less CPU, and the same verdict on 240 cut or
             # byte-flipped copies of them.
             img.draft(img.mode, (max(1, w // 8), max(1, h // 8)))
             img.load()
@@ -198,15 +198,15 @@ def _decode_and_encode(res: Result, data: bytes, opts: ProcessOptions) -> Result
     sw, sh = (th, tw) if orient in (5, 6, 7, 8) else (tw, th)
     if img.format == "JPEG" and resize:
         if w // sw >= 8 and h // sh >= 8:  # PIL's draft() will pick 1/8: for a progressive
-            # JPEG only the DC scans matter there; same pixels, 3.5x less time on shared/photos'
-            # progressive JPEGs (seer_pipeline/jpeg_scans.py).
+            # JPEG only the DC scans matter there; same pixels, 3.5x less time on the benchmark
+            # set's progressive JPEGs (seer_pipeline/codecs/jpeg_scans.py).
             pruned = eighth_scale_scans(data)
             if pruned is not None:
                 img = Image.open(io.BytesIO(pruned))
         # DCT-domain downscaling (1/2, 1/4, 1/8) while decoding; never below the target size.
         img.draft("RGB", (sw, sh))
     # Opaque WebPs: libwebp straight to RGB, downscaled while converting from YUV (area
-    # averaging): 23% less time than a full decode + bicubic on shared/photos' WebPs, and the
+    # averaging): 23% less time than a full decode + bicubic on the benchmark set's WebPs, and the
     # WebPs are half of that set. Transparent ones go through PIL, which composites them on white.
     fast = decode_webp(data, opaque_only=True, size=(sw, sh)) if img.format == "WEBP" else None
     if fast is not None:

@@ -4,8 +4,8 @@ At 1/8 DCT scaling libjpeg(-turbo) turns each 8x8 block of a full-resolution com
 pixel with a 1x1 inverse DCT, which reads the DC coefficient only. A progressive JPEG stores the
 DC coefficients in their own short scans (a few % of the file) and the AC coefficients in the
 rest, yet a decoder entropy-decodes every scan whatever the scale: measured 60-190 ms per
-10-15 MP photo of shared/photos. Dropping the AC scans of those components makes the same 1/8
-decode 2-7x cheaper and leaves every output pixel unchanged: tests compare it bit for bit with
+10-15 MP photo of the benchmark photo set (docs/benchmarks.md). Dropping the AC scans of those
+components makes the same 1/8 decode 2-7x cheaper and leaves every output pixel unchanged: tests compare it bit for bit with
 the decode of the whole file.
 
 Two details keep it exact:

@@ -129,7 +129,7 @@ class RegNetConfig:
 
 # SEER trunks: generator params from VISSL's SEER configs (configs/config/pretrain/seer/models/
 # regnet10B.yaml, pretrain/swav/models/regnet{128Gf,256Gf_1}.yaml, benchmark .../seer/
-# regnet{32gf,64gf_3}.yaml), see /work/shared/notes/reference-systems.md.
+# regnet{32gf,64gf_3}.yaml, facebookresearch/vissl @09270ed2) and projects/SEER/README.md there.
 _SEER = {
     "regnety_32gf": RegNetConfig(depth=20, w_0=232, w_a=115.89, w_m=2.53, group_width=232),
     "regnety_64gf": RegNetConfig(depth=20, w_0=352, w_a=147.48, w_m=2.4, group_width=328),

@@ -3,7 +3,9 @@
 Method: Caron et al., "Unsupervised Learning of Visual Features by Contrasting Cluster
 Assignments" (NeurIPS 2020); SEER settings (no BN in the head, prototypes L2-normalised after
 every step and frozen for the first 313 iterations, global-max subtraction before exp) from
-VISSL's SEER configs, see /work/shared/notes/reference-systems.md.
+VISSL's SEER configs (facebookresearch/vissl @09270ed2: configs/config/pretrain/seer/*.yaml,
+the swav_head_fsdp head, NormalizePrototypesHook, TEMP_FROZEN_PARAMS_ITER_MAP) and Goyal et al.
+2021, "Self-supervised Pretraining of Visual Features in the Wild", §3.
 
 Trainer contract, per iteration:
     emb, scores = head(trunk(crops))               # crops concatenated crop-major
