@@ -127,9 +127,12 @@ class MultiCropLoader:
         c = self.cfg
         plan = self._plan if self._plan is not None else (
             epoch_runs([s.count for s in self.shards], c.seed, self.epoch) if self.exact else [])
-        return EpochStream(self.shards, self.exact, self.multicrop, c.seed, self.epoch, self.rank, self.world,
-                           self.logical_workers, c.batch_size, c.shuffle_buffer, c.max_fail_fraction, plan,
-                           self.batches_this_epoch, self._batches, list(self._outputs), list(self._pads))
+        return EpochStream(
+            shards=self.shards, exact=self.exact, multicrop=self.multicrop, seed=c.seed, epoch=self.epoch,
+            rank=self.rank, world=self.world, workers=self.logical_workers, batch=c.batch_size,
+            buffer=c.shuffle_buffer, max_fail_fraction=c.max_fail_fraction, plan=plan,
+            batches_per_rank=self.batches_this_epoch, start_batch=self._batches,
+            skip_outputs=list(self._outputs), skip_pads=list(self._pads))
 
     def __iter__(self) -> Iterator[List[torch.Tensor]]:
         while True:

@@ -30,8 +30,10 @@ log = logging.getLogger(__name__)
 FAIL = object()  # marker: the sample could not be read
 
 
-@dataclass
+@dataclass(kw_only=True)  # 15 fields: keywords only, so no call site can swap two ints
 class EpochStream(IterableDataset):
+    """One rank's epoch as an IterableDataset; each DataLoader worker iterates its own slice."""
+
     shards: List[Shard]
     exact: bool
     multicrop: MultiCrop
