@@ -13,12 +13,16 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import dataclasses
+import fcntl
 import json
 import logging
 import multiprocessing as mp
 import os
+import signal
 import time
 from typing import Any, Iterable, Optional, Sequence
+
+from PIL import Image  # already loaded by data_prep.images
 
 from seer_pipeline.core.io_utils import atomic_write_json, atomic_write_text
 
@@ -39,8 +43,6 @@ _KILL_AT = os.environ.get("SEER_SHARDS_TEST_KILL_AT", "")
 
 def _maybe_die(stage: str, n: int) -> None:
     if _KILL_AT == f"{stage}:{n}":
-        import signal
-
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -111,8 +113,6 @@ def build_shards(inputs: Sequence[str], out: str | os.PathLike, progress: bool =
 
 def _lock(out: str) -> int:
     """One build per directory at a time; the kernel drops the lock when a build dies."""
-    import fcntl
-
     fd = os.open(os.path.join(out, STATE, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -144,7 +144,6 @@ def _pool(opts: ShardOptions, out: str, session: int, exclude: frozenset[str]) -
     if opts.workers <= 1:
         workers.init_worker(*args)
         return None
-    from PIL import Image
 
     Image.preinit()  # import the common codecs once, before forking, not once per worker
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None

@@ -83,6 +83,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.cmd == "build":
             return _build(args)
         if args.cmd == "verify":
+            # each subcommand imports only its own module: `seer-shards stats` starts without the build machinery
             from data_prep.verify import verify
 
             problems = verify(args.dir, decode=not args.no_decode)
@@ -109,6 +110,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
+    # only `build` pays for importing the builder, its workers and codecs
     from data_prep.build import ShardOptions, build_shards
 
     opts = ShardOptions(

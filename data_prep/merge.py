@@ -7,6 +7,7 @@ move, so a merge killed half-way is finished by running it again.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 from collections import Counter
@@ -68,7 +69,6 @@ def merge(parts: Sequence[str], out: str) -> dict:
     os.makedirs(os.path.join(out, ".seer-shards"), exist_ok=True)
     plan_path = os.path.join(out, _PLAN)
     if os.path.exists(plan_path):  # a rerun: the parts' shards may already be moved
-        import json
 
         with open(plan_path, "r", encoding="utf-8") as f:
             plan = json.load(f)

@@ -5,9 +5,13 @@ so image bytes never travel through the main process: it only keeps the books.
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import sys
 from typing import Any
+
+from PIL import Image  # already loaded by data_prep.images
 
 from data_prep.images import ProcessOptions, Result, process_bytes, read_source
 from data_prep.sources import Item
@@ -26,9 +30,6 @@ def init_worker(opts: ProcessOptions, exclude: frozenset[str], spool_dir: str, s
         # A forked worker holds the task pipe open itself, so it never sees EOF when the parent
         # is killed with -9: have the kernel send it SIGKILL instead.
         try:
-            import ctypes
-            import signal
-
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         except (OSError, AttributeError):
             pass
@@ -41,14 +42,10 @@ def _keep_memory() -> None:
     0.32 s -> 0.07 s (about a tenth of the CPU). Bounded: 8 Pillow blocks (16 MB each) and
     glibc keeping up to 128 MB of free heap per process.
     """
-    from PIL import Image
-
     if hasattr(Image.core, "set_blocks_max"):
         Image.core.set_blocks_max(8)
     if sys.platform.startswith("linux"):
         try:
-            import ctypes
-
             libc = ctypes.CDLL(None)
             libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD: decoder buffers come from the heap
             libc.mallopt(-1, 128 << 20)  # M_TRIM_THRESHOLD

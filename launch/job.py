@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import submitit  # loaded anyway: launch.submit imports launch.executor
+
+from launch.scheduler import job_info
 from seer_pipeline.core.exit_codes import PREEMPTED
 from seer_pipeline.core.io_utils import atomic_write_json
 
@@ -101,8 +104,6 @@ def _requeue_underway(job_id: str, run_dir: str, since: float, wait_s: float) ->
     the job (rank 0's `scontrol requeue`, or the scheduler's own preemption). A RUNNING job whose
     rank 0 booked a refused requeue in RUN/requeues.json since this task started will not be.
     """
-    from launch.scheduler import job_info
-
     deadline = time.monotonic() + wait_s
     while True:
         info = job_info(job_id)
@@ -184,8 +185,6 @@ class TrainJob:
         Nothing is saved here; the requeued job resumes from the last checkpoint. Returns the
         resubmission, or None at the requeue cap (submitit then ends the job, not requeued).
         """
-        import submitit
-
         log = _logger()
         rq = read_requeues(self.run_dir)
         if rq["count"] >= self.max_requeues:
@@ -209,8 +208,6 @@ class TrainJob:
 def _drop_stale_result() -> None:
     """A requeued job reuses its id: remove this task's result file from the previous run, so
     that a crash of this run is not read as the old run's outcome."""
-    import submitit
-
     try:
         path = submitit.JobEnvironment().paths.result_pickle
     except (RuntimeError, KeyError):  # not inside a submitit job

@@ -13,6 +13,7 @@ writes, so a shared key would give every rank rank 0's RNG on load (environment-
 """
 from __future__ import annotations
 
+import datetime as _dt
 import io
 import json
 import logging
@@ -135,8 +136,6 @@ class Checkpointer:
         if rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
         if async_save and dist.is_initialized():
-            import datetime as _dt
-
             # async_save on the default group crashes if training collectives run during the
             # save (environment-facts): the background save gets its own gloo group.
             self._group = dist.new_group(backend="gloo", timeout=_dt.timedelta(seconds=timeout_s))

@@ -7,6 +7,7 @@ shard in this one process (`no_dist=True`), whatever world size wrote it.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from pathlib import Path
@@ -18,14 +19,13 @@ from torch.distributed.checkpoint.api import CheckpointException
 from omegaconf import OmegaConf
 
 from seer_pipeline.checkpoint.checkpointer import CheckpointError, find_resumable, verify_step_dir
+from seer_pipeline.config.train import load_train_config
 from seer_pipeline.core.io_utils import atomic_write_bytes, atomic_write_json
+from seer_pipeline.models.swav import build_model
 
 
 def consolidate(run_or_step: str | Path, out: str | Path, step: int | None = None) -> dict:
     """Write the trunk weights of the newest loadable checkpoint (or `step`) to `out`."""
-    from seer_pipeline.models.swav import build_model
-    from seer_pipeline.config.train import load_train_config
-
     src = Path(run_or_step)
     if (src / "meta.json").exists():
         path, meta = src, verify_step_dir(src)
@@ -45,7 +45,6 @@ def consolidate(run_or_step: str | Path, out: str | Path, step: int | None = Non
     dcp.load(template, checkpoint_id=str(path), no_dist=True)
     trunk = {k[len("trunk."):]: v.clone() for k, v in template["model"].items() if k.startswith("trunk.")}
     model.trunk.load_state_dict(trunk, strict=True)  # every key present and shaped right
-    import io
 
     buf = io.BytesIO()
     torch.save(trunk, buf)

@@ -14,6 +14,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from seer_pipeline.config.train import RESUME_MUTABLE, TrainConfig
+
 
 def _field_comments(cls: type) -> dict[str, str]:
     """Map field name -> its trailing `# comment`, else the comment block just above it."""
@@ -67,8 +69,6 @@ def _rows(cls: type, prefix: str) -> list[tuple[str, str, str, str]]:
 
 
 def render() -> str:
-    from seer_pipeline.config.train import RESUME_MUTABLE, TrainConfig
-
     out = [
         "# Configuration reference",
         "",

@@ -15,6 +15,7 @@ import math
 
 import numba
 import numpy as np
+from PIL import Image, ImageFilter
 
 _F = np.float32
 
@@ -89,7 +90,6 @@ def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
     """`np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(sigma)))` for [H,W,3]
     uint8 `img` (a new array)."""
     if min(img.shape[0], img.shape[1]) < 2:  # pillow-simd treats 1-pixel lines its own way
-        from PIL import Image, ImageFilter
         return np.asarray(Image.fromarray(img, "RGB").filter(ImageFilter.GaussianBlur(sigma))).copy()
     radius, ww, fw = box_weights(box_radius(sigma))
     return _blur(img, radius, np.uint32(ww), np.uint32(fw))

@@ -12,6 +12,7 @@ seed that includes the resume point (deterministic, but not the stream an uninte
 from __future__ import annotations
 
 import logging
+import signal
 from typing import Any, Dict, Iterator, List, Optional
 
 import torch
@@ -32,8 +33,6 @@ def _workers_ignore_preemption(worker_id: int) -> None:
     """SLURM signals every process of a task on preemption (SIGTERM on `scontrol requeue`, SIGUSR2
     from --signal). The rank's main process saves and stops; a worker killed by the signal would
     crash the rank before it could save, so workers ignore both (added by the launch engineer)."""
-    import signal
-
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 

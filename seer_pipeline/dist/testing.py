@@ -16,6 +16,9 @@ import time
 import traceback
 from typing import Any, Callable, Sequence
 
+import torch
+import torch.distributed as dist
+
 from seer_pipeline.dist.setup import free_port
 
 
@@ -32,9 +35,6 @@ def _worker(
         LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )
     try:
-        import torch
-        import torch.distributed as dist
-
         torch.set_num_threads(threads)
         if world_size > 0:
             dist.init_process_group(
@@ -49,8 +49,6 @@ def _worker(
         results.put((rank, False, traceback.format_exc()))
     finally:
         try:
-            import torch.distributed as dist
-
             if dist.is_initialized():
                 dist.destroy_process_group()
         except Exception:  # noqa: BLE001

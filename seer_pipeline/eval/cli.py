@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from seer_pipeline.core.io_utils import atomic_write_json
+from seer_pipeline.checkpoint.checkpointer import CheckpointError
 from seer_pipeline.core.logging_utils import setup_logging
 from seer_pipeline.eval import features as feats
 from seer_pipeline.eval.datasets import DataSpecError, load_data
@@ -108,7 +109,6 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(0)
-    from seer_pipeline.checkpoint.checkpointer import CheckpointError
 
     try:
         result = run_eval(args)

@@ -61,6 +61,7 @@ def _is_test(key: str, test_fraction: float) -> bool:
 
 
 def _to_array(img: "object", size: int | None) -> np.ndarray:
+    # PIL only for the data kinds that decode images: seer-eval's start-up time
     from PIL import Image
 
     assert isinstance(img, Image.Image)
@@ -99,6 +100,7 @@ def _split(items: list[tuple[str, np.ndarray, int]], test_fraction: float, name:
 
 
 def load_fashion_mnist(root: str | None) -> LabelledData:
+    # fashion-mnist's loader only when asked for: seer-eval's start-up time
     from seer_pipeline.eval import fmnist
     trx, try_ = fmnist.load_split("train", root)
     tex, tey = fmnist.load_split("test", root)
@@ -107,6 +109,7 @@ def load_fashion_mnist(root: str | None) -> LabelledData:
 
 def _read_folder(folder: Path, classes: list[str], size: int | None, skipped: dict[str, int],
                  prefix: str) -> list[tuple[str, np.ndarray, int]]:
+    # PIL only for image folders: seer-eval's start-up time
     from PIL import Image
 
     items = []
@@ -150,6 +153,7 @@ def load_imagefolder(path: str, size: int | None, test_fraction: float) -> Label
 
 def load_wds(pattern: str, size: int | None, test_fraction: float) -> LabelledData:
     """Shards (glob or brace pattern) whose samples carry an image and a `cls` integer label."""
+    # webdataset (~0.3 s to import) only for wds: data
     import webdataset as wds
     from PIL import Image
 

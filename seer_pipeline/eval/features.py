@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -17,7 +18,14 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
+from tqdm import tqdm
+
+from seer_pipeline.checkpoint.cli import consolidate
+from seer_pipeline.config.base import ConfigError
+from seer_pipeline.config.train import load_train_config
+from seer_pipeline.models import build_trunk, list_trunks
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +49,8 @@ class TrunkSpec:
 
 def trunk_name_from_config(config: str) -> str:
     """A preset name/YAML path (its model.trunk) or a trunk name itself."""
-    from seer_pipeline.models import list_trunks
-
     if config.lower() in list_trunks():
         return config.lower()
-    from seer_pipeline.config.base import ConfigError
-    from seer_pipeline.config.train import load_train_config
-
     try:
         return str(load_train_config(config).model.trunk)
     except ConfigError as e:
@@ -64,8 +67,6 @@ def _run_of(path: Path) -> Path | None:
 
 def parse_checkpoint(spec: str, trunk: str | None = None) -> TrunkSpec:
     """random:CONFIG | raw | RUN_DIR | FILE (a consolidated trunk state_dict)."""
-    from omegaconf import OmegaConf
-
     if spec.startswith("random:"):
         return TrunkSpec("random", trunk or trunk_name_from_config(spec[7:]), None, None)
     if spec in ("raw", "raw-pixels"):
@@ -89,8 +90,6 @@ def parse_checkpoint(spec: str, trunk: str | None = None) -> TrunkSpec:
 
 def build_random(trunk_name: str, seed: int = 0) -> nn.Module:
     """A seeded, randomly initialised trunk on CPU (materialised if built on the meta device)."""
-    from seer_pipeline.models import build_trunk
-
     torch.manual_seed(seed)
     trunk = build_trunk(trunk_name)
     if any(p.is_meta for p in trunk.parameters()):
@@ -132,10 +131,6 @@ def load_trunk(spec: TrunkSpec, seed: int = 0) -> nn.Module:
         trunk.load_state_dict(_match_state(trunk, saved, str(spec.weights)))
     elif spec.kind == "run":
         assert spec.run_dir is not None
-        import tempfile
-
-        from seer_pipeline.checkpoint.cli import consolidate
-
         # The newest complete checkpoint, gathered from its shards in this one process.
         with tempfile.TemporaryDirectory() as tmp:
             info = consolidate(spec.run_dir, Path(tmp) / "trunk.pt")
@@ -160,8 +155,6 @@ def to_input(batch: np.ndarray, size: int | None = None) -> torch.Tensor:
 
 
 def _batches(n: int, bs: int, desc: str, progress: bool):
-    from tqdm import tqdm
-
     with tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for i in range(0, n, bs):
             yield slice(i, min(n, i + bs))

@@ -13,6 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +86,6 @@ def load_split(split: str, root: str | os.PathLike | None = None) -> tuple[np.nd
 
 
 def _write_png(path: Path, img: np.ndarray) -> None:
-    from PIL import Image
-
     tmp = path.with_name(f".{path.name}.tmp")
     Image.fromarray(img, mode="L").save(tmp, format="PNG")
     os.replace(tmp, path)
@@ -99,8 +99,6 @@ def export_pngs(
 
     Idempotent: files already present are kept, so a rerun after a kill only finishes the job.
     """
-    from tqdm import tqdm
-
     images, _ = load_split(split, root)
     if limit is not None:
         images = images[:limit]

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from seer_pipeline.core.io_utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 from seer_pipeline.core.logging_utils import setup_logging
@@ -52,8 +53,6 @@ def train_supervised(
     progress: bool = True,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train trunk + linear head for `seconds` of wall clock (cosine LR over that time)."""
-    from tqdm import tqdm
-
     trunk = feats.build_random(trunk_name, seed)
     head = nn.Linear(trunk.out_dim, num_classes)
     # channels_last: ~2x faster grouped convs on CPU (measured in features.py's setting).

@@ -16,12 +16,18 @@ import math
 import re
 import sys
 from dataclasses import asdict, dataclass
+from importlib import resources
 from typing import Any, Sequence
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
+from seer_pipeline.config.train import load_train_config
 from seer_pipeline.data.crops import CROP_PRESETS, crop_counts
+from seer_pipeline.eval.features import trunk_name_from_config
+from seer_pipeline.models import build_trunk, count_macs, list_trunks
+from seer_pipeline.models.swav import build_model
 from seer_pipeline.plan.gpus import GPUS
 
 GIB = 2**30
@@ -130,17 +136,10 @@ def build_meta(model: str, with_head: bool = True) -> tuple[nn.Module, nn.Module
     A training preset gives its own head. A trunk name borrows the head of the first preset
     that trains that trunk (SEER's presets: seer_32gf ... seer_10b); with none, no head.
     """
-    from seer_pipeline.eval.features import trunk_name_from_config
-    from seer_pipeline.models import list_trunks
-    from seer_pipeline.config.train import load_train_config
-    from seer_pipeline.models.swav import build_model
-
     name = trunk_name_from_config(model)
     preset = model if model.lower() not in list_trunks() else _preset_for(name)
     with torch.device("meta"):
         if preset is None or not with_head:
-            from seer_pipeline.models import build_trunk
-
             why = "left out" if not with_head else "none (no preset trains this trunk)"
             return build_trunk(name), None, why
         m = build_model(load_train_config(preset))
@@ -148,10 +147,6 @@ def build_meta(model: str, with_head: bool = True) -> tuple[nn.Module, nn.Module
 
 
 def _preset_for(trunk: str) -> str | None:
-    from importlib import resources
-
-    from omegaconf import OmegaConf
-
     for f in sorted(resources.files("seer_pipeline.config").joinpath("presets").iterdir(), key=lambda f: f.name):
         if f.name.endswith(".yaml") and OmegaConf.select(OmegaConf.load(str(f)), "model.trunk") == trunk:
             return f.name[:-5]
@@ -180,8 +175,6 @@ def plan(model: str, gpus: int, batch_per_gpu: int, crops: str = "seer2021",
          precision: str | None = None, ac: str = "stage", gpu_type: str = "v100",
          mfu: float = 0.25, images: float = 1e9, with_head: bool = True) -> dict[str, Any]:
     """Every number `seer-plan` prints, as one dict."""
-    from seer_pipeline.models import count_macs
-
     if gpu_type not in GPUS:
         raise ValueError(f"--gpu-type must be one of {', '.join(GPUS)}")
     precision = precision or ("fp16" if gpu_type == "v100" else "bf16")

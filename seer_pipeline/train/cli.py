@@ -11,11 +11,19 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal as _signal
 import subprocess
 import sys
 import time
 from typing import Sequence
 
+import torch
+
+from seer_pipeline.config.base import ConfigError
+from seer_pipeline.config.train import load_train_config
+from seer_pipeline.core.logging_utils import setup_logging
+from seer_pipeline.dist.setup import (DistEnvError, cleanup_distributed, free_port, init_distributed,
+                                      resolve_env)
 from seer_pipeline.train.signals import PREEMPTED, forward_signals
 
 log = logging.getLogger("seer_pipeline.train.cli")
@@ -34,8 +42,6 @@ def spawn_local(argv: list[str], nproc: int, threads: int, grace_s: float = 15.0
     After a rank fails the others get `grace_s` to notice on their own (their collectives fail
     within dist.timeout_s and they log which step failed) before they are killed.
     """
-    from seer_pipeline.dist.setup import free_port
-
     port = free_port()
     procs: list[subprocess.Popen] = []
     for r in range(nproc):
@@ -59,8 +65,6 @@ def spawn_local(argv: list[str], nproc: int, threads: int, grace_s: float = 15.0
                         p.kill()
             time.sleep(0.2)
     finally:
-        import signal as _signal
-
         for s, h in old.items():
             _signal.signal(s, h)
         for p in procs:
@@ -80,13 +84,9 @@ def spawn_local(argv: list[str], nproc: int, threads: int, grace_s: float = 15.0
 
 def run_rank(cfg, denv) -> int:  # noqa: ANN001 - DictConfig, DistEnv
     """One rank: threads first, then logging, process group, trainer."""
-    import torch
-
     torch.set_num_threads(cfg.train.threads)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    from seer_pipeline.dist.setup import cleanup_distributed, init_distributed
-    from seer_pipeline.core.logging_utils import setup_logging
 
     setup_logging(denv.rank, os.path.join(cfg.run.dir, "logs"))
     if cfg.dist.nproc != denv.world_size and denv.source != "torchrun":
@@ -94,6 +94,8 @@ def run_rank(cfg, denv) -> int:  # noqa: ANN001 - DictConfig, DistEnv
                  denv.world_size, denv.source, cfg.dist.nproc)
     try:
         device = init_distributed(denv, cfg.dist.timeout_s, cfg.dist.backend or None)
+        # lazy: the trainer's stack (models, loader, numba kernels) loads in ranks only, never in the
+        # parent that spawns dist.nproc ranks and waits
         from seer_pipeline.train.trainer import Trainer
 
         return Trainer(cfg, denv, device).train()
@@ -115,10 +117,6 @@ def run_rank(cfg, denv) -> int:  # noqa: ANN001 - DictConfig, DistEnv
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
-    from seer_pipeline.config.base import ConfigError
-    from seer_pipeline.dist.setup import DistEnvError, resolve_env
-    from seer_pipeline.config.train import load_train_config
-
     try:
         cfg = load_train_config(args.config, args.overrides)
         denv = resolve_env()

@@ -73,6 +73,7 @@ class MetricsLogger:
         self._fh = open(self.path, "a", encoding="utf-8")
         if tensorboard:
             try:
+                # optional dev extra and slow to import: only rank 0 with tensorboard on pays
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start + 1)

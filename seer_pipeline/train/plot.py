@@ -10,6 +10,7 @@ from seer_pipeline.train.metrics import read_metrics
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    # matplotlib takes seconds to import (cold): only drawing pays, not `seer-plot --help`
     import matplotlib
 
     matplotlib.use("Agg")

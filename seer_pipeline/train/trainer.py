@@ -35,6 +35,7 @@ from seer_pipeline.dist.parallelize import ParallelPlan, build_mesh, parallelize
 from seer_pipeline.train.provenance import record_start, requeue_job
 from seer_pipeline.train.signals import PREEMPTED, PreemptionFlag
 from seer_pipeline.config.train import check_resume_compatible
+from seer_pipeline.data.loader import build_loader
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +82,6 @@ def average_bn_stats(model: nn.Module) -> None:
 
 class Trainer:
     def __init__(self, cfg: DictConfig, denv: DistEnv, device: torch.device) -> None:
-        from seer_pipeline.data.loader import build_loader
-
         self.cfg, self.denv, self.device = cfg, denv, device
         self.rank, self.world = denv.rank, denv.world_size
         self.run_dir = Path(cfg.run.dir)
