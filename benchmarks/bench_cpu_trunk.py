@@ -8,7 +8,7 @@ machine; wall-clock and process-CPU-time rates are both printed (CPU time is the
 figure when other jobs share the cores).
 
     .venv/bin/python benchmarks/bench_cpu_trunk.py --threads 2 --batch 64
-Reference point (environment-facts.md): ~0.26M-parameter stride-2 trunk, ~320 images/s,
+Reference point (an early single-process trial, docs/demo.md): ~0.26M-parameter stride-2 trunk, ~320 images/s,
 2 threads, one process.
 """
 from __future__ import annotations

@@ -149,7 +149,7 @@ def test_count_macs_rejects_unknown_convs_and_counts_linears() -> None:
 def test_cpu_trunks_suit_fashion_mnist_crops() -> None:
     trunk = build_trunk("cpu_tiny")
     assert trunk.stem.conv.stride == (2, 2)
-    assert 150_000 < _params(trunk) < 400_000  # environment-facts: ~0.26M ran ~320 img/s
+    assert 150_000 < _params(trunk) < 400_000  # a ~0.26M trunk ran ~320 img/s (docs/demo.md)
     for res in (28, 16):
         assert trunk(torch.randn(2, 3, res, res)).shape == (2, 192)
 

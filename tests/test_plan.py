@@ -21,7 +21,7 @@ def seer() -> dict:
 
 
 def test_params_and_macs_match_independent_counts(seer: dict) -> None:
-    # environment-facts.md: timm regnety_2560 without classifier 1272.2M params, and
+    # Independent counts: timm's regnety_2560 without its classifier has 1272.2M params, and
     # torch.utils.flop_counter 254.37G multiply-adds at 224 px.
     assert seer["trunk_params"] / 1e6 == pytest.approx(1272.2, abs=0.1)
     assert int(seer["trunk_macs_per_crop"]["224"]) / 1e9 == pytest.approx(254.37, abs=0.01)

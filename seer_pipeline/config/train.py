@@ -32,7 +32,7 @@ class RunConfig:
 class ModelConfig:
     trunk: str = "regnety_32gf"  # a name known to seer_pipeline.models.build_trunk
     # Projection head: trunk.out_dim -> hidden_dims... -> out_dim. Empty hidden_dims: a single
-    # linear projection. SEER 32GF: 3712 -> 3712 -> 128 (VISSL; see reference-systems.md).
+    # linear projection. SEER 32GF: 3712 -> 3712 -> 128 (VISSL's SEER configs).
     hidden_dims: List[int] = field(default_factory=lambda: [3712])
     out_dim: int = 128  # embedding dimension (L2-normalised) scored against the prototypes
     n_prototypes: int = 16000  # SEER "proto16k"

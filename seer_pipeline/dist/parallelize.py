@@ -7,7 +7,7 @@ root).
 
 Why PyTorch FSDP2 and not fairscale (which SEER/VISSL used): fairscale's FSDP was upstreamed into
 PyTorch, its last release is from 2022, and its FullyShardedDataParallel cannot run on CPU at all
-("Torch not compiled with CUDA enabled", environment-facts.md), so it could not be tested here.
+("Torch not compiled with CUDA enabled", fairscale 0.4.13 tried here), so it could not be tested here.
 FSDP2's per-parameter DTensor sharding also makes sharded DCP checkpoints and resharding free.
 """
 from __future__ import annotations
@@ -94,7 +94,7 @@ def parallelize(
     on_cuda = device.type == "cuda"
     distributed = dist.is_initialized() and dist.get_world_size() > 1
     if on_cuda and dist.is_initialized() and plan.sync_bn_group >= 0:
-        # SyncBN only trains on CUDA (it raises on CPU, environment-facts), so CPU keeps plain BN.
+        # SyncBN only trains on CUDA (PyTorch's SyncBatchNorm raises on CPU input), so CPU keeps plain BN.
         group = _sync_bn_groups(plan.sync_bn_group, local_world)
         model.trunk = trunk = nn.SyncBatchNorm.convert_sync_batchnorm(trunk, process_group=group)
     model.to(device)
@@ -121,7 +121,7 @@ def parallelize(
                 # CPU here: "Cannot convert expression to float").
                 blocks[j].compile(dynamic=False)
         if plan.ac == "stage":
-            # SEER checkpointed per stage segment (`stage_checkpoints`, reference-systems.md):
+            # SEER checkpointed per stage segment (`stage_checkpoints` [[2],[7],[9,17],[]] in VISSL's SEER configs):
             # only stage inputs are kept, each stage is recomputed during backward.
             trunk.stages[i] = checkpoint_wrapper(stage)
 
@@ -157,7 +157,7 @@ def apply_fsdp(
     kw: dict[str, Any] = dict(mesh=mesh, reshard_after_forward=reshard_after_forward)
     if mixed:
         # BN must stay fp32 in its own unit or FSDP2 mixed precision fails on it
-        # (environment-facts; torchtitan #674; VISSL's auto_wrap_bn did the same). Its output
+        # ("expected scalar type BFloat16 but found Float" on torch 2.13; torchtitan #674; VISSL's auto_wrap_bn did the same). Its output
         # goes back to the compute dtype, or the next conv sees fp32 input with bf16 weights
         # (measured: "Input type (float) and weight type (BFloat16) should be the same").
         bn = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32,

@@ -1,8 +1,8 @@
 """Frozen-trunk features: load a trunk from a run/file/random spec, re-estimate BN, pool a stage.
 
 BatchNorm running statistics are re-estimated on clean (un-augmented) training images before
-any probe: the trainer's statistics come from augmented multi-crops (and one rank's copy, see
-environment-facts.md), and a random trunk's are its initial 0/1, which would make the random
+any probe: the trainer's statistics come from augmented multi-crops (and one rank's copy: FSDP2 keeps BN
+buffers per rank and DCP writes one), and a random trunk's are its initial 0/1, which would make the random
 baseline look worse than it is. Every trunk gets the same treatment, so comparisons are fair.
 """
 from __future__ import annotations

@@ -149,8 +149,8 @@ _SMALL = {
     "regnety_tiny": RegNetConfig(
         widths=(8, 16), depths=(1, 1), group_width=8, stem_width=8
     ),
-    # Fashion-MNIST on a 2-core CPU (28 px global / 16 px local crops). environment-facts.md:
-    # a stride-1 stem at 28 px ran 7-10x slower than a stride-2 stem with stages 32/64/192.
+    # Fashion-MNIST on a 2-core CPU (28 px global / 16 px local crops). Measured on the
+    # 2-core dev machine: a stride-1 stem at 28 px ran 7-10x slower than a stride-2 stem with stages 32/64/192.
     "cpu_tiny": RegNetConfig(
         widths=(32, 64, 192), depths=(1, 2, 2), group_width=16, stem_width=24,
         stage_strides=(1, 2, 2),

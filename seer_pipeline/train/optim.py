@@ -5,7 +5,7 @@ it: per parameter, trust = eta * ||w|| / (||g|| + wd * ||w|| + eps), g <- (g + w
 then buf <- m * buf + g, w <- w - lr * buf.
 
 Under FSDP2 each rank holds a dim-0 shard (a DTensor), and `to_local().norm()` is the norm of the
-shard only (environment-facts: 3.04 vs 4.24). We sum the squares of the local shards in float64
+shard only (measured on 2 gloo ranks: 3.04 vs 4.24 for the whole tensor). We sum the squares of the local shards in float64
 for every parameter, all-reduce them in ONE collective over the mesh dimensions each parameter
 is sharded on, and take the square root: the trust ratio then equals the single-process one.
 
