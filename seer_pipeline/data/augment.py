@@ -7,13 +7,14 @@ comes from at least as many source pixels as the reference's:
 - crop boxes are drawn from the header size before decoding, so a JPEG can be decoded at a reduced
   DCT scale (simplejpeg's libjpeg-turbo, else `Image.draft`) exactly as far as every crop's source
   region stays >= its output size; simplejpeg also decodes full-size JPEGs faster than PIL; at
-  1/8 a progressive JPEG is decoded from its DC scans only, with the same pixels (jpeg_scans.py);
+  1/8 a progressive JPEG is decoded from its DC scans only, with the same pixels
+  (codecs/jpeg_scans.py);
 - crop + resize is one `resize(box=...)` with a reducing gap (box pre-reduction over all source
   pixels, then bilinear), instead of copying the crop and resizing at full resolution;
 - colour jitter and grayscale run as numba-compiled loops over the uint8 crop with PIL's own
   arithmetic (colour.py), as does uint8 HWC -> normalised float CHW (one pass into one buffer
   per crop size), and so does PIL's Gaussian blur (blur.py); WebP decodes straight to RGB through
-  libwebp (seer_pipeline/webp_decode.py).
+  libwebp (seer_pipeline/codecs/webp.py).
 Randomness comes only from the `numpy.random.Generator` passed in (per sample), never global RNG.
 """
 from __future__ import annotations
