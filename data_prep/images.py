@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -45,6 +47,7 @@ class ProcessOptions:
     check: str = "full"  # full | header (pass-through JPEGs only)
     min_side: int = 16
     max_pixels: int = 100_000_000
+    max_bytes: Optional[int] = 256 << 20
 
 
 @dataclass
@@ -67,17 +70,38 @@ class Result:
     length: int = 0
 
 
-def read_source(path: str) -> tuple[Optional[bytes], Optional[str]]:
-    """Read a file; a vanished or unreadable file is a reason, not an exception."""
+def read_source(path: str, max_bytes: Optional[int] = None) -> tuple[Optional[bytes], Optional[str]]:
+    """Read a regular file of at most `max_bytes`; anything else is a reason, not an exception.
+
+    FIFOs, devices and sockets (also behind a symlink) are never read: a FIFO would block the
+    build and /dev/zero never ends. The type and size come from stat before any byte is read;
+    O_NONBLOCK keeps even a FIFO swapped in after the stat from blocking the open.
+    """
     try:
-        with open(path, "rb") as f:
-            return f.read(), None
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            return None, "not_an_image"
+        if not stat.S_ISREG(st.st_mode):
+            return None, "not_a_file"
+        if max_bytes is not None and st.st_size > max_bytes:
+            return None, "too_large"
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         return None, "vanished"
-    except IsADirectoryError:
-        return None, "not_an_image"
     except OSError:
         return None, "unreadable"
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # replaced between stat and open
+            return None, "not_a_file"
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    except OSError:
+        return None, "unreadable"
+    finally:
+        os.close(fd)
+    if max_bytes is not None and len(data) > max_bytes:  # grew after the stat
+        return None, "too_large"
+    return data, None
 
 
 def _target_size(w: int, h: int, short: Optional[int]) -> tuple[int, int]:

@@ -419,7 +419,7 @@ def test_full_check_gives_the_verdict_of_a_full_decode(photo_dir: Path, tmp_path
 
 
 def test_hand_built_tar_headers_match_tarfile(tmp_path: Path) -> None:
-    from seer_pipeline.shards.writer import write_shard
+    from seer_pipeline.shards.format import write_shard
 
     rng = np.random.default_rng(1)
     samples = [(f"{i:024x}", rng.bytes(int(rng.integers(0, 3000))), b'{"i":%d}' % i) for i in range(40)]
