@@ -112,17 +112,37 @@ def _target_size(w: int, h: int, short: Optional[int]) -> tuple[int, int]:
     return max(1, round(w * short / h)), short
 
 
+_STRIP_PIXELS = 1 << 20  # converted at a time: the copies of a conversion stay this small
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB; transparency is composited on white."""
-    mode = img.mode
-    if mode == "RGB":
+    """Any PIL mode -> 8-bit RGB, transparency composited on white, converted in row strips.
+
+    Whole-image conversion costs several full-size copies (a 16-bit PNG went through float64
+    arrays at ~28 bytes a pixel); strip by strip, the peak is the decoded image plus the RGB
+    result. Every step is per pixel, so the strips give the same pixels as one conversion.
+    """
+    if img.mode == "RGB":
         return img
+    w, h = img.size
+    top = 1.0
+    if img.mode == "F":
+        top = max(float(img.getextrema()[1]), 1.0)
+    out = Image.new("RGB", (w, h))
+    rows = max(1, _STRIP_PIXELS // max(w, 1))
+    for y in range(0, h, rows):
+        out.paste(_strip_to_rgb(img.crop((0, y, w, min(h, y + rows))), top), (0, y))
+    return out
+
+
+def _strip_to_rgb(img: Image.Image, top: float) -> Image.Image:
+    mode = img.mode
     if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         # 16-bit greyscale: PIL's convert("L") clips at 255 instead of scaling; scale by hand.
         import numpy as np
 
         arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if mode != "F" else max(float(arr.max()), 1.0)
+        top = 65535.0 if mode != "F" else top
         arr = np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8)
         return Image.fromarray(arr).convert("RGB")
     if mode == "P" and "transparency" in img.info:
@@ -240,6 +260,7 @@ def _decode_and_encode(res: Result, data: bytes, opts: ProcessOptions) -> Result
             img.seek(0)
         img.load()
         rgb = _to_rgb(img)
+        del img  # the decoded image goes before the resize and encode: one less full-size copy
     if rgb.size != (sw, sh):
         # reducing_gap: a box reduction first, then bicubic; Pillow documents the result as
         # indistinguishable from plain bicubic at gap >= 2, and it is much faster on big shrinks.
