@@ -17,8 +17,6 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from seer_pipeline.codecs.jpeg_scans import eighth_scale_scans
 from seer_pipeline.codecs.webp import decode_webp
 
-from seer_pipeline.codecs.jpeg_grey import grey_to_ycbcr
-
 # Our own --max-pixels check replaces PIL's bomb guard, which would raise at open time with a
 # different threshold (and warn below it).
 Image.MAX_IMAGE_PIXELS = None
@@ -219,10 +217,11 @@ def _decode_and_encode(res: Result, data: bytes, opts: ProcessOptions) -> Result
         return res
     tw, th = _target_size(ow, oh, opts.resize_short_side)
     resize = (tw, th) != (ow, oh)
-    # A grey JPEG becomes a colour one without a decode or an encode (lossless: jpeg_grey.py).
+    # Grey JPEGs pass through as they are, like colour ones: every reader converts to RGB when
+    # it decodes, and a one-component JPEG decodes faster than any colour form of it.
     stored = None
     if img.format == "JPEG" and opts.reencode != "always" and orient == 1 and not resize:
-        stored = data if img.mode == "RGB" else grey_to_ycbcr(data) if img.mode == "L" else None
+        stored = data if img.mode in ("RGB", "L") else None
     if stored is not None:
         if opts.check == "full":
             # The decoder is the judge of a damaged stream. Damage shows in the entropy-coded
@@ -235,7 +234,7 @@ def _decode_and_encode(res: Result, data: bytes, opts: ProcessOptions) -> Result
         elif not _jpeg_has_eoi(data):
             res.reason = "truncated"
             return res
-        res.data, res.passthrough = stored, stored is data
+        res.data, res.passthrough = stored, True
         res.width, res.height = w, h
         return res
     # Work in the stored orientation and transpose at the end: resizing first is cheaper.
