@@ -13,37 +13,31 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import dataclasses
-import fcntl
 import json
 import logging
 import multiprocessing as mp
 import os
-import signal
 import time
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from PIL import Image  # already loaded by data_prep.images
-
-from seer_pipeline.core.io_utils import atomic_write_json, atomic_write_text
 
 from data_prep import workers
 from data_prep.images import Result
 from data_prep.index import Index
+from data_prep.lock import STATE, lock_out
 from data_prep.options import ShardOptions, in_part, load_exclude
 from data_prep.sources import Item, iter_inputs
-from seer_pipeline.shards.writer import file_sha256, sample_json, shard_keys
+from seer_pipeline.shards import format as fmt
 
 log = logging.getLogger(__name__)
-STATE = ".seer-shards"
 _CHUNK_ITEMS, _CHUNK_BYTES = 32, 2 << 20  # amortise IPC for tiny images, bound it for big ones
-# Test hook: "scan:N" / "write:N" SIGKILLs this process at the worst moment of that stage
-# (after N results are recorded but not committed / after shard N is renamed but not recorded).
-_KILL_AT = os.environ.get("SEER_SHARDS_TEST_KILL_AT", "")
-
-
-def _maybe_die(stage: str, n: int) -> None:
-    if _KILL_AT == f"{stage}:{n}":
-        os.kill(os.getpid(), signal.SIGKILL)
+_INFLIGHT_BYTES = 256 << 20  # input bytes queued for the workers at once (one max-size input)
+# Fault injection for the crash tests only: None in every real run (no switch or environment
+# variable sets it). Tests assign a callable in the build process, which calls it as
+# ("scan", N) after N results are recorded but not committed and as ("write", i) after shard i
+# is renamed into place but not recorded: the worst moments of each stage.
+fault: Optional[Callable[[str, int], None]] = None
 
 
 def _config(inputs: Sequence[str], o: ShardOptions) -> dict:
@@ -67,9 +61,8 @@ def build_shards(inputs: Sequence[str], out: str | os.PathLike, progress: bool =
     missing = [p for p in inputs if not os.path.exists(p)]
     if missing:  # a typo in the command line is not a skipped image: stop before any work
         raise FileNotFoundError(f"input(s) do not exist: {', '.join(missing)}")
-    os.makedirs(os.path.join(out, STATE), exist_ok=True)
     cfg = _config(inputs, opts)
-    lock = _lock(out)
+    lock = lock_out(out)
     idx = Index(os.path.join(out, STATE, "index.sqlite"))
     pool: Optional[cf.Executor] = None
     try:
@@ -111,17 +104,6 @@ def build_shards(inputs: Sequence[str], out: str | os.PathLike, progress: bool =
     return manifest
 
 
-def _lock(out: str) -> int:
-    """One build per directory at a time; the kernel drops the lock when a build dies."""
-    fd = os.open(os.path.join(out, STATE, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ValueError(f"another seer-shards build is running in {out}") from None
-    return fd
-
-
 class _NoBar:
     def update(self, n: int = 1) -> None:
         pass
@@ -144,7 +126,6 @@ def _pool(opts: ShardOptions, out: str, session: int, exclude: frozenset[str]) -
     if opts.workers <= 1:
         workers.init_worker(*args)
         return None
-
     Image.preinit()  # import the common codecs once, before forking, not once per worker
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
     return cf.ProcessPoolExecutor(opts.workers, mp_context=ctx, initializer=workers.init_worker,
@@ -156,20 +137,22 @@ def _scan(inputs: Sequence[str], out: str, opts: ShardOptions, idx: Index, progr
     last = int(idx.get("last_ordinal", "-1") or -1)
     want = lambda o, s: o > last and in_part(s, opts.part)  # noqa: E731
     bar = _bar(progress, unit="img", desc="scan", smoothing=0.1)
-    pending: collections.deque = collections.deque()
-    state = {"n": 0, "since": 0, "t": time.time()}
+    pending: collections.deque = collections.deque()  # (future or results, input bytes)
+    state = {"n": 0, "since": 0, "t": time.time(), "bytes": 0}
     spools: dict[str, int] = {}  # spool file -> read-only fd used to fsync it
 
     def drain(keep: int) -> None:
-        while len(pending) > keep:
-            head = pending.popleft()
+        while len(pending) > keep or (pending and state["bytes"] > _INFLIGHT_BYTES):
+            head, nb = pending.popleft()
+            state["bytes"] -= nb
             results = head.result() if isinstance(head, cf.Future) else head
             for r in results:
                 _record(r, idx, opts)
                 if r.spool and r.spool not in spools:
                     spools[r.spool] = os.open(os.path.join(out, STATE, r.spool), os.O_RDONLY)
                 state["n"] += 1
-                _maybe_die("scan", state["n"])
+                if fault is not None:
+                    fault("scan", state["n"])
             bar.update(len(results))
             state["since"] += len(results)
             if results and (state["since"] >= 512 or time.time() - state["t"] > 2.0):
@@ -178,19 +161,23 @@ def _scan(inputs: Sequence[str], out: str, opts: ShardOptions, idx: Index, progr
 
     def submit(chunk: list[Item]) -> None:
         if chunk:
-            pending.append(pool.submit(workers.scan_chunk, chunk) if pool else workers.scan_chunk(chunk))
+            nb = sum(len(it.data) for it in chunk if it.data is not None)  # bytes held until done
+            state["bytes"] += nb
+            pending.append((pool.submit(workers.scan_chunk, chunk) if pool else workers.scan_chunk(chunk), nb))
             drain(4 * opts.workers)  # bounded in-flight work: memory stays flat
 
     chunk: list[Item] = []
     nbytes = 0
     try:
-        for it in iter_inputs(inputs, want):
+        # The output folder is left out of the walk: an --out inside an input would otherwise
+        # read the build's own spool and index as inputs.
+        for it in iter_inputs(inputs, want, opts.max_bytes, prune=[out]):
             if not want(it.ordinal, it.source):
                 continue
             if it.reason is not None:  # decided during enumeration; keeps its place in order
                 submit(chunk)
                 chunk, nbytes = [], 0
-                pending.append([Result(it.ordinal, it.source, reason=it.reason)])
+                pending.append(([Result(it.ordinal, it.source, reason=it.reason)], 0))
                 continue
             chunk.append(it)
             nbytes += len(it.data) if it.data is not None else _file_size(it.path)
@@ -232,10 +219,6 @@ def _commit(idx: Index, spool_fds: Iterable[int], last_ordinal: Optional[int]) -
     idx.commit()
 
 
-def shard_name(prefix: str, i: int) -> str:
-    return f"{prefix}-{i:06d}.tar"
-
-
 def _write(out: str, opts: ShardOptions, idx: Index, progress: bool,
            pool: Optional[cf.Executor]) -> list[dict]:
     for fn in os.listdir(out):  # temp files of a killed run
@@ -250,14 +233,15 @@ def _write(out: str, opts: ShardOptions, idx: Index, progress: bool,
         count, nbytes, sha = res
         if (count, nbytes) != (p["count"], p["bytes"]):
             raise RuntimeError(f"{name}: wrote {count} samples / {nbytes} bytes, planned {p['count']} / {p['bytes']}")
-        _maybe_die("write", p["idx"])
+        if fault is not None:
+            fault("write", p["idx"])
         idx.record_shard(p["idx"], name, count, nbytes, sha)
         shards[p["idx"]] = dict(name=name, count=count, bytes=nbytes, sha256=sha)
         bar.update(1)
 
     try:
         for p in plan:
-            name = shard_name(opts.prefix, p["idx"])
+            name = fmt.shard_name(opts.prefix, p["idx"])
             path = os.path.join(out, name)
             done = idx.done_shard(p["idx"])
             if done is not None and os.path.exists(path) and os.path.getsize(path) == done["bytes"]:
@@ -265,14 +249,14 @@ def _write(out: str, opts: ShardOptions, idx: Index, progress: bool,
                 bar.update(1)
                 continue
             rows = list(idx.ok_rows((p["first_pos"], p["first_ordinal"]), p["count"]))
-            if done is None and os.path.exists(path) and shard_keys(path) == [r["key"] for r in rows]:
+            if done is None and os.path.exists(path) and fmt.shard_keys(path) == [r["key"] for r in rows]:
                 # Renamed into place before the kill but not yet recorded: complete by construction.
-                rec = dict(name=name, count=len(rows), bytes=os.path.getsize(path), sha256=file_sha256(path))
+                rec = dict(name=name, count=len(rows), bytes=os.path.getsize(path), sha256=fmt.file_sha256(path))
                 idx.record_shard(p["idx"], name, rec["count"], rec["bytes"], rec["sha256"])
                 shards[p["idx"]] = rec
                 bar.update(1)
                 continue
-            job = [(r["key"], r["spool"], r["off"], r["len"], sample_json(r)) for r in rows]
+            job = [(r["key"], r["spool"], r["off"], r["len"], fmt.sample_json(r)) for r in rows]
             if pool is None:
                 finish(p, name, workers.write_shard_job(path, job))
                 continue
@@ -290,23 +274,12 @@ def _write(out: str, opts: ShardOptions, idx: Index, progress: bool,
     return [shards[i] for i in sorted(shards)]
 
 
-def _umask_perms(*paths: str) -> None:
-    # mkstemp creates 0600 files; shards' metadata must be as readable as the shards.
-    mask = os.umask(0)
-    os.umask(mask)
-    for p in paths:
-        os.chmod(p, 0o666 & ~mask)
-
-
 def _finish(out: str, cfg: dict, idx: Index, shards: list[dict]) -> dict:
     counts = idx.counts()
     seen = sum(counts.values())
     written = counts.get("ok", 0)
-    lines = ["source\treason"]
-    for row in idx.skipped():
-        src = row["source"].replace("\t", " ").replace("\n", " ")
-        lines.append(f"{src}\t{row['reason']}")
-    atomic_write_text(os.path.join(out, "skipped.tsv"), "\n".join(lines) + "\n")
+    fmt.write_skipped(os.path.join(out, fmt.SKIPPED),
+                      ((fmt.unescape_name(r["source"]), r["reason"]) for r in idx.skipped()))
     manifest = {
         "format": "seer-shards/1",
         "inputs_seen": seen,
@@ -320,8 +293,7 @@ def _finish(out: str, cfg: dict, idx: Index, shards: list[dict]) -> dict:
         "config": cfg,
     }
     assert sum(s["count"] for s in shards) == written
-    atomic_write_json(os.path.join(out, "manifest.json"), manifest)
-    _umask_perms(os.path.join(out, "manifest.json"), os.path.join(out, "skipped.tsv"))
+    manifest = fmt.write_manifest(out, manifest)
     for fn in os.listdir(os.path.join(out, STATE)):  # the spool is only needed until here
         if fn.startswith("spool-"):
             os.unlink(os.path.join(out, STATE, fn))

@@ -6,8 +6,11 @@ Plain argparse on purpose: the command is timed end to end, and must not import 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import signal
+import sqlite3
 import sys
 from typing import Optional, Sequence
 
@@ -54,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="for pass-through JPEGs: full decode, or header + SOI/EOI markers only")
     b.add_argument("--min-side", type=int, default=16, help="skip images whose short side is smaller")
     b.add_argument("--max-pixels", type=int, default=100_000_000, help="refuse larger images before decoding")
+    b.add_argument("--max-bytes", type=_size, default=256 << 20,
+                   help="skip inputs larger than this (from stat / the tar header, before reading); default 256M")
     b.add_argument("--no-dedup", action="store_true", help="keep exact duplicates")
     b.add_argument("--exclude", action="append", default=[], metavar="FILE_OR_DIR",
                    help="sha256 list or folder of images (e.g. an eval set) to keep out; repeatable")
@@ -72,11 +77,19 @@ def _parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="combine the shard sets of --part runs into one")
     m.add_argument("parts", nargs="+", help="the part output directories")
     m.add_argument("--out", required=True)
+    m.add_argument("--force", action="store_true", help="replace a shard set already in --out")
     return ap
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    # A file-size limit (ulimit -f) must fail the write (EFBIG) rather than kill the process
+    # with SIGXFSZ: then it is reported like a full disk. Workers inherit the setting.
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
@@ -100,13 +113,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.cmd == "merge":
             from data_prep.merge import merge
 
-            man = merge(args.parts, args.out)
+            man = merge(args.parts, args.out, force=args.force)
             print(f"merged {len(args.parts)} parts: {man['written']} samples in {len(man['shards'])} shards")
             return 0
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:
         print(f"seer-shards {args.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except (OSError, sqlite3.OperationalError) as e:
+        if not _disk_full(e):
+            raise
+        print(f"seer-shards {args.cmd}: error: out of disk space or over the file size limit ({e}); "
+              "nothing done so far is lost: free space and rerun the same command to resume", file=sys.stderr)
+        return 1
     return 2
+
+
+def _disk_full(e: BaseException) -> bool:
+    """ENOSPC/EFBIG/EDQUOT, also when SQLite or a worker process reports it in its own words."""
+    for x in (e, e.__cause__, e.__context__):
+        if isinstance(x, OSError) and x.errno in _DISK_FULL:
+            return True
+    return isinstance(e, sqlite3.OperationalError) and ("full" in str(e) or "too large" in str(e))
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -116,7 +143,8 @@ def _build(args: argparse.Namespace) -> int:
     opts = ShardOptions(
         maxcount=args.maxcount, maxsize=args.maxsize, seed=args.seed, workers=max(1, args.workers),
         resize_short_side=args.resize_short_side, quality=args.quality, reencode=args.reencode,
-        check=args.check, min_side=args.min_side, max_pixels=args.max_pixels, dedup=not args.no_dedup,
+        check=args.check, min_side=args.min_side, max_pixels=args.max_pixels, max_bytes=args.max_bytes,
+        dedup=not args.no_dedup,
         exclude=list(args.exclude), part=args.part, prefix=args.prefix)
     m = build_shards(args.inputs, args.out, progress=not args.no_progress, opts=opts)
     reasons = ", ".join(f"{k} {v}" for k, v in m["reasons"].items()) or "none"

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -14,8 +16,6 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from seer_pipeline.codecs.jpeg_scans import eighth_scale_scans
 from seer_pipeline.codecs.webp import decode_webp
-
-from seer_pipeline.codecs.jpeg_grey import grey_to_ycbcr
 
 # Our own --max-pixels check replaces PIL's bomb guard, which would raise at open time with a
 # different threshold (and warn below it).
@@ -45,6 +45,7 @@ class ProcessOptions:
     check: str = "full"  # full | header (pass-through JPEGs only)
     min_side: int = 16
     max_pixels: int = 100_000_000
+    max_bytes: Optional[int] = 256 << 20
 
 
 @dataclass
@@ -67,17 +68,38 @@ class Result:
     length: int = 0
 
 
-def read_source(path: str) -> tuple[Optional[bytes], Optional[str]]:
-    """Read a file; a vanished or unreadable file is a reason, not an exception."""
+def read_source(path: str, max_bytes: Optional[int] = None) -> tuple[Optional[bytes], Optional[str]]:
+    """Read a regular file of at most `max_bytes`; anything else is a reason, not an exception.
+
+    FIFOs, devices and sockets (also behind a symlink) are never read: a FIFO would block the
+    build and /dev/zero never ends. The type and size come from stat before any byte is read;
+    O_NONBLOCK keeps even a FIFO swapped in after the stat from blocking the open.
+    """
     try:
-        with open(path, "rb") as f:
-            return f.read(), None
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            return None, "not_an_image"
+        if not stat.S_ISREG(st.st_mode):
+            return None, "not_a_file"
+        if max_bytes is not None and st.st_size > max_bytes:
+            return None, "too_large"
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         return None, "vanished"
-    except IsADirectoryError:
-        return None, "not_an_image"
     except OSError:
         return None, "unreadable"
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # replaced between stat and open
+            return None, "not_a_file"
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    except OSError:
+        return None, "unreadable"
+    finally:
+        os.close(fd)
+    if max_bytes is not None and len(data) > max_bytes:  # grew after the stat
+        return None, "too_large"
+    return data, None
 
 
 def _target_size(w: int, h: int, short: Optional[int]) -> tuple[int, int]:
@@ -88,17 +110,37 @@ def _target_size(w: int, h: int, short: Optional[int]) -> tuple[int, int]:
     return max(1, round(w * short / h)), short
 
 
+_STRIP_PIXELS = 1 << 20  # converted at a time: the copies of a conversion stay this small
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB; transparency is composited on white."""
-    mode = img.mode
-    if mode == "RGB":
+    """Any PIL mode -> 8-bit RGB, transparency composited on white, converted in row strips.
+
+    Whole-image conversion costs several full-size copies (a 16-bit PNG went through float64
+    arrays at ~28 bytes a pixel); strip by strip, the peak is the decoded image plus the RGB
+    result. Every step is per pixel, so the strips give the same pixels as one conversion.
+    """
+    if img.mode == "RGB":
         return img
+    w, h = img.size
+    top = 1.0
+    if img.mode == "F":
+        top = max(float(img.getextrema()[1]), 1.0)
+    out = Image.new("RGB", (w, h))
+    rows = max(1, _STRIP_PIXELS // max(w, 1))
+    for y in range(0, h, rows):
+        out.paste(_strip_to_rgb(img.crop((0, y, w, min(h, y + rows))), top), (0, y))
+    return out
+
+
+def _strip_to_rgb(img: Image.Image, top: float) -> Image.Image:
+    mode = img.mode
     if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         # 16-bit greyscale: PIL's convert("L") clips at 255 instead of scaling; scale by hand.
         import numpy as np
 
         arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if mode != "F" else max(float(arr.max()), 1.0)
+        top = 65535.0 if mode != "F" else top
         arr = np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8)
         return Image.fromarray(arr).convert("RGB")
     if mode == "P" and "transparency" in img.info:
@@ -175,10 +217,11 @@ def _decode_and_encode(res: Result, data: bytes, opts: ProcessOptions) -> Result
         return res
     tw, th = _target_size(ow, oh, opts.resize_short_side)
     resize = (tw, th) != (ow, oh)
-    # A grey JPEG becomes a colour one without a decode or an encode (lossless: jpeg_grey.py).
+    # Grey JPEGs pass through as they are, like colour ones: every reader converts to RGB when
+    # it decodes, and a one-component JPEG decodes faster than any colour form of it.
     stored = None
     if img.format == "JPEG" and opts.reencode != "always" and orient == 1 and not resize:
-        stored = data if img.mode == "RGB" else grey_to_ycbcr(data) if img.mode == "L" else None
+        stored = data if img.mode in ("RGB", "L") else None
     if stored is not None:
         if opts.check == "full":
             # The decoder is the judge of a damaged stream. Damage shows in the entropy-coded
@@ -191,7 +234,7 @@ def _decode_and_encode(res: Result, data: bytes, opts: ProcessOptions) -> Result
         elif not _jpeg_has_eoi(data):
             res.reason = "truncated"
             return res
-        res.data, res.passthrough = stored, stored is data
+        res.data, res.passthrough = stored, True
         res.width, res.height = w, h
         return res
     # Work in the stored orientation and transpose at the end: resizing first is cheaper.
@@ -216,6 +259,7 @@ def _decode_and_encode(res: Result, data: bytes, opts: ProcessOptions) -> Result
             img.seek(0)
         img.load()
         rgb = _to_rgb(img)
+        del img  # the decoded image goes before the resize and encode: one less full-size copy
     if rgb.size != (sw, sh):
         # reducing_gap: a box reduction first, then bicubic; Pillow documents the result as
         # indistinguishable from plain bicubic at gap >= 2, and it is much faster on big shrinks.

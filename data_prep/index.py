@@ -1,5 +1,7 @@
 """The on-disk bookkeeping of a build: one SQLite row per input, the shard plan, finished shards.
 
+Sources are stored escaped (`format.escape_name`): SQLite text must be UTF-8, names need not be.
+
 Per-input state lives here, not in memory, so a dump of any size fits, and a rerun after a
 crash picks up from the last commit.
 """
@@ -10,7 +12,7 @@ import json
 import sqlite3
 from typing import Any, Iterator, Optional
 
-from seer_pipeline.shards.writer import member_bytes, sample_json, tar_bytes
+from seer_pipeline.shards.format import escape_name, member_bytes, sample_json, tar_bytes
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT);
@@ -69,13 +71,13 @@ class Index:
     def add_skip(self, ordinal: int, source: str, reason: str, sha: str = "", size: int = 0) -> None:
         self.db.execute(
             "INSERT OR REPLACE INTO items (ordinal, source, sha256, size, reason) VALUES (?,?,?,?,?)",
-            (ordinal, source, sha or None, size, reason))
+            (ordinal, escape_name(source), sha or None, size, reason))
 
     def add_ok(self, r: Any, seed: int) -> None:
         key = sample_key(r.ordinal, r.source)
         self.db.execute(
             "INSERT OR REPLACE INTO items VALUES (?,?,?,?,?,?,NULL,?,?,?,?,?,?,?)",
-            (r.ordinal, r.source, key, shuffle_pos(seed, key), r.sha256, r.size, r.spool, r.off,
+            (r.ordinal, escape_name(r.source), key, shuffle_pos(seed, key), r.sha256, r.size, r.spool, r.off,
              r.length, r.width, r.height, r.orig_width, r.orig_height))
 
     def ok_rows(self, first: Optional[tuple[int, int]] = None, limit: int = -1) -> Iterator[sqlite3.Row]:

@@ -2,7 +2,9 @@
 
 Shards are moved (renamed, same filesystem; copied otherwise) into DIR and renumbered
 contiguously: part 0's shards first, then part 1's, ... The move plan is written before any
-move, so a merge killed half-way is finished by running it again.
+move, so a merge killed half-way is finished by running it again. The merge holds the same
+lock as a build of DIR, refuses a DIR that already holds files unless `force`, and moves only
+files that lie in their part's folder with the size and sha256 its manifest records.
 """
 from __future__ import annotations
 
@@ -13,15 +15,16 @@ import shutil
 from collections import Counter
 from typing import Sequence
 
-from seer_pipeline.core.io_utils import atomic_write_json, atomic_write_text, fsync_dir
+from seer_pipeline.core.io_utils import atomic_write_json, fsync_dir
+from seer_pipeline.shards import format as fmt
 
-from data_prep.verify import load_manifest
+from data_prep.lock import STATE, lock_out
 
-_PLAN = os.path.join(".seer-shards", "merge-plan.json")
+_PLAN = os.path.join(STATE, "merge-plan.json")
 
 
 def _check_parts(parts: Sequence[str]) -> tuple[list[tuple[str, dict]], dict]:
-    mans = [(p, load_manifest(p)) for p in parts]
+    mans = [(p, fmt.load_manifest(p)) for p in parts]
     n = {tuple(m["part"])[1] for _, m in mans}
     if len(n) != 1:
         raise ValueError(f"parts disagree on N: {sorted(n)}")
@@ -44,7 +47,47 @@ def _check_parts(parts: Sequence[str]) -> tuple[list[tuple[str, dict]], dict]:
         if strip(m["config"]) != base:
             diff = sorted(k for k in base if base.get(k) != strip(m["config"]).get(k))
             raise ValueError(f"{p} was built with other options: {diff}")
+    for p, m in mans:
+        for e in m["shards"]:
+            _check_shard(p, e)
     return sorted(mans, key=lambda pm: pm[1]["part"][0]), base
+
+
+def _check_shard(part: str, e: dict) -> None:
+    """A part's shard must be a regular file in the part's own folder, as its manifest records it."""
+    path = os.path.join(part, e["name"])  # the manifest check already refused names with a path
+    real = os.path.realpath(path)
+    if os.path.dirname(real) != os.path.realpath(part) or os.path.islink(path):
+        raise ValueError(f"{path}: not a file in the part folder {part} (a link?)")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: listed in {part}'s manifest but missing or not a file")
+    size = os.path.getsize(path)
+    if "bytes" not in e or "sha256" not in e or size != e["bytes"]:
+        raise ValueError(f"{path}: {size} bytes, manifest says {e.get('bytes')}")
+    if fmt.file_sha256(path) != e["sha256"]:
+        raise ValueError(f"{path}: sha256 differs from {part}'s manifest")
+
+
+def _clear_out(out: str, parts: Sequence[str], force: bool) -> None:
+    """Refuse an output that holds anything but our state folder and the parts being merged
+    (slurm/shards-array.sbatch builds them in OUT/parts); with `force`, drop a previous set."""
+    holders = {os.path.relpath(os.path.abspath(p), os.path.abspath(out)).split(os.sep)[0] for p in parts}
+    there = sorted(fn for fn in os.listdir(out) if fn != STATE and fn not in holders)
+    if not there:
+        return
+    if not force:
+        raise ValueError(f"{out} is not empty ({', '.join(there[:3])}{', ...' if len(there) > 3 else ''}); "
+                         "merge into a new folder, or pass --force to replace its shard set")
+    old = []
+    try:
+        old = [e["name"] for e in fmt.load_manifest(out)["shards"]]
+    except (OSError, ValueError):
+        pass
+    for fn in set(old) | {fmt.MANIFEST, fmt.SKIPPED}:  # only what a shard set consists of
+        try:
+            os.unlink(os.path.join(out, fn))
+        except FileNotFoundError:
+            pass
 
 
 def _move(src: str, dst: str) -> None:
@@ -61,12 +104,19 @@ def _move(src: str, dst: str) -> None:
         os.unlink(src)
 
 
-def merge(parts: Sequence[str], out: str) -> dict:
+def merge(parts: Sequence[str], out: str, force: bool = False) -> dict:
     """Move every part's shards into `out` and write the combined manifest and skipped.tsv."""
     out_abs = os.path.abspath(out)
     if any(os.path.abspath(p) == out_abs for p in parts):
         raise ValueError("--out must be a new directory, not one of the parts")
-    os.makedirs(os.path.join(out, ".seer-shards"), exist_ok=True)
+    lock = lock_out(out, "merge")
+    try:
+        return _merge(parts, out, out_abs, force)
+    finally:
+        os.close(lock)
+
+
+def _merge(parts: Sequence[str], out: str, out_abs: str, force: bool) -> dict:
     plan_path = os.path.join(out, _PLAN)
     if os.path.exists(plan_path):  # a rerun: the parts' shards may already be moved
 
@@ -76,20 +126,20 @@ def merge(parts: Sequence[str], out: str) -> dict:
             raise ValueError(f"{out} holds a merge of other parts: {plan['parts']}")
     else:
         mans, base = _check_parts(parts)
+        _clear_out(out, parts, force)
         prefix = base.get("prefix", "shard")
-        moves, shards, skipped = [], [], ["source\treason"]
+        moves, shards, skipped = [], [], []
         sums: Counter[str] = Counter()
         reasons: Counter[str] = Counter()
         for p, m in mans:
             for s in m["shards"]:
-                name = f"{prefix}-{len(shards):06d}.tar"
+                name = fmt.shard_name(prefix, len(shards))
                 moves.append([os.path.join(os.path.abspath(p), s["name"]), os.path.join(out_abs, name)])
                 shards.append(dict(s, name=name))
             for k in ("inputs_seen", "written", "skipped", "duplicates", "excluded"):
                 sums[k] += m.get(k, 0)
             reasons.update(m.get("reasons", {}))
-            with open(os.path.join(p, "skipped.tsv"), "r", encoding="utf-8") as f:
-                skipped.extend(line.rstrip("\n") for line in list(f)[1:] if line.strip())
+            skipped.extend(fmt.read_skipped(os.path.join(p, fmt.SKIPPED), raw=True))
         manifest = {
             "format": "seer-shards/1",
             **{k: sums[k] for k in ("inputs_seen", "written", "skipped", "duplicates", "excluded")},
@@ -111,6 +161,5 @@ def merge(parts: Sequence[str], out: str) -> dict:
             raise FileNotFoundError(f"{src} is gone and {dst} was never written")
         _move(src, dst)
     fsync_dir(out)
-    atomic_write_text(os.path.join(out, "skipped.tsv"), "\n".join(plan["skipped"]) + "\n")
-    atomic_write_json(os.path.join(out, "manifest.json"), plan["manifest"])
-    return plan["manifest"]
+    fmt.write_skipped(os.path.join(out, fmt.SKIPPED), ((fmt.unescape_name(s), r) for s, r in plan["skipped"]))
+    return fmt.write_manifest(out, plan["manifest"])

@@ -9,6 +9,8 @@ from typing import Iterable, Optional
 from data_prep.images import ProcessOptions, read_source
 from data_prep.sources import walk_dir
 
+MAX_BYTES = 256 << 20  # per input; SEER's Instagram images are a few hundred KB
+
 
 @dataclass
 class ShardOptions:
@@ -24,6 +26,7 @@ class ShardOptions:
     check: str = "full"
     min_side: int = 16
     max_pixels: int = 100_000_000
+    max_bytes: int = MAX_BYTES
     dedup: bool = True
     exclude: list[str] = field(default_factory=list)
     part: tuple[int, int] = (0, 1)
@@ -40,6 +43,8 @@ class ShardOptions:
             raise ValueError("check must be 'full' or 'header'")
         if not 1 <= self.quality <= 100:
             raise ValueError("quality must be in 1..100")
+        if self.max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
         if self.resize_short_side is not None and self.resize_short_side < 1:
             raise ValueError("resize_short_side must be >= 1")
         i, n = self.part = tuple(self.part)  # type: ignore[assignment]
@@ -50,7 +55,7 @@ class ShardOptions:
 
     def process(self) -> ProcessOptions:
         return ProcessOptions(self.resize_short_side, self.quality, self.reencode, self.check,
-                              self.min_side, self.max_pixels)
+                              self.min_side, self.max_pixels, self.max_bytes)
 
 
 def in_part(source: str, part: tuple[int, int]) -> bool:
@@ -75,7 +80,7 @@ def load_exclude(paths: Iterable[str]) -> frozenset[str]:
                         out.add(tok[0].lower())
             continue
         for fp in files:
-            data, _ = read_source(fp)
+            data, _ = read_source(fp, MAX_BYTES)
             if data:
                 out.add(hashlib.sha256(data).hexdigest())
     return frozenset(out)

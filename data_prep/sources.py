@@ -5,13 +5,17 @@ string identify an input across reruns and across `--part` runs.
 """
 from __future__ import annotations
 
+import bz2
+import gzip
 import logging
+import lzma
 import os
+import stat
 import tarfile
 import zlib
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Callable, Iterator, Optional, Sequence
+from typing import BinaryIO, Callable, Iterator, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +38,15 @@ Want = Callable[[int, str], bool]
 
 
 def input_kind(path: str) -> str:
-    """'dir', 'tar', 'list', 'file' or 'missing'."""
-    if os.path.isdir(path):
-        return "dir"
-    if not os.path.exists(path):
+    """'dir', 'tar', 'list', 'file', 'special' (FIFO, device, socket: never opened) or 'missing'."""
+    try:
+        mode = os.stat(path).st_mode  # follows links: a link to /dev/zero is a device
+    except OSError:
         return "missing"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if not stat.S_ISREG(mode):
+        return "special"
     low = path.lower()
     if low.endswith(TAR_SUFFIXES):
         return "tar"
@@ -47,8 +55,13 @@ def input_kind(path: str) -> str:
     return "file"
 
 
-def iter_inputs(inputs: Sequence[str], want: Want) -> Iterator[Item]:
-    """Yield every input item; member bytes of archives are read only when `want` says so."""
+def iter_inputs(inputs: Sequence[str], want: Want, max_bytes: Optional[int] = None,
+                prune: Sequence[str] = ()) -> Iterator[Item]:
+    """Yield every input item; member bytes of archives are read only when `want` says so.
+
+    Archive members over `max_bytes` (per their header) are never read. Folders in `prune`
+    (the build's own output) are left out of directory walks.
+    """
     counter = [0]
 
     def nxt() -> int:
@@ -60,19 +73,31 @@ def iter_inputs(inputs: Sequence[str], want: Want) -> Iterator[Item]:
         if kind == "missing":
             raise FileNotFoundError(f"input does not exist: {inp}")
         if kind == "dir":
-            for path in walk_dir(inp):
+            for path in walk_dir(inp, prune):
                 yield Item(nxt(), path, path=path)
+        elif kind == "special":
+            yield Item(nxt(), inp, reason="not_a_file")
         elif kind == "tar":
-            yield from _iter_tar(inp, nxt, want)
+            yield from _iter_tar(inp, nxt, want, max_bytes)
         elif kind == "list":
             yield from _iter_list(inp, nxt)
         else:
             yield Item(nxt(), inp, path=inp)
 
 
-def walk_dir(root: str) -> Iterator[str]:
-    """Files under `root`, sorted, following directory symlinks but never into a loop."""
+def walk_dir(root: str, prune: Sequence[str] = ()) -> Iterator[str]:
+    """Files under `root`, sorted, following directory symlinks but never into a loop.
+
+    Folders in `prune` (compared by device and inode, so any path to them counts) are skipped.
+    """
     seen: set[tuple[int, int]] = set()
+    skip: set[tuple[int, int]] = set()
+    for p in prune:
+        try:
+            st = os.stat(p)
+            skip.add((st.st_dev, st.st_ino))
+        except OSError:
+            pass
 
     def visit(d: str) -> Iterator[str]:
         try:
@@ -80,6 +105,9 @@ def walk_dir(root: str) -> Iterator[str]:
         except OSError:
             return
         ident = (st.st_dev, st.st_ino)
+        if ident in skip:
+            log.info("not walking %s: it is the build's output folder", d)
+            return
         if ident in seen:
             log.warning("not following %s: directory already visited (symlink loop?)", d)
             return
@@ -119,8 +147,8 @@ def _iter_list(list_path: str, nxt: Callable[[], int]) -> Iterator[Item]:
 
 
 def unsafe_member(m: tarfile.TarInfo) -> bool:
-    """Links, devices, absolute names and `..` components are never inputs."""
-    if not m.isreg():
+    """Links, absolute names and `..` components are never inputs."""
+    if m.issym() or m.islnk():
         return True
     name = m.name.replace("\\", "/")
     return name.startswith("/") or ".." in PurePosixPath(name).parts
@@ -138,20 +166,49 @@ class _Info(tarfile.TarInfo):
             raise
 
 
-def _iter_tar(tar_path: str, nxt: Callable[[], int], want: Want) -> Iterator[Item]:
+_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError)
+
+
+def _decompressed(f: BinaryIO) -> BinaryIO:
+    """The archive's bytes, decompressed by a reader that never inflates more than it is asked for.
+
+    tarfile's own stream decompression inflates whole input blocks and copies its buffer on
+    every small read: skipping a 512 MB member of a 510 KB gzip bomb took minutes and a read held
+    it all. These readers decompress at most what each read asks for, so a member skipped by
+    its header costs time proportional to its size and no memory.
+    """
+    head = f.read(6)
+    f.seek(0)
+    if head[:2] == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=f, mode="rb")  # type: ignore[return-value]
+    if head[:3] == b"BZh":
+        return bz2.BZ2File(f, "rb")  # type: ignore[return-value]
+    if head == b"\xfd7zXZ\x00":
+        return lzma.LZMAFile(f, "rb")  # type: ignore[return-value]
+    return f
+
+
+def _iter_tar(tar_path: str, nxt: Callable[[], int], want: Want, max_bytes: Optional[int]) -> Iterator[Item]:
     # Stream mode reads member by member without seeking back; nothing is extracted to disk.
     try:
-        tf = tarfile.open(tar_path, mode="r|*", tarinfo=_Info)
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raw = open(tar_path, "rb")
+    except OSError as e:
         log.warning("cannot open archive %s: %s", tar_path, e)
+        yield Item(nxt(), tar_path, reason="unreadable")
+        return
+    try:
+        tf = tarfile.open(fileobj=_decompressed(raw), mode="r|", tarinfo=_Info)
+    except _ERRORS as e:
+        log.warning("cannot open archive %s: %s", tar_path, e)
+        raw.close()
         yield Item(nxt(), tar_path, reason="corrupt")
         return
     seen, cut = 0, False
-    with tf:
+    with raw, tf:
         while True:
             try:
                 m = tf.next()
-            except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+            except _ERRORS as e:
                 log.warning("archive %s is damaged after %d members: %s", tar_path, seen, e)
                 if not cut:  # a member already reported truncated is the same damage
                     yield Item(nxt(), f"{tar_path}::<damaged>", reason="corrupt")
@@ -171,13 +228,21 @@ def _iter_tar(tar_path: str, nxt: Callable[[], int], want: Want) -> Iterator[Ite
             if unsafe_member(m):
                 yield Item(ordinal, source, reason="unsafe_member")
                 continue
+            if not m.isreg():  # FIFO, device, ...: nothing to read
+                yield Item(ordinal, source, reason="not_a_file")
+                continue
+            if max_bytes is not None and m.size > max_bytes:
+                # Decided from the header: the stream skips the payload in small reads, so a
+                # compressed bomb is decompressed through, never held.
+                yield Item(ordinal, source, reason="too_large")
+                continue
             if not want(ordinal, source):
                 yield Item(ordinal, source)
                 continue
             try:
                 f = tf.extractfile(m)
                 data = f.read() if f is not None else None
-            except (tarfile.TarError, OSError, EOFError, zlib.error):
+            except _ERRORS:
                 data = None
             if data is None or len(data) != m.size:
                 cut = True

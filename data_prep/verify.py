@@ -4,43 +4,24 @@ from __future__ import annotations
 import io
 import json
 import os
-import tarfile
 from collections import Counter
 from typing import Any, Iterator
 
 from PIL import Image
 
-from seer_pipeline.shards.writer import file_sha256
+from seer_pipeline.shards import format as fmt
+from seer_pipeline.shards.format import file_sha256, load_manifest
+
+__all__ = ["format_stats", "iter_samples", "load_manifest", "stats", "verify"]
 
 # Short-side bins for the resolution histogram (pixels, lower bounds).
 _BINS = (0, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
-def load_manifest(d: str) -> dict:
-    p = os.path.join(d, "manifest.json")
-    if not os.path.isfile(p):
-        raise FileNotFoundError(f"no manifest.json in {d} (unfinished build? rerun the same command)")
-    with open(p, "r", encoding="utf-8") as f:
-        return json.load(f)
-
-
 def iter_samples(path: str, with_jpg: bool = True) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) per sample, grouping consecutive members that share a key."""
-    key, group = None, {}
-    with tarfile.open(path, mode="r:") as tf:
-        for m in tf:
-            k, _, ext = m.name.partition(".")
-            if key is not None and k != key:
-                yield key, group
-                group = {}
-            key = k
-            if ext == "jpg" and not with_jpg:
-                group[ext] = b""
-                continue
-            f = tf.extractfile(m)
-            group[ext] = f.read() if f is not None else b""
-    if key is not None:
-        yield key, group
+    """(key, {ext: bytes}) per sample; `jpg` reads as b"" unless `with_jpg`."""
+    for _, key, group in fmt.read_samples(path, skip_exts=() if with_jpg else ("jpg",)):
+        yield key, group or {}
 
 
 def verify(d: str, decode: bool = True) -> list[str]:
@@ -71,7 +52,7 @@ def verify(d: str, decode: bool = True) -> list[str]:
                 if key in keys:
                     problems.append(f"{s['name']}: key {key} appears more than once in the set")
                 keys.add(key)
-        except (tarfile.TarError, OSError, EOFError) as e:
+        except fmt.ShardReadError as e:
             problems.append(f"{s['name']}: unreadable tar ({e})")
         if n != s["count"]:
             problems.append(f"{s['name']}: {n} samples, manifest says {s['count']}")

@@ -15,7 +15,7 @@ from PIL import Image  # already loaded by data_prep.images
 
 from data_prep.images import ProcessOptions, Result, process_bytes, read_source
 from data_prep.sources import Item
-from seer_pipeline.shards.writer import write_shard
+from seer_pipeline.shards.format import write_shard
 
 _W: dict[str, Any] = {}
 
@@ -65,7 +65,7 @@ def scan_chunk(jobs: list[Item]) -> list[Result]:
     """Process inputs; stored bytes go to this process's spool, results carry their location."""
     out = []
     for it in jobs:
-        data, reason = (it.data, None) if it.data is not None else read_source(it.path or "")
+        data, reason = (it.data, None) if it.data is not None else read_source(it.path or "", _W["opts"].max_bytes)
         if data is None:
             out.append(Result(it.ordinal, it.source, reason=reason))
             continue

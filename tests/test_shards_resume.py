@@ -43,9 +43,21 @@ def _cmd(dump: Path, out: Path) -> list[str]:
             "--reencode", "always", "--no-progress", "--seed", "3"]
 
 
-def _run(dump: Path, out: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(_cmd(dump, out), cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})})
+# The build's fault hook is set only from inside the process (data_prep.build.fault): no switch
+# or environment variable of a real run reaches it.
+_KILLER = ("import os, signal, sys\n"
+           "import data_prep.build as b\n"
+           "where = sys.argv[1]\n"
+           "b.fault = lambda stage, n: os.kill(os.getpid(), signal.SIGKILL) if f'{stage}:{n}' == where else None\n"
+           "from data_prep.cli import main\n"
+           "sys.exit(main(sys.argv[2:]))\n")
+
+
+def _run(dump: Path, out: Path, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    cmd = _cmd(dump, out)
+    if kill_at is not None:
+        cmd = [sys.executable, "-c", _KILLER, kill_at, *cmd[3:]]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
 def _snapshot(out: Path) -> dict[str, tuple[int, int]]:
@@ -96,7 +108,7 @@ def test_kill_9_at_random_moments_then_resume_equals_uninterrupted(dump: Path, t
 def test_kill_at_the_worst_moment_of_each_stage(dump: Path, tmp_path: Path, where: str) -> None:
     ref = _run(dump, tmp_path / "ref")
     out = tmp_path / "killed"
-    crashed = _run(dump, out, env={"SEER_SHARDS_TEST_KILL_AT": where})
+    crashed = _run(dump, out, kill_at=where)
     assert crashed.returncode == -signal.SIGKILL
     assert not (out / "manifest.json").exists()
     before = _snapshot(out)

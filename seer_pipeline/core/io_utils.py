@@ -23,6 +23,20 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask sets as it reads)."""
+    try:
+        with open("/proc/self/status", "r", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, tmp: str | os.PathLike | None = None) -> Iterator[BinaryIO]:
     """Write `path` through a temp file beside it: fsync and rename on success, remove on error.
@@ -34,6 +48,8 @@ def atomic_open(path: str | os.PathLike, tmp: str | os.PathLike | None = None) -
     path.parent.mkdir(parents=True, exist_ok=True)
     if tmp is None:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        # mkstemp makes 0600 files; the result must get the mode a plain open() would give.
+        os.fchmod(fd, 0o666 & ~current_umask())
         f = os.fdopen(fd, "wb")
     else:
         tmp_name = str(tmp)

@@ -1,23 +1,23 @@
 """Shard sources: the manifest (exact mode) or a pattern list (resampled mode), and a tar reader.
 
-The reader walks a shard's tar members once, groups consecutive members by key (the WebDataset
-convention: `dir/key.ext`), and can skip samples without reading their data: `tarfile` seeks over
-member payloads, so skipping costs one 512-byte header read per member.
+The tar reading itself (key rules, grouping members into samples, skipping unwanted payloads by
+seeking over them) is the format module's: this module adapts it to the loader.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
-log = logging.getLogger(__name__)
+from seer_pipeline.shards import format as fmt
+from seer_pipeline.shards.format import IMAGE_EXTS, ShardReadError, split_key
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+__all__ = ["Shard", "ShardReadError", "expand_pattern", "image_bytes", "iter_samples", "load_manifest",
+           "resolve_shards", "split_key"]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -28,15 +28,13 @@ class Shard:
 
 def load_manifest(shard_dir: str) -> List[Shard]:
     """Shards listed in `<dir>/manifest.json` with their sample counts, in manifest order."""
-    mpath = Path(shard_dir) / "manifest.json"
     try:
-        manifest = json.loads(mpath.read_text())
-        entries = manifest["shards"]
-        shards = [Shard(str(Path(shard_dir) / e["name"]), int(e["count"])) for e in entries]
+        manifest = fmt.load_manifest(shard_dir)
+        shards = [Shard(str(Path(shard_dir) / e["name"]), int(e["count"])) for e in manifest["shards"]]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"cannot read shard manifest {mpath}: {e}") from e
+        raise ValueError(f"cannot read shard manifest {Path(shard_dir) / fmt.MANIFEST}: {e}") from e
     if not shards or sum(s.count for s in shards) == 0:
-        raise ValueError(f"shard manifest {mpath} lists no samples")
+        raise ValueError(f"shard manifest {Path(shard_dir) / fmt.MANIFEST} lists no samples")
     return shards
 
 
@@ -93,20 +91,6 @@ def resolve_shards(spec: str) -> Tuple[List[Shard], bool]:
     return expand_pattern(spec), False
 
 
-def split_key(name: str) -> Tuple[str, str]:
-    """'dir/abc.def.jpg' -> ('dir/abc', 'def.jpg') as WebDataset does (key ends at the first dot)."""
-    base = os.path.basename(name)
-    dot = base.find(".")
-    if dot < 0:
-        return name, ""
-    prefix = name[: len(name) - len(base)]
-    return prefix + base[:dot], base[dot + 1:].lower()
-
-
-class ShardReadError(RuntimeError):
-    """The shard could not be opened or ended early (truncated / corrupt tar)."""
-
-
 def iter_samples(path: str, want: Callable[[int], bool],
                  stop: Optional[int] = None) -> Iterator[Tuple[int, Optional[Dict[str, bytes]]]]:
     """Yield (index, sample) for each sample of a shard in order; sample is None when not wanted.
@@ -114,37 +98,10 @@ def iter_samples(path: str, want: Callable[[int], bool],
     Payloads are read only for wanted samples. Raises ShardReadError (after yielding what was
     readable) if the file is missing or the tar is damaged. Stops after index `stop - 1`.
     """
-    try:
-        tf = tarfile.open(path, mode="r:")
-    except (OSError, tarfile.TarError) as e:
-        raise ShardReadError(f"cannot open shard {path}: {e}") from e
-    with tf:
-        key, idx, cur = None, -1, None
-        try:
-            while True:
-                member = tf.next()
-                if member is None:
-                    break
-                if not member.isfile():
-                    continue
-                k, ext = split_key(member.name)
-                if k != key:
-                    if key is not None:
-                        yield idx, cur
-                        if stop is not None and idx + 1 >= stop:
-                            return
-                    key, idx = k, idx + 1
-                    cur = {"__key__": k.encode()} if want(idx) else None
-                if cur is not None:
-                    f = tf.extractfile(member)
-                    data = f.read() if f is not None else b""
-                    if len(data) != member.size:
-                        raise ShardReadError(f"shard {path}: member {member.name} is truncated")
-                    cur[ext] = data
-        except (OSError, tarfile.TarError, EOFError) as e:
-            raise ShardReadError(f"shard {path} is damaged after sample {idx}: {e}") from e
-        if key is not None:
-            yield idx, cur
+    for idx, key, sample in fmt.read_samples(path, want, stop):
+        if sample is not None:
+            sample["__key__"] = key.encode("utf-8", "surrogateescape")
+        yield idx, sample
 
 
 def image_bytes(sample: Dict[str, bytes]) -> bytes:

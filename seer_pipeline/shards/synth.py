@@ -1,22 +1,20 @@
 """Small WebDataset shard sets made from a few photos, for tests and the loader benchmark.
 
-The layout matches `seer-shards` (manifest.json with name/count/bytes/sha256, tars of `key.jpg` +
-`key.json`), but it is built with plain tarfile so loader tests do not depend on data_prep.
+Written through the format module, as `seer-shards` is, but without data_prep's build
+machinery, so loader tests do not depend on it.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
-import tarfile
 from pathlib import Path
 from typing import List, Sequence
 
 import numpy as np
 from PIL import Image
 
-from seer_pipeline.core.io_utils import atomic_write_bytes, atomic_write_json
+from seer_pipeline.shards import format as fmt
 
 PHOTO_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -48,18 +46,10 @@ def write_shards(out_dir: str | os.PathLike, images: Sequence[bytes], per_shard:
     out.mkdir(parents=True, exist_ok=True)
     entries = []
     for s, start in enumerate(range(0, len(images), per_shard)):
-        name = f"shard-{s:06d}.tar"
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-            for i, jpg in enumerate(images[start:start + per_shard], start=start):
-                meta = json.dumps({"uid": i}).encode()
-                for ext, data in (("jpg", jpg), ("json", meta)):
-                    ti = tarfile.TarInfo(f"{i:08d}.{ext}")
-                    ti.size = len(data)
-                    tf.addfile(ti, io.BytesIO(data))
-        data = buf.getvalue()
-        atomic_write_bytes(out / name, data)
-        entries.append({"name": name, "count": len(images[start:start + per_shard]), "bytes": len(data),
-                        "sha256": hashlib.sha256(data).hexdigest()})
-    atomic_write_json(out / "manifest.json", {"shards": entries, "written": len(images)})
+        name = fmt.shard_name("shard", s)
+        chunk = images[start:start + per_shard]
+        samples = ((f"{i:08d}", jpg, json.dumps({"uid": i}).encode()) for i, jpg in enumerate(chunk, start=start))
+        count, nbytes, sha = fmt.write_shard(str(out / name), samples)
+        entries.append({"name": name, "count": count, "bytes": nbytes, "sha256": sha})
+    fmt.write_manifest(str(out), {"shards": entries, "written": len(images)})
     return out
