@@ -101,6 +101,13 @@ def find_resumable(ckpt_dir: Path) -> list[tuple[int, Path, dict[str, Any]]]:
     return good
 
 
+def _one_line(e: BaseException) -> str:
+    """The cause of a failed load in one log line (DCP wraps it with every rank's traceback)."""
+    if isinstance(e, CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]
+    return f"{type(e).__name__}: {e}".replace("\n", " ")[:500]
+
+
 class Checkpointer:
     """Saves every `every` steps (and on demand), keeps the latest K plus every Mth step."""
 
@@ -242,9 +249,10 @@ class Checkpointer:
                 state["config"] = ""
                 integrity.verify_hashes(path, meta, self.rank, self.world)  # this rank's share
                 safe_dcp.load(state, path, no_dist=not dist.is_initialized())
+                per_rank = [unpack(state.pop(f"rank{r}")) for r in range(old_world)]
             except (Exception, CheckpointException) as e:  # noqa: BLE001 - agreed on below
                 # (DCP's CheckpointException derives from BaseException, not Exception)
-                ok, err = False, f"{type(e).__name__}: {e}"
+                ok, err = False, _one_line(e)
             if dist.is_initialized():
                 flag = torch.tensor([0 if ok else 1])
                 dist.all_reduce(flag)
@@ -253,7 +261,6 @@ class Checkpointer:
                 log.warning("checkpoint %s could not be loaded (%s); trying the previous one",
                             path, err or "failed on another rank")
                 continue
-            per_rank = [unpack(state.pop(f"rank{r}")) for r in range(int(meta["world_size"]))]
             log.info("loaded checkpoint %s (step %d, saved by %d rank(s))", path, s, meta["world_size"])
             return s, state, per_rank, meta
         return None

@@ -37,6 +37,19 @@ DCP_METADATA_ALLOWED: dict[str, tuple[str, ...]] = {
 }
 
 
+def _weights_only_load(buf: io.BytesIO, what: str) -> Any:
+    """torch.load(weights_only=True) with torch's long advice cut to the refused global."""
+    import pickle
+
+    try:
+        return torch.load(buf, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = [ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln or "GLOBAL" in ln]
+        raise safe_pickle.UnsafePickleError(
+            f"{what}: refused by weights_only loading ({(why or [str(e)])[0][:300]}); a crafted "
+            "or foreign file - nothing was executed") from None
+
+
 def _torch_dtype(module: str, name: str, obj: Any) -> bool:
     return module == "torch" and isinstance(obj, torch.dtype)
 
@@ -66,7 +79,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
     """DefaultLoadPlanner whose non-tensor values are read with `weights_only=True`."""
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        obj = torch.load(value, map_location="cpu", weights_only=True)
+        obj = _weights_only_load(value, f"DCP value {read_item.dest_index.fqn!r}")
         if self.flatten_state_dict:
             from torch.distributed.checkpoint._traverse import set_element
 
@@ -130,5 +143,5 @@ def pack(obj: Any) -> bytes:
 
 def unpack(blob: Any) -> Any:
     if isinstance(blob, (bytes, bytearray)):
-        return _decode(torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True))
+        return _decode(_weights_only_load(io.BytesIO(blob), "per-rank payload"))
     return _decode(blob)  # DCP may hand back the object itself
