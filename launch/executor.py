@@ -35,7 +35,12 @@ def _as_dict(slurm: Any) -> dict[str, Any]:
 
 def executor_parameters(slurm: Any) -> dict[str, Any]:
     """AutoExecutor parameters (generic names + `slurm_` ones) for a SlurmConfig-shaped section."""
+    from seer_pipeline.config.slurm import slurm_errors
+
     s = _as_dict(slurm)
+    errs = slurm_errors(s)
+    if errs:  # every value that reaches the script or srun, also when called directly
+        raise ValueError("invalid slurm config: " + "; ".join(errs))
     if s["nodes"] < 1 or s["tasks_per_node"] < 1 or s["cpus_per_task"] < 1:
         raise ValueError("slurm.nodes, slurm.tasks_per_node and slurm.cpus_per_task must be >= 1")
     if s["timeout_min"] < 1:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import logging
 import os
 import signal
@@ -22,14 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import submitit  # loaded anyway: launch.submit imports launch.executor
-
-from launch.scheduler import job_info
+from seer_pipeline.checkpoint.integrity import read_latest
 from seer_pipeline.core.exit_codes import PREEMPTED
-from seer_pipeline.core.io_utils import atomic_write_json
+from seer_pipeline.train.provenance import book_requeue, read_requeues  # noqa: F401 - re-exported
 
 DEFAULT_ENTRY = "seer_pipeline.train.cli:main"
-PREEMPTED_EXIT_CODE = PREEMPTED  # the trainer's "saved on a signal, rerun to resume" code
+PREEMPTED_EXIT_CODE: int = PREEMPTED  # the trainer's "saved on a signal, rerun to resume" code
 # How long a rank that saw PREEMPTED waits for rank 0's `scontrol requeue` to show in the job state.
 _REQUEUE_WAIT_S = 15.0
 
@@ -69,26 +66,10 @@ def load_entry(entry: str) -> Callable[[list[str]], Any]:
     return getattr(importlib.import_module(module), func)
 
 
-def read_requeues(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """RUN/requeues.json ({"count": n, "history": [...]}); an empty record if absent or unreadable."""
-    path = Path(run_dir) / "requeues.json"
-    try:
-        data = json.loads(path.read_text())
-        if isinstance(data, dict):
-            data.setdefault("count", 0)
-            data.setdefault("history", [])
-            return data
-    except (OSError, ValueError):
-        pass
-    return {"count": 0, "history": []}
-
-
 def latest_checkpoint(run_dir: str | os.PathLike) -> str:
-    """Name of the step directory RUN/checkpoints/latest points to ('' if none)."""
-    try:
-        return (Path(run_dir) / "checkpoints" / "latest").read_text().strip()
-    except OSError:
-        return ""
+    """Name of the step directory RUN/checkpoints/latest points to ('' if none or not a step
+    folder name: a `latest` symlinked to another file is never echoed)."""
+    return read_latest(Path(run_dir) / "checkpoints")
 
 
 def _exit_code(e: SystemExit) -> int:
@@ -104,6 +85,8 @@ def _requeue_underway(job_id: str, run_dir: str, since: float, wait_s: float) ->
     the job (rank 0's `scontrol requeue`, or the scheduler's own preemption). A RUNNING job whose
     rank 0 booked a refused requeue in RUN/requeues.json since this task started will not be.
     """
+    from launch.scheduler import job_info
+
     deadline = time.monotonic() + wait_s
     while True:
         info = job_info(job_id)
@@ -185,20 +168,19 @@ class TrainJob:
         Nothing is saved here; the requeued job resumes from the last checkpoint. Returns the
         resubmission, or None at the requeue cap (submitit then ends the job, not requeued).
         """
+        import submitit
+
         log = _logger()
         rq = read_requeues(self.run_dir)
         if rq["count"] >= self.max_requeues:
             log.error("requeue cap reached (%d/%d, slurm.max_requeues): not requeueing; submit "
                       "again with the same run.dir to resume", rq["count"], self.max_requeues)
             return None
-        rq["count"] += 1
-        # Same record shape as the trainer's own requeues (seer_pipeline.train.provenance.requeue_job).
-        rq["history"].append({
-            "time": time.time(), "job_id": os.environ.get("SLURM_JOB_ID", ""), "requeued": True,
+        rq = book_requeue(self.run_dir, {
+            "time": time.time(), "job_id": os.environ.get("SLURM_JOB_ID", ""),
             "reason": "signal before training started (launch.job.TrainJob.checkpoint)",
             "checkpoint": latest_checkpoint(self.run_dir),
-        })
-        atomic_write_json(Path(self.run_dir) / "requeues.json", rq)
+        }, requeued=True)
         self._requeue_requested = True
         log.warning("preemption signal before training started: requeueing (%d/%d)",
                     rq["count"], self.max_requeues)
@@ -208,6 +190,8 @@ class TrainJob:
 def _drop_stale_result() -> None:
     """A requeued job reuses its id: remove this task's result file from the previous run, so
     that a crash of this run is not read as the old run's outcome."""
+    import submitit
+
     try:
         path = submitit.JobEnvironment().paths.result_pickle
     except (RuntimeError, KeyError):  # not inside a submitit job

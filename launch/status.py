@@ -1,14 +1,14 @@
 """`seer-status RUN`: job state, last checkpoint, restarts and the last metrics line of a run.
 
 The job state comes from SLURM (scontrol) when RUN/launch.json records a job id and slurmctld
-answers; otherwise from files (submitit's result pickle, or "not running" with the last step).
+answers; otherwise from files (submitit's result pickle, read through the restricted unpickler
+so a planted file cannot run code, or "not running" with the last step).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import pickle
 import re
 import sys
 from pathlib import Path
@@ -17,6 +17,7 @@ from typing import Any, Sequence
 from launch.job import latest_checkpoint, read_requeues
 from launch.scheduler import job_info
 from launch.submit import LAUNCH_RECORD
+from seer_pipeline.core.safe_pickle import UnsafePickleError, load_submitit_result
 
 
 def _read_json(path: Path) -> Any:
@@ -60,13 +61,18 @@ def _metrics(run: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
 
 
 def _submitit_result(folder: Path, job_id: str) -> tuple[str, str] | None:
-    """("success"|"requeued"|"error", detail) from rank 0's submitit result pickle, if written."""
+    """("success"|"requeued"|"error"|"refused", detail) from rank 0's submitit result file."""
     path = folder / f"{job_id}_0_result.pkl"
     try:
         with open(path, "rb") as f:
-            outcome, value = pickle.load(f)  # our own job's file
-    except (OSError, ValueError, EOFError, pickle.UnpicklingError, AttributeError, ImportError):
-        return None
+            got = load_submitit_result(f)
+    except UnsafePickleError as e:
+        return "refused", f"{path}: {e}"
+    except (OSError, ValueError, EOFError, TypeError, IndexError, KeyError):
+        return None  # absent, or being written
+    if not (isinstance(got, tuple) and len(got) == 2 and isinstance(got[0], str)):
+        return "refused", f"{path}: not a submitit result record"
+    outcome, value = got
     if outcome == "error":
         lines = [ln for ln in str(value).splitlines() if ln.strip()]
         return "error", lines[-1] if lines else "unknown error"
@@ -104,7 +110,7 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
     result = None
     if job:
         result = _submitit_result(run / "slurm" / job["job_id"], job["job_id"])
-        if result and result[0] == "error":
+        if result and result[0] in ("error", "refused"):
             out["error"] = result[1]
         if job.get("executor") == "slurm":
             info = job_info(job["job_id"])
@@ -116,7 +122,8 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
             out.update(state="RUNNING", state_source="local process")
             return out
     if result is not None:
-        out["state"] = {"success": "COMPLETED", "requeued": "REQUEUED"}.get(result[0], "FAILED")
+        out["state"] = {"success": "COMPLETED", "requeued": "REQUEUED",
+                        "refused": "UNKNOWN"}.get(result[0], "FAILED")
         out["state_source"] = "submitit result"
     elif last is not None or ckpt:
         out["state"] = "NOT RUNNING"

@@ -4,6 +4,10 @@ The config is loaded with the trainer's own loader (unknown keys fail here, befo
 queued); its `slurm` section sizes the job. Every task runs `seer_pipeline.train.cli:main` with
 `--config PRESET overrides... run.dir=ABS`, so a requeued job, which reruns the same pickled
 callable, resumes from the same run folder.
+
+One job per run folder: a folder whose lock (seer_pipeline.core.runlock) is held, or whose last
+recorded SLURM job is still pending or running, is refused unless `--after-holder` queues the
+new job behind that one (`--dependency=afterany:JOB`). Torch-free: `--dry-run` starts fast.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from seer_pipeline.core import runlock
 from seer_pipeline.core.io_utils import atomic_write_json
 
 from launch.executor import build_executor, describe_resources, sbatch_script
@@ -39,7 +44,52 @@ def _parser() -> argparse.ArgumentParser:
                    help="run with submitit's LocalExecutor on this machine and wait for it")
     p.add_argument("--entry", default=DEFAULT_ENTRY,
                    help="training entry point as module:function, called with the argv list")
+    p.add_argument("--after-holder", action="store_true",
+                   help="if another SLURM job owns run.dir, queue this one to start after it ends "
+                        "(--dependency=afterany:JOB) instead of refusing")
     return p
+
+
+class RunFolderBusy(RuntimeError):
+    """run.dir belongs to a live or queued job and --after-holder was not given (or cannot work)."""
+
+
+def _live_recorded_job(run_dir: Path) -> dict[str, Any] | None:
+    """The last SLURM job RUN/launch.json records, if slurmctld says it may still run."""
+    from launch.scheduler import FINAL_STATES, job_info
+
+    try:
+        jobs = json.loads((run_dir / LAUNCH_RECORD).read_text()).get("jobs", [])
+    except (OSError, ValueError, AttributeError):
+        return None
+    last = jobs[-1] if jobs and isinstance(jobs[-1], dict) else None
+    if not last or last.get("executor") != "slurm" or not last.get("job_id"):
+        return None
+    info = job_info(str(last["job_id"]))
+    if info is None or info.state == "UNKNOWN" or info.state.split()[0] in FINAL_STATES:
+        return None
+    return {"job_id": str(last["job_id"]), "host": "(queued: " + info.state + ")", "pid": "-"}
+
+
+def holder_dependency(run_dir: str | Path, after_holder: bool, local: bool = False) -> str:
+    """'' when run.dir is free, 'afterany:JOB' to queue behind its holder, or RunFolderBusy."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        return ""
+    holder = runlock.holder_if_locked(run)
+    if holder is None and not local:
+        holder = _live_recorded_job(run)
+    if holder is None:
+        return ""
+    who = runlock.describe(holder)
+    if not after_holder:
+        raise RunFolderBusy(f"run folder {run} is in use by {who}; pass --after-holder to queue "
+                            "behind it, or use another run.dir")
+    job = str(holder.get("job_id") or "")
+    if local or not job.isdigit():
+        raise RunFolderBusy(f"run folder {run} is in use by {who}, which is not a SLURM job this "
+                            "submission could depend on; wait for it to end")
+    return f"afterany:{job}"
 
 
 def build_job(preset: str, overrides: Sequence[str], entry: str = DEFAULT_ENTRY) -> tuple[Any, TrainJob]:
@@ -67,8 +117,10 @@ def record_submission(run_dir: str | Path, entry: dict[str, Any]) -> None:
     atomic_write_json(path, data)
 
 
-def _dry_run(cfg: Any, job: TrainJob) -> int:
+def _dry_run(cfg: Any, job: TrainJob, dependency: str = "") -> int:
     ex = build_executor(cfg.slurm, job.run_dir)
+    if dependency:
+        ex.update_parameters(slurm_dependency=dependency)
     script = sbatch_script(ex).splitlines()
     header = ["# seer-submit --dry-run: nothing was submitted. Resources:"]
     header += [f"#   {line}" for line in describe_resources(cfg.slurm).splitlines()]
@@ -79,20 +131,30 @@ def _dry_run(cfg: Any, job: TrainJob) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    # Intermixed: overrides may sit on both sides of a flag (`--config X a=1 --dry-run b=2`).
+    args = _parser().parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg, job = build_job(args.config, args.overrides, args.entry)
     except (ValueError, OSError) as e:  # ConfigError is a ValueError
         print(f"seer-submit: {e}", file=sys.stderr)
         return 2
+    if args.dry_run and args.local:
+        print("seer-submit: --dry-run shows a SLURM script; drop --local", file=sys.stderr)
+        return 2
+    try:
+        dependency = holder_dependency(job.run_dir, args.after_holder, args.local) if cfg.run.lock else ""
+    except (RunFolderBusy, runlock.RunLockError, OSError) as e:
+        print(f"seer-submit: {e}", file=sys.stderr)
+        return 2
+    if dependency:
+        print(f"seer-submit: run.dir is in use; this job waits for it ({dependency})", file=sys.stderr)
     if args.dry_run:
-        if args.local:
-            print("seer-submit: --dry-run shows a SLURM script; drop --local", file=sys.stderr)
-            return 2
-        return _dry_run(cfg, job)
+        return _dry_run(cfg, job, dependency)
     try:
         ex = build_executor(cfg.slurm, job.run_dir, local=args.local)
+        if dependency:
+            ex.update_parameters(slurm_dependency=dependency)
     except (ValueError, RuntimeError) as e:
         print(f"seer-submit: {e}", file=sys.stderr)
         return 2

@@ -7,15 +7,15 @@ folder to `step_X/` and only then replaces `latest` atomically. A kill -9 at any
 either a `.partial` folder (ignored, later deleted) or a complete one.
 
 State layout inside DCP: `model` and `optim` (get_state_dict; sharded, reshardable), `train`
-(step, schedule length; the same on every rank) and one `rank{r}` entry per rank (pickled RNG,
-loader and queue state). Per-rank keys matter: DCP keeps a single copy of a key every rank
+(step, schedule length; the same on every rank) and one `rank{r}` entry per rank (RNG, loader
+and queue state as tensors and plain values, read with weights_only=True: safe_dcp).
+
+Reading never runs code (safe_dcp: restricted unpickler for DCP's .metadata), and every file's
+SHA-256 is recorded in meta.json and checked before a load (integrity). Per-rank keys matter: DCP keeps a single copy of a key every rank
 writes, so a shared key would give every rank rank 0's RNG on load (checked with torch 2.13 DCP on 2 gloo ranks).
 """
 from __future__ import annotations
 
-import datetime as _dt
-import io
-import json
 import logging
 import os
 import re
@@ -29,6 +29,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from seer_pipeline.checkpoint import integrity, safe_dcp
+from seer_pipeline.checkpoint.safe_dcp import pack, unpack  # noqa: F401 - the payload format
 from seer_pipeline.core.io_utils import atomic_write_json, atomic_write_text, fsync_dir
 
 log = logging.getLogger(__name__)
@@ -41,32 +43,14 @@ class CheckpointError(RuntimeError):
 
 
 def fault(name: str) -> int | None:
-    """Fault injection for the tests: SEER_FAULT=name:value[,name:value] (never set it otherwise).
+    """Fault injection for the tests (seer_pipeline.core.faults): None unless a test armed it."""
+    from seer_pipeline.core.faults import fault as _fault
 
-    kill_in_save:S - rank 0 SIGKILLs itself after writing step S, before meta.json/rename;
-    kill_rank:R - rank R SIGKILLs itself at the start of step 3 (trainer).
-    """
-    for item in os.environ.get("SEER_FAULT", "").split(","):
-        key, _, val = item.partition(":")
-        if key == name and val:
-            return int(val)
-    return None
+    return _fault(name)
 
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:09d}"
-
-
-def pack(obj: Any) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
-def unpack(blob: Any) -> Any:
-    if isinstance(blob, (bytes, bytearray)):
-        return torch.load(io.BytesIO(blob), weights_only=False)
-    return blob  # DCP may hand back the object itself
 
 
 def verify_step_dir(path: Path) -> dict[str, Any]:
@@ -74,10 +58,10 @@ def verify_step_dir(path: Path) -> dict[str, Any]:
     meta_path = path / "meta.json"
     if not meta_path.is_file():
         raise CheckpointError(f"{path}: no meta.json (incomplete save)")
-    meta = json.loads(meta_path.read_text())
-    for name, size in meta.get("files", {}).items():
+    meta = integrity.read_meta(path)
+    for name, size in meta["files"].items():
         f = path / name
-        if not f.is_file() or f.stat().st_size != size:
+        if "/" in name or not f.is_file() or f.stat().st_size != size:
             raise CheckpointError(f"{path}: {name} missing or truncated (expected {size} bytes)")
     if not (path / ".metadata").is_file():
         raise CheckpointError(f"{path}: no DCP .metadata")
@@ -98,9 +82,8 @@ def find_resumable(ckpt_dir: Path) -> list[tuple[int, Path, dict[str, Any]]]:
     Corrupt or incomplete ones are skipped with a warning in favour of the previous one.
     """
     order = [p for _, p in list_checkpoints(ckpt_dir)]
-    pointer = ckpt_dir / "latest"
-    if pointer.is_file():
-        name = pointer.read_text().strip()
+    name = integrity.read_latest(ckpt_dir)
+    if name:
         target = ckpt_dir / name
         if target in order:  # the pointer's target first, then anything older
             idx = order.index(target)
@@ -116,6 +99,13 @@ def find_resumable(ckpt_dir: Path) -> list[tuple[int, Path, dict[str, Any]]]:
             continue
         good.append((int(meta["step"]), p, meta))
     return good
+
+
+def _one_line(e: BaseException) -> str:
+    """The cause of a failed load in one log line (DCP wraps it with every rank's traceback)."""
+    if isinstance(e, CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]
+    return f"{type(e).__name__}: {e}".replace("\n", " ")[:500]
 
 
 class Checkpointer:
@@ -136,6 +126,8 @@ class Checkpointer:
         if rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
         if async_save and dist.is_initialized():
+            import datetime as _dt
+
             # async_save on the default group crashes if training collectives run during the
             # save (SIGABRT, size mismatch; torch 2.13 on gloo): the background save gets its own gloo group.
             self._group = dist.new_group(backend="gloo", timeout=_dt.timedelta(seconds=timeout_s))
@@ -178,11 +170,13 @@ class Checkpointer:
         full["config"] = self.config_yaml
         if self.async_save and blocking is False:
             fut = dcp.async_save(full, checkpoint_id=str(tmp), process_group=self._group,
+                                 storage_writer=safe_dcp.HashingFileSystemWriter(tmp),
                                  no_dist=not dist.is_initialized())
             fut = getattr(fut, "upload_completion", fut)
             self._pending = (fut, step, tmp, t0)
             return time.monotonic() - t0
-        dcp.save(full, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+        dcp.save(full, checkpoint_id=str(tmp), storage_writer=safe_dcp.HashingFileSystemWriter(tmp),
+                 no_dist=not dist.is_initialized())
         self._finalize(step, tmp, t0)
         return time.monotonic() - t0
 
@@ -206,13 +200,14 @@ class Checkpointer:
         # DCP returns only after its final collective (metadata written by the coordinator),
         # so every rank's files are complete when rank 0 gets here.
         if self.rank == 0:
+            hashes = integrity.collect_hashes(tmp)
             files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
             for p in tmp.iterdir():
                 if p.is_file():
                     with open(p, "rb") as f:
                         os.fsync(f.fileno())
             meta = {"step": step, "world_size": self.world, "time": time.time(), "files": files,
-                    "config_yaml": self.config_yaml}
+                    integrity.HASH: hashes, "config_yaml": self.config_yaml}
             atomic_write_json(tmp / "meta.json", meta)
             final = self.dir / step_dir_name(step)
             if final.exists():
@@ -252,10 +247,12 @@ class Checkpointer:
                 for r in range(old_world):
                     state[f"rank{r}"] = b""
                 state["config"] = ""
-                dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+                integrity.verify_hashes(path, meta, self.rank, self.world)  # this rank's share
+                safe_dcp.load(state, path, no_dist=not dist.is_initialized())
+                per_rank = [unpack(state.pop(f"rank{r}")) for r in range(old_world)]
             except (Exception, CheckpointException) as e:  # noqa: BLE001 - agreed on below
                 # (DCP's CheckpointException derives from BaseException, not Exception)
-                ok, err = False, f"{type(e).__name__}: {e}"
+                ok, err = False, _one_line(e)
             if dist.is_initialized():
                 flag = torch.tensor([0 if ok else 1])
                 dist.all_reduce(flag)
@@ -264,7 +261,6 @@ class Checkpointer:
                 log.warning("checkpoint %s could not be loaded (%s); trying the previous one",
                             path, err or "failed on another rank")
                 continue
-            per_rank = [unpack(state.pop(f"rank{r}")) for r in range(int(meta["world_size"]))]
             log.info("loaded checkpoint %s (step %d, saved by %d rank(s))", path, s, meta["world_size"])
             return s, state, per_rank, meta
         return None

@@ -2,33 +2,39 @@
 
 The output loads with `torch.load(FILE, weights_only=True)` into `build_trunk(name)` (the name
 is printed and stored next to it as FILE.json). No process group is needed: DCP reads every
-shard in this one process (`no_dist=True`), whatever world size wrote it.
+shard in this one process (`no_dist=True`), whatever world size wrote it. Every file's recorded
+hash is checked first, and nothing is unpickled beyond DCP's metadata classes (safe_dcp); a
+checkpoint that fails either is skipped for the previous one, with a warning.
 """
 from __future__ import annotations
 
 import argparse
-import io
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from omegaconf import OmegaConf
 
+from seer_pipeline.checkpoint import integrity, safe_dcp
 from seer_pipeline.checkpoint.checkpointer import CheckpointError, find_resumable, verify_step_dir
-from seer_pipeline.config.train import load_train_config
 from seer_pipeline.core.io_utils import atomic_write_bytes, atomic_write_json
-from seer_pipeline.models.swav import build_model
+from seer_pipeline.core.safe_pickle import UnsafePickleError
+
+log = logging.getLogger(__name__)
 
 
 def consolidate(run_or_step: str | Path, out: str | Path, step: int | None = None) -> dict:
     """Write the trunk weights of the newest loadable checkpoint (or `step`) to `out`."""
+    from seer_pipeline.models.swav import build_model
+    from seer_pipeline.config.train import load_train_config
+
     src = Path(run_or_step)
     if (src / "meta.json").exists():
-        path, meta = src, verify_step_dir(src)
+        cands = [(-1, src, verify_step_dir(src))]
     else:
         cands = find_resumable(src / "checkpoints")
         if step is not None:
@@ -36,15 +42,25 @@ def consolidate(run_or_step: str | Path, out: str | Path, step: int | None = Non
         if not cands:
             raise CheckpointError(f"no complete checkpoint under {src}/checkpoints"
                                   + (f" for step {step}" if step is not None else ""))
-        _, path, meta = cands[0]
-    saved = OmegaConf.to_container(OmegaConf.create(meta["config_yaml"]))
-    cfg = load_train_config(None, [])
-    cfg = OmegaConf.merge(cfg, saved)
-    model = build_model(cfg)
-    template = {"model": model.state_dict()}
-    dcp.load(template, checkpoint_id=str(path), no_dist=True)
+    errors = []
+    for _, path, meta in cands:  # newest first; a corrupt one falls back to the previous
+        saved = OmegaConf.to_container(OmegaConf.create(meta["config_yaml"]))
+        cfg = OmegaConf.merge(load_train_config(None, []), saved)
+        model = build_model(cfg)
+        template = {"model": model.state_dict()}
+        try:
+            integrity.verify_hashes(path, meta)
+            safe_dcp.load(template, path, no_dist=True)
+            break
+        except (integrity.IntegrityError, UnsafePickleError, CheckpointException, OSError,
+                RuntimeError, ValueError) as e:
+            errors.append(f"{path}: {e}")
+            log.warning("checkpoint %s not usable (%s); trying the previous one", path, e)
+    else:
+        raise CheckpointError("no loadable checkpoint: " + "; ".join(errors))
     trunk = {k[len("trunk."):]: v.clone() for k, v in template["model"].items() if k.startswith("trunk.")}
     model.trunk.load_state_dict(trunk, strict=True)  # every key present and shaped right
+    import io
 
     buf = io.BytesIO()
     torch.save(trunk, buf)

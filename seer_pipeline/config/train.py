@@ -19,13 +19,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from seer_pipeline.config.base import ConfigError, diff_configs, load_config, to_container
 from seer_pipeline.data.config import DataConfig
-from seer_pipeline.config.slurm import SlurmConfig
+from seer_pipeline.config.slurm import SlurmConfig, slurm_errors
 
 
 @dataclass
 class RunConfig:
     dir: str = "runs/default"  # run folder: config, logs, metrics, checkpoints
     seed: int = 0  # model init and any global RNG; the loader has its own data.seed
+    # One job per run folder (seer_pipeline.core.runlock). false only on file systems without
+    # POSIX locks; two jobs on one folder then destroy each other's checkpoints.
+    lock: bool = True
 
 
 @dataclass
@@ -129,7 +132,7 @@ class TrainConfig:
 
 # Prefixes of keys that may differ between a checkpoint's config and the resuming run.
 RESUME_MUTABLE: tuple[str, ...] = (
-    "run.dir", "train.steps", "train.log_every", "train.tensorboard", "ckpt.", "slurm.",
+    "run.dir", "run.lock", "train.steps", "train.log_every", "train.tensorboard", "ckpt.", "slurm.",
     "dist.", "parallel.", "data.workers", "data.prefetch_factor", "data.shards", "init.",
     "train.threads",  # allowed, but the continuation is then not bitwise equal (warned)
 )
@@ -159,8 +162,73 @@ def validate(cfg: DictConfig) -> None:
         errs.append("ckpt.keep_latest must be >= 1 (the checkpoint being resumed from)")
     if len(cfg.swav.crops_for_assign) < 1:
         errs.append("swav.crops_for_assign must name at least one crop")
+    errs += _range_errors(cfg) + _model_errors(cfg) + slurm_errors(cfg.slurm)
+    if _has_control(str(cfg.run.dir)):
+        errs.append("run.dir contains a control character (newline, tab, ...)")
     if errs:
         raise ConfigError("invalid training config:\n  " + "\n  ".join(errs))
+
+
+# key -> (lowest allowed, whether the bound itself is allowed). Values outside would crash
+# deep in the loader, the loop or the schedule (e.g. train.log_every=0: ZeroDivisionError).
+_BOUNDS: dict[str, tuple[float, bool]] = {
+    "data.workers": (0, True), "data.batch_size": (1, True), "data.shuffle_buffer": (1, True),
+    "data.prefetch_factor": (1, True), "data.epoch_samples": (0, True), "data.timeout_s": (0, True),
+    "train.log_every": (1, True), "optim.base_lr": (0, True), "optim.warmup_start_lr": (0, True),
+    "optim.final_lr_ratio": (0, True), "optim.weight_decay": (0, True), "optim.momentum": (0, True),
+    "optim.lars_trust": (0, True), "optim.total_steps": (0, True), "dist.timeout_s": (0, False),
+    "swav.epsilon": (0, False), "swav.temperature": (0, False), "swav.sinkhorn_iters": (1, True),
+    "swav.freeze_prototypes_iters": (0, True), "swav.queue_length": (0, True),
+    "swav.queue_start": (0, True), "model.out_dim": (1, True), "model.n_prototypes": (1, True),
+}
+
+
+def _range_errors(cfg: DictConfig) -> list[str]:
+    errs = []
+    for key, (low, inclusive) in _BOUNDS.items():
+        v = OmegaConf.select(cfg, key)
+        if v < low or (v == low and not inclusive):
+            errs.append(f"{key} must be {'>=' if inclusive else '>'} {low}, got {v}")
+    if not 0 <= cfg.data.max_fail_fraction <= 1:
+        errs.append(f"data.max_fail_fraction must be in [0, 1], got {cfg.data.max_fail_fraction}")
+    if cfg.optim.momentum >= 1:
+        errs.append(f"optim.momentum must be < 1, got {cfg.optim.momentum}")
+    if any(h < 1 for h in cfg.model.hidden_dims):
+        errs.append(f"model.hidden_dims must all be >= 1, got {list(cfg.model.hidden_dims)}")
+    return errs
+
+
+def _n_crops(cfg: DictConfig) -> int | None:
+    from seer_pipeline.data.crops import CROP_PRESETS  # torch-free table
+
+    if cfg.data.crops == "custom":
+        return sum(cfg.data.nmb_crops) or None
+    return sum(CROP_PRESETS[cfg.data.crops][1]) if cfg.data.crops in CROP_PRESETS else None
+
+
+def _model_errors(cfg: DictConfig) -> list[str]:
+    from seer_pipeline.data.crops import CROP_PRESETS
+    from seer_pipeline.models.regnet import list_trunks  # the pure generator: no torch
+
+    errs = []
+    if cfg.model.trunk.lower() not in list_trunks():
+        errs.append(f"model.trunk {cfg.model.trunk!r} is not a known trunk: {', '.join(list_trunks())}")
+    n = _n_crops(cfg)
+    if n is None:
+        errs.append(f"data.crops must be one of {sorted(CROP_PRESETS)} or custom (with nmb_crops), "
+                    f"got {cfg.data.crops!r}")
+    else:
+        bad = [c for c in cfg.swav.crops_for_assign if not 0 <= c < n]
+        if bad or len(set(cfg.swav.crops_for_assign)) != len(cfg.swav.crops_for_assign):
+            errs.append(f"swav.crops_for_assign must be distinct crop indices in [0, {n}) for "
+                        f"data.crops={cfg.data.crops}, got {list(cfg.swav.crops_for_assign)}")
+    return errs
+
+
+def _has_control(text: str) -> bool:
+    from seer_pipeline.config.slurm import has_control
+
+    return has_control(text)
 
 
 def load_train_config(preset: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:

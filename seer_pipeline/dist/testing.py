@@ -42,9 +42,10 @@ def _worker(
                 world_size=world_size, timeout=_dt.timedelta(seconds=pg_timeout_s),
             )
         out = fn(rank, world_size, *args)
-        # Pickle here, not in the queue's feeder thread: there an unpicklable result is only
-        # printed, and the parent would wait for a report that never comes.
-        results.put((rank, True, pickle.dumps(out)))
+        # Try pickling here, not only in the queue's feeder thread: there an unpicklable result
+        # is only printed, and the parent would wait for a report that never comes.
+        pickle.dumps(out)
+        results.put((rank, True, out))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -114,4 +115,4 @@ def run_distributed(
             errors.append(f"rank {r} raised:\n{got[r][1]}")
     if errors:
         raise DistributedTestError("\n\n".join(errors))
-    return [pickle.loads(got[r][1]) for r in range(world_size)]
+    return [got[r][1] for r in range(world_size)]

@@ -1,5 +1,4 @@
 """RegNetY trunks (SEER configurations and small CPU ones) and their MAC counter."""
-from seer_pipeline.models.flops import count_macs, trunk_macs
 from seer_pipeline.models.regnet import (
     SEER_TRUNKS,
     RegNetConfig,
@@ -10,7 +9,20 @@ from seer_pipeline.models.regnet import (
     quantized_widths,
     regnet_widths_depths,
 )
-from seer_pipeline.models.trunk import RegNetTrunk, ResBottleneckBlock, Stage, Stem, build_trunk
+
+# The torch modules load on first use: the config validator reads trunk names from the pure
+# generator, and `seer-submit` must not pay for torch (PEP 562 module __getattr__).
+_LAZY = {"count_macs": "flops", "trunk_macs": "flops", "RegNetTrunk": "trunk",
+         "ResBottleneckBlock": "trunk", "Stage": "trunk", "Stem": "trunk", "build_trunk": "trunk"}
+
+
+def __getattr__(name: str):  # noqa: ANN202
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"seer_pipeline.models.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'seer_pipeline.models' has no attribute {name!r}")
+
 
 __all__ = [
     "SEER_TRUNKS", "RegNetConfig", "RegNetConfigError", "RegNetTrunk", "ResBottleneckBlock",

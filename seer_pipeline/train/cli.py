@@ -4,26 +4,19 @@ Under torchrun, SLURM (srun) or submitit the rank comes from the environment
 (seer_pipeline.dist.setup.resolve_env). Run alone with `dist.nproc=N > 1`, it spawns N local
 ranks (fresh processes with RANK/WORLD_SIZE/... set), forwards SIGUSR2/SIGTERM/SIGINT to them and
 fails if any rank fails, killing the rest. Exit codes: 0 done, signals.PREEMPTED (75) saved on a
-signal (re-run the same command to resume), 1 error, 2 bad config.
+signal (re-run the same command to resume), 1 error, 2 bad config, runlock.LOCKED_EXIT (73)
+another job holds run.dir (seer_pipeline.core.runlock; nothing in the folder was touched).
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
-import signal as _signal
 import subprocess
 import sys
 import time
 from typing import Sequence
 
-import torch
-
-from seer_pipeline.config.base import ConfigError
-from seer_pipeline.config.train import load_train_config
-from seer_pipeline.core.logging_utils import setup_logging
-from seer_pipeline.dist.setup import (DistEnvError, cleanup_distributed, free_port, init_distributed,
-                                      resolve_env)
 from seer_pipeline.train.signals import PREEMPTED, forward_signals
 
 log = logging.getLogger("seer_pipeline.train.cli")
@@ -33,22 +26,29 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="seer-train", description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True, help="preset name under seer_pipeline/config/presets or a .yaml")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)
 
 
-def spawn_local(argv: list[str], nproc: int, threads: int, grace_s: float = 15.0) -> int:
+def spawn_local(argv: list[str], nproc: int, threads: int, grace_s: float = 15.0,
+                rank_cmd: Sequence[str] | None = None, lock_token: str = "") -> int:
     """Run this command on `nproc` local ranks; first failure wins, the rest are killed.
 
     After a rank fails the others get `grace_s` to notice on their own (their collectives fail
     within dist.timeout_s and they log which step failed) before they are killed.
     """
+    from seer_pipeline.dist.setup import free_port
+
+    from seer_pipeline.core.runlock import TOKEN_ENV
+
     port = free_port()
     procs: list[subprocess.Popen] = []
+    cmd = list(rank_cmd or [sys.executable, "-m", "seer_pipeline.train.cli"])
     for r in range(nproc):
         env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(nproc), LOCAL_RANK=str(r),
                    LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                    OMP_NUM_THREADS=str(threads))
-        procs.append(subprocess.Popen([sys.executable, "-m", "seer_pipeline.train.cli", *argv], env=env))
+        env[TOKEN_ENV] = lock_token  # this launcher holds run.dir's lock; its ranks join it
+        procs.append(subprocess.Popen([*cmd, *argv], env=env))
     old = forward_signals(lambda: procs)
     failed_at: float | None = None
     first_bad: tuple[int, int] | None = None
@@ -65,6 +65,8 @@ def spawn_local(argv: list[str], nproc: int, threads: int, grace_s: float = 15.0
                         p.kill()
             time.sleep(0.2)
     finally:
+        import signal as _signal
+
         for s, h in old.items():
             _signal.signal(s, h)
         for p in procs:
@@ -82,24 +84,65 @@ def spawn_local(argv: list[str], nproc: int, threads: int, grace_s: float = 15.0
     return 1
 
 
+def _lock_run_dir(cfg, denv, device) -> str:  # noqa: ANN001 - DictConfig, DistEnv, device
+    """Rank 0 takes (or joins its launcher's) run folder lock; every rank learns the outcome.
+
+    Returns '' when this job owns run.dir, else the message to stop with. The lock lives as
+    long as this process (module global), and the kernel frees it when the process dies.
+    """
+    import torch
+    import torch.distributed as dist
+    from seer_pipeline.core import runlock
+
+    msg = ""
+    if denv.rank == 0 and cfg.run.lock:
+        global _RUN_LOCK
+        try:
+            _RUN_LOCK = runlock.acquire_or_join(cfg.run.dir)
+        except (runlock.RunLocked, runlock.RunLockError) as e:
+            msg = str(e)
+    if dist.is_initialized():  # the other ranks must not touch the folder either
+        flag = torch.tensor([1 if msg else 0], device=device)
+        dist.all_reduce(flag)
+        if int(flag) and not msg:
+            msg = "rank 0 could not lock run.dir (another job holds it; see rank 0's message)"
+    return msg
+
+
+_RUN_LOCK = None
+
+
 def run_rank(cfg, denv) -> int:  # noqa: ANN001 - DictConfig, DistEnv
-    """One rank: threads first, then logging, process group, trainer."""
+    """One rank: threads, process group, run folder lock, then logging and the trainer."""
+    import torch
+
     torch.set_num_threads(cfg.train.threads)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+    from seer_pipeline.core.logging_utils import setup_logging
+    from seer_pipeline.core.runlock import LOCKED_EXIT
+    from seer_pipeline.dist.setup import cleanup_distributed, init_distributed
 
-    setup_logging(denv.rank, os.path.join(cfg.run.dir, "logs"))
-    if cfg.dist.nproc != denv.world_size and denv.source != "torchrun":
-        log.info("world size %d from %s (dist.nproc=%d applies to local spawns only)",
-                 denv.world_size, denv.source, cfg.dist.nproc)
+    logged = False
     try:
         device = init_distributed(denv, cfg.dist.timeout_s, cfg.dist.backend or None)
-        # lazy: the trainer's stack (models, loader, numba kernels) loads in ranks only, never in the
-        # parent that spawns dist.nproc ranks and waits
+        # Before logging: the log files of a run folder another job owns are not ours to open.
+        stop = _lock_run_dir(cfg, denv, device)
+        if stop:
+            print(f"seer-train: {stop}", file=sys.stderr)
+            return LOCKED_EXIT
+        setup_logging(denv.rank, os.path.join(cfg.run.dir, "logs"))
+        logged = True
+        if cfg.dist.nproc != denv.world_size and denv.source != "torchrun":
+            log.info("world size %d from %s (dist.nproc=%d applies to local spawns only)",
+                     denv.world_size, denv.source, cfg.dist.nproc)
         from seer_pipeline.train.trainer import Trainer
 
         return Trainer(cfg, denv, device).train()
     except Exception as e:
+        if not logged:  # failed before the run folder's logs were set up
+            print(f"seer-train: rank {denv.rank}: {type(e).__name__}: {e}", file=sys.stderr)
+            return 1
         msg = f"{type(e).__name__}: {e}"
         if torch.distributed.is_initialized() and any(
                 k in msg for k in ("Connection", "connection", "Timeout", "timed out", "closed", "peer")):
@@ -113,10 +156,20 @@ def run_rank(cfg, denv) -> int:  # noqa: ANN001 - DictConfig, DistEnv
             cleanup_distributed()
         except Exception:  # noqa: BLE001 - a dead peer can make teardown fail too
             pass
+        global _RUN_LOCK
+        if _RUN_LOCK is not None:
+            _RUN_LOCK.release()
+            _RUN_LOCK = None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, rank_cmd: Sequence[str] | None = None) -> int:
+    """seer-train. `rank_cmd` replaces `python -m seer_pipeline.train.cli` for spawned local
+    ranks (the fault-injection test entry uses it)."""
     args = _parse(argv)
+    from seer_pipeline.config.base import ConfigError
+    from seer_pipeline.dist.setup import DistEnvError, resolve_env
+    from seer_pipeline.config.train import load_train_config
+
     try:
         cfg = load_train_config(args.config, args.overrides)
         denv = resolve_env()
@@ -128,9 +181,24 @@ def main(argv: Sequence[str] | None = None) -> int:
               "folder) or a shard pattern", file=sys.stderr)
         return 2
     if denv.source == "single" and cfg.dist.nproc > 1:
+        from seer_pipeline.core import runlock
+
+        token = ""
+        if cfg.run.lock:  # the launcher holds the lock for its ranks, before any of them starts
+            try:
+                lock = runlock.acquire(cfg.run.dir)
+            except (runlock.RunLocked, runlock.RunLockError) as e:
+                print(f"seer-train: {e}", file=sys.stderr)
+                return runlock.LOCKED_EXIT
+            token = lock.token
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s launcher: %(message)s")
-        return spawn_local(list(argv if argv is not None else sys.argv[1:]), cfg.dist.nproc,
-                           cfg.train.threads, grace_s=cfg.dist.timeout_s + 10)
+        try:
+            return spawn_local(list(argv if argv is not None else sys.argv[1:]), cfg.dist.nproc,
+                               cfg.train.threads, grace_s=cfg.dist.timeout_s + 10,
+                               rank_cmd=rank_cmd, lock_token=token)
+        finally:
+            if token:
+                lock.release()
     return run_rank(cfg, denv)
 
 

@@ -1,4 +1,9 @@
-"""What a run folder records about where it ran: provenance.json and requeues.json."""
+"""What a run folder records about where it ran: provenance.json and requeues.json.
+
+This module is the one writer of RUN/requeues.json ({"count", "history"}): the trainer's own
+requeue after a preemption save and the launcher's requeue before training started
+(launch.job) both book through `book_requeue`. Torch-free at import (the launcher reads it).
+"""
 from __future__ import annotations
 
 import json
@@ -11,8 +16,6 @@ import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from seer_pipeline.core.io_utils import atomic_write_json
 
@@ -35,6 +38,8 @@ def _git_commit() -> str:
 
 
 def provenance(world_size: int, threads: int) -> dict[str, Any]:
+    import torch  # here, not at import: the launcher imports this module without torch
+
     versions = {}
     for p in _PACKAGES:
         try:
@@ -71,6 +76,40 @@ def record_start(run_dir: Path, world_size: int, threads: int, resumed_from: int
     atomic_write_json(path, data)
 
 
+REQUEUES = "requeues.json"
+
+
+def read_requeues(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """RUN/requeues.json as {"count": n, "history": [...]}; absent gives an empty record, and a
+    truncated or foreign one too, with one warning line (a preemption must still requeue)."""
+    path = Path(run_dir) / REQUEUES
+    empty: dict[str, Any] = {"count": 0, "history": []}
+    if not path.exists():
+        return empty
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        log.warning("%s unreadable (%s); counting requeues from 0", path, type(e).__name__)
+        return empty
+    if (not isinstance(data, dict) or not isinstance(data.get("count", 0), int)
+            or isinstance(data.get("count"), bool) or not isinstance(data.get("history", []), list)):
+        log.warning("%s is not a requeue record; counting requeues from 0", path)
+        return empty
+    data.setdefault("count", 0)
+    data.setdefault("history", [])
+    return data
+
+
+def book_requeue(run_dir: str | os.PathLike, entry: dict[str, Any], requeued: bool) -> dict[str, Any]:
+    """Append one requeue decision to RUN/requeues.json (atomically); count it if it requeued."""
+    data = read_requeues(run_dir)
+    data["history"].append({**entry, "requeued": bool(requeued)})
+    if requeued:
+        data["count"] += 1
+    atomic_write_json(Path(run_dir) / REQUEUES, data)
+    return data
+
+
 def requeue_job(run_dir: Path, max_requeues: int, step: int, reason: str) -> bool:
     """Under SLURM, `scontrol requeue` this job unless `max_requeues` is used up.
 
@@ -80,26 +119,21 @@ def requeue_job(run_dir: Path, max_requeues: int, step: int, reason: str) -> boo
     if not job:
         log.info("not under SLURM: exiting after the save; re-run the same command to resume")
         return False
-    path = Path(run_dir) / "requeues.json"
-    data: dict[str, Any] = {"count": 0, "history": []}
-    if path.exists():
-        data = json.loads(path.read_text())
+    count = read_requeues(run_dir)["count"]
     entry = {"time": time.time(), "step": step, "reason": reason, "job_id": job}
-    if data["count"] >= max_requeues:
+    if count >= max_requeues:
         log.error("requeue cap reached (%d of slurm.max_requeues=%d): not requeueing job %s; "
-                  "resubmit by hand to continue from step %d", data["count"], max_requeues, job, step)
-        entry["requeued"] = False
-        data["history"].append(entry)
-        atomic_write_json(path, data)
+                  "resubmit by hand to continue from step %d", count, max_requeues, job, step)
+        book_requeue(run_dir, entry, requeued=False)
         return False
-    res = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
-    ok = res.returncode == 0
-    entry["requeued"] = ok
+    try:
+        res = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+        ok, err = res.returncode == 0, res.stderr.strip()
+    except (OSError, subprocess.SubprocessError) as e:
+        ok, err = False, str(e)
+    data = book_requeue(run_dir, entry, requeued=ok)
     if ok:
-        data["count"] += 1
         log.warning("requeued SLURM job %s (%d of %d)", job, data["count"], max_requeues)
     else:
-        log.error("scontrol requeue %s failed: %s", job, res.stderr.strip())
-    data["history"].append(entry)
-    atomic_write_json(path, data)
+        log.error("scontrol requeue %s failed: %s", job, err)
     return ok

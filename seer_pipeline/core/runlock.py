@@ -1,0 +1,169 @@
+"""One job per run folder: an exclusive POSIX lock on RUN/.lock, with the holder recorded in it.
+
+Two jobs on one run.dir (resubmitting while a job still runs) resume from each other's
+checkpoints, delete each other's in-flight saves and truncate each other's metrics. The first
+process of a job (the local launcher, or rank 0 under torchrun/SLURM) takes the lock before it
+writes anything; a second job finds it held and stops at once, naming the holder.
+
+Mechanism: `fcntl.lockf` (POSIX record locks), because that is the lock NFS carries between
+nodes (NLM for NFSv3, part of the protocol in NFSv4) and Lustre with `-o flock`; BSD `flock()`
+is emulated by fcntl locks on Linux NFS anyway. The kernel drops the lock when the holder dies.
+The holder writes {job_id, host, pid, token, time} into the locked file so others can name it.
+Ranks of one job share it: spawned local ranks carry the holder's random token
+(SEER_RUN_LOCK_TOKEN) and join only while the lock is held and records that very token (a
+stale inherited token matches nothing); under torchrun/SLURM rank 0 tells the others.
+
+Limits (documented in docs/slurm.md): NFSv3 mounted with `nolock`, and Lustre with `localflock`,
+make the lock node-local (two jobs on different nodes are not kept apart); Lustre `noflock`
+refuses locks (we then stop with a clear error; `run.lock=false` runs without). On NFSv4 a node
+that crashes or loses the server keeps the lock until its lease expires (typically 90 s), and a
+partitioned node may lose it silently. POSIX locks are per process: closing any descriptor of
+the lock file in the holding process releases it, so nothing else in that process opens it.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+LOCK_NAME = ".lock"
+TOKEN_ENV = "SEER_RUN_LOCK_TOKEN"
+# sysexits.h EX_CANTCREAT: the run folder cannot be written by this job (another one owns it).
+LOCKED_EXIT = 73
+_UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+
+
+class RunLocked(RuntimeError):
+    """Another job holds the run folder."""
+
+    def __init__(self, run_dir: Path, holder: dict[str, Any]) -> None:
+        self.holder = holder
+        super().__init__(f"run folder {run_dir} is in use by {describe(holder)}; wait for it to "
+                         "end, use another run.dir, or (seer-submit) --after-holder to queue behind it")
+
+
+class RunLockError(RuntimeError):
+    """The file system refused to lock (no lock support): stop rather than run unprotected."""
+
+
+def describe(holder: dict[str, Any]) -> str:
+    if not holder:
+        return "another process (holder not recorded yet)"
+    job = holder.get("job_id") or "-"
+    return f"job {job} on host {holder.get('host', '?')} (pid {holder.get('pid', '?')})"
+
+
+def job_identity() -> str:
+    """The scheduler's id of this job ('' when run by hand)."""
+    return os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID", "")
+
+
+def _parse(raw: bytes) -> dict[str, Any]:
+    try:
+        rec = json.loads(raw[:4096].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return {}
+    return rec if isinstance(rec, dict) else {}
+
+
+def read_holder(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The recorded holder (may be stale: only a failed lock attempt proves it is alive).
+
+    Never call this in the holding process (closing the descriptor would drop its lock)."""
+    try:
+        with open(Path(run_dir) / LOCK_NAME, "rb") as f:
+            return _parse(f.read(4096))
+    except OSError:
+        return {}
+
+
+class RunLock:
+    """The held lock; `release()` (or process exit) frees it."""
+
+    def __init__(self, run_dir: str | os.PathLike, fd: int | None, holder: dict[str, Any]) -> None:
+        self.run_dir, self.fd, self.holder = Path(run_dir), fd, holder
+
+    @property
+    def token(self) -> str:
+        return str(self.holder.get("token", ""))
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # the kernel drops the lock with the last descriptor
+            self.fd = None
+
+
+def _try_lock(fd: int, path: Path) -> bool:
+    import fcntl
+
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EAGAIN):
+            return False
+        if e.errno in _UNSUPPORTED:
+            raise RunLockError(
+                f"{path}: the file system does not support locks ({os.strerror(e.errno)}); "
+                "mount it with lock support (NFS without `nolock`, Lustre with `flock`) or set "
+                "run.lock=false to run without the one-job-per-folder guard") from e
+        raise
+
+
+def acquire(run_dir: str | os.PathLike, job_id: str | None = None) -> RunLock:
+    """Take RUN/.lock or raise RunLocked naming the holder. Creates RUN if needed; writes
+    nothing else and truncates nothing unless the lock was obtained."""
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    path = run / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if not _try_lock(fd, path):
+            holder = _parse(os.pread(fd, 4096, 0))
+            raise RunLocked(run, holder)
+        holder = {"job_id": job_identity() if job_id is None else job_id,
+                  "host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
+                  "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        data = (json.dumps(holder) + "\n").encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return RunLock(run, fd, holder)
+
+
+def acquire_or_join(run_dir: str | os.PathLike) -> RunLock:
+    """Rank 0 of a job: join the lock our launcher holds (token from the environment, checked
+    against the file and against the lock being held), else acquire it."""
+    token = os.environ.get(TOKEN_ENV, "")
+    if token:
+        holder = read_holder(run_dir)
+        if holder.get("token") == token and is_locked(run_dir):
+            return RunLock(run_dir, None, holder)
+    return acquire(run_dir)
+
+
+def is_locked(run_dir: str | os.PathLike) -> bool:
+    """Whether another process holds RUN/.lock now (probe: lock and release at once)."""
+    path = Path(run_dir) / LOCK_NAME
+    if not path.is_file():
+        return False
+    fd = os.open(path, os.O_RDWR)
+    try:
+        return not _try_lock(fd, path)
+    finally:
+        os.close(fd)
+
+
+def holder_if_locked(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The live holder of RUN/.lock ({} if it recorded nothing yet), or None when free."""
+    if not is_locked(run_dir):
+        return None
+    return read_holder(run_dir)
