@@ -307,11 +307,13 @@ class Trainer:
         views = [v.to(self.device, non_blocking=True) for v in views]
         swav.normalize_prototypes(self.inner.head)
         log_now = (step + 1) % cfg.train.log_every == 0
-        queue_scores = None
-        if self.queue is not None and self.queue.active(step):
-            queue_scores = self.queue.scores(self.inner.head.prototypes)
         with self.autocast:
             emb, scores = self.model(views)
+        queue_scores = None
+        if self.queue is not None and self.queue.active(step):
+            # After the forward: FSDP2 must run the root first (lazy init), and a queue restored
+            # full is read in the very first step after a resume.
+            queue_scores = self.queue.scores(self.inner.head.prototypes)
         loss, stats = swav.swav_loss(
             scores.float(), len(views), cfg.swav.crops_for_assign, cfg.swav.temperature,
             cfg.swav.epsilon, cfg.swav.sinkhorn_iters, queue_scores=queue_scores, compute_stats=log_now)
