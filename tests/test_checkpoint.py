@@ -48,6 +48,56 @@ def test_load_roundtrip_with_per_rank_state(tmp_path: Path) -> None:
     assert per_rank[0]["loader"] == {"batches": 8} and int(per_rank[0]["rng"]) == 8
 
 
+class _Counter:
+    """A global component: a tensor and a python value."""
+
+    def __init__(self) -> None:
+        self.w, self.n = torch.zeros(3), 0
+
+    def state_dict(self) -> dict:
+        return {"w": self.w, "n": self.n}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.w.copy_(sd["w"])
+        self.n = int(sd["n"])
+
+
+class _PerRank:
+    def __init__(self, v: int) -> None:
+        self.v, self.got = v, None
+
+    def state_dict(self) -> dict:
+        return {"v": self.v}
+
+    def load_state_dict(self, states: list) -> None:
+        self.got = states
+
+
+def test_registered_components_are_collected_and_restored(tmp_path: Path) -> None:
+    ck = Checkpointer(tmp_path, every=1)
+    c, r = _Counter(), _PerRank(7)
+    ck.register("counter", c)
+    ck.register("thing", r, per_rank=True)
+    with pytest.raises(ValueError, match="taken or reserved"):
+        ck.register("counter", c)
+    c.w += 2.5
+    c.n = 3
+    ck.save(5)
+    c.w.zero_()
+    c.n = 0
+    late = _PerRank(0)  # a component the checkpoint does not hold gets None for its rank
+    ck.register("late", late, per_rank=True)
+    assert ck.restore() == 5
+    assert torch.equal(c.w, torch.full((3,), 2.5)) and c.n == 3
+    assert r.got == [{"v": 7}] and late.got == [None]
+    seen = []
+    with pytest.raises(RuntimeError, match="refused"):
+        ck.restore(lambda meta: seen.append(meta["step"]) or (_ for _ in ()).throw(RuntimeError("refused")))
+    assert seen == [5]
+    with pytest.raises(TypeError):
+        Checkpointer(tmp_path, 1)  # keyword-only
+
+
 def test_truncated_checkpoint_is_skipped_for_previous(tmp_path: Path, caplog) -> None:
     ck = _save_steps(tmp_path, [4, 8], keep_latest=3)
     data = next(p for p in (tmp_path / "checkpoints" / "step_000000008").iterdir() if p.suffix == ".distcp")
@@ -114,9 +164,9 @@ def test_signal_only_sets_a_flag() -> None:
     flag = PreemptionFlag()
     flag.install()
     try:
-        assert not flag.agreed()
+        assert not flag.local
         os.kill(os.getpid(), signal.SIGUSR2)
-        assert flag.local and flag.agreed() and flag.name() == "SIGUSR2"
+        assert flag.local and flag.name() == "SIGUSR2"
     finally:
         flag.restore()
     assert signal.getsignal(signal.SIGUSR2) in (signal.SIG_DFL, None) or callable(signal.getsignal(signal.SIGUSR2))

@@ -6,13 +6,20 @@ file naming the step dir). A save goes to `step_X.partial/`; once every rank fin
 folder to `step_X/` and only then replaces `latest` atomically. A kill -9 at any moment leaves
 either a `.partial` folder (ignored, later deleted) or a complete one.
 
-State layout inside DCP: `model` and `optim` (get_state_dict; sharded, reshardable), `train`
-(step, schedule length; the same on every rank) and one `rank{r}` entry per rank (RNG, loader
-and queue state as tensors and plain values, read with weights_only=True: safe_dcp).
+State comes from components (torchtitan's shape): each owner registers a `Stateful` once,
+`ckpt.register("queue", queue_state, per_rank=True)`, and the checkpointer collects them on save
+and hands them back on load. Global components (`model`, `optim`, `train`) are DCP entries,
+sharded and reshardable. Per-rank components (`rng`, `loader`, `queue`, `metrics`) are packed
+together into one `rank{r}` entry per rank: DCP keeps a single copy of a key every rank writes,
+so a shared key would give every rank rank 0's RNG on load (checked with torch 2.13 DCP on 2 gloo ranks). A per-rank
+component's `load_state_dict` receives the list of EVERY saved rank's state (index = saved
+rank; None where that rank saved nothing under its name), so it decides itself what a change of
+world size means (the loader redistributes the epoch; RNG and queue start afresh with a log line).
+This is the on-disk layout of earlier checkpoints too, which therefore still load.
 
-Reading never runs code (safe_dcp: restricted unpickler for DCP's .metadata), and every file's
-SHA-256 is recorded in meta.json and checked before a load (integrity). Per-rank keys matter: DCP keeps a single copy of a key every rank
-writes, so a shared key would give every rank rank 0's RNG on load (checked with torch 2.13 DCP on 2 gloo ranks).
+Per-rank payloads are tensors and plain values read with weights_only=True (safe_dcp.pack/unpack),
+DCP's .metadata goes through a restricted unpickler (safe_dcp), and every file's SHA-256 is recorded
+in meta.json and checked before a load (integrity).
 """
 from __future__ import annotations
 
@@ -28,10 +35,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.stateful import Stateful
 
 from seer_pipeline.checkpoint import integrity, safe_dcp
 from seer_pipeline.checkpoint.safe_dcp import pack, unpack  # noqa: F401 - the payload format
 from seer_pipeline.core.io_utils import atomic_write_json, atomic_write_text, fsync_dir
+from seer_pipeline.dist.setup import collective_device
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +121,7 @@ class Checkpointer:
     """Saves every `every` steps (and on demand), keeps the latest K plus every Mth step."""
 
     def __init__(
-        self, run_dir: str | Path, every: int, keep_latest: int = 2, keep_every: int = 0,
+        self, run_dir: str | Path, *, every: int, keep_latest: int = 2, keep_every: int = 0,
         async_save: bool = False, rank: int = 0, world_size: int = 1,
         config_yaml: str = "", timeout_s: float = 600.0,
     ) -> None:
@@ -132,6 +141,36 @@ class Checkpointer:
             # save (SIGABRT, size mismatch; torch 2.13 on gloo): the background save gets its own gloo group.
             self._group = dist.new_group(backend="gloo", timeout=_dt.timedelta(seconds=timeout_s))
         self.last_save_s: float | None = None
+        self._global: dict[str, Stateful] = {}
+        self._ranked: dict[str, Stateful] = {}
+
+    # -- components ---------------------------------------------------------------------------
+    def register(self, name: str, component: Stateful, per_rank: bool = False) -> None:
+        """Add a component whose state every checkpoint carries (see the module docstring)."""
+        if name in self._global or name in self._ranked or name in ("config",) or name.startswith("rank"):
+            raise ValueError(f"checkpoint component name {name!r} is taken or reserved")
+        (self._ranked if per_rank else self._global)[name] = component
+
+    def collect(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(global state for DCP, this rank's per-rank state) from the registered components."""
+        return ({k: c.state_dict() for k, c in self._global.items()},
+                {k: c.state_dict() for k, c in self._ranked.items()})
+
+    def restore(self, check_meta: Callable[[dict[str, Any]], None] | None = None) -> int | None:
+        """Collective: load the newest loadable checkpoint into the registered components.
+
+        `check_meta(meta)` runs before a checkpoint is read (e.g. to refuse a changed config
+        with a clear message); returns the step restored, or None when there is no checkpoint.
+        """
+        got = self.load_latest(lambda: self.collect()[0], check_meta)
+        if got is None:
+            return None
+        step, state, per_rank, _ = got
+        for k, c in self._global.items():
+            c.load_state_dict(state[k])
+        for k, c in self._ranked.items():
+            c.load_state_dict([p.get(k) if isinstance(p, dict) else None for p in per_rank])
+        return step
 
     # -- policy -------------------------------------------------------------------------------
     def due(self, step: int) -> bool:
@@ -154,10 +193,16 @@ class Checkpointer:
                 shutil.rmtree(p, ignore_errors=True)
 
     # -- saving -------------------------------------------------------------------------------
-    def save(self, step: int, state: dict[str, Any], per_rank: dict[str, Any], blocking: bool = True) -> float:
-        """Collective: write `state` + this rank's `per_rank` entry for `step`. Returns seconds
-        spent blocking the caller (the whole save when synchronous, the staging when async)."""
+    def save(self, step: int, state: dict[str, Any] | None = None,
+             per_rank: dict[str, Any] | None = None, blocking: bool = True) -> float:
+        """Collective: write `state` + this rank's `per_rank` entry for `step` (both default to
+        the registered components'). Returns seconds spent blocking the caller (the whole save
+        when synchronous, the staging when async)."""
         t0 = time.monotonic()
+        if state is None:
+            state, mine = self.collect()
+            per_rank = mine if per_rank is None else per_rank
+        per_rank = {} if per_rank is None else per_rank
         self.wait()  # one save in flight at a time
         tmp = self.dir / (step_dir_name(step) + ".partial")
         if self.rank == 0:
@@ -222,6 +267,7 @@ class Checkpointer:
     # -- loading ------------------------------------------------------------------------------
     def load_latest(
         self, make_state: Callable[[], dict[str, Any]],
+        check_meta: Callable[[dict[str, Any]], None] | None = None,
     ) -> tuple[int, dict[str, Any], list[Any], dict[str, Any]] | None:
         """Collective: load the newest loadable checkpoint into `make_state()`'s tensors.
 
@@ -232,12 +278,19 @@ class Checkpointer:
         steps = [s for s, _, _ in cands]
         if dist.is_initialized():  # every rank must try the same checkpoints in the same order
             obj = [steps]
-            dist.broadcast_object_list(obj, src=0)
+            dist.broadcast_object_list(obj, src=0, device=collective_device())
             steps = obj[0]
             cands = [c for c in cands if c[0] in steps] if self.rank != 0 else cands
         by_step = {s: (p, m) for s, p, m in cands}
         for s in steps:
             path, meta = by_step.get(s, (self.dir / step_dir_name(s), None))
+            if check_meta is not None:
+                try:
+                    seen = meta or verify_step_dir(path)
+                except (CheckpointError, ValueError, OSError):
+                    seen = None  # unreadable here: the load below fails and all ranks agree on it
+                if seen is not None:
+                    check_meta(seen)  # raises on every rank alike: their configs are one config
             ok, err = True, ""
             state: dict[str, Any] = {}
             try:
@@ -254,7 +307,7 @@ class Checkpointer:
                 # (DCP's CheckpointException derives from BaseException, not Exception)
                 ok, err = False, _one_line(e)
             if dist.is_initialized():
-                flag = torch.tensor([0 if ok else 1])
+                flag = torch.tensor([0 if ok else 1], device=collective_device())
                 dist.all_reduce(flag)
                 ok = ok and int(flag) == 0
             if not ok:

@@ -71,7 +71,9 @@ class OptimConfig:
 class TrainLoopConfig:
     steps: int = 1000  # optimizer steps of the run (may grow on resume)
     threads: int = 1  # torch intra-op threads per rank; changes results bitwise, so explicit
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (bf16/fp16 params on GPU, autocast on CPU)
+    # fp32 | bf16. bf16: FSDP2 bf16 parameters with fp32 reduction, BN and prototypes (autocast
+    # when unsharded), on CPU and GPU alike. No fp16: it needs an agreed loss scaler, bf16 none.
+    precision: str = "fp32"
     log_every: int = 10  # console/TensorBoard interval; metrics.jsonl has every step
     deterministic: bool = True  # torch.use_deterministic_algorithms where supported
     tensorboard: bool = True  # write RUN/tb event files
@@ -136,7 +138,7 @@ RESUME_MUTABLE: tuple[str, ...] = (
     "dist.", "parallel.", "data.workers", "data.prefetch_factor", "data.shards", "init.",
     "train.threads",  # allowed, but the continuation is then not bitwise equal (warned)
 )
-_PRECISIONS = ("fp32", "bf16", "fp16")
+_PRECISIONS = ("fp32", "bf16")
 
 
 def _schema() -> DictConfig:
@@ -147,7 +149,8 @@ def validate(cfg: DictConfig) -> None:
     """Reject values no component could use (cross-field checks included)."""
     errs = []
     if cfg.train.precision not in _PRECISIONS:
-        errs.append(f"train.precision must be one of {_PRECISIONS}, got {cfg.train.precision!r}")
+        errs.append(f"train.precision must be one of {_PRECISIONS}, got {cfg.train.precision!r}"
+                    + (" (fp16 is not supported: use bf16)" if cfg.train.precision == "fp16" else ""))
     if cfg.parallel.fsdp not in ("full", "hybrid", "none"):
         errs.append(f"parallel.fsdp must be full|hybrid|none, got {cfg.parallel.fsdp!r}")
     if cfg.parallel.ac not in ("none", "stage", "block"):

@@ -21,11 +21,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# fp16 is not offered: it needs a loss scaler whose inf check all ranks agree on, and bf16 (the
+# GPU default, same exponent range as fp32) needs none.
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,19 @@ class ParallelPlan:
     compile: bool = False
     sync_bn_group: int = 0  # CUDA: 0 = per node, -1 = off, N = groups of N ranks
     reshard_after_forward: bool = True
-    precision: str = "fp32"
+    precision: str = "fp32"  # parameter/compute dtype of the FSDP units (train.precision)
+    reduce_precision: str = "fp32"  # gradient reduce-scatter (master params and grads stay fp32)
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        """FSDP2 parameter dtype: from the config, on every device (CPU tests run the GPU policy)."""
+        if self.precision not in _DTYPES:
+            raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {self.precision!r}")
+        return _DTYPES[self.precision]
+
+    @property
+    def reduce_dtype(self) -> torch.dtype:
+        return _DTYPES[self.reduce_precision]
 
     @classmethod
     def from_config(cls, parallel: Any, precision: str) -> "ParallelPlan":
@@ -77,9 +91,24 @@ def _sync_bn_groups(group_size: int, local_world: int) -> Any:
     return mine
 
 
+_WRAPPER_ATTRS = ("_checkpoint_wrapped_module", "_orig_mod")  # checkpoint_wrapper, torch.compile
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The plain module under DDP, activation-checkpoint and compile wrappers (FSDP2 modules are
+    the model itself, so they need no unwrapping)."""
+    while True:
+        if isinstance(module, nn.parallel.DistributedDataParallel):
+            module = module.module
+            continue
+        inner = next((getattr(module, a) for a in _WRAPPER_ATTRS if hasattr(module, a)), None)
+        if inner is None:
+            return module
+        module = inner
+
+
 def _stage_blocks(stage: nn.Module) -> nn.Module:
-    inner = getattr(stage, "_checkpoint_wrapped_module", stage)
-    return inner.blocks
+    return unwrap(stage).blocks
 
 
 def parallelize(
@@ -133,10 +162,11 @@ def parallelize(
     if mesh is None:
         return model
 
-    # CPU: fp32 parameters (bf16 there is torch.autocast, applied by the trainer).
-    param_dtype = _DTYPES[plan.precision] if on_cuda else torch.float32
-    apply_fsdp(model, mesh, param_dtype, plan.blocks_per_unit, plan.reshard_after_forward)
-    n_units = sum(1 for m in model.modules() if type(m).__name__.startswith("FSDP"))
+    # The dtype policy is the config's on every device, so CPU/gloo tests run the GPU layout.
+    param_dtype = plan.param_dtype
+    apply_fsdp(model, mesh, param_dtype, plan.blocks_per_unit, plan.reshard_after_forward,
+               plan.reduce_dtype)
+    n_units = sum(1 for m in model.modules() if isinstance(m, FSDPModule))
     log.info("FSDP2 applied: %s sharding, mesh %s, %d units, params %s, ac=%s, compile=%s",
              plan.fsdp, tuple(mesh.shape), n_units, param_dtype, plan.ac, plan.compile)
     return model
@@ -145,12 +175,13 @@ def parallelize(
 def apply_fsdp(
     model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype = torch.float32,
     blocks_per_unit: int = 1, reshard_after_forward: bool = True,
+    reduce_dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
     """fully_shard bottom-up: [BN units], block groups, prototypes, head, root."""
     trunk, head = model.trunk, model.head
     mixed = param_dtype != torch.float32
     # Without mixed precision the default policy casts nothing (float64 test models stay so).
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if mixed \
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype) if mixed \
         else MixedPrecisionPolicy()
     fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32) if mixed \
         else MixedPrecisionPolicy()
@@ -177,9 +208,9 @@ def apply_fsdp(
     return model
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module under a DDP wrapper (FSDP2 modules are the model itself)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+def is_fsdp(model: nn.Module) -> bool:
+    """Whether fully_shard was applied (then FSDP casts dtypes; otherwise autocast does)."""
+    return isinstance(model, FSDPModule)
 
 
 def clean_fqn(name: str) -> str:

@@ -4,6 +4,17 @@ Every launcher (our local spawner, torchrun, srun from an sbatch template, submi
 or its LocalExecutor) ends up here, so rank discovery has exactly one implementation.
 A partial environment (e.g. RANK without WORLD_SIZE) is a misconfigured launcher and is
 rejected with a message naming what is missing, rather than silently running as rank 0.
+
+The collective device rule (one rule, everywhere): a collective's tensors live on the device its
+process group serves, `collective_device(group)`: the rank's CUDA device when the group's backend
+is NCCL, the CPU for gloo. The default group on CUDA is NCCL only, so a CPU tensor there fails
+("No backend type associated with device type cpu"). We chose device tensors over a mixed
+`"cpu:gloo,cuda:nccl"` group so that every collective of a step runs on one backend in one stream
+order (no host round trip hidden in a gloo call, and DeviceMesh sub-groups inherit one backend).
+Control values (loss, flags) are therefore packed into one small device tensor and read back with
+one `.tolist()` per step. Object collectives (`broadcast_object_list`) get `device=` explicitly.
+The only gloo group on a GPU run is the async checkpoint's own (`checkpoint.checkpointer`), whose
+collectives DCP issues on CPU-staged data. tests/test_gpu_path.py enforces the rule on CPU.
 """
 from __future__ import annotations
 
@@ -13,7 +24,7 @@ import os
 import socket
 import subprocess
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
@@ -163,15 +174,29 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def collective_device(group: Any = None) -> torch.device:
+    """The device whose tensors `group` (default: WORLD) accepts: see the module docstring."""
+    if dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def init_distributed(
     denv: DistEnv, timeout_s: float = 600.0, backend: str | None = None
 ) -> torch.device:
-    """Join the process group (if world > 1) with a timeout on every collective.
+    """Join the process group with a timeout on every collective; returns the compute device.
 
-    On CUDA, NCCL async error handling makes a dead peer raise instead of hang; on CPU, gloo's
-    timeout does the same job. Returns the device this rank should compute on.
+    The group is created when world > 1, and also at world 1 when `backend` is named
+    explicitly (`dist.backend=nccl`): then every collective of the loop really runs on that
+    backend, which is how one GPU checks the multi-GPU code path. On CUDA, NCCL async error
+    handling makes a dead peer raise instead of hang; on CPU, gloo's timeout does the same job.
     """
+    explicit = bool(backend)
     backend = backend or default_backend()
+    if backend not in ("nccl", "gloo"):
+        raise ValueError(f"dist.backend must be nccl or gloo (or empty), got {backend!r}")
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise RuntimeError("dist.backend=nccl needs a CUDA device; use gloo (or leave it empty) on CPU")
     device = torch.device("cpu")
     if backend == "nccl":
         # Async error handling: a watchdog tears the communicator down after `timeout` so a
@@ -179,7 +204,7 @@ def init_distributed(
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         torch.cuda.set_device(denv.local_rank)
         device = torch.device("cuda", denv.local_rank)
-    if denv.world_size > 1 and not dist.is_initialized():
+    if (denv.world_size > 1 or explicit) and not dist.is_initialized():
         denv.export()
         dist.init_process_group(
             backend=backend,

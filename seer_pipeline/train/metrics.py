@@ -4,6 +4,9 @@ Only rank 0 writes. Every step appears exactly once across restarts: on resume f
 checkpoint at step S, lines with step > S (written after that checkpoint by the interrupted run)
 are dropped, atomically, before anything new is appended, and the first new line carries
 `resumed_from: S`. TensorBoard gets `purge_step` for the same reason.
+
+The console line reads the way SLURM users tail a log: `step N/M`, images per second and the ETA
+(from a smoothed step time), then the scalars.
 """
 from __future__ import annotations
 
@@ -50,14 +53,51 @@ def truncate_metrics(path: str | Path, last_step: int) -> int:
     return dropped
 
 
+class Throughput:
+    """Images and training seconds so far (across restarts) and a smoothed step time for the ETA.
+
+    A per-rank checkpoint component (`load_state_dict` gets every saved rank's state): the
+    totals are restored from saved rank 0, the rank that logs them.
+    """
+
+    _SMOOTH = 0.9  # EMA weight of the past step times: steady ETA, reacts within ~10 steps
+
+    def __init__(self) -> None:
+        self.images = 0
+        self.seconds = 0.0
+        self.step_s: float | None = None
+
+    def update(self, images: int, seconds: float) -> None:
+        self.images += images
+        self.seconds += seconds
+        self.step_s = seconds if self.step_s is None else \
+            self._SMOOTH * self.step_s + (1 - self._SMOOTH) * seconds
+
+    def eta_s(self, steps_left: int) -> float:
+        return max(0, steps_left) * (self.step_s or 0.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"images": self.images, "seconds": self.seconds}
+
+    def load_state_dict(self, states: list[dict[str, Any] | None]) -> None:
+        if states and states[0]:  # None: a checkpoint written before this was saved
+            self.images, self.seconds = int(states[0]["images"]), float(states[0]["seconds"])
+
+
+def format_eta(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
 class MetricsLogger:
     """Rank-0 sink for per-step scalars: JSON lines, TensorBoard, console every `log_every`."""
 
     def __init__(
         self, run_dir: str | Path, rank: int, log_every: int = 10, tensorboard: bool = True,
-        resumed_from: int | None = None,
+        resumed_from: int | None = None, total_steps: int = 0,
     ) -> None:
         self.rank = rank
+        self.total_steps = total_steps
         self.log_every = max(1, log_every)
         self.path = Path(run_dir) / "metrics.jsonl"
         self._resumed_from = resumed_from
@@ -95,9 +135,15 @@ class MetricsLogger:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self._tb.add_scalar(f"train/{k}", v, step)
-        if step % self.log_every == 0 or step == 1:
-            shown = " ".join(_fmt(k, v) for k, v in row.items() if k != "step")
-            log.info("step %d %s", step, shown)
+        if step % self.log_every == 0 or step == 1 or step == self.total_steps:
+            head = f"step {step}/{self.total_steps}" if self.total_steps else f"step {step}"
+            if isinstance(row.get("img_s"), (int, float)):
+                head += f" {row['img_s']:.1f} img/s"
+            if isinstance(row.get("eta_s"), (int, float)):
+                head += f" ETA {format_eta(row['eta_s'])}"
+            shown = " ".join(_fmt(k, v) for k, v in row.items()
+                             if k not in ("step", "img_s", "eta_s"))
+            log.info("%s %s", head, shown)
 
     def close(self) -> None:
         if self._fh is not None:

@@ -39,8 +39,9 @@ def _shard_groups(p: torch.Tensor) -> tuple[Any, ...]:
 
 def full_sq_norms(tensors: list[torch.Tensor], groups: list[tuple[Any, ...]]) -> torch.Tensor:
     """float64 squared norms of whole (possibly sharded) tensors, one all-reduce per group set."""
+    # On the parameters' device, which is the one their mesh's groups serve (dist.setup's rule).
     sq = torch.stack([_local(t).detach().double().pow(2).sum() for t in tensors]) if tensors \
-        else torch.zeros(0, dtype=torch.float64)
+        else torch.zeros(0, dtype=torch.float64, device="cpu")  # nothing to reduce
     by_groups: dict[tuple[Any, ...], list[int]] = {}
     for i, g in enumerate(groups):
         by_groups.setdefault(g, []).append(i)

@@ -2,8 +2,9 @@
 
 SLURM sends SIGTERM (and, with `--signal`, SIGUSR2) to every task; submitit uses SIGUSR2.
 A handler that saved or exited right away (as submitit's does, on rank 0 only, mid-step) would
-leave the other ranks blocked in a collective, so ours only records the signal. The trainer
-calls `PreemptionFlag.agreed()` once per step: a MAX all-reduce of the flag, so all ranks see
+leave the other ranks blocked in a collective, so ours only records the signal. Ranks agree
+on it in one place: the trainer's per-step all-reduce, which carries `PreemptionFlag.local`
+beside the loss and the non-finite flag (one collective per step, not two), so all ranks see
 the signal at the same step and save together.
 """
 from __future__ import annotations
@@ -14,9 +15,6 @@ import time
 from types import FrameType
 from typing import Any, Callable
 
-import torch
-import torch.distributed as dist
-
 from seer_pipeline.core.exit_codes import PREEMPTED  # noqa: F401  (re-exported: the trainer's exit code)
 
 log = logging.getLogger(__name__)
@@ -25,7 +23,7 @@ HANDLED_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
 
 class PreemptionFlag:
-    """Records SIGUSR2/SIGTERM; `agreed()` tells every rank whether any rank got one."""
+    """Records SIGUSR2/SIGTERM; the trainer's step all-reduce spreads `local` to every rank."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -52,13 +50,6 @@ class PreemptionFlag:
     @property
     def local(self) -> bool:
         return self.signum is not None
-
-    def agreed(self, group: Any = None) -> bool:
-        """True on every rank if any rank was signalled (a MAX all-reduce when distributed)."""
-        t = torch.tensor([1 if self.local else 0], dtype=torch.int32)
-        if dist.is_initialized():
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-        return bool(t.item())
 
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum is not None else "peer signal"

@@ -17,8 +17,9 @@ Trainer contract, per iteration:
 """
 from __future__ import annotations
 
+import logging
 import math
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -28,6 +29,7 @@ from torch import nn
 from seer_pipeline.models.swav import SwAVHead, _prototype_linear, normalize_prototypes  # noqa: F401
 
 ProcessGroup = dist.ProcessGroup
+log = logging.getLogger(__name__)
 
 # SwAV paper / VISSL defaults; SEER 10B used epsilon 0.03 and 10 Sinkhorn iterations.
 DEFAULT_EPSILON = 0.05
@@ -35,15 +37,11 @@ DEFAULT_TEMPERATURE = 0.1
 SEER_FREEZE_PROTOTYPES_ITERS = 313
 
 
-def _world(group: Optional[ProcessGroup]) -> int:
-    if not (dist.is_available() and dist.is_initialized()):
-        return 1
-    return dist.get_world_size(group)
-
-
 def _all_reduce(t: torch.Tensor, group: Optional[ProcessGroup], op=None) -> torch.Tensor:
-    """In-place all-reduce over `group` when distributed (the group's timeout bounds it)."""
-    if _world(group) > 1:
+    """In-place all-reduce over `group` whenever a process group exists, world 1 included (so a
+    one-GPU NCCL run exercises every collective). `t` is on the scores' device, the one the
+    group serves (seer_pipeline.dist.setup); the group's timeout bounds the call."""
+    if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=group)
     return t
 
@@ -233,3 +231,28 @@ class EmbeddingQueue(nn.Module):
         # since all ranks push equal batches at the same iterations and so fill up together.
         with torch.autocast(self.embeddings.device.type, enabled=False):
             return [prototypes(self.embeddings[i]).float() for i in range(self.embeddings.shape[0])]
+
+
+class QueueState:
+    """The queue as a per-rank checkpoint component (seer_pipeline.checkpoint.checkpointer).
+
+    Saved bitwise per rank. On a change of world size the per-rank queues (length
+    queue_length / world) no longer map onto the new ranks, so the queue restarts empty with a
+    log line; it refills within queue_length / global_batch steps and is not read until full.
+    """
+
+    def __init__(self, queue: EmbeddingQueue, rank: int, world: int) -> None:
+        self.queue, self.rank, self.world = queue, rank, world
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v.clone() for k, v in self.queue.state_dict().items()}
+
+    def load_state_dict(self, states: list[Optional[dict[str, Any]]]) -> None:
+        mine = states[self.rank] if len(states) == self.world else None
+        if mine is None:
+            log.warning("SwAV queue: checkpoint saved by %d rank(s), resuming on %d: the queue "
+                        "starts empty and refills before it is used again", len(states), self.world)
+            self.queue.embeddings.zero_()
+            self.queue.filled.zero_()
+            return
+        self.queue.load_state_dict(mine)

@@ -5,6 +5,14 @@
 schedule (an index), prototypes normalised, multi-crop forward, SwAV loss, backward, one tiny
 all-reduce carrying [loss, non-finite flag, preemption flag], prototype freeze, LARS step,
 metrics, then the checkpointer decides whether to save.
+
+Checkpoint state comes from components: model, optimizer, progress (global) and RNG, loader,
+queue, throughput (per rank) are each a `Stateful` registered once with the checkpointer. On a
+change of world size, model/optimizer/BN statistics reshard exactly (DCP), the loader
+redistributes the epoch, and the per-rank RNG streams and SwAV queue start afresh with a log line.
+Precision: FSDP2 casts (bf16 parameters, fp32 reduction, fp32 BN and prototypes) when the model
+is sharded; an unsharded model gets autocast instead. Every collective here uses tensors on the
+compute device, the one the process group serves (seer_pipeline.dist.setup).
 """
 from __future__ import annotations
 
@@ -22,16 +30,17 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
 
 from seer_pipeline.train import swav
 from seer_pipeline.checkpoint.checkpointer import Checkpointer, fault
 from seer_pipeline.config.base import save_config
 from seer_pipeline.dist.setup import DistEnv
-from seer_pipeline.train.metrics import MetricsLogger
+from seer_pipeline.train.metrics import MetricsLogger, Throughput
 from seer_pipeline.models.swav import SwAVModel, build_model  # noqa: F401
 from seer_pipeline.train.optim import LARS, build_param_groups, lr_at, lr_schedule, peak_lr
-from seer_pipeline.dist.parallelize import ParallelPlan, build_mesh, parallelize
+from seer_pipeline.dist.parallelize import ParallelPlan, build_mesh, is_fsdp, parallelize, unwrap
 from seer_pipeline.train.provenance import record_start, requeue_job
 from seer_pipeline.train.signals import PREEMPTED, PreemptionFlag
 from seer_pipeline.config.train import check_resume_compatible
@@ -59,11 +68,77 @@ def set_rng_state(st: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(st["cuda"])
 
 
+class ModelState:
+    """The model as a checkpoint component (DCP sharded state dict: reshardable)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_model_state_dict(self.model)
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        set_model_state_dict(self.model, sd)
+
+
+class OptimState:
+    """The optimizer (LARS momentum) as a checkpoint component, keyed by parameter names."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_optimizer_state_dict(self.model, self.optimizer)
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        set_optimizer_state_dict(self.model, self.optimizer, sd)
+
+
+class Progress:
+    """Step, schedule length and global batch (the same on every rank)."""
+
+    def __init__(self, total: int, global_batch: int) -> None:
+        self.step, self.total, self.global_batch = 0, total, global_batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "schedule_len": self.total, "global_batch": self.global_batch}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if int(sd["schedule_len"]) != self.total:
+            raise ValueError(
+                f"the checkpoint's lr schedule has {sd['schedule_len']} steps, this run's {self.total}: "
+                f"set optim.total_steps={sd['schedule_len']} to train longer on the same schedule")
+        self.step = int(sd["step"])
+
+
+class RNGState:
+    """Per-rank RNG streams (torch, CUDA, numpy, python) as a per-rank checkpoint component.
+
+    Restored bitwise at the same world size. On another world size there is no rank to take a
+    stream from, so each rank keeps the fresh stream it was seeded with (logged): the run then
+    continues exactly in data order but not bitwise.
+    """
+
+    def __init__(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
+
+    def state_dict(self) -> dict[str, Any]:
+        return rng_state()
+
+    def load_state_dict(self, states: list[dict[str, Any] | None]) -> None:
+        if len(states) == self.world and states[self.rank] is not None:
+            set_rng_state(states[self.rank])
+        else:
+            log.warning("RNG: checkpoint saved by %d rank(s), resuming on %d: per-rank streams "
+                        "are reseeded, so the run is no longer bitwise equal to an uninterrupted "
+                        "one", len(states), self.world)
+
+
 @torch.no_grad()
 def average_bn_stats(model: nn.Module) -> None:
     """BN running stats are plain per-rank buffers under FSDP2: average them before a save so
     the one copy DCP keeps is the mean over ranks (training-mode BN does not read them)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not dist.is_initialized():  # world 1 too: one GPU checks the NCCL path
         return
     bufs = [m.running_mean for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
             and m.running_mean is not None]
@@ -94,7 +169,7 @@ class Trainer:
         plan = ParallelPlan.from_config(cfg.parallel, cfg.train.precision)
         mesh = build_mesh(plan, device.type, self.world, denv.local_world_size)
         self.model = parallelize(model, plan, mesh, device, denv.local_world_size)
-        self.inner = model
+        self.inner = unwrap(self.model)
         self.optimizer = LARS(
             build_param_groups(model, cfg.optim.lars_exclude_bn_bias), lr=0.0,
             momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay, trust=cfg.optim.lars_trust,
@@ -112,39 +187,44 @@ class Trainer:
                 cfg.swav.queue_length // self.world, cfg.model.out_dim,
                 len(cfg.swav.crops_for_assign), cfg.swav.queue_start).to(device)
         self.ckpt = Checkpointer(
-            self.run_dir, cfg.ckpt.every, cfg.ckpt.keep_latest, cfg.ckpt.keep_every,
-            bool(cfg.ckpt["async"]), self.rank, self.world, OmegaConf.to_yaml(cfg),
-            cfg.dist.timeout_s)
+            self.run_dir, every=cfg.ckpt.every, keep_latest=cfg.ckpt.keep_latest,
+            keep_every=cfg.ckpt.keep_every, async_save=bool(cfg.ckpt["async"]), rank=self.rank,
+            world_size=self.world, config_yaml=OmegaConf.to_yaml(cfg), timeout_s=cfg.dist.timeout_s)
+        self.progress = Progress(self.total, self.global_batch)
+        self.throughput = Throughput()
+        # Everything a checkpoint holds: one line per component.
+        self.ckpt.register("model", ModelState(self.model))
+        self.ckpt.register("optim", OptimState(self.model, self.optimizer))
+        self.ckpt.register("train", self.progress)
+        self.ckpt.register("rng", RNGState(self.rank, self.world), per_rank=True)
+        self.ckpt.register("loader", self.loader, per_rank=True)
+        self.ckpt.register("metrics", self.throughput, per_rank=True)
+        if self.queue is not None:
+            self.ckpt.register("queue", swav.QueueState(self.queue, self.rank, self.world), per_rank=True)
         self.flag = PreemptionFlag()
-        self.step = 0
         self.saved_step = -1
-        on_cpu_bf16 = device.type == "cpu" and cfg.train.precision == "bf16"
-        self.autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if on_cpu_bf16 else nullcontext())
-        self.scaler = (torch.amp.GradScaler("cuda") if device.type == "cuda"
-                       and cfg.train.precision == "fp16" else None)
+        # Sharded: FSDP2 casts per unit (parallelize). Unsharded: autocast does the same job.
+        use_autocast = cfg.train.precision == "bf16" and not is_fsdp(self.model)
+        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_autocast
+                         else nullcontext())
+
+    @property
+    def step(self) -> int:
+        return self.progress.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.progress.step = value
 
     # -- checkpoint state ---------------------------------------------------------------------
-    def _app_state(self) -> dict[str, Any]:
-        msd, osd = get_state_dict(self.model, self.optimizer)
-        return {"model": msd, "optim": osd,
-                "train": {"step": self.step, "schedule_len": self.total, "global_batch": self.global_batch}}
-
-    def _per_rank(self) -> dict[str, Any]:
-        return {"rng": rng_state(), "loader": self.loader.state_dict(),
-                "queue": self.queue.state_dict() if self.queue is not None else None}
-
     def save(self, blocking: bool) -> float:
         if self.step == self.saved_step:  # e.g. a finished run started again: nothing new
             return 0.0
         self.saved_step = self.step
         average_bn_stats(self.model)
-        return self.ckpt.save(self.step, self._app_state(), self._per_rank(), blocking=blocking)
+        return self.ckpt.save(self.step, blocking=blocking)
 
-    def resume(self) -> int | None:
-        got = self.ckpt.load_latest(self._app_state)
-        if got is None:
-            return None
-        step, state, per_rank, meta = got
+    def _check_config(self, meta: dict[str, Any]) -> None:
         changed = check_resume_compatible(OmegaConf.to_container(OmegaConf.create(meta["config_yaml"])),
                                           self.cfg)
         if changed:
@@ -152,22 +232,11 @@ class Trainer:
         if {"train.threads", "data.workers", "dist.nproc"} & set(changed):
             log.warning("train.threads/data.workers/dist.nproc changed: the continuation is valid "
                         "but not bitwise equal to an uninterrupted run")
-        tr = state["train"]
-        if int(tr["schedule_len"]) != self.total:
-            raise ValueError(
-                f"the checkpoint's lr schedule has {tr['schedule_len']} steps, this run's {self.total}: "
-                f"set optim.total_steps={tr['schedule_len']} to train longer on the same schedule")
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
-        self.step = self.saved_step = int(tr["step"])
-        if len(per_rank) == self.world:
-            set_rng_state(per_rank[self.rank]["rng"])
-            if self.queue is not None and per_rank[self.rank]["queue"] is not None:
-                self.queue.load_state_dict(per_rank[self.rank]["queue"])
-        else:
-            log.warning("resuming %d-rank checkpoint on %d ranks: data continues exactly, but the "
-                        "run is no longer bitwise equal to an uninterrupted one", len(per_rank), self.world)
-        self.loader.load_state_dict([p["loader"] for p in per_rank])
+
+    def resume(self) -> int | None:
+        step = self.ckpt.restore(self._check_config)
+        if step is not None:
+            self.saved_step = self.step
         return step
 
     # -- the loop -----------------------------------------------------------------------------
@@ -178,7 +247,7 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
             record_start(self.run_dir, self.world, cfg.train.threads, resumed)
         metrics = MetricsLogger(self.run_dir, self.rank, cfg.train.log_every, cfg.train.tensorboard,
-                                resumed_from=resumed)
+                                resumed_from=resumed, total_steps=cfg.train.steps)
         self.flag.install()  # after submitit's own USR2 handler: ours must win
         it = iter(self.loader)
         log.info("training steps %d..%d, global batch %d, %d rank(s)", self.step + 1, cfg.train.steps,
@@ -193,7 +262,10 @@ class Trainer:
                 values, preempt = self.train_step(views)
                 self.step += 1
                 dt = time.perf_counter() - t0
+                self.throughput.update(self.global_batch, dt)
                 values.update(img_s=self.global_batch / dt, step_s=dt, data_wait=t_data / dt,
+                              eta_s=self.throughput.eta_s(cfg.train.steps - self.step),
+                              images_seen=self.throughput.images,
                               rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
                 if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
                     values.update({f"data_{k}": v for k, v in self.loader.metrics().items()
@@ -234,36 +306,38 @@ class Trainer:
         views = [v.to(self.device, non_blocking=True) for v in views]
         swav.normalize_prototypes(self.inner.head)
         log_now = (step + 1) % cfg.train.log_every == 0
-        queue_scores = None
-        if self.queue is not None and self.queue.active(step):
-            queue_scores = self.queue.scores(self.inner.head.prototypes)
         with self.autocast:
             emb, scores = self.model(views)
+        queue_scores = None
+        if self.queue is not None and self.queue.active(step):
+            # After the forward: FSDP2 must run the root first (lazy init), and a queue restored
+            # full is read in the very first step after a resume.
+            queue_scores = self.queue.scores(self.inner.head.prototypes)
         loss, stats = swav.swav_loss(
             scores.float(), len(views), cfg.swav.crops_for_assign, cfg.swav.temperature,
             cfg.swav.epsilon, cfg.swav.sinkhorn_iters, queue_scores=queue_scores, compute_stats=log_now)
         if self.queue is not None:
             b = views[0].shape[0]
             self.queue.push([emb[c * b:(c + 1) * b] for c in cfg.swav.crops_for_assign], step)
-        (self.scaler.scale(loss) if self.scaler else loss).backward()
-        bad = not bool(torch.isfinite(loss))
-        packed = torch.tensor([float(loss.detach()) if not bad else 0.0, float(bad), float(self.flag.local)],
-                              dtype=torch.float64)
+        loss.backward()
+        # One collective per step, on the compute device (the group's): [sum of losses, ranks
+        # with a non-finite loss, ranks signalled]. It is also how ranks agree on preemption.
+        finite = torch.isfinite(loss.detach())
+        packed = torch.stack((torch.where(finite, loss.detach(), 0.0).double(), (~finite).double(),
+                              torch.full((), float(self.flag.local), dtype=torch.float64,
+                                         device=loss.device)))
         if dist.is_initialized():
             dist.all_reduce(packed)
-        if packed[1] > 0:
+        loss_sum, n_bad, n_signalled = packed.tolist()  # the step's one host sync
+        if n_bad > 0:
             self._nonfinite(loss, scores, emb)
         swav.cancel_prototype_grads(self.inner.head, step, cfg.swav.freeze_prototypes_iters)
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+        self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        values: dict[str, Any] = {"loss": float(packed[0]) / self.world, "lr": lr}
+        values: dict[str, Any] = {"loss": loss_sum / self.world, "lr": lr}
         if log_now:
             values.update({k: float(v) for k, v in stats.items() if k != "loss"})
-        return values, bool(packed[2] > 0)
+        return values, n_signalled > 0
 
     def _nonfinite(self, loss: torch.Tensor, scores: torch.Tensor, emb: torch.Tensor) -> None:
         s = scores.detach().float()
