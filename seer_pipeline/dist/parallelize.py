@@ -40,6 +40,8 @@ class ParallelPlan:
     sync_bn_group: int = 0  # CUDA: 0 = per node, -1 = off, N = groups of N ranks
     reshard_after_forward: bool = True
     precision: str = "fp32"
+    # seer-plan --simulate: apply the GPU dtype policy to a CPU (fake-tensor) model as well.
+    precision_on_cpu: bool = False
 
     @classmethod
     def from_config(cls, parallel: Any, precision: str) -> "ParallelPlan":
@@ -97,7 +99,8 @@ def parallelize(
         # SyncBN only trains on CUDA (it raises on CPU, environment-facts), so CPU keeps plain BN.
         group = _sync_bn_groups(plan.sync_bn_group, local_world)
         model.trunk = trunk = nn.SyncBatchNorm.convert_sync_batchnorm(trunk, process_group=group)
-    model.to(device)
+    if any(p.device != device for p in model.parameters()):
+        model.to(device)  # skipped when already there: fake-tensor models cannot be moved
 
     if plan.compile:
         # Every block shares one forward code object, so dynamo's per-frame recompile limit
@@ -134,7 +137,7 @@ def parallelize(
         return model
 
     # CPU: fp32 parameters (bf16 there is torch.autocast, applied by the trainer).
-    param_dtype = _DTYPES[plan.precision] if on_cuda else torch.float32
+    param_dtype = _DTYPES[plan.precision] if on_cuda or plan.precision_on_cpu else torch.float32
     apply_fsdp(model, mesh, param_dtype, plan.blocks_per_unit, plan.reshard_after_forward)
     n_units = sum(1 for m in model.modules() if type(m).__name__.startswith("FSDP"))
     log.info("FSDP2 applied: %s sharding, mesh %s, %d units, params %s, ac=%s, compile=%s",
