@@ -126,7 +126,8 @@ def parallelize(
         # SyncBN only trains on CUDA (PyTorch's SyncBatchNorm raises on CPU input), so CPU keeps plain BN.
         group = _sync_bn_groups(plan.sync_bn_group, local_world)
         model.trunk = trunk = nn.SyncBatchNorm.convert_sync_batchnorm(trunk, process_group=group)
-    model.to(device)
+    if any(p.device != device for p in model.parameters()):
+        model.to(device)  # skipped when already there: fake-tensor models cannot be moved
 
     if plan.compile:
         # Every block shares one forward code object, so dynamo's per-frame recompile limit

@@ -1,0 +1,76 @@
+"""The memory table of docs/plan.md: every preset at its world size, planned vs simulated.
+
+Each preset runs `seer-plan --config PRESET --simulate --json` in a fresh process (so its wall
+time and peak RSS are its own) and the table lists the mesh, the analytic plan, the simulated
+peak (FSDPMemTracker on fake tensors), their ratio and whether each fits an A100-40GB, an
+H100-80GB and an H200-141GB (seer_pipeline.plan.cli.fits).
+
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_plan_simulate.py [--presets a,b] [--out F.jsonl]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+PRESETS = ("cpu_tiny", "swav_rn50like", "seer_32gf", "seer_128gf", "seer_256gf", "seer_10b")
+#: cpu_tiny's preset is one local rank; the table (and CI) simulate it at 8.
+WORLD = {"cpu_tiny": 8}
+
+
+def run_one(preset: str, extra: list[str] | None = None) -> dict[str, Any]:
+    """One preset's simulation in a fresh process; the CLI's JSON plus the process's wall time."""
+    cmd = [sys.executable, "-m", "seer_pipeline.plan.cli", "--config", preset, "--simulate", "--json"]
+    if preset in WORLD:
+        cmd += ["--gpus", str(WORLD[preset])]
+    cmd += extra or []
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    if out.returncode:
+        raise RuntimeError(f"{preset}: seer-plan exited {out.returncode}:\n{out.stderr[-3000:]}")
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    row["process_wall_s"] = time.perf_counter() - t0
+    return row
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    yes = lambda b: "yes" if b else "no"  # noqa: E731
+    lines = ["| preset | GPUs | mesh | planned GiB | simulated GiB | planned/sim | A100-40GB | H100-80GB | H200-141GB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        fp, fs = r["fits_planned"], r["fits_simulated"]
+        fit = {c: yes(fp[c]) if fp[c] == fs[c] else f"plan {yes(fp[c])} / sim {yes(fs[c])}" for c in fp}
+        lines.append(f"| {r['preset']} | {r['world_size']} | {r['mesh']} | {r['memory_per_gpu_gib']:.2f} | "
+                     f"{r['simulated_peak_gib']:.2f} | {r['planned_over_simulated']:.3f} | {fit['a100_40gb']} | "
+                     f"{fit['h100']} | {fit['h200']} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--presets", default=",".join(PRESETS))
+    ap.add_argument("--out", default=None, help="also append each row as a JSON line here")
+    args = ap.parse_args()
+    rows = []
+    for preset in args.presets.split(","):
+        r = run_one(preset)
+        rows.append(r)
+        print(f"{preset}: planned {r['memory_per_gpu_gib']:.3f} GiB, simulated {r['simulated_peak_gib']:.3f} GiB "
+              f"(ratio {r['planned_over_simulated']:.3f}); simulation {r['wall_s']:.1f} s in-process, "
+              f"{r['process_wall_s']:.1f} s with start-up, peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(r) + "\n")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

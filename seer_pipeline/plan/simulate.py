@@ -1,0 +1,138 @@
+"""`seer-plan --simulate`: one real training step of a preset at its real world size, on fake tensors.
+
+Nothing is allocated and nothing is sent: parameters and activations are `FakeTensor`s (shapes,
+dtypes and devices only) and the process group is PyTorch's "fake" backend, which answers every
+collective at any world size from one process. What runs is the product's own code: the
+preset's model (`build_model`), `parallelize()` with the preset's mesh (full or hybrid), FSDP units,
+AC and dtype policy, the multi-crop forward, `swav_loss` with its Sinkhorn all-reduces, backward,
+the trainer's flag all-reduce, `LARS.step` with its norm all-reduces, and the checkpoint state dict
+(`average_bn_stats` + `get_state_dict`). `FSDPMemTracker` (the tool torchtitan's memory estimator
+uses) counts the bytes alive per category at the peak.
+
+Two concessions to fake tensors, both outside the code under test: LARS reads each norm as a
+Python float (`float(norm)`), which a fake tensor cannot give, so every scalar read returns 1.0
+(the trust ratio's value does not change any allocation); and the trainer's logging statistics
+(`compute_stats`, a data-dependent `bincount`) are off, as on all but every `log_every`-th step.
+The model lives on CPU fake tensors with the config's dtype policy (parallelize applies it on every device), so
+SyncBN (CUDA only) is plain BN here: the same parameters and saved tensors.
+"""
+from __future__ import annotations
+
+import dataclasses
+import resource
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from seer_pipeline.plan.analytic import GIB, plan_config, preset_crops, preset_world
+
+#: The step simulated: the first one after the prototypes are unfrozen (the steady state; before
+#: it their gradients are dropped and LARS skips them).
+STEADY_STATE = "swav.freeze_prototypes_iters"
+
+
+class _ScalarReads(TorchDispatchMode):
+    """Answers `tensor.item()` / `float(tensor)` on fake tensors with 1.0 (see module doc)."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.ops.aten._local_scalar_dense.default:
+            return 1.0
+        return func(*args, **(kwargs or {}))
+
+
+def _fake_group(world: int) -> None:
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("seer-plan --simulate needs a process without a process group")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+
+
+def _category_bytes(snapshot: dict[Any, dict[Any, int]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for dev_snap in snapshot.values():
+        for k, v in dev_snap.items():
+            name = str(getattr(k, "value", k))
+            out[name] = out.get(name, 0) + int(v)
+    return out
+
+
+def _train_step(cfg: Any, model: Any, inner: Any, optimizer: Any, device: torch.device) -> None:
+    """The trainer's `train_step` with the loader replaced by fake crops (trainer.py order)."""
+    from seer_pipeline.train import swav
+    from seer_pipeline.train.trainer import average_bn_stats
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    step = int(cfg.swav.freeze_prototypes_iters)
+    b = int(cfg.data.batch_size)
+    views = [torch.randn(b, 3, r, r, device=device) for n, r in preset_crops(cfg) for _ in range(n)]
+    swav.normalize_prototypes(inner.head)
+    emb, scores = model(views)
+    loss, _ = swav.swav_loss(
+        scores.float(), len(views), cfg.swav.crops_for_assign, cfg.swav.temperature,
+        cfg.swav.epsilon, cfg.swav.sinkhorn_iters, compute_stats=False)
+    loss.backward()
+    packed = torch.tensor([float(loss.detach()), 0.0, 0.0], dtype=torch.float64, device=device)
+    dist.all_reduce(packed)
+    swav.cancel_prototype_grads(inner.head, step, cfg.swav.freeze_prototypes_iters)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    average_bn_stats(model)
+    get_state_dict(model, optimizer)
+
+
+def simulate(cfg: Any, world: int | None = None, local_world: int | None = None,
+             gpu_type: str = "h100") -> dict[str, Any]:
+    """Run one fake training step of `cfg` at `world` ranks; the tracker's peak next to the plan."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+    from seer_pipeline.dist.parallelize import ParallelPlan, build_mesh, parallelize
+    from seer_pipeline.models.swav import build_model
+    from seer_pipeline.train.optim import LARS, build_param_groups
+
+    t0 = time.perf_counter()
+    world, node = preset_world(cfg, world, local_world)
+    if cfg.parallel.fsdp == "none":
+        raise ValueError("--simulate needs FSDP (parallel.fsdp=full|hybrid): FSDPMemTracker tracks FSDP modules")
+    analytic = plan_config(cfg, world, node, gpu_type)
+    plan = dataclasses.replace(ParallelPlan.from_config(cfg.parallel, cfg.train.precision),
+                               compile=False)
+    device = torch.device("cpu")
+    _fake_group(world)
+    try:
+        mesh = build_mesh(plan, device.type, world, node)  # outside the fake mode (it must be)
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            torch.manual_seed(int(cfg.run.seed))
+            inner = build_model(cfg)
+            model = parallelize(inner, plan, mesh, device, node)
+            optimizer = LARS(build_param_groups(inner, cfg.optim.lars_exclude_bn_bias), lr=0.1,
+                             momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
+                             trust=cfg.optim.lars_trust)
+            units = sum(1 for m in model.modules() if type(m).__name__.startswith("FSDP"))
+            tracker = FSDPMemTracker(model, optimizer)
+            with tracker, _ScalarReads():
+                _train_step(cfg, model, inner, optimizer, device)
+            peak = _category_bytes(tracker.get_tracker_snapshot("peak"))
+    finally:
+        dist.destroy_process_group()
+    total = peak.pop("Total", sum(peak.values()))
+    planned = analytic["memory_per_gpu_gib"]
+    simulated = total / GIB
+    return {
+        "preset": str(cfg.run.dir).rsplit("/", 1)[-1], "trunk": str(cfg.model.trunk),
+        "world_size": world, "local_world_size": node, "mesh": analytic["mesh"],
+        "shard_size": analytic["shard_size"], "fsdp_units": units,
+        "batch_per_gpu": int(cfg.data.batch_size), "crops": analytic["crops"],
+        "precision": str(cfg.train.precision), "ac": str(cfg.parallel.ac),
+        "blocks_per_unit": int(cfg.parallel.blocks_per_unit), "params": analytic["params"],
+        "memory_per_gpu_gib": planned, "simulated_peak_gib": simulated,
+        "planned_over_simulated": planned / simulated if simulated else float("nan"),
+        "simulated_gib": {k: v / GIB for k, v in peak.items()},
+        "planned_gib": {k: v / GIB for k, v in analytic["memory_per_gpu_bytes"].items()},
+        "wall_s": time.perf_counter() - t0,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
