@@ -26,8 +26,9 @@ TIMM_NAMES = {"regnety_400mf": "regnety_004", "regnety_800mf": "regnety_008",
               "regnety_1.6gf": "regnety_016", "regnety_32gf": "regnety_320",
               "regnety_64gf": "regnety_640", "regnety_128gf": "regnety_1280",
               "regnety_256gf": "regnety_2560"}
-TORCHVISION_NAMES = {"regnety_400mf": "regnet_y_400mf", "regnety_800mf": "regnet_y_800mf",
-                     "regnety_1.6gf": "regnet_y_1_6gf", "regnety_32gf": "regnet_y_32gf",
+# torchvision's regnet_y_800mf is not the paper's 800MF: its _make_divisible rounding gives
+# widths 64/144/320/784 (timm names it regnety_008_tv), so it has no entry here.
+TORCHVISION_NAMES = {"regnety_400mf": "regnet_y_400mf", "regnety_1.6gf": "regnet_y_1_6gf", "regnety_32gf": "regnet_y_32gf",
                      "regnety_128gf": "regnet_y_128gf"}
 
 

@@ -59,23 +59,40 @@ def _numpy_safe_globals() -> list:
             out.append((getattr(importlib.import_module(mod), attr), name))
         except (ImportError, AttributeError):
             continue
+    if out:  # numpy >= 1.25 pickles a scalar's dtype by its class (numpy.dtypes.Int64DType ...)
+        import numpy as np
+
+        for code in "?bhilqBHILQefd":
+            cls = type(np.dtype(code))
+            out.append((cls, f"numpy.dtypes.{cls.__name__}"))
     return out
+
+
+def _load(path: Path) -> Any:
+    # mmap: tensors stay file-backed until touched, so a 2.6 GB (128GF) or 36 GB (10B) file is
+    # not copied into anonymous memory on read. Files in the pre-1.6 format cannot be mapped.
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e) and "zip" not in str(e):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def safe_load(path: str | Path, notes: Optional[list[str]] = None) -> Any:
     """torch.load(weights_only=True); numpy scalars through an allow-list, nothing else."""
     path = Path(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return _load(path)
     except pickle.UnpicklingError as first:
         allowed = _numpy_safe_globals()
         try:
-            with torch.serialization.safe_globals(allowed):
-                obj = torch.load(path, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals([g for g, _ in allowed]):
+                obj = _load(path)
         except pickle.UnpicklingError as e:
             raise WeightsFormatError(f"{path}: holds objects the weights-only unpickler refuses "
                                      f"(it never runs code from a file): {e}") from first
-        msg = f"{path}: read with allow-listed numpy globals ({', '.join(n for _, n in allowed)})"
+        msg = f"{path}: read with allow-listed numpy scalar/dtype globals (weights_only unpickler)"
         log.warning(msg)
         if notes is not None:
             notes.append(msg)
@@ -133,9 +150,18 @@ def _fill_bn_counters(sd: dict) -> None:
         sd.setdefault(k[: -len("running_mean")] + "num_batches_tracked", torch.tensor(0))
 
 
+def split_spec(src: str | Path) -> tuple[Optional[str], Path]:
+    """`timm:FILE` -> ("timm", FILE); a plain path -> (None, path). The prefix is only checked."""
+    text = str(src)
+    head, sep, rest = text.partition(":")
+    if sep and head in K.FORMATS and not Path(text).exists():
+        return head, Path(rest)
+    return None, Path(text)
+
+
 def load_weights(src: str | Path, preset: Optional[str] = None, step: Optional[int] = None) -> WeightSet:
     """Weights from a run folder or a file in any format, checked against `preset` if given."""
-    src = Path(src)
+    declared, src = split_spec(src)
     notes: list[str] = []
     skipped: list[str] = []
     if src.is_dir():
@@ -159,6 +185,8 @@ def load_weights(src: str | Path, preset: Optional[str] = None, step: Optional[i
             sd, clf2 = _split_classifier(fmt, K.tensors_only(sd.items(), str(src)))
             clf = clf or clf2
             trunk = K.rename_trunk(fmt, sd)
+    if declared and declared != fmt:
+        raise WeightsFormatError(f"{src}: declared {declared}: but its keys are {fmt} keys")
     _fill_bn_counters(trunk)
     arch = infer_arch(trunk)
     cfg, name = resolve_config(arch, preset)
