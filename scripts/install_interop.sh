@@ -18,5 +18,5 @@ if ! "$VENV/bin/python" -c "import torch, torchvision, timm" 2>/dev/null; then
   echo "[install-interop] torch==$TORCH_VERSION torchvision==$TORCHVISION_VERSION timm into $VENV"
   $PIP install -q "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" timm
 fi
-$PIP install -q -e ".[dev]"
+$PIP install -q -e ".[dev,interop]"
 "$VENV/bin/python" -c "import torch, torchvision, timm; print('[install-interop] torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__)"

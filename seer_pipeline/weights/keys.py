@@ -144,6 +144,7 @@ def rename_trunk(fmt: str, sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
 
 def trunk_from_ours(fmt: str, sd: Mapping[str, torch.Tensor],
                     part_of: Optional[Callable[[int, int], int]] = None) -> dict[str, torch.Tensor]:
+    """Our trunk dict -> `fmt` names (tensors shared, not copied)."""
     return {from_ours(fmt, k, part_of): v for k, v in sd.items()}
 
 
@@ -168,6 +169,7 @@ def vissl_parts(depths: Sequence[int], delimiters: Sequence[Sequence[int]] = ())
 # SwAV head: ours `projection.{j}` / `prototypes` <-> VISSL swav_head `projection_head.{j}` /
 # `prototypes0` under head index 0 (both are Linear[, BN], ReLU, ... Linear sequences).
 def head_to_vissl(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our SwAV head dict -> VISSL `heads` names (head index 0)."""
     out = {}
     for k, v in sd.items():
         if k.startswith("projection."):
@@ -198,6 +200,7 @@ def head_from_vissl(sd: Mapping[str, torch.Tensor]) -> tuple[dict, dict, list[st
 
 
 def tensors_only(items: Iterable[tuple[str, object]], where: str) -> dict[str, torch.Tensor]:
+    """A dict of the items, raising on any value that is not a tensor."""
     out = {}
     for k, v in items:
         if not isinstance(v, torch.Tensor):

@@ -35,6 +35,7 @@ def save_torch(obj: Any, path: str | Path) -> None:
 
 
 def is_vissl(obj: Any) -> bool:
+    """A VISSL container (typed or classy_state_dict) or a bare `_feature_blocks` trunk dict."""
     if not isinstance(obj, dict):
         return False
     if "classy_state_dict" in obj or obj.get("type") in VISSL_TYPES:
@@ -182,6 +183,7 @@ def consolidate_shards(shards: list[Path], load: Callable[[Path], Any]) -> tuple
 
 
 def consolidated(trunk: Mapping[str, torch.Tensor], heads: Mapping[str, torch.Tensor]) -> dict:
+    """A VISSL consolidated checkpoint dict (what timm's SEER reader expects)."""
     return {"type": "consolidated",
             "classy_state_dict": {"base_model": {"model": {"trunk": dict(trunk), "heads": dict(heads)}}}}
 

@@ -59,7 +59,9 @@ def _compare(theirs: torch.nn.Module, ours: torch.nn.Module, x: torch.Tensor) ->
         a, b = theirs(x), ours(x)
     assert a.shape == b.shape == (x.shape[0], ours.out_dim)
     assert a.abs().max() > 1e-2, "features vanished: the comparison would prove nothing"
-    return (a - b).abs().max().item()
+    diff = (a - b).abs().max().item()
+    print(f"{type(theirs).__module__}: max |feature| {a.abs().max().item():.3g}, max abs diff {diff:.3g}")
+    return diff
 
 
 def _check_timm(ours_name: str, x: torch.Tensor, tmp_path: Path) -> None:
