@@ -3,11 +3,12 @@ PY ?= .venv/bin/python
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast test-slurm bench clean slurm-start slurm-stop
+.PHONY: install demo test test-fast test-interop test-slurm bench clean slurm-start slurm-stop
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/install.sh scripts/install_system.sh scripts/install_pillow_simd.sh
+$(STAMP): pyproject.toml scripts/install.sh scripts/install_system.sh scripts/install_pillow_simd.sh \
+		scripts/install_interop.sh
 	bash scripts/install.sh
 	touch $(STAMP)
 
@@ -20,7 +21,11 @@ test: install
 
 # Inner loop: no multi-process / end-to-end tests.
 test-fast: install
-	$(PY) -m pytest -q -m "not slow and not slurm" tests
+	$(PY) -m pytest -q -m "not slow and not slurm" --ignore=tests/interop tests
+
+# Weight import/export against timm and torchvision, in their own venv (see docs/weights.md).
+test-interop: install
+	.venv-interop/bin/python -m pytest -q -m interop tests/interop
 
 # Benchmark inputs: PHOTOS, a folder of images (default: the 12 test photos; the figures in
 # docs/benchmarks.md used a 303-photo set: `make bench PHOTOS=/path/to/photos`); REFERENCE, an
@@ -44,4 +49,4 @@ slurm-stop:
 	bash slurm/local-cluster/stop.sh
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache build *.egg-info
+	rm -rf $(VENV) .venv-interop runs .pytest_cache build *.egg-info

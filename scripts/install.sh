@@ -4,7 +4,8 @@
 #     project's loose `torch>=2.6` never pulls a multi-GB CUDA build on a CPU machine;
 #  2. the project and its dev extras (these pull Pillow, e.g. via matplotlib);
 #  3. pillow-simd last, replacing Pillow, with a fallback to Pillow if the build fails or
-#     lacks WebP (see scripts/install_pillow_simd.sh).
+#     lacks WebP (see scripts/install_pillow_simd.sh);
+#  4. the interop venv .venv-interop (scripts/install_interop.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -29,3 +30,8 @@ if [ "${SEER_SKIP_PILLOW_SIMD:-0}" != "1" ]; then
   bash scripts/install_pillow_simd.sh "$VENV" || echo "[install] pillow-simd step failed; keeping Pillow"
 fi
 "$VENV/bin/python" -c "import PIL, PIL.features as f; print('[install] PIL', PIL.__version__, 'webp' if f.check('webp') else 'NO-webp')"
+# The weight import/export tests need timm + torchvision, which do not import beside the CPU
+# torch above: they get their own venv (.venv-interop), made here so `make test` can run them.
+if [ "${SEER_SKIP_INTEROP:-0}" != "1" ]; then
+  bash scripts/install_interop.sh
+fi

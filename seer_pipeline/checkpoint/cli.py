@@ -33,6 +33,8 @@ def consolidate(run_or_step: str | Path, out: str | Path, step: int | None = Non
     from seer_pipeline.config.train import load_train_config
 
     src = Path(run_or_step)
+    if src.is_file():  # a weights file in any format (timm, torchvision, VISSL): import it
+        return export(src, out, "seer", trunk_only=True)
     if (src / "meta.json").exists():
         cands = [(-1, src, verify_step_dir(src))]
     else:
@@ -72,6 +74,21 @@ def consolidate(run_or_step: str | Path, out: str | Path, step: int | None = Non
     return info
 
 
+def export(src: str | Path, out: str | Path, fmt: str, preset: str | None = None,
+           step: int | None = None, trunk_only: bool = False, vissl_layout: str = "consolidated",
+           shards: int = 1) -> dict:
+    """Convert a run folder or a weights file in any format to `fmt` (see docs/weights.md)."""
+    from seer_pipeline.weights import load_weights, save_weights
+
+    ws = load_weights(src, preset, step)
+    if trunk_only:
+        ws.head, ws.classifier = {}, {}
+    info = save_weights(ws, fmt, out, vissl_layout, shards)
+    return {"out": str(out), "tensors": len(ws.trunk), "params": sum(
+        v.numel() for k, v in ws.trunk.items() if "running" not in k and "num_batches" not in k),
+        **info}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="seer-ckpt", description="checkpoint tools")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -79,10 +96,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("run", help="run folder (newest checkpoint) or a step_XXXXXXXXX folder")
     c.add_argument("--out", required=True)
     c.add_argument("--step", type=int, default=None)
+    x = sub.add_parser("export", help="convert a run or a weights file to timm/torchvision/vissl/seer")
+    x.add_argument("src", metavar="RUN_OR_FILE", help="run folder, step folder or weights file (any format)")
+    x.add_argument("--format", required=True, choices=("timm", "torchvision", "vissl", "seer"))
+    x.add_argument("--out", required=True)
+    x.add_argument("--trunk", default=None, help="preset the weights must match (checked from shapes)")
+    x.add_argument("--step", type=int, default=None)
+    x.add_argument("--trunk-only", action="store_true", help="drop the SwAV head and classifier")
+    x.add_argument("--vissl-layout", default="consolidated", choices=("consolidated", "sharded", "sliced"))
+    x.add_argument("--shards", type=int, default=1, help="shard files for --vissl-layout sharded")
     args = ap.parse_args(argv)
+    from seer_pipeline.weights import WeightsFormatError
+
     try:
-        info = consolidate(args.run, args.out, args.step)
-    except (CheckpointError, CheckpointException, OSError, ValueError) as e:
+        if args.cmd == "export":
+            info = export(args.src, args.out, args.format, args.trunk, args.step, args.trunk_only,
+                          args.vissl_layout, args.shards)
+        else:
+            info = consolidate(args.run, args.out, args.step)
+    except (CheckpointError, CheckpointException, WeightsFormatError, OSError, ValueError, KeyError) as e:
         print(f"seer-ckpt: {e}", file=sys.stderr)
         return 1
     print(json.dumps(info))

@@ -125,7 +125,12 @@ def load_trunk(spec: TrunkSpec, seed: int = 0) -> nn.Module:
     trunk = build_random(spec.trunk_name, seed)
     if spec.kind == "file":
         assert spec.weights is not None
-        saved = torch.load(spec.weights, map_location="cpu", weights_only=True)
+        from seer_pipeline.weights import WeightsFormatError, load_trunk_state
+
+        try:  # any format (seer, timm, torchvision, VISSL), checked against the trunk's shapes
+            saved = load_trunk_state(spec.weights, spec.trunk_name)
+        except WeightsFormatError as e:
+            raise CheckpointSpecError(str(e)) from e
         if isinstance(saved, dict) and isinstance(saved.get("trunk"), dict):
             saved = saved["trunk"]
         trunk.load_state_dict(_match_state(trunk, saved, str(spec.weights)))

@@ -163,7 +163,9 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # identical init on every rank (fully_shard does not broadcast)
         model = build_model(cfg)
         if cfg.init.weights:
-            sd = torch.load(cfg.init.weights, map_location="cpu", weights_only=True)
+            from seer_pipeline.weights import load_trunk_state
+
+            sd = load_trunk_state(cfg.init.weights, cfg.model.trunk)  # any format, shape-checked
             model.trunk.load_state_dict(sd, strict=True)
             log.info("warm start: trunk weights from %s", cfg.init.weights)
         plan = ParallelPlan.from_config(cfg.parallel, cfg.train.precision)
