@@ -16,15 +16,18 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_settings_from_env_and_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("SEER_DEMO_TRAIN_MIN", "1.5")
+    monkeypatch.setenv("SEER_DEMO_TRAIN_STEPS", "150")
     monkeypatch.setenv("SEER_DEMO_SUBSET", "3000")
-    s = demo.parse_settings(["--out", str(tmp_path), "--sup-minutes", "0.5", "optim.base_lr=1.0"])
-    assert (s.train_minutes, s.subset, s.sup_minutes, s.out) == (1.5, 3000, 0.5, str(tmp_path))
+    s = demo.parse_settings(["--out", str(tmp_path), "--sup-steps", "40", "optim.base_lr=1.0"])
+    assert (s.train_steps, s.subset, s.sup_steps, s.out) == (150, 3000, 40, str(tmp_path))
+    assert demo.Settings().train_steps == 1600  # fixed, not calibrated from the machine's speed
     assert s.overrides == ["optim.base_lr=1.0"]
     assert demo._override(s, "optim.base_lr", "x") == "1.0"  # the command line beats the recipe
     assert demo._override(s, "data.batch_size", "x") == "64"
     with pytest.raises(SystemExit):
         demo.parse_settings(["--preempt-at", "1.5"])
+    with pytest.raises(SystemExit):
+        demo.parse_settings(["--train-steps", "5"])
 
 
 def test_missing_fashion_mnist_is_a_clear_error(tmp_path: Path) -> None:
@@ -42,8 +45,8 @@ def test_demo_smoke_on_a_subset(tmp_path: Path) -> None:
     -> plot -> report. ~2-3 minutes on a quiet 2-core machine."""
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "seer_pipeline.demo", "--out", str(out), "--subset", "1500",
-           "--test-subset", "500", "--train-minutes", "1.5", "--sup-minutes", "0.1",
-           "--bn-images", "500", "--calib-steps", "4",
+           "--test-subset", "500", "--train-steps", "60", "--sup-steps", "30",
+           "--bn-images", "500",
            "swav.freeze_prototypes_iters=2", "optim.warmup_steps=3", "data.batch_size=32"]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -51,11 +54,13 @@ def test_demo_smoke_on_a_subset(tmp_path: Path) -> None:
     rep = json.loads((out / "report.json").read_text())
     for k in ("swav", "random", "raw_pixels", "supervised"):
         assert 0 < rep["linear"][k] <= 100
+        assert 0 < rep["linear_sgd"][k]["top1"] <= rep["linear_sgd"][k]["top5"] <= 100
+        assert set(rep["low_shot"][k]) == {"1%", "10%"}  # 15 / 150 of 1,500 images
     assert set(rep["knn"]) == {"swav", "random"}
     pre = rep["pretraining"]
     # Preempted part way, then the same command resumed from the preemption checkpoint.
     assert 0 < pre["preempt_sent_at_step"] <= pre["resumed_from_step"] < pre["final_step"]
-    assert pre["final_step"] == pre["steps"] or pre["stopped_by_budget"]
+    assert pre["final_step"] == pre["steps"] == 60  # the fixed length, whatever the load
     steps = [json.loads(line)["step"] for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == pre["final_step"]  # no gap, no repeat
     assert_plot_png(out / "loss.png", resumed=True)  # decoded: size, three curves, the resume line

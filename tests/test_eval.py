@@ -151,9 +151,10 @@ def _imagefolder(root: Path) -> Path:
 def test_cli_imagefolder_raw_and_random(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     root = _imagefolder(tmp_path / "folder")
     argv = ["--data", f"imagefolder:{root}", "--size", "16", "--no-progress", "--out-dir", str(tmp_path / "ev")]
-    assert cli.main(["linear", "--checkpoint", "raw", *argv]) == 0
+    assert cli.main(["linear", "--checkpoint", "raw", "--protocol", "both", *argv]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["linear"]["accuracy"] == 100.0 and res["skipped"] == {"undecodable": 1}
+    assert res["linear_sgd"]["accuracy"] == 100.0 and res["linear_sgd"]["top5"] == 100.0
     assert res["n_train"] + res["n_test"] == 30 and Path(res["out"]).is_file()
     assert cli.main(["all", "--checkpoint", "random:regnety_tiny", "--bn-images", "8", *argv]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

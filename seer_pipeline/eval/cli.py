@@ -1,47 +1,80 @@
-"""`seer-eval linear|knn|all --checkpoint RUN|FILE|random:CONFIG|raw --data SPEC`.
+"""`seer-eval linear|knn|all --weights RUN|FILE|random:CONFIG|raw --data SPEC`; `seer-eval compare A B ...`.
 
 Prints progress bars on stderr, logs, and a JSON object as the last stdout line; the same
-object is written atomically to RUN/eval/<mode>-<data>-<kind>.json (or --out).
+object is written atomically to RUN/eval/<mode>-<data>-<kind>.json (or --out). Images stream
+through a DataLoader with workers; features go to memmapped files (seer_pipeline.eval.stream).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import hashlib
 import logging
+import os
 import re
+import tempfile
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from seer_pipeline.core.io_utils import atomic_write_json
 from seer_pipeline.checkpoint.checkpointer import CheckpointError
 from seer_pipeline.core.logging_utils import setup_logging
 from seer_pipeline.eval import features as feats
-from seer_pipeline.eval.datasets import DataSpecError, load_data
-from seer_pipeline.eval.knn import knn_accuracy
+from seer_pipeline.eval.datasets import DataSpecError
+from seer_pipeline.eval.sources import EvalTransform, open_source
+from seer_pipeline.eval.stream import extract_features, pick_indices, recalibrate_bn
+from seer_pipeline.eval.knn import knn_topk
 from seer_pipeline.eval.linear import WD_SWEEP, linear_probe
+from seer_pipeline.eval.linear_sgd import SGDConfig, rows, train_sgd_linear
+from seer_pipeline.eval.lowshot import balanced_subset, parse_percents
 
 log = logging.getLogger(__name__)
 
 
+def _percents(text: str) -> tuple[float, ...]:
+    try:
+        return parse_percents(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="seer-eval", description=__doc__.splitlines()[0])
-    p.add_argument("mode", choices=("linear", "knn", "all"), help="all = both on the same features")
-    p.add_argument("--checkpoint", required=True,
+    p.add_argument("mode", choices=("linear", "knn", "all", "compare"),
+                   help="all = both on the same features; compare = all, for each of MODELS")
+    p.add_argument("models", nargs="*", help="compare: weights specs (as --weights), evaluated alike")
+    p.add_argument("--checkpoint", "--weights", dest="checkpoint", default=None,
                    help="run folder, trunk state_dict file, random:CONFIG, or raw (pixels)")
     p.add_argument("--data", required=True, help="fashion-mnist[:DIR] | imagefolder:PATH | wds:PATTERN")
     p.add_argument("--trunk", default=None, help="trunk name, if the checkpoint's run has no config")
     p.add_argument("--stage", type=int, default=-1, help="which stage to pool (-1: last)")
-    p.add_argument("--size", type=int, default=None, help="resize images to SIZE (default: native)")
+    p.add_argument("--size", type=int, default=None,
+                   help="centre-crop side (default: 224 for image files, native for fashion-mnist)")
+    p.add_argument("--resize", type=int, default=None,
+                   help="shorter side before the crop (default: size * 256/224, VISSL's eval)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers")
+    p.add_argument("--features-dir", default=None,
+                   help="keep the feature memmaps here (default: a temporary folder, removed after)")
     p.add_argument("--test-fraction", type=float, default=0.2, help="imagefolder/wds split")
-    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--bn-images", type=int, default=4096,
                    help="clean train images to re-estimate BN statistics on (0: keep the saved ones)")
     p.add_argument("--limit-train", type=int, default=None, help="random train subset (smoke runs)")
     p.add_argument("--limit-test", type=int, default=None)
+    p.add_argument("--protocol", choices=("sgd", "lbfgs", "both"), default="sgd",
+                   help="linear: sgd = VISSL's BN+linear head with SGD on precomputed features; "
+                        "lbfgs = the quick full-batch probe")
+    p.add_argument("--sgd-epochs", type=int, default=28)
+    p.add_argument("--sgd-lr", type=float, default=0.01, help="per 256 images")
+    p.add_argument("--sgd-schedule", choices=("step", "cosine"), default="step")
+    p.add_argument("--low-shot", default=(1.0, 10.0), type=_percents,
+                   help="class-balanced train percents probed too (L-BFGS), '' for none")
+    p.add_argument("--device", default=None, help="cpu | cuda[:N] (default: cuda when present)")
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--temperature", type=float, default=0.07)
     p.add_argument("--max-iter", type=int, default=100, help="L-BFGS iterations of the final fit")
@@ -69,36 +102,90 @@ def default_out(args: argparse.Namespace, spec: feats.TrunkSpec) -> Path:
     return base / f"{name}.json"
 
 
+def pick_device(device: str | None) -> str:
+    if device:
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def probe(args: argparse.Namespace, ftr, ytr: torch.Tensor, fte, yte: torch.Tensor,
+          num_classes: int) -> dict[str, Any]:
+    """Run the probes `args` asks for on (train, test) features; ftr/fte may be memmaps."""
+    out: dict[str, Any] = {}
+    device = pick_device(args.device)
+    linear = args.mode in ("linear", "all")
+    if linear and args.protocol in ("lbfgs", "both"):
+        lin = linear_probe(rows(ftr, slice(None)), ytr, rows(fte, slice(None)), yte, num_classes,
+                           WD_SWEEP, max_iter=args.max_iter, seed=args.seed)
+        out["linear"] = {"accuracy": round(lin.accuracy, 2), "top5": round(lin.top5, 2),
+                         "protocol": "lbfgs (quick probe)", "weight_decay": lin.weight_decay,
+                         "val_accuracy": lin.val_accuracy, "train_accuracy": round(lin.train_accuracy, 2)}
+    if linear and args.protocol in ("sgd", "both"):
+        cfg = SGDConfig(epochs=args.sgd_epochs, base_lr=args.sgd_lr, schedule=args.sgd_schedule)
+        r = train_sgd_linear(ftr, ytr, fte, yte, num_classes, cfg, seed=args.seed, device=device)
+        out["linear_sgd"] = {"accuracy": round(r.top1, 2), "top5": round(r.top5, 2),
+                             "protocol": "sgd, BN+linear head, precomputed features",
+                             "epochs": r.epochs, "lr": r.lr, "schedule": cfg.schedule,
+                             "train_accuracy": round(r.train_top1, 2)}
+    if linear and args.low_shot:
+        out["low_shot"] = {}
+        for pct in args.low_shot:
+            idx = balanced_subset(ytr.numpy(), pct, args.seed)
+            sub = rows(ftr, idx)
+            try:
+                r = linear_probe(sub, ytr[idx], rows(fte, slice(None)), yte, num_classes, WD_SWEEP,
+                                 max_iter=args.max_iter, seed=args.seed)
+            except ValueError as e:  # a subset too small to hold out a validation part: say so
+                out["low_shot"][f"{pct:g}%"] = {"skipped": str(e), "n_train": int(len(idx))}
+                continue
+            out["low_shot"][f"{pct:g}%"] = {"accuracy": round(r.accuracy, 2), "top5": round(r.top5, 2),
+                                             "n_train": int(len(idx)), "protocol": "lbfgs"}
+    if args.mode in ("knn", "all"):
+        t1, t5 = knn_topk(ftr, ytr, fte, yte, num_classes, args.k, args.temperature, device=device)
+        out["knn"] = {"accuracy": round(t1, 2), "top5": round(t5, 2), "k": args.k,
+                      "temperature": args.temperature}
+    return out
+
+
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.monotonic()
     feats.set_threads(args.threads)
     progress = not args.no_progress
+    device = pick_device(args.device)
     spec = feats.parse_checkpoint(args.checkpoint, args.trunk)
-    data = load_data(args.data, args.size, args.test_fraction)
-    data = data.subset(args.limit_train, args.limit_test, args.seed)
+    src = open_source(args.data, EvalTransform.for_spec(args.data, args.size, args.resize),
+                      args.test_fraction)
     trunk = None if spec.kind == "raw" else feats.load_trunk(spec, args.seed)
+    if trunk is not None:
+        trunk.to(device)
+    rng = np.random.default_rng(args.seed)
+    indices, limits, train_idx = None, (args.limit_train, args.limit_test), None
+    if src.indexable():  # a seeded subset, chosen up front (the same for every trunk)
+        train_idx = pick_indices(src, 0, args.limit_train, rng)
+        indices = np.concatenate([train_idx, pick_indices(src, 1, args.limit_test, rng)])
+        limits = (None, None)
     bn_n = 0
     if trunk is not None and args.bn_images > 0:
-        bn_n = feats.recalibrate_bn(trunk, data.train_x, args.bn_images, args.batch_size,
-                                    args.size, args.seed, progress)
-    ftr = feats.extract(trunk, data.train_x, args.stage, args.batch_size, args.size, "train features", progress)
-    fte = feats.extract(trunk, data.test_x, args.stage, args.batch_size, args.size, "test features", progress)
-    ytr, yte = torch.from_numpy(data.train_y), torch.from_numpy(data.test_y)
-    result: dict[str, Any] = {
-        "mode": args.mode, "checkpoint": args.checkpoint, "kind": spec.kind,
-        "trunk": spec.trunk_name or None, "data": data.name, "stage": args.stage,
-        "n_train": len(ytr), "n_test": len(yte), "num_classes": data.num_classes,
-        "checkpoint_step": spec.step, "feature_dim": int(ftr.shape[1]), "bn_images": bn_n, "skipped": data.skipped,
-    }
-    if args.mode in ("linear", "all"):
-        lin = linear_probe(ftr, ytr, fte, yte, data.num_classes, WD_SWEEP, max_iter=args.max_iter,
-                           seed=args.seed)
-        result["linear"] = {"accuracy": round(lin.accuracy, 2), "weight_decay": lin.weight_decay,
-                            "val_accuracy": lin.val_accuracy,
-                            "train_accuracy": round(lin.train_accuracy, 2)}
-    if args.mode in ("knn", "all"):
-        acc = knn_accuracy(ftr, ytr, fte, yte, data.num_classes, args.k, args.temperature)
-        result["knn"] = {"accuracy": round(acc, 2), "k": args.k, "temperature": args.temperature}
+        bn_n = recalibrate_bn(trunk, src, args.bn_images, args.batch_size, args.workers, device,
+                              args.seed, progress, train_idx)
+    with tempfile.TemporaryDirectory(prefix="seer-eval-") as tmp:
+        fdir = Path(args.features_dir) if args.features_dir else Path(tmp)
+        fs = extract_features(trunk, src, fdir, args.stage, args.batch_size, args.workers, device,
+                              indices, len(indices) if indices is not None else None, limits, progress)
+        ytr, yte = torch.from_numpy(fs.train_y), torch.from_numpy(fs.test_y)
+        digest = hashlib.sha1(fs.train_y.tobytes() + b"|" + fs.test_y.tobytes()).hexdigest()[:16]
+        result: dict[str, Any] = {
+            "mode": args.mode, "checkpoint": args.checkpoint, "kind": spec.kind,
+            "trunk": spec.trunk_name or None, "data": src.name, "stage": args.stage,
+            "n_train": len(ytr), "n_test": len(yte), "num_classes": fs.num_classes,
+            "labels_digest": digest, "device": device, "image_size": args.size,
+            "checkpoint_step": spec.step, "feature_dim": int(fs.train_x.shape[1]), "bn_images": bn_n,
+            "skipped": fs.skipped,
+        }
+        if fs.skipped:
+            log.warning("%s: skipped %s", src.name, fs.skipped)
+        result.update(probe(args, fs.train_x, ytr, fs.test_x, yte, fs.num_classes))
+        del fs  # close the memmaps before the folder goes
     result["seconds"] = round(time.monotonic() - t0, 1)
     out = Path(args.out) if args.out else default_out(args, spec)
     result["out"] = str(out)
@@ -107,16 +194,29 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.mode == "compare" and len(args.models) < 1:
+        parser.error("compare needs one or more weights specs: seer-eval compare A B ... --data SPEC")
+    if args.mode != "compare" and (args.models or not args.checkpoint):
+        parser.error(f"{args.mode} needs --weights (and no positional models)")
     setup_logging(0)
+    from seer_pipeline.eval.compare import CompareError
 
     try:
+        if args.mode == "compare":
+            from seer_pipeline.eval.compare import run_compare
+
+            result = run_compare(args, run_eval)
+            print(json.dumps(result), flush=True)
+            return 0
         result = run_eval(args)
-    except (feats.CheckpointSpecError, CheckpointError, DataSpecError, FileNotFoundError, KeyError) as e:
+    except (feats.CheckpointSpecError, CheckpointError, DataSpecError, CompareError, FileNotFoundError,
+            KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"seer-eval: error: {msg}", file=sys.stderr)
         return 2
-    for m in ("linear", "knn"):
+    for m in ("linear", "linear_sgd", "knn"):
         if m in result:
             log.info("%s accuracy: %.2f%% (%s, %s)", m, result[m]["accuracy"], result["kind"], result["data"])
     print(json.dumps(result), flush=True)

@@ -1,4 +1,6 @@
-"""Linear probe: multinomial logistic regression on standardised frozen features (L-BFGS).
+"""Quick linear probe: multinomial logistic regression on standardised frozen features (L-BFGS).
+
+The protocol of the SEER paper is `linear_sgd` (BN + Linear head, SGD); this is the fast mode.
 
 The weight decay is picked from a small sweep on a held-out part of train (never on test),
 then the classifier is refitted on all of train with it and scored once on test.
@@ -22,6 +24,7 @@ class LinearResult:
     weight_decay: float
     val_accuracy: dict[str, float] = field(default_factory=dict)  # wd -> held-out percent
     train_accuracy: float = 0.0
+    top5: float = 0.0  # percent, on test
 
 
 def standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
@@ -80,6 +83,9 @@ def linear_probe(
     # Ties go to the larger weight decay (the simpler model).
     best = max(wds, key=lambda wd: (val[f"{wd:g}"], wd))
     w, b = fit(train_x, train_y, num_classes, best, max_iter, seed)
-    res = LinearResult(accuracy(w, b, test_x, test_y), best, val, accuracy(w, b, train_x, train_y))
+    from seer_pipeline.eval.linear_sgd import topk_correct
+
+    top5 = 100.0 * topk_correct(test_x @ w.T + b, test_y, (5,))[0] / max(1, len(test_y))
+    res = LinearResult(accuracy(w, b, test_x, test_y), best, val, accuracy(w, b, train_x, train_y), top5)
     log.info("linear: wd %g, train %.2f%%, test %.2f%%", best, res.train_accuracy, res.accuracy)
     return res

@@ -1,8 +1,8 @@
 """A small supervised trainer: the same trunk + a linear classifier, cross-entropy, for a fixed
-wall-clock budget. Its linear-probe accuracy is the demo's upper bound for what the trunk
-architecture can reach in a few minutes of CPU.
+number of steps (never a wall-clock budget: the result must not depend on the machine's load).
+Its linear-probe accuracy is the demo's upper bound for what the trunk architecture can reach.
 
-`python -m seer_pipeline.eval.supervised --trunk cpu_tiny --data fashion-mnist --minutes 3 --out DIR`
+`python -m seer_pipeline.eval.supervised --trunk cpu_tiny --data fashion-mnist --steps 2500 --out DIR`
 writes DIR/trunk.pt (a trunk state_dict under "trunk", loadable with weights_only=True) and a
 DIR/config.yaml naming the trunk, so `seer-eval --checkpoint DIR/trunk.pt` finds it.
 """
@@ -48,11 +48,13 @@ def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tensor
 
 
 def train_supervised(
-    trunk_name: str, images: np.ndarray, labels: np.ndarray, num_classes: int, seconds: float,
+    trunk_name: str, images: np.ndarray, labels: np.ndarray, num_classes: int, steps: int,
     batch_size: int = 128, lr: float = 0.1, weight_decay: float = 5e-4, seed: int = 0,
     progress: bool = True,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Train trunk + linear head for `seconds` of wall clock (cosine LR over that time)."""
+    """Train trunk + linear head for `steps` SGD steps (cosine LR over them)."""
+    from tqdm import tqdm
+
     trunk = feats.build_random(trunk_name, seed)
     head = nn.Linear(trunk.out_dim, num_classes)
     # channels_last: ~2x faster grouped convs on CPU (measured in features.py's setting).
@@ -65,14 +67,14 @@ def train_supervised(
     step, seen, losses = 0, 0, []
     perm = torch.randperm(len(images), generator=gen)
     pos = 0
-    with tqdm(total=int(seconds), desc="supervised", unit="s", disable=not progress) as bar:
-        while (elapsed := time.monotonic() - t0) < seconds:
+    with tqdm(total=steps, desc="supervised", unit="step", disable=not progress) as bar:
+        while step < steps:
             if pos + batch_size > len(perm):
                 perm, pos = torch.randperm(len(images), generator=gen), 0
             idx = perm[pos:pos + batch_size]
             pos += batch_size
-            # Cosine schedule over the time budget; a short warmup keeps BN stable at step 0.
-            frac = elapsed / seconds
+            # Cosine schedule over the steps; a short warmup keeps BN stable at step 0.
+            frac = step / steps
             cur = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * frac))
             for g in opt.param_groups:
                 g["lr"] = cur
@@ -85,7 +87,7 @@ def train_supervised(
             losses.append(float(loss))
             step += 1
             seen += len(idx)
-            bar.update(int(time.monotonic() - t0) - bar.n)
+            bar.update(1)
             if step % 100 == 0:
                 log.info("supervised step %d loss %.3f lr %.4f (%.0f img/s)", step,
                          np.mean(losses[-100:]), cur, seen / (time.monotonic() - t0))
@@ -111,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 description="supervised upper bound for a trunk")
     p.add_argument("--trunk", default="cpu_tiny", help="trunk name or training preset")
     p.add_argument("--data", default="fashion-mnist")
-    p.add_argument("--minutes", type=float, default=3.0)
+    p.add_argument("--steps", type=int, default=2500)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--limit-train", type=int, default=None)
@@ -126,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = feats.trunk_name_from_config(args.trunk)
     data = load_data(args.data).subset(args.limit_train, 0, args.seed)
     trunk, stats = train_supervised(name, data.train_x, data.train_y, data.num_classes,
-                                    args.minutes * 60, args.batch_size, args.lr, seed=args.seed,
+                                    args.steps, args.batch_size, args.lr, seed=args.seed,
                                     progress=not args.no_progress)
     stats.update(trunk=name, data=data.name)
     path = save_trunk(trunk, name, Path(args.out), stats)
