@@ -56,6 +56,11 @@ def iter_inputs(inputs: Sequence[str], want: Want) -> Iterator[Item]:
         return counter[0] - 1
 
     for inp in inputs:
+        if "://" in inp:  # s3:// or http(s):// (seer_pipeline.store)
+            from seer_pipeline.store.inputs import iter_remote_input
+
+            yield from iter_remote_input(inp, nxt, want, _iter_tar, Item)
+            continue
         kind = input_kind(inp)
         if kind == "missing":
             raise FileNotFoundError(f"input does not exist: {inp}")
@@ -138,10 +143,10 @@ class _Info(tarfile.TarInfo):
             raise
 
 
-def _iter_tar(tar_path: str, nxt: Callable[[], int], want: Want) -> Iterator[Item]:
+def _iter_tar(tar_path: str, nxt: Callable[[], int], want: Want, fileobj: Optional[object] = None) -> Iterator[Item]:
     # Stream mode reads member by member without seeking back; nothing is extracted to disk.
     try:
-        tf = tarfile.open(tar_path, mode="r|*", tarinfo=_Info)
+        tf = tarfile.open(tar_path, mode="r|*", tarinfo=_Info, fileobj=fileobj)
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         log.warning("cannot open archive %s: %s", tar_path, e)
         yield Item(nxt(), tar_path, reason="corrupt")

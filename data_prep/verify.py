@@ -11,6 +11,7 @@ from typing import Any, Iterator
 from PIL import Image
 
 from seer_pipeline.shards.writer import file_sha256
+from seer_pipeline.store.url import is_remote
 
 # Short-side bins for the resolution histogram (pixels, lower bounds).
 _BINS = (0, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -24,10 +25,11 @@ def load_manifest(d: str) -> dict:
         return json.load(f)
 
 
-def iter_samples(path: str, with_jpg: bool = True) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) per sample, grouping consecutive members that share a key."""
+def iter_samples(path: Any, with_jpg: bool = True) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) per sample, grouping consecutive members that share a key.
+    `path` may be a seekable file object (a remote shard, seer_pipeline.store)."""
     key, group = None, {}
-    with tarfile.open(path, mode="r:") as tf:
+    with (tarfile.open(fileobj=path, mode="r:") if hasattr(path, "read") else tarfile.open(path, mode="r:")) as tf:
         for m in tf:
             k, _, ext = m.name.partition(".")
             if key is not None and k != key:
@@ -45,6 +47,10 @@ def iter_samples(path: str, with_jpg: bool = True) -> Iterator[tuple[str, dict[s
 
 def verify(d: str, decode: bool = True) -> list[str]:
     """Every problem found, as a line of text; an empty list means the set is sound."""
+    if is_remote(d):  # s3:// or http(s)://: streamed, hashed while parsed
+        from seer_pipeline.store.shardset import verify_remote
+
+        return verify_remote(d, decode)
     man = load_manifest(d)
     problems: list[str] = []
     keys: set[str] = set()
@@ -108,11 +114,17 @@ def _check_sample(shard: str, key: str, g: dict[str, bytes], decode: bool) -> li
 
 def stats(d: str) -> dict[str, Any]:
     """Counts, sizes and a short-side histogram; reads json members only."""
-    man = load_manifest(d)
+    opener = None
+    if is_remote(d):
+        from seer_pipeline.store.shardset import manifest_and_opener
+
+        man, opener = manifest_and_opener(d)
+    else:
+        man = load_manifest(d)
     hist: Counter[int] = Counter()
     pixels = 0
     for s in man["shards"]:
-        for _, g in iter_samples(os.path.join(d, s["name"]), with_jpg=False):
+        for _, g in iter_samples(opener(s["name"]) if opener else os.path.join(d, s["name"]), with_jpg=False):
             meta = json.loads(g.get("json", b"{}") or b"{}")
             w, h = meta.get("width", 0), meta.get("height", 0)
             pixels += w * h

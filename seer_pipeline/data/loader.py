@@ -84,6 +84,10 @@ class MultiCropLoader:
         if cfg.batch_size <= 0 or cfg.workers < 0 or cfg.shuffle_buffer <= 0:
             raise ValueError("batch_size and shuffle_buffer must be > 0, workers >= 0")
         self.cfg, self.rank, self.world = cfg, rank, world_size
+        if cfg.s3_endpoint:  # before the manifest is read; workers set it again (EpochStream)
+            from seer_pipeline.store.client import set_endpoint
+
+            set_endpoint(cfg.s3_endpoint)
         self.shards, self.exact = resolve_shards(cfg.shards)
         self.multicrop = build_multicrop(cfg)
         shuffle_order(2, 1, 0, 0, 0, 0)  # compile / load the kernel before DataLoader workers fork
@@ -129,7 +133,8 @@ class MultiCropLoader:
             epoch_runs([s.count for s in self.shards], c.seed, self.epoch) if self.exact else [])
         return EpochStream(self.shards, self.exact, self.multicrop, c.seed, self.epoch, self.rank, self.world,
                            self.logical_workers, c.batch_size, c.shuffle_buffer, c.max_fail_fraction, plan,
-                           self.batches_this_epoch, self._batches, list(self._outputs), list(self._pads))
+                           self.batches_this_epoch, self._batches, list(self._outputs), list(self._pads),
+                           s3_endpoint=c.s3_endpoint)
 
     def __iter__(self) -> Iterator[List[torch.Tensor]]:
         while True:

@@ -88,6 +88,11 @@ def resolve_shards(spec: str) -> Tuple[List[Shard], bool]:
     """(shards, exact): a directory with manifest.json is exact mode, anything else resampled."""
     if not spec:
         raise ValueError("data.shards is empty: give a shard directory with manifest.json or a pattern")
+    if "://" in spec:  # s3:// or http(s):// (seer_pipeline.store)
+        from seer_pipeline.store.shardset import resolve_remote
+
+        pairs, exact = resolve_remote(spec)
+        return [Shard(p, c) for p, c in pairs], exact
     if os.path.isdir(spec):
         return load_manifest(spec), True
     return expand_pattern(spec), False
@@ -115,7 +120,13 @@ def iter_samples(path: str, want: Callable[[int], bool],
     readable) if the file is missing or the tar is damaged. Stops after index `stop - 1`.
     """
     try:
-        tf = tarfile.open(path, mode="r:")
+        if "://" in path:  # a remote shard: ranged GETs, retried from the exact byte (store.reader)
+            from seer_pipeline.store.shardset import open_shard
+
+            tf = tarfile.open(fileobj=open_shard(path), mode="r:")
+            tf._extfileobj = False  # close the reader (its connection) with the TarFile
+        else:
+            tf = tarfile.open(path, mode="r:")
     except (OSError, tarfile.TarError) as e:
         raise ShardReadError(f"cannot open shard {path}: {e}") from e
     with tf:
