@@ -71,9 +71,9 @@ class S3Server:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+                self.proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:  # its data is a temp folder: nothing to flush
+                os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=15)
 
 

@@ -78,3 +78,10 @@ def http_pool() -> Any:
                                     timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT_S, read=READ_TIMEOUT_S))
             _http_pool[pid] = p
         return p
+
+
+def reset_clients() -> None:
+    """Forget cached clients (after changing the endpoint or the timeouts above)."""
+    with _lock:
+        _clients.clear()
+        _http_pool.clear()

@@ -52,6 +52,11 @@ class RetryPolicy:
         return min(self.max_s, max(retry_after, rng.uniform(0, self.base_s * 2 ** failure)))
 
 
+DEFAULT_POLICY = RetryPolicy()
+# Bytes per GET: bounds what one broken stream costs and how long a connection stays open.
+WINDOW_BYTES = int(os.environ.get("SEER_S3_WINDOW_BYTES", str(64 << 20)))
+
+
 def _retry_after(headers: Any) -> float:
     try:
         return float((headers or {}).get("retry-after") or (headers or {}).get("Retry-After") or 0)
@@ -62,11 +67,13 @@ def _retry_after(headers: Any) -> float:
 class RemoteFile(io.RawIOBase):
     """Read-only, seekable view of `url` (s3:// or http(s)://) over ranged GETs."""
 
-    def __init__(self, url: str | Url, size: Optional[int] = None, window: int = 64 << 20,
-                 skip_read: int = 1 << 20, policy: RetryPolicy = RetryPolicy()) -> None:
+    def __init__(self, url: str | Url, size: Optional[int] = None, window: Optional[int] = None,
+                 skip_read: int = 1 << 20, policy: Optional[RetryPolicy] = None) -> None:
         super().__init__()
         self.url = parse(url) if isinstance(url, str) else url
-        self.size, self.window, self.skip_read, self.policy = size, max(1, window), skip_read, policy
+        self.size, self.skip_read = size, skip_read
+        self.window = max(1, window or WINDOW_BYTES)
+        self.policy = policy or DEFAULT_POLICY
         self._pos = 0  # next byte handed to the caller
         self._body: Any = None
         self._spos = self._send = 0  # the open stream's next byte and end (exclusive)
