@@ -67,4 +67,4 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-from s3_server import s3_bucket, s3_server  # noqa: E402,F401 - the SeaweedFS S3 fixtures (tests/s3_server.py)
+from s3_server import s3_bucket, s3_endpoint, s3_server  # noqa: E402,F401 - the SeaweedFS S3 fixtures (tests/s3_server.py)

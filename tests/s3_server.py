@@ -129,3 +129,16 @@ def s3_bucket(s3_server: S3Server) -> str:
     name = f"t{time.monotonic_ns():x}{random.randrange(1 << 16):04x}"
     s3_server.make_bucket(name)
     return name
+
+
+@pytest.fixture()
+def s3_endpoint(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """AWS_ENDPOINT_URL -> the test server for this process and its children; clients reset."""
+    from seer_pipeline.store import client
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    client.set_endpoint(None)
+    client.reset_clients()
+    yield s3_server.endpoint
+    client.set_endpoint(None)
+    client.reset_clients()
