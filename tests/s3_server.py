@@ -60,6 +60,7 @@ class S3Server:
     endpoint: str  # http://127.0.0.1:PORT
     proc: subprocess.Popen
     log: Path
+    filer: str = ""  # http://127.0.0.1:PORT of the filer: plain HTTP GETs (with Range) of /buckets/B/KEY
 
     def make_bucket(self, name: str) -> str:
         from seer_pipeline.store.client import s3_client
@@ -90,7 +91,7 @@ def start_server(data_dir: Path, timeout_s: float = 60.0, idle_timeout_s: Option
     log = data_dir / "weed.log"
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    srv = S3Server(f"http://127.0.0.1:{s3}", proc, log)
+    srv = S3Server(f"http://127.0.0.1:{s3}", proc, log, f"http://127.0.0.1:{filer}")
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:

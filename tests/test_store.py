@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from fault_proxy import FaultProxy, Faults
 from seer_pipeline.store import client, objects, reader
@@ -190,3 +191,54 @@ def test_remote_inputs_and_part_merge(endpoint: str, s3_bucket: str, photo_dir: 
     assert man["reasons"] == ref["reasons"]
     assert _cli("verify", f"s3://{s3_bucket}/all").returncode == 0
     assert _cli("merge", *parts, "--out", f"s3://{s3_bucket}/all").returncode == 0  # rerun: idempotent
+
+
+def test_unreadable_shard_follows_the_bad_data_policy(endpoint: str, s3_bucket: str, tmp_path: Path,
+                                                      photo_dir: Path, monkeypatch) -> None:
+    import test_loader as tl
+    from seer_pipeline.data.loader import build_loader
+    from seer_pipeline.shards.synth import photo_variants, write_shards
+
+    local = write_shards(tmp_path / "s", photo_variants(photo_dir, 40, max_side=32), 4)  # 10 shards
+    url = f"s3://{s3_bucket}/s"
+    upload_dir(local, url)
+    monkeypatch.setattr(reader, "DEFAULT_POLICY", reader.RetryPolicy(3, 0.001, 0.01))
+    objects.delete(f"{url}/shard-000002.tar")  # 404: not retried
+    with FaultProxy(endpoint, Faults(throttle_every=1, only="shard-000005.tar")) as proxy:  # 503 forever
+        ld = build_loader(tl.cfg(url, workers=0, batch_size=2, max_fail_fraction=0.3, s3_endpoint=proxy.endpoint), 0, 1)
+        got = tl.take(ld, ld.batches_per_epoch)
+        m = ld.metrics()
+        assert m["read_failures"] == 8 and m["shards_failed"] == 2, m  # both shards' 4 samples, counted
+        uids = [u for _, us, _ in got for u in us]
+        assert not set(uids) & (set(range(8, 12)) | set(range(20, 24)))  # never a sample of those two
+        assert len(set(uids)) == 32 and m["samples_repeated"] == len(uids) - 32  # the policy's refill
+        strict = build_loader(tl.cfg(url, workers=0, batch_size=2, max_fail_fraction=0.05,
+                                     s3_endpoint=proxy.endpoint), 0, 1)
+        with pytest.raises(RuntimeError, match="exceed max_fail_fraction"):
+            tl.take(strict, strict.batches_per_epoch)
+    client.set_endpoint(None)
+
+
+def test_http_shards_equal_local(endpoint: str, s3_server, s3_bucket: str, tiny_shards: Path) -> None:
+    import test_loader as tl
+    from seer_pipeline.data.loader import build_loader
+
+    upload_dir(tiny_shards, f"s3://{s3_bucket}/tiny")
+    http = f"{s3_server.filer}/buckets/{s3_bucket}/tiny"  # the filer: a plain HTTP server with Range
+    a = tl.take(build_loader(tl.cfg(str(tiny_shards), workers=0, batch_size=2), 0, 1), 6)
+    b = tl.take(build_loader(tl.cfg(http, workers=0, batch_size=2), 0, 1), 6)
+    for (ea, ua, va), (eb, ub, vb) in zip(a, b):
+        assert (ea, ua) == (eb, ub) and all(torch.equal(x, y) for x, y in zip(va, vb))
+    from data_prep.verify import verify
+
+    assert verify(http) == []
+
+
+@pytest.mark.slow
+def test_credentials_never_logged(endpoint: str, s3_bucket: str, photo_dir: Path, tmp_path: Path) -> None:
+    r = _cli("--log-level", "DEBUG", "build", str(photo_dir), "--out", f"s3://{s3_bucket}/c", "--maxcount", "6",
+             "--no-progress", "--staging", str(tmp_path / "st"))
+    assert r.returncode == 0, r.stderr
+    assert "uploading to" in r.stderr  # our own DEBUG/INFO lines are there
+    text = r.stdout + r.stderr
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in text and os.environ["AWS_ACCESS_KEY_ID"] not in text

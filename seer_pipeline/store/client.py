@@ -10,6 +10,7 @@ the loader's workers want a plain blocking stream whose every byte offset we con
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from typing import Any, Dict, Optional, Tuple
@@ -53,6 +54,11 @@ def s3_client(endpoint_url: Optional[str] = None, streaming: bool = False) -> An
         if c is None:
             import boto3
             from botocore.config import Config
+
+            # botocore's DEBUG log prints request headers (the access key id, the signature):
+            # keep the AWS libraries at WARNING whatever level the application logs at.
+            for name in ("botocore", "boto3", "s3transfer", "urllib3"):
+                logging.getLogger(name).setLevel(logging.WARNING)
 
             retries = {"total_max_attempts": 1} if streaming else {"mode": "standard", "max_attempts": 8}
             cfg = Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S, retries=retries,
