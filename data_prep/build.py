@@ -49,16 +49,18 @@ def _config(inputs: Sequence[str], o: ShardOptions) -> dict:
 
 
 def build_shards(inputs: Sequence[str], out: str | os.PathLike, progress: bool = False,
-                 **options: Any) -> dict:
-    """Build (or finish) the shard set in `out`; returns the manifest."""
+                 on_shard: Optional[Callable[[str, dict], None]] = None, **options: Any) -> dict:
+    """Build (or finish) the shard set in `out`; returns the manifest. `on_shard(path, record)`
+    is called once for every shard of the plan as soon as it is complete on disk (also for
+    shards an earlier run completed): the object-store upload hook (seer_pipeline.store.build)."""
     t0 = time.time()
     opts = options.pop("opts", None) or ShardOptions(**options)
     out = os.fspath(out)
     if not inputs:
         raise ValueError("no inputs given")
     # Absolute sources: a resume from another working directory must name inputs the same way.
-    inputs = [os.path.abspath(os.fspath(p)) for p in inputs]
-    missing = [p for p in inputs if not os.path.exists(p)]
+    inputs = [p if "://" in str(p) else os.path.abspath(os.fspath(p)) for p in inputs]  # URLs: store.inputs
+    missing = [p for p in inputs if "://" not in p and not os.path.exists(p)]
     if missing:  # a typo in the command line is not a skipped image: stop before any work
         raise FileNotFoundError(f"input(s) do not exist: {', '.join(missing)}")
     cfg = _config(inputs, opts)
@@ -86,7 +88,7 @@ def build_shards(inputs: Sequence[str], out: str | os.PathLike, progress: bool =
             _scan(inputs, out, opts, idx, progress, pool)
         t2 = time.time()
         idx.make_plan(opts.maxcount, opts.maxsize)
-        shards = _write(out, opts, idx, progress, pool)
+        shards = _write(out, opts, idx, progress, pool, on_shard)
         t3 = time.time()
         manifest = _finish(out, cfg, idx, shards)
     finally:
@@ -220,7 +222,7 @@ def _commit(idx: Index, spool_fds: Iterable[int], last_ordinal: Optional[int]) -
 
 
 def _write(out: str, opts: ShardOptions, idx: Index, progress: bool,
-           pool: Optional[cf.Executor]) -> list[dict]:
+           pool: Optional[cf.Executor], on_shard: Optional[Callable[[str, dict], None]] = None) -> list[dict]:
     for fn in os.listdir(out):  # temp files of a killed run
         if fn.startswith(f".{opts.prefix}-") and fn.endswith(".tmp"):
             os.unlink(os.path.join(out, fn))
@@ -237,6 +239,8 @@ def _write(out: str, opts: ShardOptions, idx: Index, progress: bool,
             fault("write", p["idx"])
         idx.record_shard(p["idx"], name, count, nbytes, sha)
         shards[p["idx"]] = dict(name=name, count=count, bytes=nbytes, sha256=sha)
+        if on_shard is not None:
+            on_shard(os.path.join(out, name), shards[p["idx"]])
         bar.update(1)
 
     try:
@@ -246,6 +250,8 @@ def _write(out: str, opts: ShardOptions, idx: Index, progress: bool,
             done = idx.done_shard(p["idx"])
             if done is not None and os.path.exists(path) and os.path.getsize(path) == done["bytes"]:
                 shards[p["idx"]] = dict(name=name, count=done["count"], bytes=done["bytes"], sha256=done["sha256"])
+                if on_shard is not None:
+                    on_shard(path, shards[p["idx"]])
                 bar.update(1)
                 continue
             rows = list(idx.ok_rows((p["first_pos"], p["first_ordinal"]), p["count"]))
@@ -254,6 +260,8 @@ def _write(out: str, opts: ShardOptions, idx: Index, progress: bool,
                 rec = dict(name=name, count=len(rows), bytes=os.path.getsize(path), sha256=fmt.file_sha256(path))
                 idx.record_shard(p["idx"], name, rec["count"], rec["bytes"], rec["sha256"])
                 shards[p["idx"]] = rec
+                if on_shard is not None:
+                    on_shard(path, rec)
                 bar.update(1)
                 continue
             job = [(r["key"], r["spool"], r["off"], r["len"], fmt.sample_json(r)) for r in rows]

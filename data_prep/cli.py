@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="build (or resume) a shard set")
     b.add_argument("inputs", nargs="+", help="directories, .tar/.tar.gz archives, .txt path lists, files")
-    b.add_argument("--out", required=True, help="output directory")
+    b.add_argument("--out", required=True, help="output directory, or s3://bucket/prefix (see docs/object_store.md)")
+    b.add_argument("--staging", default=None, help="with an s3:// --out: local build folder (default: under $TMPDIR)")
     b.add_argument("--maxcount", type=int, default=10000, help="samples per shard (default 10000)")
     b.add_argument("--maxsize", type=_size, default=None, help="bytes per shard, e.g. 1G")
     b.add_argument("--seed", type=int, default=0, help="global shuffle seed")
@@ -67,17 +68,19 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--no-progress", action="store_true")
 
     v = sub.add_parser("verify", help="re-hash every shard and decode every sample")
-    v.add_argument("dir")
+    v.add_argument("dir", help="shard folder, s3://bucket/prefix or http(s)://host/path")
     v.add_argument("--no-decode", action="store_true", help="hashes and structure only")
 
     s = sub.add_parser("stats", help="counts, sizes, resolution histogram")
-    s.add_argument("dir")
+    s.add_argument("dir", help="shard folder, s3://bucket/prefix or http(s)://host/path")
     s.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     m = sub.add_parser("merge", help="combine the shard sets of --part runs into one")
     m.add_argument("parts", nargs="+", help="the part output directories")
     m.add_argument("--out", required=True)
     m.add_argument("--force", action="store_true", help="replace a shard set already in --out")
+    for p in (b, v, s, m):  # overrides AWS_ENDPOINT_URL / the AWS config (never logged with credentials)
+        p.add_argument("--endpoint-url", default=None, help="S3 endpoint, e.g. http://127.0.0.1:8333")
     return ap
 
 
@@ -92,6 +95,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.endpoint_url:
+        from seer_pipeline.store.client import set_endpoint
+
+        set_endpoint(args.endpoint_url)
     try:
         if args.cmd == "build":
             return _build(args)
@@ -113,10 +120,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.cmd == "merge":
             from data_prep.merge import merge
 
-            man = merge(args.parts, args.out, force=args.force)
+            if "://" in args.out:
+                from seer_pipeline.store.build import merge_in_store
+
+                man = merge_in_store(args.parts, args.out)
+            else:
+                man = merge(args.parts, args.out, force=args.force)
             print(f"merged {len(args.parts)} parts: {man['written']} samples in {len(man['shards'])} shards")
             return 0
-    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         print(f"seer-shards {args.cmd}: error: {e}", file=sys.stderr)
         return 2
     except (OSError, sqlite3.OperationalError) as e:
@@ -125,6 +137,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"seer-shards {args.cmd}: error: out of disk space or over the file size limit ({e}); "
               "nothing done so far is lost: free space and rerun the same command to resume", file=sys.stderr)
         return 1
+    except Exception as e:  # an object-store answer (botocore): one line, not a traceback
+        if not type(e).__module__.startswith("botocore"):
+            raise
+        print(f"seer-shards {args.cmd}: object store error: {e}", file=sys.stderr)
+        return 2
     return 2
 
 
@@ -146,7 +163,12 @@ def _build(args: argparse.Namespace) -> int:
         check=args.check, min_side=args.min_side, max_pixels=args.max_pixels, max_bytes=args.max_bytes,
         dedup=not args.no_dedup,
         exclude=list(args.exclude), part=args.part, prefix=args.prefix)
-    m = build_shards(args.inputs, args.out, progress=not args.no_progress, opts=opts)
+    if "://" in args.out:
+        from seer_pipeline.store.build import build_to_store
+
+        m = build_to_store(args.inputs, args.out, args.staging, progress=not args.no_progress, opts=opts)
+    else:
+        m = build_shards(args.inputs, args.out, progress=not args.no_progress, opts=opts)
     reasons = ", ".join(f"{k} {v}" for k, v in m["reasons"].items()) or "none"
     print(f"{m['inputs_seen']} inputs: {m['written']} written in {len(m['shards'])} shards, "
           f"{m['skipped']} skipped ({reasons}) -> {args.out}")

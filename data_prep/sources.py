@@ -6,7 +6,9 @@ string identify an input across reruns and across `--part` runs.
 from __future__ import annotations
 
 import bz2
+import functools
 import gzip
+import io
 import logging
 import lzma
 import os
@@ -15,7 +17,7 @@ import tarfile
 import zlib
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import BinaryIO, Callable, Iterator, Optional, Sequence
+from typing import Any, BinaryIO, Callable, Iterator, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,11 @@ def iter_inputs(inputs: Sequence[str], want: Want, max_bytes: Optional[int] = No
         return counter[0] - 1
 
     for inp in inputs:
+        if "://" in inp:  # s3:// or http(s):// (seer_pipeline.store)
+            from seer_pipeline.store.inputs import iter_remote_input
+
+            yield from iter_remote_input(inp, nxt, want, functools.partial(_iter_tar, max_bytes=max_bytes), Item)
+            continue
         kind = input_kind(inp)
         if kind == "missing":
             raise FileNotFoundError(f"input does not exist: {inp}")
@@ -169,6 +176,25 @@ class _Info(tarfile.TarInfo):
 _ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError)
 
 
+class _Prefixed(io.RawIOBase):
+    """`head` followed by the rest of a non-seekable stream."""
+
+    def __init__(self, head: bytes, f: BinaryIO) -> None:
+        self._head, self._f = head, f
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        if self._head:
+            n = min(len(b), len(self._head))
+            b[:n], self._head = self._head[:n], self._head[n:]
+            return n
+        data = self._f.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+
 def _decompressed(f: BinaryIO) -> BinaryIO:
     """The archive's bytes, decompressed by a reader that never inflates more than it is asked for.
 
@@ -178,7 +204,10 @@ def _decompressed(f: BinaryIO) -> BinaryIO:
     its header costs time proportional to its size and no memory.
     """
     head = f.read(6)
-    f.seek(0)
+    if f.seekable():
+        f.seek(0)
+    else:  # a remote stream (seer_pipeline.store): put the peeked bytes back in front
+        f = io.BufferedReader(_Prefixed(head, f))  # type: ignore[assignment]
     if head[:2] == b"\x1f\x8b":
         return gzip.GzipFile(fileobj=f, mode="rb")  # type: ignore[return-value]
     if head[:3] == b"BZh":
@@ -188,10 +217,11 @@ def _decompressed(f: BinaryIO) -> BinaryIO:
     return f
 
 
-def _iter_tar(tar_path: str, nxt: Callable[[], int], want: Want, max_bytes: Optional[int]) -> Iterator[Item]:
+def _iter_tar(tar_path: str, nxt: Callable[[], int], want: Want, max_bytes: Optional[int] = None,
+              fileobj: Optional[BinaryIO] = None) -> Iterator[Item]:
     # Stream mode reads member by member without seeking back; nothing is extracted to disk.
     try:
-        raw = open(tar_path, "rb")
+        raw = fileobj if fileobj is not None else open(tar_path, "rb")
     except OSError as e:
         log.warning("cannot open archive %s: %s", tar_path, e)
         yield Item(nxt(), tar_path, reason="unreadable")

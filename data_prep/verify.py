@@ -11,6 +11,7 @@ from PIL import Image
 
 from seer_pipeline.shards import format as fmt
 from seer_pipeline.shards.format import file_sha256, load_manifest
+from seer_pipeline.store.url import is_remote
 
 __all__ = ["format_stats", "iter_samples", "load_manifest", "stats", "verify"]
 
@@ -18,14 +19,19 @@ __all__ = ["format_stats", "iter_samples", "load_manifest", "stats", "verify"]
 _BINS = (0, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
-def iter_samples(path: str, with_jpg: bool = True) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) per sample; `jpg` reads as b"" unless `with_jpg`."""
+def iter_samples(path: Any, with_jpg: bool = True) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) per sample; `jpg` reads as b"" unless `with_jpg`. `path` may be an
+    open file object (a remote shard, seer_pipeline.store)."""
     for _, key, group in fmt.read_samples(path, skip_exts=() if with_jpg else ("jpg",)):
         yield key, group or {}
 
 
 def verify(d: str, decode: bool = True) -> list[str]:
     """Every problem found, as a line of text; an empty list means the set is sound."""
+    if is_remote(d):  # s3:// or http(s)://: streamed, hashed while parsed
+        from seer_pipeline.store.shardset import verify_remote
+
+        return verify_remote(d, decode)
     man = load_manifest(d)
     problems: list[str] = []
     keys: set[str] = set()
@@ -89,11 +95,17 @@ def _check_sample(shard: str, key: str, g: dict[str, bytes], decode: bool) -> li
 
 def stats(d: str) -> dict[str, Any]:
     """Counts, sizes and a short-side histogram; reads json members only."""
-    man = load_manifest(d)
+    opener = None
+    if is_remote(d):
+        from seer_pipeline.store.shardset import manifest_and_opener
+
+        man, opener = manifest_and_opener(d)
+    else:
+        man = load_manifest(d)
     hist: Counter[int] = Counter()
     pixels = 0
     for s in man["shards"]:
-        for _, g in iter_samples(os.path.join(d, s["name"]), with_jpg=False):
+        for _, g in iter_samples(opener(s["name"]) if opener else os.path.join(d, s["name"]), with_jpg=False):
             meta = json.loads(g.get("json", b"{}") or b"{}")
             w, h = meta.get("width", 0), meta.get("height", 0)
             pixels += w * h

@@ -58,3 +58,6 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     manifest = build_shards([str(PHOTOS)], out, maxcount=4, seed=0, workers=1)
     assert manifest["written"] == 12 and len(manifest["shards"]) == 3, manifest
     return out
+
+
+from s3_server import s3_bucket, s3_endpoint, s3_server  # noqa: E402,F401 - the SeaweedFS S3 fixtures (tests/s3_server.py)

@@ -135,7 +135,7 @@ class TrainConfig:
 # Prefixes of keys that may differ between a checkpoint's config and the resuming run.
 RESUME_MUTABLE: tuple[str, ...] = (
     "run.dir", "run.lock", "train.steps", "train.log_every", "train.tensorboard", "ckpt.", "slurm.",
-    "dist.", "parallel.", "data.workers", "data.prefetch_factor", "data.shards", "init.",
+    "dist.", "parallel.", "data.workers", "data.prefetch_factor", "data.shards", "data.s3_endpoint", "init.",
     "train.threads",  # allowed, but the continuation is then not bitwise equal (warned)
 )
 _PRECISIONS = ("fp32", "bf16")

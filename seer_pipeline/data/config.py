@@ -8,7 +8,8 @@ from typing import List
 @dataclass
 class DataConfig:
     """The `data` section of the training config."""
-    shards: str = ""  # dir with manifest.json (exact) or brace pattern / comma list (resampled)
+    shards: str = ""  # dir with manifest.json (exact) or brace pattern / comma list (resampled); s3:// or https:// too
+    s3_endpoint: str = ""  # S3 endpoint override (else AWS_ENDPOINT_URL / AWS config); never credentials
     batch_size: int = 32  # per rank
     workers: int = 2  # DataLoader workers per rank; 0 = in-process
     crops: str = "swav"  # swav | seer | seer2021 | custom

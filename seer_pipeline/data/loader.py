@@ -83,6 +83,10 @@ class MultiCropLoader:
         if cfg.batch_size <= 0 or cfg.workers < 0 or cfg.shuffle_buffer <= 0:
             raise ValueError("batch_size and shuffle_buffer must be > 0, workers >= 0")
         self.cfg, self.rank, self.world = cfg, rank, world_size
+        if cfg.s3_endpoint:  # before the manifest is read; workers set it again (EpochStream)
+            from seer_pipeline.store.client import set_endpoint
+
+            set_endpoint(cfg.s3_endpoint)
         self.shards, self.exact = resolve_shards(cfg.shards)
         self.multicrop = build_multicrop(cfg)
         shuffle_order(2, 1, 0, 0, 0, 0)  # compile / load the kernel before DataLoader workers fork
@@ -131,7 +135,8 @@ class MultiCropLoader:
             rank=self.rank, world=self.world, workers=self.logical_workers, batch=c.batch_size,
             buffer=c.shuffle_buffer, max_fail_fraction=c.max_fail_fraction, plan=plan,
             batches_per_rank=self.batches_this_epoch, start_batch=self._batches,
-            skip_outputs=list(self._outputs), skip_pads=list(self._pads))
+            skip_outputs=list(self._outputs), skip_pads=list(self._pads),
+            s3_endpoint=c.s3_endpoint)
 
     def __iter__(self) -> Iterator[List[torch.Tensor]]:
         while True:

@@ -50,8 +50,13 @@ class EpochStream(IterableDataset):
     start_batch: int = 0  # rank batch index to start at: physical worker i plays (i + start) % W
     skip_outputs: Sequence[int] = ()  # per logical worker
     skip_pads: Sequence[int] = ()
+    s3_endpoint: str = ""  # for s3:// shards; set in each worker (spawned workers start without it)
 
     def __iter__(self) -> Iterator[Tuple[List[torch.Tensor], Dict]]:
+        if self.s3_endpoint:
+            from seer_pipeline.store.client import set_endpoint
+
+            set_endpoint(self.s3_endpoint)
         info = get_worker_info()
         phys = info.id if info is not None else 0
         w = (phys + self.start_batch) % self.workers

@@ -21,7 +21,7 @@ import json
 import os
 import re
 import tarfile
-from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Optional
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Optional, Union
 
 from seer_pipeline.core.io_utils import atomic_open, atomic_write_json, atomic_write_text
 
@@ -191,12 +191,13 @@ def file_sha256(path: str) -> str:
 
 
 # ---------------------------------------------------------------- reading
-def open_shard(path: str) -> BinaryIO:
-    """The one place a shard's bytes are opened (a remote store hooks in here)."""
-    return open(path, "rb")
+def open_shard(path: Union[str, BinaryIO]) -> BinaryIO:
+    """The one place a shard's bytes are opened; an open file object (a remote shard from
+    seer_pipeline.store) is used as it is."""
+    return path if hasattr(path, "read") else open(path, "rb")  # type: ignore[return-value]
 
 
-def read_samples(path: str, want: Callable[[int], bool] = lambda i: True, stop: Optional[int] = None,
+def read_samples(path: Union[str, BinaryIO], want: Callable[[int], bool] = lambda i: True, stop: Optional[int] = None,
                  skip_exts: tuple[str, ...] = ()) -> Iterator[tuple[int, str, Optional[dict[str, bytes]]]]:
     """(index, key, {ext: bytes} or None when not wanted) per sample of a shard, in order.
 

@@ -10,7 +10,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from seer_pipeline.shards import format as fmt
 from seer_pipeline.shards.format import IMAGE_EXTS, ShardReadError, split_key
@@ -86,6 +86,11 @@ def resolve_shards(spec: str) -> Tuple[List[Shard], bool]:
     """(shards, exact): a directory with manifest.json is exact mode, anything else resampled."""
     if not spec:
         raise ValueError("data.shards is empty: give a shard directory with manifest.json or a pattern")
+    if "://" in spec:  # s3:// or http(s):// (seer_pipeline.store)
+        from seer_pipeline.store.shardset import resolve_remote
+
+        pairs, exact = resolve_remote(spec)
+        return [Shard(p, c) for p, c in pairs], exact
     if os.path.isdir(spec):
         return load_manifest(spec), True
     return expand_pattern(spec), False
@@ -98,7 +103,15 @@ def iter_samples(path: str, want: Callable[[int], bool],
     Payloads are read only for wanted samples. Raises ShardReadError (after yielding what was
     readable) if the file is missing or the tar is damaged. Stops after index `stop - 1`.
     """
-    for idx, key, sample in fmt.read_samples(path, want, stop):
+    src: Any = path
+    if "://" in path:  # a remote shard: ranged GETs, retried from the exact byte (store.reader)
+        from seer_pipeline.store.shardset import open_shard
+
+        try:
+            src = open_shard(path)
+        except OSError as e:
+            raise ShardReadError(f"cannot open shard {path}: {e}") from e
+    for idx, key, sample in fmt.read_samples(src, want, stop):
         if sample is not None:
             sample["__key__"] = key.encode("utf-8", "surrogateescape")
         yield idx, sample
