@@ -52,7 +52,7 @@ def build_shards(inputs: Sequence[str], out: str | os.PathLike, progress: bool =
                  on_shard: Optional[Callable[[str, dict], None]] = None, **options: Any) -> dict:
     """Build (or finish) the shard set in `out`; returns the manifest. `on_shard(path, record)`
     is called once for every shard of the plan as soon as it is complete on disk (also for
-    shards an earlier run completed): the object-store upload hook (seer_pipeline.store.build)."""
+    shards an earlier run completed): the object-store upload hook (data_prep.store_build)."""
     t0 = time.time()
     opts = options.pop("opts", None) or ShardOptions(**options)
     out = os.fspath(out)

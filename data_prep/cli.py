@@ -121,7 +121,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from data_prep.merge import merge
 
             if "://" in args.out:
-                from seer_pipeline.store.build import merge_in_store
+                from data_prep.store_build import merge_in_store
 
                 man = merge_in_store(args.parts, args.out)
             else:
@@ -164,7 +164,7 @@ def _build(args: argparse.Namespace) -> int:
         dedup=not args.no_dedup,
         exclude=list(args.exclude), part=args.part, prefix=args.prefix)
     if "://" in args.out:
-        from seer_pipeline.store.build import build_to_store
+        from data_prep.store_build import build_to_store
 
         m = build_to_store(args.inputs, args.out, args.staging, progress=not args.no_progress, opts=opts)
     else:

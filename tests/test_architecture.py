@@ -16,20 +16,27 @@ ROOTS = ("seer_pipeline", "data_prep", "launch")
 ALLOWED: dict[str, set[str]] = {
     "core": set(),
     "codecs": {"core"},
-    "shards": {"core", "codecs"},
-    "config": {"core", "data.config", "data.crops"},  # the torch-free config leaves of data only
-    "data": {"core", "config", "codecs", "shards"},
+    "store": {"core"},  # object-store transport: URLs, clients, retrying ranged reads
+    "shards": {"core", "codecs", "store"},
+    # the torch-free config leaves of data, and the pure RegNet generator (trunk names) only
+    "config": {"core", "data.config", "data.crops", "models.regnet"},
+    "data": {"core", "config", "codecs", "shards", "store"},
     "models": {"core", "config"},
     "dist": {"core", "config"},
-    "checkpoint": {"core", "config", "models", "dist"},
-    "train": {"core", "config", "codecs", "shards", "data", "models", "dist", "checkpoint"},
-    "eval": {"core", "config", "codecs", "shards", "data", "models", "dist", "checkpoint"},
-    "plan": {"core", "config", "data.crops", "data.config", "models", "dist"},
-    "demo": {"core", "config", "codecs", "shards", "data", "models", "dist", "checkpoint", "train",
-             "eval", "plan"},
+    "weights": {"core", "config", "models", "checkpoint"},  # checkpoint: reading run folders
+    "checkpoint": {"core", "config", "models", "dist", "weights"},  # weights: seer-ckpt export/consolidate
+    "train": {"core", "config", "codecs", "shards", "store", "data", "models", "dist", "checkpoint",
+              "weights"},
+    "eval": {"core", "config", "codecs", "shards", "store", "data", "models", "dist", "checkpoint",
+             "weights"},
+    # train: `seer-plan --simulate` runs the real training step (loss, LARS) on fake tensors
+    "plan": {"core", "config", "data.crops", "data.config", "models", "dist", "train"},
+    "demo": {"core", "config", "codecs", "shards", "store", "data", "models", "dist", "checkpoint",
+             "weights", "train", "eval", "plan"},
     "seer_pipeline": set(),  # the package root stays import-light
-    "data_prep": {"core", "codecs", "shards"},
-    "launch": {"core", "config", "dist"},
+    "data_prep": {"core", "codecs", "shards", "store"},
+    # torch-free leaves only: the requeue book (one writer) and the checkpoint `latest` reader
+    "launch": {"core", "config", "dist", "train.provenance", "checkpoint.integrity"},
 }
 # Only inside a function (the code that runs in the SLURM task), never at module level.
 FUNCTION_LEVEL_ONLY = {("launch", "dist")}

@@ -1,54 +1,16 @@
-"""Shard sets in an object store: resolve for the loader, open for tar, verify and stats.
-
-The loader and `seer-shards verify/stats` reach this through one call each (`resolve_remote`,
-`open_shard`, `verify_remote`, `stats_remote`); the tar parsing and sample checks stay in their
-modules, fed a file object instead of a path.
-"""
+"""`seer-shards verify` over s3:// or http(s)://: every shard streamed once, hashed while parsed."""
 from __future__ import annotations
 
 import hashlib
 import io
-import json
-from typing import Any, BinaryIO, Dict, List, Optional, Tuple
+import tarfile
+from typing import Any, Dict, List, Optional
 
+from data_prep.verify import _check_sample, iter_samples
+from seer_pipeline.shards.remote import load_manifest_remote
 from seer_pipeline.store.objects import list_prefix
-from seer_pipeline.store.reader import RemoteFile, open_remote, read_bytes
-from seer_pipeline.store.url import Url, is_remote, parse
-
-
-def load_manifest_remote(url: str | Url) -> Dict[str, Any]:
-    u = parse(url) if isinstance(url, str) else url
-    try:
-        return json.loads(read_bytes(u.join("manifest.json")))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no manifest.json under {u} (unfinished build? rerun the same command)") from None
-    except ValueError as e:
-        raise ValueError(f"{u.join('manifest.json')}: not a JSON manifest ({e})") from e
-
-
-def resolve_remote(spec: str) -> Tuple[List[Tuple[str, int]], bool]:
-    """([(url, count)], exact): a prefix with manifest.json is exact mode; a pattern or list of
-    .tar URLs is resampled mode (count -1). The caller wraps the pairs in its Shard type."""
-    from seer_pipeline.shards.reader import braceexpand, _split_commas  # the local pattern rules
-
-    parts = _split_commas(spec)
-    if len(parts) > 1 or "{" in spec or spec.rstrip("/").endswith(".tar"):
-        urls = [x for p in parts for x in braceexpand(p)]
-        for x in urls:
-            parse(x)
-        return [(x, -1) for x in urls], False
-    u = parse(spec.rstrip("/"))
-    man = load_manifest_remote(u)
-    try:
-        shards = [(str(u.join(e["name"])), int(e["count"])) for e in man["shards"]]
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"shard manifest under {u} is malformed: {e}") from e
-    return shards, True
-
-
-def open_shard(path: str) -> BinaryIO:
-    """A seekable, retrying file object for a remote shard (tarfile reads it like a file)."""
-    return open_remote(path)  # type: ignore[return-value]
+from seer_pipeline.store.reader import RemoteFile
+from seer_pipeline.store.url import parse
 
 
 class HashingReader(io.RawIOBase):
@@ -90,10 +52,6 @@ class HashingReader(io.RawIOBase):
 
 def verify_remote(url: str, decode: bool = True) -> List[str]:
     """`seer-shards verify` over s3:// or http(s)://: every shard streamed once, hashed while parsed."""
-    import tarfile
-
-    from data_prep.verify import _check_sample, iter_samples
-
     u = parse(url.rstrip("/"))
     man = load_manifest_remote(u)
     problems: List[str] = []
@@ -138,14 +96,3 @@ def verify_remote(url: str, decode: bool = True) -> List[str]:
     if man["inputs_seen"] != man["written"] + man["skipped"]:
         problems.append("manifest: inputs_seen != written + skipped")
     return problems
-
-
-def manifest_and_opener(url: str) -> Tuple[Dict[str, Any], Any]:
-    """(manifest, open(name) -> file object) for `seer-shards stats` over a remote set: json
-    members only, image payloads skipped by ranged reads where they are large."""
-    u = parse(url.rstrip("/"))
-    return load_manifest_remote(u), lambda name: open_remote(u.join(name))
-
-
-__all__ = ["is_remote", "resolve_remote", "open_shard", "verify_remote", "manifest_and_opener",
-           "load_manifest_remote"]

@@ -93,7 +93,7 @@ def build_to_store(inputs: Sequence[str], out: str, staging: Optional[str] = Non
 def merge_in_store(parts: Sequence[str], out: str) -> Dict[str, Any]:
     """`seer-shards merge` of s3 part prefixes into an s3 prefix: server-side copies (the parts
     stay), renumbered as the local merge does; idempotent, manifest last."""
-    from seer_pipeline.store.shardset import load_manifest_remote
+    from seer_pipeline.shards.remote import load_manifest_remote
     from seer_pipeline.store.reader import read_bytes
     from seer_pipeline.store.client import s3_client
 
