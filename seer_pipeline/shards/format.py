@@ -16,6 +16,7 @@ Names of inputs (file paths, tar member names) are kept as `str` decoded with
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -204,13 +205,14 @@ def read_samples(path: Union[str, BinaryIO], want: Callable[[int], bool] = lambd
     Payloads are read only for wanted samples and extensions not in `skip_exts` (those read as
     b""); a seekable file skips them without reading. Raises ShardReadError (after yielding what
     was readable) when the file cannot be opened or the tar is damaged. Stops before `stop`.
+    A file object passed in stays open (its caller owns it); a path's file is closed here.
     """
     try:
         f = open_shard(path)
         tf = tarfile.open(fileobj=f, mode="r:" if f.seekable() else "r|")
     except (OSError, tarfile.TarError) as e:
         raise ShardReadError(f"cannot open shard {path}: {e}") from e
-    with f, tf:
+    with (contextlib.nullcontext() if f is path else f), tf:
         key, idx, cur = None, -1, None
         try:
             while True:

@@ -111,10 +111,14 @@ def iter_samples(path: str, want: Callable[[int], bool],
             src = open_shard(path)
         except OSError as e:
             raise ShardReadError(f"cannot open shard {path}: {e}") from e
-    for idx, key, sample in fmt.read_samples(src, want, stop):
-        if sample is not None:
-            sample["__key__"] = key.encode("utf-8", "surrogateescape")
-        yield idx, sample
+    try:
+        for idx, key, sample in fmt.read_samples(src, want, stop):
+            if sample is not None:
+                sample["__key__"] = key.encode("utf-8", "surrogateescape")
+            yield idx, sample
+    finally:
+        if src is not path:  # the remote file (and its connection) is ours to close
+            src.close()
 
 
 def image_bytes(sample: Dict[str, bytes]) -> bytes:
