@@ -166,9 +166,8 @@ def parallel_probe(n: int = 3_000_000) -> float:
 def unique_jpegs(jpegs: list[Path], n: int, dest: Path) -> tuple[list[Path], int, int]:
     """n JPEG files with distinct bytes, cycling through the distinct inputs (see module doc).
 
-    Returns the files, how many are not stored byte for byte in pass-through (greyscale: widened
-    to YCbCr without a decode; CMYK or rotated by EXIF: a decode and an encode that tar never
-    does), and how many distinct JPEG streams (by content: a PNG named .jpg is left out) they
+    Returns the files, how many are not stored byte for byte in pass-through (CMYK or rotated by
+    EXIF: a decode and an encode that tar never does), and how many distinct JPEG streams (by content: a PNG named .jpg is left out) they
     were cycled from.
     """
     from PIL import Image
@@ -189,7 +188,7 @@ def unique_jpegs(jpegs: list[Path], n: int, dest: Path) -> tuple[list[Path], int
         f.write_bytes(data[:2] + b"\xff\xfe" + (len(com) + 2).to_bytes(2, "big") + com + data[2:])
         out.append(f)
         with Image.open(f) as im:
-            reencode += im.mode != "RGB" or im.getexif().get(0x0112, 1) != 1
+            reencode += im.mode not in ("RGB", "L") or im.getexif().get(0x0112, 1) != 1
     return out, reencode, len(srcs)
 
 
@@ -292,9 +291,8 @@ def main() -> None:
         "images": len(files), "jpegs": len(jpegs), "cpus": os.cpu_count(), "repeats": args.repeats,
         "big_set": (f"{len(big)} files with distinct bytes cycled from the {n_src} distinct JPEG streams "
                     f"among the {len(jpegs)} .jpg/.jpeg files of {args.photo_dir}, a unique COM segment "
-                    f"each; {big_reencode} of them are greyscale, CMYK or EXIF-rotated and are not "
-                    "stored byte for byte in pass-through (greyscale: widened to YCbCr losslessly, "
-                    "the others decoded and re-encoded)") if big else None,
+                    f"each; {big_reencode} of them are CMYK or EXIF-rotated and are not "
+                    "stored byte for byte in pass-through (decoded and re-encoded)") if big else None,
         "big_bytes": big_bytes,
         "written": written, "images_per_s": ips, "images_per_cpu_s": cpu_ips,
         "ratio_w1_vs_baseline": ratio("seer_w1", "baseline"),

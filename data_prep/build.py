@@ -69,6 +69,8 @@ def build_shards(inputs: Sequence[str], out: str | os.PathLike, progress: bool =
     pool: Optional[cf.Executor] = None
     try:
         old = idx.config()
+        if old is not None and "max_bytes" not in old:  # a build begun before the option existed
+            old["max_bytes"] = ShardOptions.max_bytes
         if old is not None and old != cfg:
             diff = sorted(k for k in set(old) | set(cfg) if old.get(k) != cfg.get(k))
             raise ValueError(f"{out} holds a build with other options ({', '.join(diff)}); "

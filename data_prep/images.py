@@ -110,7 +110,7 @@ def _target_size(w: int, h: int, short: Optional[int]) -> tuple[int, int]:
     return max(1, round(w * short / h)), short
 
 
-_STRIP_PIXELS = 1 << 20  # converted at a time: the copies of a conversion stay this small
+_STRIP_PIXELS = 1 << 18  # converted at a time: the copies of a conversion stay this small
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -139,9 +139,11 @@ def _strip_to_rgb(img: Image.Image, top: float) -> Image.Image:
         # 16-bit greyscale: PIL's convert("L") clips at 255 instead of scaling; scale by hand.
         import numpy as np
 
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if mode != "F" else top
-        arr = np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8)
+        if mode == "F":
+            arr = np.clip(np.asarray(img, dtype=np.float64) * (255.0 / top), 0, 255).round().astype(np.uint8)
+        else:  # round(x * 255 / 65535) in integers: x / 257 is never halfway, so this is exact
+            x = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+            arr = ((x * 255 + 32767) // 65535).astype(np.uint8)
         return Image.fromarray(arr).convert("RGB")
     if mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")

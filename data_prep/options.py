@@ -73,7 +73,9 @@ def load_exclude(paths: Iterable[str]) -> frozenset[str]:
     for p in paths:
         files = list(walk_dir(p)) if os.path.isdir(p) else None
         if files is None:
-            with open(p, "r", encoding="utf-8") as f:
+            if not os.path.isfile(p):  # a FIFO here would block the build before it starts
+                raise ValueError(f"--exclude {p}: not a list file or a folder")
+            with open(p, "r", encoding="utf-8", errors="replace") as f:
                 for line in f:
                     tok = line.strip().split()
                     if tok and len(tok[0]) == 64 and all(c in "0123456789abcdefABCDEF" for c in tok[0]):

@@ -209,8 +209,12 @@ def read_samples(path: Union[str, BinaryIO], want: Callable[[int], bool] = lambd
     """
     try:
         f = open_shard(path)
+    except OSError as e:
+        raise ShardReadError(f"cannot open shard {path}: {e}") from e
+    try:
         tf = tarfile.open(fileobj=f, mode="r:" if f.seekable() else "r|")
     except (OSError, tarfile.TarError) as e:
+        f.close()
         raise ShardReadError(f"cannot open shard {path}: {e}") from e
     with (contextlib.nullcontext() if f is path else f), tf:
         key, idx, cur = None, -1, None
