@@ -3,6 +3,7 @@
 is and with one codec swapped for the library path it replaces (runs interleaved, one core).
 
     taskset -c 0 .venv/bin/python benchmarks/bench_codecs.py [PHOTO_DIR] [--limit 128] [--runs 3]
+        [--only VARIANT,...] [--skip-builder] [--format all|webp|progressive-jpeg]
 
 Loader = `MultiCrop` with swav crops (2x224+6x96) on the photos' bytes; builder = seer-shards'
 per-image work (`process_bytes`, resize to a short side of 256). Variants:
@@ -114,6 +115,11 @@ def compare(fn: Callable[[int, bytes], object], blobs: list[bytes], names: tuple
             for n, r in rates.items()}
 
 
+def _progressive(path: Path) -> bool:
+    with Image.open(path) as im:
+        return bool(im.info.get("progressive") or im.info.get("progression"))
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("photos", nargs="?", default=str(REPO / "tests" / "data" / "photos"))
@@ -121,10 +127,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--only", default="", help="comma list of variants besides base (default: all)")
     ap.add_argument("--skip-builder", action="store_true")
+    ap.add_argument("--format", choices=("all", "webp", "progressive-jpeg"), default="all",
+                    help="time only the photos a codec acts on")
     a = ap.parse_args(argv)
     keep = ("base", *[v for v in a.only.split(",") if v]) if a.only else tuple(VARIANTS)
     torch.set_num_threads(1)
     paths = sorted(p for p in Path(a.photos).iterdir() if p.suffix.lower() in EXTS)
+    if a.format == "webp":
+        paths = [p for p in paths if p.suffix.lower() == ".webp"]
+    elif a.format == "progressive-jpeg":
+        paths = [p for p in paths if p.suffix.lower() in (".jpg", ".jpeg") and _progressive(p)]
     paths = paths[:: max(1, len(paths) // a.limit)][: a.limit]  # every k-th: keeps the format mix
     blobs = [p.read_bytes() for p in paths]
     mix = {e: sum(p.suffix.lower() == e for p in paths) for e in EXTS}
