@@ -36,6 +36,7 @@ REFERENCE ?=
 bench: install
 	$(PY) benchmarks/bench_shards.py $(PHOTOS)
 	$(PY) benchmarks/bench_loader.py --photos $(PHOTOS) $(if $(REFERENCE),--reference $(REFERENCE))
+	$(PY) benchmarks/bench_codecs.py $(PHOTOS)
 	$(PY) benchmarks/bench_trainer.py
 
 # Launcher tests against the local SLURM (starts it first; idempotent).

@@ -142,11 +142,12 @@ def package_of(mod: str) -> str:
 
 
 def _allowed(src_pkg: str, target: str) -> bool:
-    if package_of(target) == src_pkg:
+    """Whether package `src_pkg` may import module `target` (a whole package, or a listed leaf)."""
+    dst, rules = package_of(target), ALLOWED[src_pkg]
+    if dst == src_pkg or dst in rules:
         return True
-    rel = ".".join(target.split(".")[1:3]) if target.startswith("seer_pipeline.") else target
-    return any(rel == a or rel.startswith(a + ".") or package_of(target) == a for a in ALLOWED[src_pkg]
-               if "." not in a) or any(rel == a or rel.startswith(a + ".") for a in ALLOWED[src_pkg] if "." in a)
+    leaf = ".".join(target.split(".")[1:3])  # seer_pipeline.data.config -> data.config
+    return target.startswith("seer_pipeline.") and any(leaf == r for r in rules if "." in r)
 
 
 IMPORTS = scan()
