@@ -184,7 +184,12 @@ def test_hashes_are_checked_by_a_share_of_ranks(tmp_path: Path) -> None:
 
 
 # -- corrupt bookkeeping -----------------------------------------------------------------------------
-@pytest.mark.parametrize("content", ["{}", "[]", "{\"step\": 8}", "\xff\xfe", "{\"step\": 8, \"files\": 3}"])
+_OUTSIDE = json.dumps({"step": 8, "world_size": 1, "files": {}, "config_yaml": "",
+                       "sha256": {"../../../../dev/zero": "0" * 64}})  # would never finish hashing
+
+
+@pytest.mark.parametrize("content", ["{}", "[]", "{\"step\": 8}", "\xff\xfe", "{\"step\": 8, \"files\": 3}",
+                                     _OUTSIDE])
 def test_bad_meta_json_falls_back_with_one_warning(tmp_path: Path, caplog, content: str) -> None:
     ck = _save(tmp_path)
     (tmp_path / "checkpoints" / STEP8 / "meta.json").write_bytes(content.encode("latin-1"))
