@@ -303,13 +303,16 @@ def test_second_job_on_a_run_folder_stops_before_touching_it(
 
 
 def test_lock_is_released_when_the_holder_dies(tmp_path: Path) -> None:
+    from launch.status import run_status
     from seer_pipeline.core import runlock
+
     holder = _hold(tmp_path)
+    assert run_status(tmp_path)["lock_holder"] == f"job 4242 on host {socket.gethostname()} (pid {holder.pid})"
     with pytest.raises(runlock.RunLocked, match="pid"):
         _acquire_in_child(tmp_path)
     holder.kill()
     holder.wait()
-    assert runlock.holder_if_locked(tmp_path) is None
+    assert runlock.holder_if_locked(tmp_path) is None and run_status(tmp_path)["lock_holder"] == ""
     lock = runlock.acquire(tmp_path, job_id="99")
     assert runlock.read_holder(tmp_path)["job_id"] == "99"
     lock.release()
