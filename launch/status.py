@@ -17,6 +17,7 @@ from typing import Any, Sequence
 from launch.job import latest_checkpoint, read_requeues
 from launch.scheduler import job_info
 from launch.submit import LAUNCH_RECORD
+from seer_pipeline.core import runlock
 from seer_pipeline.core.safe_pickle import UnsafePickleError, load_submitit_result
 
 
@@ -90,6 +91,15 @@ def _local_alive(job_id: str) -> bool:
     return not stat.exists() or stat.read_text().split(") ")[-1][:1] != "Z"
 
 
+def _lock_holder(run: Path) -> str:
+    """Who owns the run folder now ('' when nobody holds RUN/.lock)."""
+    try:
+        holder = runlock.holder_if_locked(run)
+    except (OSError, runlock.RunLockError):
+        return ""
+    return "" if holder is None else runlock.describe(holder)
+
+
 def run_status(run_dir: str | Path) -> dict[str, Any]:
     """Everything `seer-status` prints, as a dict (state, job_id, checkpoint, step, ...)."""
     run = Path(run_dir)
@@ -105,7 +115,7 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         "run_dir": str(run), "job_id": job["job_id"] if job else "", "state": "UNKNOWN",
         "state_source": "files", "checkpoint": ckpt, "checkpoint_step": int(m.group(1)) if m else None,
         "restarts": int(rq["count"]), "slurm_restarts": None, "exit_code": "", "error": "",
-        "last_metrics": last, "last_resume": resumed,
+        "last_metrics": last, "last_resume": resumed, "lock_holder": _lock_holder(run),
     }
     result = None
     if job:
@@ -142,6 +152,8 @@ def format_status(st: dict[str, Any]) -> str:
         + (f", SLURM counts {st['slurm_restarts']}" if st["slurm_restarts"] is not None else ""),
         f"metrics:    {json.dumps(st['last_metrics']) if st['last_metrics'] else '(none)'}",
     ]
+    if st.get("lock_holder"):
+        lines.append(f"in use by:  {st['lock_holder']} (RUN/.lock)")
     if st["last_resume"]:
         lines.append(f"resumed:    {json.dumps(st['last_resume'])}")
     if st["error"]:

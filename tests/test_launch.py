@@ -106,10 +106,12 @@ def test_check_entry_finds_modules_without_importing() -> None:
         check_entry("no_such_module_xyz:main")
 
 
-def test_preempted_code_matches_trainer() -> None:
+def test_preempted_code_is_pinned() -> None:
+    """75 (EX_TEMPFAIL) is part of the interface: SLURM scripts and the demo test for it."""
+    from seer_pipeline.core.exit_codes import PREEMPTED as CORE
     from seer_pipeline.train.signals import PREEMPTED
 
-    assert PREEMPTED_EXIT_CODE == PREEMPTED
+    assert PREEMPTED_EXIT_CODE == 75 and PREEMPTED == 75 and CORE == 75
 
 
 # ---- the task callable ---------------------------------------------------------------------

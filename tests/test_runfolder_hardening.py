@@ -184,7 +184,12 @@ def test_hashes_are_checked_by_a_share_of_ranks(tmp_path: Path) -> None:
 
 
 # -- corrupt bookkeeping -----------------------------------------------------------------------------
-@pytest.mark.parametrize("content", ["{}", "[]", "{\"step\": 8}", "\xff\xfe", "{\"step\": 8, \"files\": 3}"])
+_OUTSIDE = json.dumps({"step": 8, "world_size": 1, "files": {}, "config_yaml": "",
+                       "sha256": {"../../../../dev/zero": "0" * 64}})  # would never finish hashing
+
+
+@pytest.mark.parametrize("content", ["{}", "[]", "{\"step\": 8}", "\xff\xfe", "{\"step\": 8, \"files\": 3}",
+                                     _OUTSIDE])
 def test_bad_meta_json_falls_back_with_one_warning(tmp_path: Path, caplog, content: str) -> None:
     ck = _save(tmp_path)
     (tmp_path / "checkpoints" / STEP8 / "meta.json").write_bytes(content.encode("latin-1"))
@@ -298,13 +303,16 @@ def test_second_job_on_a_run_folder_stops_before_touching_it(
 
 
 def test_lock_is_released_when_the_holder_dies(tmp_path: Path) -> None:
+    from launch.status import run_status
     from seer_pipeline.core import runlock
+
     holder = _hold(tmp_path)
+    assert run_status(tmp_path)["lock_holder"] == f"job 4242 on host {socket.gethostname()} (pid {holder.pid})"
     with pytest.raises(runlock.RunLocked, match="pid"):
         _acquire_in_child(tmp_path)
     holder.kill()
     holder.wait()
-    assert runlock.holder_if_locked(tmp_path) is None
+    assert runlock.holder_if_locked(tmp_path) is None and run_status(tmp_path)["lock_holder"] == ""
     lock = runlock.acquire(tmp_path, job_id="99")
     assert runlock.read_holder(tmp_path)["job_id"] == "99"
     lock.release()

@@ -83,6 +83,8 @@ def verify_hashes(folder: str | os.PathLike, meta: dict[str, Any], rank: int = 0
         if i % world != rank:
             continue
         path = Path(folder) / name
+        if path.is_symlink() or not path.is_file():  # a FIFO or device would never end
+            raise IntegrityError(f"{path}: recorded in meta.json but not a regular file")
         got = hash_file(path)
         if got != want:
             raise IntegrityError(f"{path}: content hash {got[:16]}... != recorded {want[:16]}... "
@@ -109,6 +111,9 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         raise BadMetaError(f"{p}: step {meta['step']} / world_size {meta['world_size']} out of range")
     if not isinstance(meta.get(HASH, {}), dict):
         raise BadMetaError(f"{p}: field {HASH!r} is not an object")
+    for name in [*meta["files"], *meta.get(HASH, {})]:
+        if not isinstance(name, str) or "/" in name or "\0" in name or name in ("", ".", ".."):
+            raise BadMetaError(f"{p}: {name!r} is not a file name inside the step folder")
     return meta
 
 

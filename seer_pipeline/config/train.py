@@ -26,9 +26,9 @@ from seer_pipeline.config.slurm import SlurmConfig, slurm_errors
 class RunConfig:
     dir: str = "runs/default"  # run folder: config, logs, metrics, checkpoints
     seed: int = 0  # model init and any global RNG; the loader has its own data.seed
-    # One job per run folder (seer_pipeline.core.runlock). false only on file systems without
-    # POSIX locks; two jobs on one folder then destroy each other's checkpoints.
-    lock: bool = True
+    # false only on file systems without POSIX locks: two jobs on one folder then destroy
+    # each other's checkpoints.
+    lock: bool = True  # one job per run folder: an exclusive lock on RUN/.lock (docs/run-folder.md)
 
 
 @dataclass

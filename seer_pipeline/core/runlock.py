@@ -13,7 +13,7 @@ Ranks of one job share it: spawned local ranks carry the holder's random token
 (SEER_RUN_LOCK_TOKEN) and join only while the lock is held and records that very token (a
 stale inherited token matches nothing); under torchrun/SLURM rank 0 tells the others.
 
-Limits (documented in docs/slurm.md): NFSv3 mounted with `nolock`, and Lustre with `localflock`,
+Limits (also in docs/run-folder.md): NFSv3 mounted with `nolock`, and Lustre with `localflock`,
 make the lock node-local (two jobs on different nodes are not kept apart); Lustre `noflock`
 refuses locks (we then stop with a clear error; `run.lock=false` runs without). On NFSv4 a node
 that crashes or loses the server keeps the lock until its lease expires (typically 90 s), and a

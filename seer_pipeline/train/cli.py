@@ -94,9 +94,9 @@ def _lock_run_dir(cfg, denv, device) -> str:  # noqa: ANN001 - DictConfig, DistE
     import torch.distributed as dist
     from seer_pipeline.core import runlock
 
+    global _RUN_LOCK
     msg = ""
     if denv.rank == 0 and cfg.run.lock:
-        global _RUN_LOCK
         try:
             _RUN_LOCK = runlock.acquire_or_join(cfg.run.dir)
         except (runlock.RunLocked, runlock.RunLockError) as e:
