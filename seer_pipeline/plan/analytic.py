@@ -80,6 +80,29 @@ class ActProfile:
         return self.stem + max(sum(inputs[1:k + 1]) + segs[k] for k in range(len(segs)))
 
 
+def _gathered_peak(profiles: Sequence[ActProfile], counts: Sequence[int], ac: str,
+                   stage_params: Sequence[int], unit: int, b_act: int) -> tuple[float, float]:
+    """(activations + gathered parameters at their joint peak, the gathered part there).
+
+    Without stage AC two units are gathered (current + prefetched). With stage AC, FSDP2 does
+    not reshard the blocks of a stage recomputed inside backward until their own backward, so
+    while stage k is recomputed all its units are gathered; FSDPMemTracker shows them twice
+    (unsharded parameters and a temporary of the same size: 12.84 + 14.27 GiB for seer_10b's
+    stage 3 at 2x160+4x96, 0.17 + 0.28 GiB for seer_32gf's), hence 2 x stage params.
+    """
+    if ac != "stage":
+        g = 2 * b_act * unit
+        return activation_peak(profiles, counts, ac) + g, g
+    kept = [n * p.kept(ac) for p, n in zip(profiles, counts)]
+    best = (sum(kept) + 2 * b_act * unit, 2 * b_act * unit)  # the end of forward
+    for g, (p, n) in enumerate(zip(profiles, counts)):
+        for k in range(len(p.stages)):
+            held = sum(kept[:g]) + n * (p.stem + sum(p.stage_inputs[1:k + 1]) + p.stages[k])
+            gath = 2 * b_act * stage_params[k]
+            best = max(best, (held + gath, gath))
+    return best
+
+
 def activation_peak(profiles: Sequence[ActProfile], counts: Sequence[int], ac: str) -> float:
     """Bytes held at the backward peak of a multi-crop step: the trunk runs once per resolution
     group (images = counts); backward visits the groups last to first, so while group g is
@@ -293,14 +316,14 @@ def plan(model: Any, gpus: int, batch_per_gpu: int, crops: str | list[tuple[int,
     b_act = DTYPE_BYTES[precision]
     act = {a: activation_peak([profiles[r] for _, r in crop_list], [n * batch_per_gpu for n, _ in crop_list], a)
            for a in ("none", "stage", "block")}
-    # Backward holds a gradient (and a temporary) the size of the largest activation, in the
-    # compute dtype (the largest saved tensor is an fp32 BN input under mixed precision).
-    transient = 2 * max(n * batch_per_gpu * profiles[r].max_tensor for n, r in crop_list) * (
+    # Backward holds the gradient of the activation it differentiates: at most the largest
+    # saved tensor, in the compute dtype (that tensor is an fp32 BN input under mixed precision).
+    transient = max(n * batch_per_gpu * profiles[r].max_tensor for n, r in crop_list) * (
         b_act / 4 if precision != "fp32" else 1)
-    units = _units(trunk, None, blocks_per_unit)
-    unit = max(units)
-    head_units = ([sum(p.numel() for p in head.projection.parameters()), head.prototypes.weight.numel()]
-                  if head is not None else [0, 0])
+    unit = max(_units(trunk, None, blocks_per_unit))
+    stage_params = [sum(p.numel() for p in st.parameters()) for st in trunk.stages]
+    gathered = {a: _gathered_peak([profiles[r] for _, r in crop_list], [n * batch_per_gpu for n, _ in crop_list],
+                                  a, stage_params, unit, b_act) for a in ("none", "stage", "block")}
     local = 4 * sharded_numel([trunk, head], shard)
     # The crops as the loader delivers them (fp32) and the root unit's cast to the compute dtype.
     pixels = batch_per_gpu * sum(n * 3 * r * r for n, r in crop_list)
@@ -309,18 +332,19 @@ def plan(model: Any, gpus: int, batch_per_gpu: int, crops: str | list[tuple[int,
         "grads_sharded": local,  # fp32: FSDP2 reduces in fp32 (reduce_dtype) into fp32 shards
         "optimizer_sharded": local,  # LARS: one momentum buffer
         "buffers": _buffer_bytes([trunk, head]),  # BN running statistics, replicated
-        # Two trunk units gathered (current + prefetched) and the head's MLP in the compute
-        # dtype, the prototypes in fp32, and one unit's fp32 reduce-scatter buffer (what
-        # FSDPMemTracker counts as unsharded params and reduce-scatter at the peak).
-        "unsharded_units": b_act * (2 * unit + head_units[0]) + 4 * head_units[1] + 4 * unit,
+        # Gathered parameters at the peak (see _gathered_peak) and the fp32 reduce-scatter
+        # buffer of the largest unit, which FSDP2 keeps until the next reduce-scatter.
+        "unsharded_units": gathered[ac][1] + 4 * unit,
         "inputs": 4 * pixels,  # fp32 crops from the loader
         "activations_no_ac": act["none"],
         "activations_stage_ac": act["stage"],
         "activations_block_ac": act["block"],
         "backward_transient": transient,
     }
+    # Activations and gathered parameters peak together (gathered[ac][0] is their joint peak,
+    # at least act[ac]); the activation line shows the activations alone.
     peak = (mem["params_sharded"] + mem["grads_sharded"] + mem["optimizer_sharded"] + mem["buffers"]
-            + mem["unsharded_units"] + mem["inputs"] + act[ac] + transient)
+            + gathered[ac][0] + 4 * unit + mem["inputs"] + transient)
     peak_flops = GPUS[gpu_type][precision]
     step_s = batch_per_gpu * train_flops / (peak_flops * mfu)
     global_batch = gpus * batch_per_gpu
