@@ -6,6 +6,7 @@ peak (FSDPMemTracker on fake tensors), their ratio and whether each fits an A100
 H100-80GB and an H200-141GB (seer_pipeline.plan.cli.fits).
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_plan_simulate.py [--presets a,b] [--out F.jsonl]
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_plan_simulate.py --replan F.jsonl
 """
 from __future__ import annotations
 
@@ -40,6 +41,21 @@ def run_one(preset: str, extra: list[str] | None = None) -> dict[str, Any]:
     return row
 
 
+def replan(row: dict[str, Any]) -> dict[str, Any]:
+    """A stored row with its analytic columns recomputed by the current planner (the simulated
+    figures do not depend on the planner, and a 10B simulation takes minutes)."""
+    from seer_pipeline.config.train import load_train_config
+    from seer_pipeline.plan.analytic import plan_config
+    from seer_pipeline.plan.cli import fits
+
+    p = plan_config(load_train_config(row["preset"], row.get("overrides", [])), row["world_size"],
+                    row["local_world_size"])
+    return {**row, "memory_per_gpu_gib": p["memory_per_gpu_gib"],
+            "planned_gib": {k: v / 2**30 for k, v in p["memory_per_gpu_bytes"].items()},
+            "planned_over_simulated": p["memory_per_gpu_gib"] / row["simulated_peak_gib"],
+            "fits_planned": fits(p["memory_per_gpu_gib"]), "fits_simulated": fits(row["simulated_peak_gib"])}
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     yes = lambda b: "yes" if b else "no"  # noqa: E731
     lines = ["| preset | GPUs | mesh | planned GiB | simulated GiB | planned/sim | A100-40GB | H100-80GB | H200-141GB |",
@@ -57,8 +73,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", default=",".join(PRESETS))
     ap.add_argument("--out", default=None, help="also append each row as a JSON line here")
+    ap.add_argument("--replan", default=None, help="re-plan the rows stored in this JSON-lines file")
     args = ap.parse_args()
     rows = []
+    if args.replan:
+        rows = [replan(json.loads(line)) for line in open(args.replan) if line.strip()]
+        for r in rows:
+            print(f"{r['preset']}: planned {r['memory_per_gpu_gib']:.3f} GiB, simulated "
+                  f"{r['simulated_peak_gib']:.3f} GiB (ratio {r['planned_over_simulated']:.3f})")
+        print(table(rows))
+        return 0
     for preset in args.presets.split(","):
         r = run_one(preset)
         rows.append(r)

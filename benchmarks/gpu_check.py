@@ -1,176 +1,271 @@
-"""GPU check (run on a CUDA machine; never needed by CI): the NCCL path of the trainer.
+"""GPU check of the real product: `seer-train` itself on one GPU, one command, one JSON file.
 
-Checks, per model: NCCL process group with async error handling, FSDP2 with bf16 parameters and
-fp32 BatchNorm units (asserted from inside the forward), SyncBatchNorm conversion, activation
-checkpointing by stage, a finite SwAV loss, LARS steps, a DCP save (timed: it must fit SLURM's
-signal lead). Then img/s and model-FLOPs utilisation of regnety_32gf and regnety_128gf at 16
-images per GPU with SEER crops (2x224 + 4x96, the 2021 recipe).
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/gpu_check.py [--out DIR]     # one CUDA GPU, ~8 min
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/gpu_check.py --smoke          # CPU, gloo, cpu_tiny
 
-    python benchmarks/gpu_check.py                  # one GPU, standalone
-    torchrun --nproc_per_node=8 benchmarks/gpu_check.py
-Last stdout line: JSON.
+Every run is `seer_pipeline.train.cli.main` (the `seer-train` entry) in a fresh process with
+`dist.backend=nccl` at world size 1, bf16, activation checkpointing and SyncBN (on CUDA, from the
+seer_32gf preset). The process wrapper only observes: it times `Trainer.train` and each
+`Trainer.save` call and reads `torch.cuda.max_memory_allocated` at exit.
+
+1. Resume: 20 steps uninterrupted vs SIGUSR2 after step 10 + the same command again, with
+   torch.compile off and on (`train.deterministic=true`, trunk regnety_1.6gf so that compiling
+   three times stays short): per-step losses equal, or their max difference.
+2. Throughput: img/s per GPU and model-FLOPs utilisation of regnety_32gf and regnety_128gf at
+   SEER crops (2x224+4x96) and 16 images/GPU; peak CUDA memory next to `seer-plan`'s analytic
+   figure and its fake-tensor simulation for the same setting (run on CPU meanwhile).
+3. Async checkpointing's stall: loop time with periodic async saves minus loop time without
+   saves, as a share of the same difference with synchronous saves.
+
+Writes DIR/gpu_check.json and DIR/gpu_check.md (the table for docs/gpu.md). `--smoke` runs the
+same code on CPU (cpu_tiny, gloo, 6 steps, compile off) so CI keeps it from rotting.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from seer_pipeline.plan.gpus import GPUS, gpu_key  # noqa: E402
+PHOTOS = REPO / "tests" / "data" / "photos"
+RESUME_TRUNK = "regnety_1.6gf"
+PREEMPTED = 75  # seer_pipeline.train.signals.PREEMPTED (not imported: keeps --help torch-free)
 
 
-def peak_flops(name: str) -> float | None:
-    key = gpu_key(name)
-    return GPUS[key]["bf16"] if key else None
+def _probe(out_json: str, argv: list[str]) -> int:
+    """Run `seer-train` in this process, recording loop and save times and peak CUDA memory."""
+    import torch
 
+    from seer_pipeline.train import cli
+    from seer_pipeline.train.trainer import Trainer
 
-def check_model(preset: str, batch: int, steps: int, warmup: int, ac: str, compile_: bool,
-                rank: int, world: int, device: torch.device, save: bool) -> dict:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    rec: dict[str, Any] = {"saves": []}
+    save, train = Trainer.save, Trainer.train
 
-    from bench_trainer import bare_step  # the same bare step the CPU benchmark times
-    from seer_pipeline.models import count_macs
-    from seer_pipeline.train.optim import LARS
-    from seer_pipeline.dist.parallelize import ParallelPlan, build_mesh, parallelize
-    from seer_pipeline.config.train import load_train_config
-    from seer_pipeline.models.swav import build_model
-
-    cfg = load_train_config(preset, [f"data.batch_size={batch}", "data.crops=seer2021",
-                                     f"parallel.ac={ac}", f"parallel.compile={str(compile_).lower()}",
-                                     "parallel.fsdp=full", "train.precision=bf16"])
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        probe = build_model(cfg)
-    sizes = [(224, 2), (96, 4)]
-    macs_img = sum(n * count_macs(probe.trunk, r) for r, n in sizes)
-    head_macs = sum(p.numel() for p in probe.head.parameters() if p.ndim == 2) * sum(n for _, n in sizes)
-    n_params = sum(p.numel() for p in probe.parameters())
-    del probe
-    model = build_model(cfg)
-    plan = ParallelPlan.from_config(cfg.parallel, "bf16")
-    mesh = build_mesh(plan, "cuda", world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-    model = parallelize(model, plan, mesh, device, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-    n_sync = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
-    seen: dict[str, set] = {"bn": set(), "conv": set()}
-
-    def hook(kind):
-        return lambda m, inp: seen[kind].add(str(m.weight.dtype))
-
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.register_forward_pre_hook(hook("bn"))
-        elif isinstance(m, torch.nn.Conv2d):
-            m.register_forward_pre_hook(hook("conv"))
-    opt = LARS(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-5, trust=0.001)
-    g = torch.Generator(device=device).manual_seed(rank)
-    views = [torch.randn(batch, 3, r, r, device=device, generator=g) for r, n in sizes for _ in range(n)]
-    torch.cuda.reset_peak_memory_stats(device)
-    times, losses = [], []
-    for i in range(warmup + steps):
-        torch.cuda.synchronize(device)
+    def timed_save(self: Trainer, blocking: bool) -> float:
         t0 = time.perf_counter()
-        loss = bare_step(model, opt, views, cfg)
-        torch.cuda.synchronize(device)
-        losses.append(float(loss))
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    step_s = sorted(times)[len(times) // 2]
-    flops_step = 3 * 2 * (macs_img + head_macs) * batch  # fwd + bwd (2x fwd) per GPU
-    peak = peak_flops(torch.cuda.get_device_name(device))
-    out = {
-        "preset": preset, "trunk": cfg.model.trunk, "params_M": n_params / 1e6, "batch_per_gpu": batch,
-        "crops": "2x224+4x96", "ac": ac, "compile": compile_, "gpus": world,
-        "step_s": step_s, "img_s_per_gpu": batch / step_s, "img_s_total": batch * world / step_s,
-        "model_tflops_per_gpu": flops_step / step_s / 1e12,
-        "mfu": (flops_step / step_s / peak) if peak else None,
-        "max_mem_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30,
-        "bn_param_dtypes_in_forward": sorted(seen["bn"]), "conv_param_dtypes_in_forward": sorted(seen["conv"]),
-        "syncbn_modules": n_sync, "losses_finite": all(map(lambda x: x == x and abs(x) < 1e9, losses)),
-        "first_loss": losses[0], "last_loss": losses[-1],
-    }
-    assert out["bn_param_dtypes_in_forward"] == ["torch.float32"], out
-    assert out["conv_param_dtypes_in_forward"] == ["torch.bfloat16"], out
-    assert out["losses_finite"], losses
-    if save:
-        with tempfile.TemporaryDirectory() as tmp:
-            msd, osd = get_state_dict(model, opt)
-            obj = [tmp]
-            dist.broadcast_object_list(obj, src=0)
-            dist.barrier()
-            t0 = time.perf_counter()
-            dcp.save({"model": msd, "optim": osd}, checkpoint_id=obj[0] + "/ck")
-            dist.barrier()
-            out["dcp_save_s"] = time.perf_counter() - t0
-    del model, opt
-    torch.cuda.empty_cache()
+        out = save(self, blocking)
+        rec["saves"].append({"step": self.step, "blocking": blocking, "call_s": time.perf_counter() - t0})
+        return out
+
+    def timed_train(self: Trainer) -> int:
+        t0 = time.perf_counter()
+        try:
+            return train(self)
+        finally:
+            rec["train_s"] = time.perf_counter() - t0
+
+    Trainer.save, Trainer.train = timed_save, timed_train  # type: ignore[method-assign]
+    rc = cli.main(argv)
+    if torch.cuda.is_available():
+        rec["cuda_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        rec["cuda_max_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+        rec["device_name"] = torch.cuda.get_device_name()
+    rec["rc"] = rc
+    Path(out_json).write_text(json.dumps(rec))
+    return rc
+
+
+class Check:
+    """Builds the commands; `smoke` swaps the GPU settings for cpu_tiny on gloo."""
+
+    def __init__(self, out: Path, smoke: bool, shards: Path) -> None:
+        self.out, self.smoke, self.shards = out, smoke, shards
+        self.preset = "cpu_tiny" if smoke else "seer_32gf"
+        self.backend = "gloo" if smoke else "nccl"
+
+    def base(self, run: Path, steps: int, *extra: str) -> list[str]:
+        args = ["--config", self.preset, f"run.dir={run}", f"data.shards={self.shards}",
+                f"train.steps={steps}", f"dist.backend={self.backend}", "dist.nproc=1",
+                "train.tensorboard=false", "train.log_every=1", "ckpt.keep_latest=2"]
+        if self.smoke:
+            args += ["data.batch_size=4", "data.workers=1", "train.precision=bf16", "parallel.ac=stage"]
+        else:  # seer_32gf: bf16, AC by stage, hybrid FSDP (1x1 mesh here), SyncBN per node
+            args += ["data.batch_size=16", "data.workers=8", "data.crops=seer2021", "train.threads=4"]
+        return args + list(extra)
+
+    def train(self, name: str, args: list[str], interrupt_after: int = 0,
+              timeout: float = 600) -> tuple[int, dict[str, Any], list[dict[str, Any]], Path]:
+        """One probed `seer-train` process; SIGUSR2 once `interrupt_after` steps are logged."""
+        run = Path(next(a.split("=", 1)[1] for a in args if a.startswith("run.dir=")))
+        probe = self.out / f"{name}.probe.json"
+        cmd = [sys.executable, __file__, "--probe", str(probe), "--", *args]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))
+               and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        with open(self.out / f"{name}.log", "w") as log:
+            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + timeout
+            sent = False
+            while proc.poll() is None and time.monotonic() < deadline:
+                if interrupt_after and not sent and len(_rows(run)) >= interrupt_after:
+                    proc.send_signal(signal.SIGUSR2)
+                    sent = True
+                time.sleep(0.05)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+                raise RuntimeError(f"{name}: seer-train did not finish in {timeout:.0f} s (see {log.name})")
+        rec = json.loads(probe.read_text()) if probe.exists() else {}
+        return proc.returncode, rec, _rows(run), run
+
+
+def _rows(run: Path) -> list[dict[str, Any]]:
+    f = run / "metrics.jsonl"
+    if not f.exists():
+        return []
+    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+
+
+def resume_check(c: Check, compile_: bool, steps: int, at: int) -> dict[str, Any]:
+    """Uninterrupted vs interrupted-and-resumed: per-step losses compared."""
+    tag = f"compile_{'on' if compile_ else 'off'}"
+    extra = [f"parallel.compile={str(compile_).lower()}", "train.deterministic=true", "ckpt.every=0"]
+    if not c.smoke:  # a small trunk: compiling 32GF's blocks three times would not fit 8 minutes
+        extra.append(f"model.trunk={RESUME_TRUNK}")
+    rc_ref, _, ref, _ = c.train(f"resume_{tag}_ref", c.base(c.out / f"resume_{tag}_ref", steps, *extra))
+    run = c.out / f"resume_{tag}_int"
+    rc_int, rec_int, first, _ = c.train(f"resume_{tag}_int", c.base(run, steps, *extra), interrupt_after=at)
+    rc_res, _, rows, _ = c.train(f"resume_{tag}_resumed", c.base(run, steps, *extra))
+    ref_loss = [r["loss"] for r in ref]
+    loss = [r["loss"] for r in rows]
+    ok = [r["step"] for r in rows] == list(range(1, steps + 1)) and len(ref_loss) == steps
+    diff = max((abs(a - b) for a, b in zip(loss, ref_loss)), default=float("nan")) if ok else None
+    return {"compile": compile_, "exit_codes": [rc_ref, rc_int, rc_res], "interrupted_at": len(first),
+            "preempted": rc_int == PREEMPTED, "steps_once_each": ok, "losses_equal": ok and loss == ref_loss,
+            "max_abs_loss_diff": diff, "preemption_save_s": [s["call_s"] for s in rec_int.get("saves", [])]}
+
+
+def _plan_cmd(c: Check, trunk: str, batch: int) -> list[str]:
+    overrides = [f"model.trunk={trunk}", f"data.batch_size={batch}"]
+    # The run's own settings (on CPU the run autocasts where the simulation uses bf16 weights).
+    overrides += ["train.precision=bf16", "parallel.ac=stage"] if c.smoke else ["data.crops=seer2021"]
+    return [sys.executable, "-m", "seer_pipeline.plan.cli", "--config", c.preset, *overrides,
+            "--gpus", "1", "--simulate", "--json"]
+
+
+def throughput(c: Check, trunk: str, steps: int, warmup: int, sim: subprocess.Popen | None,
+               peak_flops: float | None) -> dict[str, Any]:
+    """img/s, MFU and peak memory of one model; the plan and simulation of the same setting."""
+    batch = 4 if c.smoke else 16
+    name = f"speed_{trunk}"
+    args = c.base(c.out / name, steps, f"model.trunk={trunk}", f"data.batch_size={batch}", "ckpt.every=0",
+                  "ckpt.save_final=false", "train.deterministic=false")
+    rc, rec, rows, _ = c.train(name, args)
+    timed = rows[warmup:] or rows
+    out: dict[str, Any] = {"trunk": trunk, "batch_per_gpu": batch, "exit_code": rc, "steps": len(rows)}
+    if timed:
+        out["img_s_per_gpu"] = statistics.median(r["img_s"] for r in timed)
+        out["step_s_median"] = statistics.median(r["step_s"] for r in timed)
+        out["data_wait_share"] = statistics.median(r["data_wait"] for r in timed)
+    out["cuda_max_allocated_gib"] = rec.get("cuda_max_allocated_gib")
+    out["cuda_max_reserved_gib"] = rec.get("cuda_max_reserved_gib")
+    if sim is not None:
+        so, se = sim.communicate(timeout=900)
+        if sim.returncode == 0:
+            s = json.loads(so.strip().splitlines()[-1])
+            out["planned_gib"], out["simulated_gib"] = s["memory_per_gpu_gib"], s["simulated_peak_gib"]
+            out["flops_per_image"] = s["plan"]["flops_per_image"]
+        else:
+            out["plan_error"] = se[-2000:]
+    if peak_flops and out.get("img_s_per_gpu") and out.get("flops_per_image"):
+        out["mfu"] = out["img_s_per_gpu"] * out["flops_per_image"] / peak_flops
     return out
 
 
+def ckpt_stall(c: Check, trunk: str, steps: int, every: int) -> dict[str, Any]:
+    """Loop time without saves, with synchronous and with async periodic saves."""
+    loop: dict[str, float] = {}
+    calls: dict[str, list[float]] = {}
+    for mode, extra in (("none", ["ckpt.every=0"]), ("sync", [f"ckpt.every={every}", "ckpt.async=false"]),
+                        ("async", [f"ckpt.every={every}", "ckpt.async=true"])):
+        name = f"stall_{mode}"
+        rc, rec, _, _ = c.train(name, c.base(c.out / name, steps, f"model.trunk={trunk}",
+                                             "ckpt.save_final=false", "train.deterministic=false", *extra))
+        if rc != 0 or "train_s" not in rec:
+            return {"error": f"{name} exited {rc}"}
+        loop[mode], calls[mode] = rec["train_s"], [s["call_s"] for s in rec["saves"]]
+    sync_cost, stall = loop["sync"] - loop["none"], loop["async"] - loop["none"]
+    return {"trunk": trunk, "steps": steps, "every": every, "loop_s": loop, "save_call_s": calls,
+            "sync_save_cost_s": sync_cost, "async_stall_s": stall,
+            "async_stall_share": stall / sync_cost if sync_cost > 0 else None}
+
+
+def render(res: dict[str, Any]) -> str:
+    lines = [f"# gpu_check on {res['device']} ({'smoke, CPU' if res['smoke'] else 'GPU'}), "
+             f"{res['wall_s']:.0f} s", "", "| resume check | exit codes | interrupted at | losses equal | max diff |",
+             "|---|---|---|---|---|"]
+    for r in res["resume"]:
+        lines.append(f"| compile {'on' if r['compile'] else 'off'} | {r['exit_codes']} | {r['interrupted_at']} | "
+                     f"{r['losses_equal']} | {r['max_abs_loss_diff']} |")
+    lines += ["", "| trunk | img/s/GPU | MFU | data wait | peak alloc GiB | planned GiB | simulated GiB |",
+              "|---|---|---|---|---|---|---|"]
+    f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
+    for t in res["throughput"]:
+        lines.append(f"| {t['trunk']} | {f(t.get('img_s_per_gpu'), 1)} | {f(t.get('mfu'), 3)} | "
+                     f"{f(t.get('data_wait_share'))} | {f(t.get('cuda_max_allocated_gib'))} | "
+                     f"{f(t.get('planned_gib'))} | {f(t.get('simulated_gib'))} |")
+    s = res["ckpt_stall"]
+    if "error" not in s:
+        lines += ["", f"Async checkpoint stall ({s['trunk']}, a save every {s['every']} of {s['steps']} steps): "
+                  f"{s['async_stall_s']:.2f} s vs {s['sync_save_cost_s']:.2f} s for synchronous saves "
+                  f"(share {f(s['async_stall_share'])})."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--presets", default="seer_32gf,seer_128gf")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--ac", default="stage", choices=["none", "stage", "block"])
-    ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--no-save", action="store_true")
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print(json.dumps({"error": "no CUDA device: this script is for GPU machines"}))
-        return 1
-    if "RANK" not in os.environ:  # standalone: one process, one GPU
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1")
-        from seer_pipeline.dist.setup import free_port
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="CPU: cpu_tiny on gloo, fewer steps, compile off")
+    ap.add_argument("--out", default=None, help="output folder (default: a new temporary one)")
+    ap.add_argument("--probe", default=None, help=argparse.SUPPRESS)
+    args, rest = ap.parse_known_args(argv)
+    if args.probe:
+        return _probe(args.probe, [a for a in rest if a != "--"])
+    import torch
 
-        os.environ["MASTER_PORT"] = str(free_port())
-    from seer_pipeline.dist.setup import init_distributed, resolve_env
+    from seer_pipeline.plan.gpus import GPUS, gpu_key
+    from seer_pipeline.shards.synth import photo_variants, write_shards
 
-    denv = resolve_env()
-    if denv.world_size == 1:  # init_distributed skips world 1; the check wants NCCL anyway
-        import datetime
-
-        torch.cuda.set_device(0)
-        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{denv.master_port}", rank=0,
-                                world_size=1, timeout=datetime.timedelta(seconds=600),
-                                device_id=torch.device("cuda", 0))
-        device = torch.device("cuda", 0)
-    else:
-        device = init_distributed(denv, 600, "nccl")
-    t = torch.ones(1, device=device)
-    dist.all_reduce(t)
-    result = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
-              "cuda": torch.version.cuda, "nccl": ".".join(map(str, torch.cuda.nccl.version())),
-              "backend": dist.get_backend(), "all_reduce_ok": float(t) == denv.world_size,
-              "nccl_async_error_handling": os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING"),
-              "models": []}
-    for i, preset in enumerate(p for p in args.presets.split(",") if p):
-        try:
-            r = check_model(preset, args.batch, args.steps, args.warmup, args.ac, args.compile,
-                            denv.rank, denv.world_size, device, save=not args.no_save and i == 0)
-        except Exception as e:  # noqa: BLE001 - report and go on with the next model
-            r = {"preset": preset, "error": f"{type(e).__name__}: {e}"}
-        result["models"].append(r)
-        if denv.rank == 0:
-            print(json.dumps(r), flush=True)
-    dist.destroy_process_group()
-    if denv.rank == 0:
-        print(json.dumps(result))
-    return 0 if all("error" not in m for m in result["models"]) else 1
+    if not args.smoke and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device (use --smoke on CPU)", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    out = Path(args.out or tempfile.mkdtemp(prefix="gpu_check_"))
+    out.mkdir(parents=True, exist_ok=True)
+    shards = write_shards(out / "shards", photo_variants(PHOTOS, 64 if args.smoke else 512,
+                                                         max_side=64 if args.smoke else 320), 32)
+    c = Check(out, args.smoke, shards)
+    device = "cpu" if args.smoke else torch.cuda.get_device_name()
+    key = None if args.smoke else gpu_key(device)
+    peak = GPUS[key]["bf16"] if key else None
+    trunks = ["cpu_tiny"] if args.smoke else ["regnety_32gf", "regnety_128gf"]
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # The simulations are CPU work: they run while the GPU trains.
+    sims = {t: subprocess.Popen(_plan_cmd(c, t, 4 if args.smoke else 16), cwd=REPO, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for t in trunks}
+    steps, at = (6, 3) if args.smoke else (20, 10)
+    res: dict[str, Any] = {"device": device, "gpu_key": key, "smoke": args.smoke, "torch": torch.__version__}
+    res["resume"] = [resume_check(c, comp, steps, at) for comp in ((False,) if args.smoke else (False, True))]
+    res["throughput"] = [throughput(c, t, 6 if args.smoke else 30, 2 if args.smoke else 10, sims[t], peak)
+                         for t in trunks]
+    res["ckpt_stall"] = ckpt_stall(c, trunks[0], 6 if args.smoke else 30, 2 if args.smoke else 10)
+    res["wall_s"] = time.perf_counter() - t0
+    (out / "gpu_check.json").write_text(json.dumps(res, indent=1))
+    (out / "gpu_check.md").write_text(render(res))
+    print(render(res))
+    print(f"gpu_check: wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'}")
+    good = all(r["steps_once_each"] and r["preempted"] for r in res["resume"]) and all(
+        t["exit_code"] == 0 for t in res["throughput"])
+    return 0 if good else 1
 
 
 if __name__ == "__main__":

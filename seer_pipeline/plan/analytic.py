@@ -2,28 +2,25 @@
 
 Parameters and multiply-adds come from the model built on the meta device: the trunk
 (`count_macs` per crop resolution) and the SwAV head (projection MLP + prototypes) of the preset
-named, or of the SEER preset that trains the named trunk. Activation memory is measured, not
-guessed: one meta-device forward in training mode records every tensor autograd saves for backward (`saved_tensors_hooks`,
-deduplicated by storage, parameters excluded), attributed to the stem or the stage running at
-the time, with the trainer's dtype policy applied (bf16/fp16 weights, fp32 BatchNorm units that
-cast their input up and their output back, as FSDP2's MixedPrecisionPolicy does). Two batch
-sizes give an exact per-image slope. Activation checkpointing then keeps only stage (or block)
-inputs plus one recomputed segment. Parameters, gradients and LARS momentum are divided by the
-shard group (the whole world for full sharding, one node for hybrid), with FSDP2's dim-0
-padding. Nothing is allocated.
+named, or of the SEER preset that trains the named trunk. Activation memory is measured on the
+meta device under the trainer's dtype policy (seer_pipeline.plan.activations). Parameters,
+gradients and LARS momentum are divided by the shard group (the whole world for full sharding,
+one node for hybrid), with FSDP2's dim-0 padding. Nothing is allocated.
 """
 from __future__ import annotations
 
-import copy
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from seer_pipeline.data.crops import CROP_PRESETS, crop_counts
+from seer_pipeline.plan.activations import (  # noqa: F401 - part of the planner's API
+    ActProfile, gathered_peak, activation_peak, activation_profile,
+)
 from seer_pipeline.plan.gpus import GPUS
 
 GIB = 2**30
@@ -40,140 +37,6 @@ def parse_crops(spec: str) -> list[tuple[int, int]]:
     if not re.fullmatch(r"\d+x\d+(\+\d+x\d+)*", spec):
         raise ValueError(f"--crops {spec!r}: a preset ({', '.join(CROPS)}) or like 2x224+4x96")
     return [(int(n), int(r)) for n, r in (p.split("x") for p in spec.split("+"))]
-
-
-@dataclass
-class ActProfile:
-    """Bytes autograd saves per image (fp32) at one resolution, by segment."""
-    resolution: int
-    stem: float
-    stages: list[float]  # saved inside each stage
-    stage_inputs: list[float]  # input tensor of each stage (what stage-AC keeps)
-    blocks: list[float]  # saved inside each block (all stages, in order)
-    block_inputs: list[float]
-    max_tensor: float  # the largest single saved tensor
-
-    def _segments(self, ac: str) -> tuple[list[float], list[float]]:
-        if ac == "stage":
-            return self.stages, self.stage_inputs
-        if ac == "block":
-            return self.blocks, self.block_inputs
-        raise ValueError(f"ac must be none|stage|block, got {ac!r}")
-
-    def kept(self, ac: str) -> float:
-        """Per-image bytes held from the end of forward until this pass's backward starts."""
-        if ac == "none":
-            return self.stem + sum(self.stages)
-        _, inputs = self._segments(ac)
-        # The first segment's input is the stem's output, which the stem already holds.
-        return self.stem + sum(inputs[1:])
-
-    def saved(self, ac: str) -> float:
-        """Per-image bytes held at the peak of this pass's backward under an AC policy.
-
-        Segments are recomputed last to first; while segment k is, the inputs of segments
-        after k are already freed, so the peak is the largest (inputs up to k + segment k).
-        """
-        if ac == "none":
-            return self.kept(ac)
-        segs, inputs = self._segments(ac)
-        return self.stem + max(sum(inputs[1:k + 1]) + segs[k] for k in range(len(segs)))
-
-
-def activation_peak(profiles: Sequence[ActProfile], counts: Sequence[int], ac: str) -> float:
-    """Bytes held at the backward peak of a multi-crop step: the trunk runs once per resolution
-    group (images = counts); backward visits the groups last to first, so while group g is
-    differentiated, the groups before it still hold what they kept and those after are freed."""
-    kept = [n * p.kept(ac) for p, n in zip(profiles, counts)]
-    during = [sum(kept[:g]) + n * p.saved(ac) for g, (p, n) in enumerate(zip(profiles, counts))]
-    return max(sum(kept), *during)
-
-
-_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _apply_dtype_policy(trunk: nn.Module, precision: str) -> list[Any]:
-    """Cast the trunk as FSDP2's MixedPrecisionPolicy of `parallelize()` does: low-precision
-    weights, fp32 BatchNorm units that cast their input to fp32 and their output back."""
-    if precision == "fp32":
-        return []
-    low = _TORCH_DTYPES[precision]
-    hooks = []
-    for m in trunk.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            hooks.append(m.register_forward_pre_hook(lambda _m, a: tuple(x.float() for x in a)))
-            hooks.append(m.register_forward_hook(lambda _m, _a, out: out.to(low)))
-        elif isinstance(m, (nn.Conv2d, nn.Linear)):
-            m.to(low)
-    return hooks
-
-
-def _record(trunk: nn.Module, res: int, batch: int, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    seen: dict[int, tuple[Any, int, str]] = {}
-    inputs: dict[str, int] = {}
-    param_ids = {id(p) for p in trunk.parameters()}
-    where = ["stem"]
-    hooks = []
-
-    def enter(name: str):
-        def pre(_m: nn.Module, args: tuple) -> None:
-            where[0] = name
-            inputs[name] = args[0].untyped_storage().nbytes()
-        return pre
-
-    for i, stage in enumerate(trunk.stages):
-        hooks.append(stage.register_forward_pre_hook(enter(f"s{i}")))
-        for j, block in enumerate(getattr(stage, "blocks", [])):
-            hooks.append(block.register_forward_pre_hook(enter(f"s{i}.b{j}")))
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        base = t._base if t._base is not None else t
-        if id(base) in param_ids or isinstance(t, nn.Parameter):
-            return t
-        s = t.untyped_storage()
-        # Keep the storage alive so its id cannot be reused by a later tensor.
-        seen.setdefault(id(s), (s, s.nbytes(), where[0]))
-        return t
-
-    # Meta trunks cost nothing; a real one works too (and is how the meta count was checked).
-    x = torch.empty(batch, 3, res, res, device=next(trunk.parameters()).device, dtype=dtype)
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            trunk(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {"seen": [(n, w) for _, n, w in seen.values()], "inputs": inputs}
-
-
-def activation_profile(trunk: nn.Module, resolution: int, precision: str = "fp32") -> ActProfile:
-    """Per-image saved bytes from two meta forwards (batch 1 and 2: the slope is per image),
-    under the dtype policy of `precision` (applied to a copy of the trunk)."""
-    if precision != "fp32":
-        trunk = copy.deepcopy(trunk)
-    hooks = _apply_dtype_policy(trunk, precision)
-    trunk.train()
-    try:
-        recs = [_record(trunk, resolution, b, _TORCH_DTYPES[precision]) for b in (1, 2)]
-    finally:
-        for h in hooks:
-            h.remove()
-
-    def total(rec: dict[str, Any], pred) -> float:
-        return float(sum(n for n, w in rec["seen"] if pred(w)))
-
-    def slope(pred) -> float:
-        return total(recs[1], pred) - total(recs[0], pred)
-
-    n_st = len(trunk.stages)
-    stages = [slope(lambda w, i=i: w == f"s{i}" or w.startswith(f"s{i}.")) for i in range(n_st)]
-    bnames = [k for k in recs[0]["inputs"] if "." in k]
-    blocks = [slope(lambda w, k=k: w == k) for k in bnames]
-    inp = lambda k: float(recs[1]["inputs"][k] - recs[0]["inputs"][k])  # noqa: E731
-    return ActProfile(
-        resolution, slope(lambda w: w == "stem"), stages, [inp(f"s{i}") for i in range(n_st)],
-        blocks, [inp(k) for k in bnames], float(max(n for n, _ in recs[1]["seen"])) / 2,
-    )
 
 
 def build_meta(model: Any, with_head: bool = True) -> tuple[nn.Module, nn.Module | None, str]:
@@ -293,14 +156,14 @@ def plan(model: Any, gpus: int, batch_per_gpu: int, crops: str | list[tuple[int,
     b_act = DTYPE_BYTES[precision]
     act = {a: activation_peak([profiles[r] for _, r in crop_list], [n * batch_per_gpu for n, _ in crop_list], a)
            for a in ("none", "stage", "block")}
-    # Backward holds a gradient (and a temporary) the size of the largest activation, in the
-    # compute dtype (the largest saved tensor is an fp32 BN input under mixed precision).
-    transient = 2 * max(n * batch_per_gpu * profiles[r].max_tensor for n, r in crop_list) * (
+    # Backward holds the gradient of the activation it differentiates: at most the largest
+    # saved tensor, in the compute dtype (that tensor is an fp32 BN input under mixed precision).
+    transient = max(n * batch_per_gpu * profiles[r].max_tensor for n, r in crop_list) * (
         b_act / 4 if precision != "fp32" else 1)
-    units = _units(trunk, None, blocks_per_unit)
-    unit = max(units)
-    head_units = ([sum(p.numel() for p in head.projection.parameters()), head.prototypes.weight.numel()]
-                  if head is not None else [0, 0])
+    unit = max(_units(trunk, None, blocks_per_unit))
+    stage_params = [sum(p.numel() for p in st.parameters()) for st in trunk.stages]
+    gathered = {a: gathered_peak([profiles[r] for _, r in crop_list], [n * batch_per_gpu for n, _ in crop_list],
+                                  a, stage_params, unit, b_act) for a in ("none", "stage", "block")}
     local = 4 * sharded_numel([trunk, head], shard)
     # The crops as the loader delivers them (fp32) and the root unit's cast to the compute dtype.
     pixels = batch_per_gpu * sum(n * 3 * r * r for n, r in crop_list)
@@ -309,18 +172,19 @@ def plan(model: Any, gpus: int, batch_per_gpu: int, crops: str | list[tuple[int,
         "grads_sharded": local,  # fp32: FSDP2 reduces in fp32 (reduce_dtype) into fp32 shards
         "optimizer_sharded": local,  # LARS: one momentum buffer
         "buffers": _buffer_bytes([trunk, head]),  # BN running statistics, replicated
-        # Two trunk units gathered (current + prefetched) and the head's MLP in the compute
-        # dtype, the prototypes in fp32, and one unit's fp32 reduce-scatter buffer (what
-        # FSDPMemTracker counts as unsharded params and reduce-scatter at the peak).
-        "unsharded_units": b_act * (2 * unit + head_units[0]) + 4 * head_units[1] + 4 * unit,
+        # Gathered parameters at the peak (see gathered_peak) and the fp32 reduce-scatter
+        # buffer of the largest unit, which FSDP2 keeps until the next reduce-scatter.
+        "unsharded_units": gathered[ac][1] + 4 * unit,
         "inputs": 4 * pixels,  # fp32 crops from the loader
         "activations_no_ac": act["none"],
         "activations_stage_ac": act["stage"],
         "activations_block_ac": act["block"],
         "backward_transient": transient,
     }
+    # Activations and gathered parameters peak together (gathered[ac][0] is their joint peak,
+    # at least act[ac]); the activation line shows the activations alone.
     peak = (mem["params_sharded"] + mem["grads_sharded"] + mem["optimizer_sharded"] + mem["buffers"]
-            + mem["unsharded_units"] + mem["inputs"] + act[ac] + transient)
+            + gathered[ac][0] + 4 * unit + mem["inputs"] + transient)
     peak_flops = GPUS[gpu_type][precision]
     step_s = batch_per_gpu * train_flops / (peak_flops * mfu)
     global_batch = gpus * batch_per_gpu

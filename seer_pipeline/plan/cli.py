@@ -128,9 +128,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.simulate:
         from seer_pipeline.plan.simulate import simulate
 
-        sim = simulate(cfg, args.gpus, None, args.gpu_type or "h100")
+        sim = simulate(cfg, args.gpus, None, args.gpu_type or "h100", args.config)
         print(render_simulation(sim))
-        out = {**sim, "fits_planned": fits(sim["memory_per_gpu_gib"]),
+        out = {**sim, "overrides": list(args.overrides), "fits_planned": fits(sim["memory_per_gpu_gib"]),
                "fits_simulated": fits(sim["simulated_peak_gib"]), "plan": p}
     if args.json:
         print(_json(out))

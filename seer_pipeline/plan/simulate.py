@@ -85,7 +85,7 @@ def _train_step(cfg: Any, model: Any, inner: Any, optimizer: Any, device: torch.
 
 
 def simulate(cfg: Any, world: int | None = None, local_world: int | None = None,
-             gpu_type: str = "h100") -> dict[str, Any]:
+             gpu_type: str = "h100", name: str | None = None) -> dict[str, Any]:
     """Run one fake training step of `cfg` at `world` ranks; the tracker's peak next to the plan."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
@@ -123,7 +123,7 @@ def simulate(cfg: Any, world: int | None = None, local_world: int | None = None,
     planned = analytic["memory_per_gpu_gib"]
     simulated = total / GIB
     return {
-        "preset": str(cfg.run.dir).rsplit("/", 1)[-1], "trunk": str(cfg.model.trunk),
+        "preset": name or str(cfg.run.dir).rsplit("/", 1)[-1], "trunk": str(cfg.model.trunk),
         "world_size": world, "local_world_size": node, "mesh": analytic["mesh"],
         "shard_size": analytic["shard_size"], "fsdp_units": units,
         "batch_per_gpu": int(cfg.data.batch_size), "crops": analytic["crops"],

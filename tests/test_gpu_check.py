@@ -1,0 +1,42 @@
+"""benchmarks/gpu_check.py --smoke: the GPU check's own code, run on CPU (cpu_tiny, gloo) so it
+cannot rot before a GPU is lent (issue #12 part 3)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--smoke", "--out",
+                          str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert out["smoke"] and out["device"] == "cpu"
+    (r,) = out["resume"]
+    assert r["exit_codes"] == [0, 75, 0] and r["preempted"] and r["steps_once_each"]
+    assert 3 <= r["interrupted_at"] < 6
+    # CPU, gloo, deterministic: the resumed run is bitwise the uninterrupted one.
+    assert r["losses_equal"] and r["max_abs_loss_diff"] == 0.0
+    assert len(r["preemption_save_s"]) == 1 and r["preemption_save_s"][0] > 0
+    (t,) = out["throughput"]
+    assert t["exit_code"] == 0 and t["steps"] == 6 and t["img_s_per_gpu"] > 0
+    assert "mfu" not in t  # no peak FLOPs for a CPU
+    # The plan and the simulation of the same setting came back. At 15 MiB (cpu_tiny, batch 4,
+    # one rank) fixed terms dominate and the planner, which counts every gradient, was 18% high.
+    assert 0.5 < t["planned_gib"] / t["simulated_gib"] < 2
+    s = out["ckpt_stall"]
+    assert set(s["loop_s"]) == {"none", "sync", "async"}
+    assert len(s["save_call_s"]["sync"]) == len(s["save_call_s"]["async"]) == 2  # steps 2 and 4
+    assert all(not x for x in s["save_call_s"]["none"])
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "resume check" in md and "cpu_tiny" in md
