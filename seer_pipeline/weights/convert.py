@@ -132,8 +132,8 @@ def detect_format(sd: Mapping[str, Any]) -> str:
     if "stem.0.weight" in ks and any(k.startswith("trunk_output.block1.") for k in ks):
         return "torchvision"
     raise WeightsFormatError(
-        f"not a RegNetY weight file this project knows (keys like {sorted(ks)[:4]}); formats: "
-        f"{', '.join(K.FORMATS)}")
+        f"does not hold RegNetY trunk weights in a known format (keys like {sorted(ks)[:4]}; "
+        f"formats: {', '.join(K.FORMATS)})")
 
 
 def _split_classifier(fmt: str, sd: dict) -> tuple[dict, dict]:
@@ -181,7 +181,10 @@ def load_weights(src: str | Path, preset: Optional[str] = None, step: Optional[i
             head, clf, skipped = K.head_from_vissl(vh)
         else:
             sd, head, clf = _unwrap(obj)
-            fmt = detect_format(sd)
+            try:
+                fmt = detect_format(sd)
+            except WeightsFormatError as e:
+                raise WeightsFormatError(f"{src}: {e}") from None
             sd, clf2 = _split_classifier(fmt, K.tensors_only(sd.items(), str(src)))
             clf = clf or clf2
             trunk = K.rename_trunk(fmt, sd)
