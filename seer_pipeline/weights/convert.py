@@ -225,7 +225,8 @@ def export_dict(ws: WeightSet, fmt: str) -> dict:
     sd = K.trunk_from_ours(fmt, ws.trunk)
     if fmt == "vissl":
         heads = K.head_to_vissl(ws.head)
-        heads.update({f"0.clf.0.{k}": v for k, v in ws.classifier.items()} if not ws.head else {})
+        idx = 1 if ws.head else 0  # VISSL keeps one list of heads: the SwAV head is head 0
+        heads.update({f"{idx}.clf.0.{k}": v for k, v in ws.classifier.items()})
         return consolidated(sd, heads)
     prefix = "head.fc." if fmt == "timm" else "fc."
     sd.update({prefix + k: v for k, v in ws.classifier.items()})
