@@ -7,7 +7,6 @@ it in a chosen format; every output loads with torch.load(weights_only=True).
 """
 from __future__ import annotations
 
-import json
 import logging
 import pickle
 from dataclasses import dataclass, field
@@ -261,7 +260,3 @@ def save_weights(ws: WeightSet, fmt: str, out: str | Path, vissl_layout: str = "
     atomic_write_json(str(out) + ".json", info)
     return info
 
-
-def describe(ws: WeightSet) -> str:
-    return json.dumps({"source_format": ws.source_format, "trunk": ws.preset,
-                       "arch": ws.arch.describe(), "head": sorted(ws.head)[:3]})
