@@ -96,8 +96,9 @@ def safe_load(path: str | Path, notes: Optional[list[str]] = None) -> Any:
         if notes is not None:
             notes.append(msg)
         return obj
-    except (RuntimeError, EOFError, OSError) as e:
-        raise WeightsFormatError(f"{path}: not a readable torch file: {e}") from e
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError, IndexError) as e:
+        # a truncated or foreign file: torch's readers fail with whatever they trip on
+        raise WeightsFormatError(f"{path}: not a readable torch file ({type(e).__name__}: {e})") from e
 
 
 def _unwrap(obj: Any) -> tuple[Any, dict, dict]:

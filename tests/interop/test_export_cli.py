@@ -173,3 +173,14 @@ def test_unpickling_never_runs_code(tiny_file, tmp_path: Path) -> None:
     ws = load_weights(ok)
     assert any("allow-listed numpy" in n for n in ws.notes)
     assert set(ws.trunk) == set(sd)
+
+
+def test_garbage_and_truncated_files_fail_clearly(tiny_file, tmp_path: Path, capsys) -> None:
+    src, _ = tiny_file
+    blob = src.read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(blob[: len(blob) // 2])
+    (tmp_path / "garbage.pt").write_bytes(b"hello")
+    for name in ("trunc.pt", "garbage.pt"):
+        assert ckpt_main(["export", str(tmp_path / name), "--format", "timm", "--out", str(tmp_path / "o")]) == 1
+        assert f"{name}: not a readable torch file" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
