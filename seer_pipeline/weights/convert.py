@@ -7,7 +7,6 @@ it in a chosen format; every output loads with torch.load(weights_only=True).
 """
 from __future__ import annotations
 
-import json
 import logging
 import pickle
 from dataclasses import dataclass, field
@@ -97,8 +96,9 @@ def safe_load(path: str | Path, notes: Optional[list[str]] = None) -> Any:
         if notes is not None:
             notes.append(msg)
         return obj
-    except (RuntimeError, EOFError, OSError) as e:
-        raise WeightsFormatError(f"{path}: not a readable torch file: {e}") from e
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError, IndexError) as e:
+        # a truncated or foreign file: torch's readers fail with whatever they trip on
+        raise WeightsFormatError(f"{path}: not a readable torch file ({type(e).__name__}: {e})") from e
 
 
 def _unwrap(obj: Any) -> tuple[Any, dict, dict]:
@@ -132,8 +132,8 @@ def detect_format(sd: Mapping[str, Any]) -> str:
     if "stem.0.weight" in ks and any(k.startswith("trunk_output.block1.") for k in ks):
         return "torchvision"
     raise WeightsFormatError(
-        f"not a RegNetY weight file this project knows (keys like {sorted(ks)[:4]}); formats: "
-        f"{', '.join(K.FORMATS)}")
+        f"does not hold RegNetY trunk weights in a known format (keys like {sorted(ks)[:4]}; "
+        f"formats: {', '.join(K.FORMATS)})")
 
 
 def _split_classifier(fmt: str, sd: dict) -> tuple[dict, dict]:
@@ -181,7 +181,10 @@ def load_weights(src: str | Path, preset: Optional[str] = None, step: Optional[i
             head, clf, skipped = K.head_from_vissl(vh)
         else:
             sd, head, clf = _unwrap(obj)
-            fmt = detect_format(sd)
+            try:
+                fmt = detect_format(sd)
+            except WeightsFormatError as e:
+                raise WeightsFormatError(f"{src}: {e}") from None
             sd, clf2 = _split_classifier(fmt, K.tensors_only(sd.items(), str(src)))
             clf = clf or clf2
             trunk = K.rename_trunk(fmt, sd)
@@ -222,7 +225,8 @@ def export_dict(ws: WeightSet, fmt: str) -> dict:
     sd = K.trunk_from_ours(fmt, ws.trunk)
     if fmt == "vissl":
         heads = K.head_to_vissl(ws.head)
-        heads.update({f"0.clf.0.{k}": v for k, v in ws.classifier.items()} if not ws.head else {})
+        idx = 1 if ws.head else 0  # VISSL keeps one list of heads: the SwAV head is head 0
+        heads.update({f"{idx}.clf.0.{k}": v for k, v in ws.classifier.items()})
         return consolidated(sd, heads)
     prefix = "head.fc." if fmt == "timm" else "fc."
     sd.update({prefix + k: v for k, v in ws.classifier.items()})
@@ -257,7 +261,3 @@ def save_weights(ws: WeightSet, fmt: str, out: str | Path, vissl_layout: str = "
     atomic_write_json(str(out) + ".json", info)
     return info
 
-
-def describe(ws: WeightSet) -> str:
-    return json.dumps({"source_format": ws.source_format, "trunk": ws.preset,
-                       "arch": ws.arch.describe(), "head": sorted(ws.head)[:3]})

@@ -192,7 +192,7 @@ def head_from_vissl(sd: Mapping[str, torch.Tensor]) -> tuple[dict, dict, list[st
             head["projection." + k2[len("0.projection_head."):]] = v
         elif k2 == "0.prototypes0.weight":
             head["prototypes.weight"] = v
-        elif k2 in ("0.clf.0.weight", "0.clf.0.bias"):  # VISSL linear eval head (timm's rule)
+        elif re.match(r"^\d+\.clf\.0\.(weight|bias)$", k2):  # VISSL linear eval head (timm: 0.clf.0)
             clf[k2.rsplit(".", 1)[1]] = v
         else:
             skipped.append(k)

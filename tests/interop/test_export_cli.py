@@ -81,6 +81,15 @@ def test_classifier_travels_to_timm_and_torchvision(tiny_file, tmp_path: Path) -
             assert torch.equal(obj[key], clf["weight"])
         ws = load_weights(out)
         assert torch.equal(ws.classifier["bias"], clf["bias"])
+    # with a SwAV head too, VISSL keeps both (head 0: SwAV, head 1: the classifier)
+    head = {"projection.0.weight": torch.randn(8, 192), "projection.0.bias": torch.randn(8),
+            "prototypes.weight": torch.randn(5, 8)}
+    both = tmp_path / "both.pt"
+    torch.save({"trunk": sd, "head": head, "classifier": clf}, both)
+    assert ckpt_main(["export", str(both), "--format", "vissl", "--out", str(tmp_path / "both.vissl")]) == 0
+    ws = load_weights(tmp_path / "both.vissl")
+    assert torch.equal(ws.classifier["weight"], clf["weight"]) and set(ws.head) == set(head)
+    assert not ws.skipped
 
 
 def test_run_folder_export_carries_the_head(tmp_path: Path) -> None:
@@ -164,3 +173,14 @@ def test_unpickling_never_runs_code(tiny_file, tmp_path: Path) -> None:
     ws = load_weights(ok)
     assert any("allow-listed numpy" in n for n in ws.notes)
     assert set(ws.trunk) == set(sd)
+
+
+def test_garbage_and_truncated_files_fail_clearly(tiny_file, tmp_path: Path, capsys) -> None:
+    src, _ = tiny_file
+    blob = src.read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(blob[: len(blob) // 2])
+    (tmp_path / "garbage.pt").write_bytes(b"hello")
+    for name in ("trunc.pt", "garbage.pt"):
+        assert ckpt_main(["export", str(tmp_path / name), "--format", "timm", "--out", str(tmp_path / "o")]) == 1
+        assert f"{name}: not a readable torch file" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
