@@ -156,7 +156,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
                       args.test_fraction)
     trunk = None if spec.kind == "raw" else feats.load_trunk(spec, args.seed)
     if trunk is not None:
-        trunk.to(device)
+        trunk.to(device).to(memory_format=torch.channels_last)
     rng = np.random.default_rng(args.seed)
     indices, limits, train_idx = None, (args.limit_train, args.limit_test), None
     if src.indexable():  # a seeded subset, chosen up front (the same for every trunk)
