@@ -88,13 +88,27 @@ def tree_pss_mb(pid: int) -> float:
 
 
 class PeakSampler(threading.Thread):
-    def __init__(self) -> None:
+    """Samples the tree's PSS every 0.2 s; every 30 s prints it with the feature rows written so
+    far, so a run cut short still shows how memory behaved as the images went by."""
+
+    def __init__(self, watch: Path | None = None, row_bytes: int = 4 * 192) -> None:
         super().__init__(daemon=True)
-        self.peak, self.stop = 0.0, threading.Event()
+        self.peak, self.stop, self.watch, self.row_bytes = 0.0, threading.Event(), watch, row_bytes
+
+    def rows(self) -> int:
+        if self.watch is None:
+            return 0
+        return sum(p.stat().st_size for p in self.watch.glob("*.f32*") if p.is_file()) // self.row_bytes
 
     def run(self) -> None:
+        t0 = last = time.monotonic()
         while not self.stop.is_set():
-            self.peak = max(self.peak, tree_pss_mb(os.getpid()))
+            now = tree_pss_mb(os.getpid())
+            self.peak = max(self.peak, now)
+            if time.monotonic() - last > 30:
+                last = time.monotonic()
+                print(f"  {last - t0:.0f} s: {self.rows()} images, PSS {now:.0f} MB, peak {self.peak:.0f} MB, "
+                      f"load {os.getloadavg()[0]:.1f}", flush=True)
             time.sleep(0.2)
 
 
@@ -132,10 +146,10 @@ def throughput(name: str, pattern: str, seconds: float, workers: int) -> dict:
 
 def memory(pattern: str, n: int, workers: int) -> dict:
     src = open_source(f"wds:{pattern}", EvalTransform(256, 224), test_fraction=0.1)
-    sampler = PeakSampler()
-    sampler.start()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
+        sampler = PeakSampler(Path(tmp))
+        sampler.start()
         fs = extract_features(PoolTrunk(), src, Path(tmp), batch_size=256, workers=workers, progress=False)
         t1 = time.perf_counter()
         ytr, yte = torch.from_numpy(fs.train_y), torch.from_numpy(fs.test_y)

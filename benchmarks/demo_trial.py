@@ -45,11 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     t1 = time.monotonic()
     res = subprocess.run(_cmd("seer_pipeline.eval.cli") + [
         "all", "--checkpoint", str(run), "--data", "fashion-mnist", "--limit-train", str(a.limit_train),
-        "--limit-test", str(a.limit_test), "--threads", "2", "--no-progress"],
+        "--limit-test", str(a.limit_test), "--threads", "2", "--no-progress", "--protocol", "both",
+        "--low-shot", ""],
         check=True, stdout=subprocess.PIPE, text=True)
     ev = json.loads(res.stdout.strip().splitlines()[-1])
     print(json.dumps({"overrides": a.overrides, "steps": a.steps, "train_s": round(t1 - t0, 1),
-                      "linear": ev["linear"]["accuracy"], "knn": ev["knn"]["accuracy"],
+                      "linear": ev["linear"]["accuracy"], "linear_sgd": ev["linear_sgd"]["accuracy"],
+                      "knn": ev["knn"]["accuracy"],
                       "n_train": ev["n_train"], "n_test": ev["n_test"]}))
     return 0
 

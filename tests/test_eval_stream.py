@@ -169,3 +169,33 @@ def test_compare_refuses_different_images(tmp_path: Path) -> None:
     args = argparse.Namespace(models=["a", "b"], out=str(tmp_path), out_dir=str(tmp_path))
     with pytest.raises(CompareError, match="different labelled images"):
         run_compare(args, fake)
+
+
+def test_augmented_protocol_recomputes_features_per_epoch(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--protocol sgd-aug: random-resized crops + flips through the frozen trunk every epoch."""
+    import random
+
+    from seer_pipeline.eval.augmented import RandomResizedCropFlip
+
+    random.seed(0)
+    tf = RandomResizedCropFlip(16)
+    img = Image.fromarray(np.arange(40 * 30, dtype=np.uint8).reshape(30, 40))
+    crops = [tf(img) for _ in range(4)]
+    assert all(c.shape == (16, 16) for c in crops) and len({c.tobytes() for c in crops}) == 4
+    rng = np.random.default_rng(1)
+    root = tmp_path / "folder"
+    for c, level in (("dark", 50), ("light", 200)):
+        (root / c).mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(np.clip(rng.normal(level, 20, (20, 24, 3)), 0, 255).astype(np.uint8)).save(
+                root / c / f"{i}.png")
+    argv = ["linear", "--weights", "random:regnety_tiny", "--data", f"imagefolder:{root}", "--size", "16",
+            "--protocol", "sgd-aug", "--sgd-epochs", "10", "--sgd-lr", "8", "--bn-images", "8",
+            "--workers", "0", "--low-shot", "", "--out", str(tmp_path / "r.json"), "--no-progress"]
+    assert cli.main(argv) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "recomputed per epoch" in r["linear_sgd"]["protocol"] and r["linear_sgd"]["accuracy"] > 80
+    capsys.readouterr()
+    wds_data = ["--data", "wds:" + _shards(tmp_path / "sh")]
+    assert cli.main(argv[:3] + wds_data + argv[5:]) == 2  # shards cannot be reshuffled: a clear error
+    assert "sgd-aug needs" in capsys.readouterr().err

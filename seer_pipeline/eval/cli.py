@@ -66,9 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clean train images to re-estimate BN statistics on (0: keep the saved ones)")
     p.add_argument("--limit-train", type=int, default=None, help="random train subset (smoke runs)")
     p.add_argument("--limit-test", type=int, default=None)
-    p.add_argument("--protocol", choices=("sgd", "lbfgs", "both"), default="sgd",
+    p.add_argument("--protocol", choices=("sgd", "lbfgs", "both", "sgd-aug"), default="sgd",
                    help="linear: sgd = VISSL's BN+linear head with SGD on precomputed features; "
-                        "lbfgs = the quick full-batch probe")
+                        "sgd-aug = the same with features recomputed per epoch from random-resized "
+                        "crops + flips (slow); lbfgs = the quick full-batch probe; both = sgd + lbfgs")
     p.add_argument("--sgd-epochs", type=int, default=28)
     p.add_argument("--sgd-lr", type=float, default=0.01, help="per 256 images")
     p.add_argument("--sgd-schedule", choices=("step", "cosine"), default="step")
@@ -153,11 +154,13 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     progress = not args.no_progress
     device = pick_device(args.device)
     spec = feats.parse_checkpoint(args.checkpoint, args.trunk)
-    src = open_source(args.data, EvalTransform.for_spec(args.data, args.size, args.resize),
-                      args.test_fraction)
+    tf = EvalTransform.for_spec(args.data, args.size, args.resize)
+    src = open_source(args.data, tf, args.test_fraction)
+    if args.protocol == "sgd-aug" and (spec.kind == "raw" or not src.indexable()):
+        raise DataSpecError("--protocol sgd-aug needs a trunk and an imagefolder or fashion-mnist source")
     trunk = None if spec.kind == "raw" else feats.load_trunk(spec, args.seed)
     if trunk is not None:
-        trunk.to(device)
+        trunk.to(device).to(memory_format=torch.channels_last)
     rng = np.random.default_rng(args.seed)
     indices, limits, train_idx = None, (args.limit_train, args.limit_test), None
     if src.indexable():  # a seeded subset, chosen up front (the same for every trunk)
@@ -185,6 +188,18 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         if fs.skipped:
             log.warning("%s: skipped %s", src.name, fs.skipped)
         result.update(probe(args, fs.train_x, ytr, fs.test_x, yte, fs.num_classes))
+        if args.mode in ("linear", "all") and args.protocol == "sgd-aug":
+            from seer_pipeline.eval.augmented import train_sgd_linear_augmented
+
+            assert trunk is not None and train_idx is not None
+            crop = tf.crop or int(src.dataset[int(train_idx[0])][0].shape[0])
+            cfg = SGDConfig(epochs=args.sgd_epochs, base_lr=args.sgd_lr, schedule=args.sgd_schedule)
+            r = train_sgd_linear_augmented(trunk, src, train_idx, fs.test_x, yte, fs.num_classes, crop,
+                                           cfg, args.stage, args.workers, device, args.seed)
+            result["linear_sgd"] = {
+                "accuracy": round(r.top1, 2), "top5": round(r.top5, 2), "epochs": r.epochs, "lr": r.lr,
+                "protocol": "sgd, BN+linear head, features recomputed per epoch (random-resized crop + flip)",
+                "schedule": cfg.schedule, "train_accuracy": round(r.train_top1, 2)}
         del fs  # close the memmaps before the folder goes
     result["seconds"] = round(time.monotonic() - t0, 1)
     out = Path(args.out) if args.out else default_out(args, spec)

@@ -35,6 +35,10 @@ class EvalTransform:
     resize: int | None = None  # shorter side; None: keep
     crop: int | None = None  # centre crop side; None: keep
 
+    @property
+    def active(self) -> bool:
+        return self.resize is not None or self.crop is not None
+
     def __call__(self, img: Any) -> np.ndarray:
         from PIL import Image
 
@@ -83,7 +87,7 @@ class ArraySamples(Dataset):
         from PIL import Image
 
         img = self.images[i]
-        if self.tf.resize is not None or self.tf.crop is not None:
+        if self.tf.active:
             img = self.tf(Image.fromarray(img))
         return (img[..., None] if img.ndim == 2 else img), int(self.labels[i]), int(self.splits[i])
 
