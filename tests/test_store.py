@@ -242,3 +242,30 @@ def test_credentials_never_logged(endpoint: str, s3_bucket: str, photo_dir: Path
     assert "uploading to" in r.stderr  # our own DEBUG/INFO lines are there
     text = r.stdout + r.stderr
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in text and os.environ["AWS_ACCESS_KEY_ID"] not in text
+
+
+def test_http_server_without_range_support(tmp_path: Path) -> None:
+    """Python's http.server ignores Range (answers 200 with the whole file): still exact bytes."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    data = random.Random(7).randbytes(300_000)
+    (tmp_path / "blob").write_bytes(data)
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a: None  # type: ignore[attr-defined]
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}/blob"
+        f = reader.RemoteFile(url, window=50_000)
+        f.seek(123_456)
+        assert f.read(1000) == data[123_456:124_456]
+        f.seek(0)
+        assert f.readall() == data
+        with pytest.raises(FileNotFoundError):
+            reader.read_bytes(url + "-nope")
+    finally:
+        srv.shutdown()
+        srv.server_close()
