@@ -191,6 +191,20 @@ def test_remote_inputs_and_part_merge(endpoint: str, s3_bucket: str, photo_dir: 
     assert man["reasons"] == ref["reasons"]
     assert _cli("verify", f"s3://{s3_bucket}/all").returncode == 0
     assert _cli("merge", *parts, "--out", f"s3://{s3_bucket}/all").returncode == 0  # rerun: idempotent
+    # A tar archive and a list of keys (relative to the list) in s3: the same photos twice.
+    import tarfile
+
+    with tarfile.open(tmp_path / "photos.tar", "w") as tf:
+        for p in sorted(photo_dir.iterdir()):
+            tf.add(p, arcname=p.name)
+    objects.put_bytes(f"s3://{s3_bucket}/in/photos.tar", (tmp_path / "photos.tar").read_bytes())
+    names = "\n".join(f"../raw/{p.name}" for p in sorted(photo_dir.iterdir()))
+    objects.put_bytes(f"s3://{s3_bucket}/in/list.txt", names.encode())
+    r = _cli("build", f"s3://{s3_bucket}/in/photos.tar", f"s3://{s3_bucket}/in/list.txt", "--out",
+             f"s3://{s3_bucket}/fromtar", "--no-progress", "--staging", str(tmp_path / "t"))
+    assert r.returncode == 0, r.stderr
+    man = json.loads(reader.read_bytes(f"s3://{s3_bucket}/fromtar/manifest.json"))
+    assert man["written"] == 12 and man["duplicates"] == 12, man
 
 
 def test_unreadable_shard_follows_the_bad_data_policy(endpoint: str, s3_bucket: str, tmp_path: Path,
