@@ -283,3 +283,40 @@ def test_http_server_without_range_support(tmp_path: Path) -> None:
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+@pytest.mark.parametrize("status", [500, 429])
+def test_500_and_429_are_retried(endpoint: str, s3_bucket: str, status: int) -> None:
+    data = random.Random(status).randbytes(500_000)
+    objects.put_bytes(f"s3://{s3_bucket}/blob", data)
+    faults = Faults(throttle_every=2, throttle_status=status)
+    with FaultProxy(endpoint, faults) as proxy:
+        client.set_endpoint(proxy.endpoint)
+        f = reader.RemoteFile(f"s3://{s3_bucket}/blob", window=50_000, policy=reader.RetryPolicy(5, 0.001, 0.01))
+        assert f.readall() == data and f.retries == faults.counts["throttled"] >= 5
+    client.set_endpoint(None)
+
+
+@pytest.mark.slow
+def test_seaweedfs_idle_cut_is_resumed(tmp_path: Path, s3_server, monkeypatch) -> None:
+    """SeaweedFS's gateway cuts a GET whose reader pauses past -s3.idleTimeout (1 s here); the
+    reader continues from the exact byte. Its own server: the session one keeps the default."""
+    from s3_server import start_server
+
+    srv = start_server(tmp_path / "idle", idle_timeout_s=1)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", srv.endpoint)
+        client.reset_clients()
+        srv.make_bucket("idle")
+        data = random.Random(11).randbytes(20 << 20)  # more than the socket buffers hold
+        objects.put_bytes("s3://idle/blob", data)
+        f = reader.RemoteFile("s3://idle/blob")
+        got = f.read(1000)
+        time.sleep(3)  # a loader worker busy decoding, its stream idle
+        got += f.read(5 << 20)
+        time.sleep(3)
+        got += f.readall()
+        assert got == data and f.retries >= 1, f.retries
+    finally:
+        srv.stop()
+        client.reset_clients()
