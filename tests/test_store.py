@@ -320,3 +320,15 @@ def test_seaweedfs_idle_cut_is_resumed(tmp_path: Path, s3_server, monkeypatch) -
     finally:
         srv.stop()
         client.reset_clients()
+
+
+def test_resampled_mode_over_an_s3_pattern(endpoint: str, s3_bucket: str, tiny_shards: Path) -> None:
+    import test_loader as tl
+    from seer_pipeline.data.loader import build_loader
+
+    upload_dir(tiny_shards, f"s3://{s3_bucket}/tiny")
+    pattern = f"s3://{s3_bucket}/tiny/shard-{{000000..000002}}.tar"
+    ld = build_loader(tl.cfg(pattern, workers=0, batch_size=2, shuffle_buffer=2, epoch_samples=8), 0, 1)
+    assert not ld.exact and len(ld.shards) == 3 and ld.batches_per_epoch == 4
+    got = tl.take(ld, 5)
+    assert [e for e, _, _ in got] == [0, 0, 0, 0, 1] and ld.metrics()["read_failures"] == 0
