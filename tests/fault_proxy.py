@@ -23,6 +23,7 @@ _HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgra
 class Faults:
     drop_every: int = 0  # every Nth body GET: send half the body, then cut the connection
     throttle_every: int = 0  # every Nth GET: 503 SlowDown with Retry-After (no upstream call)
+    throttle_status: int = 503  # or 500 / 429, as SeaweedFS answers under many concurrent requests
     retry_after_s: int = 0
     stall_every: int = 0  # every Nth body GET: send half, then go silent for stall_s (idle cut)
     stall_s: float = 0.0
@@ -77,7 +78,7 @@ class FaultProxy:
                 if action == "throttle":
                     proxy.faults.count("throttled")
                     msg = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
-                    self.send_response(503)
+                    self.send_response(proxy.faults.throttle_status)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Retry-After", str(proxy.faults.retry_after_s))
                     self.send_header("Content-Length", str(len(msg)))

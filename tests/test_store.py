@@ -191,6 +191,20 @@ def test_remote_inputs_and_part_merge(endpoint: str, s3_bucket: str, photo_dir: 
     assert man["reasons"] == ref["reasons"]
     assert _cli("verify", f"s3://{s3_bucket}/all").returncode == 0
     assert _cli("merge", *parts, "--out", f"s3://{s3_bucket}/all").returncode == 0  # rerun: idempotent
+    # A tar archive and a list of keys (relative to the list) in s3: the same photos twice.
+    import tarfile
+
+    with tarfile.open(tmp_path / "photos.tar", "w") as tf:
+        for p in sorted(photo_dir.iterdir()):
+            tf.add(p, arcname=p.name)
+    objects.put_bytes(f"s3://{s3_bucket}/in/photos.tar", (tmp_path / "photos.tar").read_bytes())
+    names = "\n".join(f"../raw/{p.name}" for p in sorted(photo_dir.iterdir()))
+    objects.put_bytes(f"s3://{s3_bucket}/in/list.txt", names.encode())
+    r = _cli("build", f"s3://{s3_bucket}/in/photos.tar", f"s3://{s3_bucket}/in/list.txt", "--out",
+             f"s3://{s3_bucket}/fromtar", "--no-progress", "--staging", str(tmp_path / "t"))
+    assert r.returncode == 0, r.stderr
+    man = json.loads(reader.read_bytes(f"s3://{s3_bucket}/fromtar/manifest.json"))
+    assert man["written"] == 12 and man["duplicates"] == 12, man
 
 
 def test_unreadable_shard_follows_the_bad_data_policy(endpoint: str, s3_bucket: str, tmp_path: Path,
@@ -242,3 +256,79 @@ def test_credentials_never_logged(endpoint: str, s3_bucket: str, photo_dir: Path
     assert "uploading to" in r.stderr  # our own DEBUG/INFO lines are there
     text = r.stdout + r.stderr
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in text and os.environ["AWS_ACCESS_KEY_ID"] not in text
+
+
+def test_http_server_without_range_support(tmp_path: Path) -> None:
+    """Python's http.server ignores Range (answers 200 with the whole file): still exact bytes."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    data = random.Random(7).randbytes(300_000)
+    (tmp_path / "blob").write_bytes(data)
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a: None  # type: ignore[attr-defined]
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}/blob"
+        f = reader.RemoteFile(url, window=50_000)
+        f.seek(123_456)
+        assert f.read(1000) == data[123_456:124_456]
+        f.seek(0)
+        assert f.readall() == data
+        with pytest.raises(FileNotFoundError):
+            reader.read_bytes(url + "-nope")
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+@pytest.mark.parametrize("status", [500, 429])
+def test_500_and_429_are_retried(endpoint: str, s3_bucket: str, status: int) -> None:
+    data = random.Random(status).randbytes(500_000)
+    objects.put_bytes(f"s3://{s3_bucket}/blob", data)
+    faults = Faults(throttle_every=2, throttle_status=status)
+    with FaultProxy(endpoint, faults) as proxy:
+        client.set_endpoint(proxy.endpoint)
+        f = reader.RemoteFile(f"s3://{s3_bucket}/blob", window=50_000, policy=reader.RetryPolicy(5, 0.001, 0.01))
+        assert f.readall() == data and f.retries == faults.counts["throttled"] >= 5
+    client.set_endpoint(None)
+
+
+@pytest.mark.slow
+def test_seaweedfs_idle_cut_is_resumed(tmp_path: Path, s3_server, monkeypatch) -> None:
+    """SeaweedFS's gateway cuts a GET whose reader pauses past -s3.idleTimeout (1 s here); the
+    reader continues from the exact byte. Its own server: the session one keeps the default."""
+    from s3_server import start_server
+
+    srv = start_server(tmp_path / "idle", idle_timeout_s=1)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", srv.endpoint)
+        client.reset_clients()
+        srv.make_bucket("idle")
+        data = random.Random(11).randbytes(20 << 20)  # more than the socket buffers hold
+        objects.put_bytes("s3://idle/blob", data)
+        f = reader.RemoteFile("s3://idle/blob")
+        got = f.read(1000)
+        time.sleep(3)  # a loader worker busy decoding, its stream idle
+        got += f.read(5 << 20)
+        time.sleep(3)
+        got += f.readall()
+        assert got == data and f.retries >= 1, f.retries
+    finally:
+        srv.stop()
+        client.reset_clients()
+
+
+def test_resampled_mode_over_an_s3_pattern(endpoint: str, s3_bucket: str, tiny_shards: Path) -> None:
+    import test_loader as tl
+    from seer_pipeline.data.loader import build_loader
+
+    upload_dir(tiny_shards, f"s3://{s3_bucket}/tiny")
+    pattern = f"s3://{s3_bucket}/tiny/shard-{{000000..000002}}.tar"
+    ld = build_loader(tl.cfg(pattern, workers=0, batch_size=2, shuffle_buffer=2, epoch_samples=8), 0, 1)
+    assert not ld.exact and len(ld.shards) == 3 and ld.batches_per_epoch == 4
+    got = tl.take(ld, 5)
+    assert [e for e, _, _ in got] == [0, 0, 0, 0, 1] and ld.metrics()["read_failures"] == 0

@@ -20,6 +20,7 @@ import test_trainer as ttr
 from seer_pipeline.data.loader import build_loader
 from seer_pipeline.shards.synth import photo_variants, write_shards
 from seer_pipeline.store import objects, reader
+from seer_pipeline.store.url import parse
 
 dump = tsr.dump  # the ~130-input dump fixture of the local resume tests
 reference_run = ttr.reference_run  # an uninterrupted seer-train run on the local tiny shards
@@ -35,7 +36,7 @@ def _objects_state(url: str) -> dict[str, tuple]:
     """Shard objects -> (size, ETag, LastModified): an upload again would change the last two."""
     from seer_pipeline.store.client import s3_client
 
-    u = objects.parse(url)
+    u = parse(url)
     out = {}
     for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=u.host, Prefix=u.key + "/"):
         for o in page.get("Contents", []):

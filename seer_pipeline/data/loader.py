@@ -83,10 +83,10 @@ class MultiCropLoader:
         if cfg.batch_size <= 0 or cfg.workers < 0 or cfg.shuffle_buffer <= 0:
             raise ValueError("batch_size and shuffle_buffer must be > 0, workers >= 0")
         self.cfg, self.rank, self.world = cfg, rank, world_size
-        if cfg.s3_endpoint:  # before the manifest is read; workers set it again (EpochStream)
+        if "://" in cfg.shards:  # before the manifest is read; workers set it again (EpochStream)
             from seer_pipeline.store.client import set_endpoint
 
-            set_endpoint(cfg.s3_endpoint)
+            set_endpoint(cfg.s3_endpoint or None)
         self.shards, self.exact = resolve_shards(cfg.shards)
         self.multicrop = build_multicrop(cfg)
         shuffle_order(2, 1, 0, 0, 0, 0)  # compile / load the kernel before DataLoader workers fork

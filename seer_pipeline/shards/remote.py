@@ -13,7 +13,7 @@ from typing import Any, BinaryIO, Dict, List, Optional, Tuple
 
 from seer_pipeline.store.objects import list_prefix
 from seer_pipeline.store.reader import RemoteFile, open_remote, read_bytes
-from seer_pipeline.store.url import Url, is_remote, parse
+from seer_pipeline.store.url import Url, parse
 
 
 def load_manifest_remote(url: str | Url) -> Dict[str, Any]:
@@ -59,5 +59,5 @@ def manifest_and_opener(url: str) -> Tuple[Dict[str, Any], Any]:
     return load_manifest_remote(u), lambda name: open_remote(u.join(name))
 
 
-__all__ = ["is_remote", "resolve_remote", "open_shard", "manifest_and_opener",
+__all__ = ["resolve_remote", "open_shard", "manifest_and_opener",
            "load_manifest_remote"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
+import posixpath
 from collections import deque
 from typing import Any, Callable, Iterator, List
 
@@ -30,10 +31,8 @@ def iter_remote_input(spec: str, nxt: Callable[[], int], want: Callable[[int, st
         yield from iter_tar(str(u), nxt, want, fileobj=open_remote(u))
         return
     if low.endswith(_LIST):
-        base = Url(u.scheme, u.host, u.key.rsplit("/", 1)[0] if "/" in u.key else "")
         lines = read_bytes(u).decode("utf-8", "surrogateescape").splitlines()
-        urls = [x.strip() if "://" in x else str(base.join(x.strip()))
-                for x in lines if x.strip() and not x.strip().startswith("#")]
+        urls = [_relative(u, x.strip()) for x in lines if x.strip() and not x.strip().startswith("#")]
         yield from _fetch_in_order(urls, nxt, want, item)
         return
     if u.scheme == "s3" and (not u.key or u.key.endswith("/") or not _exists(u)):
@@ -45,6 +44,17 @@ def iter_remote_input(spec: str, nxt: Callable[[], int], want: Callable[[int, st
         yield from _fetch_in_order([str(u.join(n)) for n in names], nxt, want, item)
         return
     yield from _fetch_in_order([str(u)], nxt, want, item)
+
+
+def _relative(list_url: Url, entry: str) -> str:
+    """A list entry: a URL, or a key relative to the list's folder (as local lists are)."""
+    if "://" in entry:
+        return entry
+    folder = posixpath.dirname(list_url.key)
+    key = posixpath.normpath(posixpath.join(folder, entry.lstrip("/") if entry.startswith("/") else entry))
+    if key.startswith(".."):
+        raise ValueError(f"{list_url}: entry {entry!r} points above the bucket")
+    return str(Url(list_url.scheme, list_url.host, key))
 
 
 def _exists(u: Url) -> bool:

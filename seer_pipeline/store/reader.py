@@ -203,7 +203,11 @@ class RemoteFile(io.RawIOBase):
                 _close(body)
                 raise RemoteReadError(f"{self.url}: no Content-Length and no Range support")
             self._body, self._spos, self._send = body, 0, self.size
-            self._position_stream()
+            while self._spos < min(start, self.size):  # discard up to `start`, however far
+                chunk = body.read(min(start - self._spos, 1 << 16))
+                if not chunk:
+                    raise _Retryable(f"short read at byte {self._spos}")
+                self._spos += len(chunk)
         else:
             _close(body)
             raise _Retryable(f"unexpected answer {status} to {rng}")
