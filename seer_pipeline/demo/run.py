@@ -205,7 +205,10 @@ def pretrain(s: Settings, out: Path) -> dict[str, Any]:
     proc = subprocess.Popen(cmd)
     stopped = False
     while proc.poll() is None:
-        if not stopped and time.monotonic() - t_start > budget:
+        # Not before the rerun has logged a step: until then its handler may not be installed and
+        # SIGUSR2 would kill it (exit -12, seen on a loaded machine) instead of stopping it.
+        started = max((r.get("step", 0) for r in _metrics(run)), default=0) > info["resumed_from_step"]
+        if not stopped and started and time.monotonic() - t_start > budget:
             log.warning("demo: pretraining over its %.1f min budget: stopping it", s.train_minutes)
             proc.send_signal(signal.SIGUSR2)
             stopped = True
