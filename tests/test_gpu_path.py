@@ -175,12 +175,41 @@ def test_trainer_collectives_follow_the_device_rule(world1_gloo: None, tiny_shar
     run = tmp_path / "run"
     # The queue is on (length 8 = 4 steps of batch 2), so its scores reach Sinkhorn too.
     common = ("ckpt.every=2", "swav.queue_length=8", "swav.freeze_prototypes_iters=1", "optim.total_steps=7")
-    tr = Trainer(_cfg(run, tiny_shards, "train.steps=6", *common), denv, torch.device("cpu"))
-    with chk.active():
-        assert tr.train() == 0
-    tr2 = Trainer(_cfg(run, tiny_shards, "train.steps=7", *common), denv, torch.device("cpu"))
-    with chk.active():
-        assert tr2.train() == 0  # resumes at 6: the load-agreement collectives run too
+    from seer_pipeline.train import swav
+
+    rows: list[int] = []
+    real_sk = swav.sinkhorn_knopp
+
+    def sinkhorn(scores, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+        rows.append(scores.shape[0])
+        return real_sk(scores, *a, **k)
+
+    swav.sinkhorn_knopp = sinkhorn
+    try:
+        tr = Trainer(_cfg(run, tiny_shards, "train.steps=6", *common), denv, torch.device("cpu"))
+        with chk.active():
+            assert tr.train() == 0
+        saved = {k: v.clone() for k, v in tr.queue.state_dict().items()}  # the final save's
+        tr2 = Trainer(_cfg(run, tiny_shards, "train.steps=7", *common), denv, torch.device("cpu"))
+        restored: dict = {}
+        real_resume = tr2.resume
+
+        def resume() -> int | None:
+            step = real_resume()
+            restored.update({k: v.clone() for k, v in tr2.queue.state_dict().items()})
+            return step
+
+        tr2.resume = resume
+        with chk.active():
+            assert tr2.train() == 0  # resumes at 6: the load-agreement collectives run too
+    finally:
+        swav.sinkhorn_knopp = real_sk
+    # The queue filled in 4 steps (8 rows, batch 2), then fed Sinkhorn 8 + 2 rows per crop,
+    # and came back bitwise from the checkpoint (used at once in step 7).
+    assert int(saved["filled"]) == 8 and saved["embeddings"].abs().sum() > 0
+    assert rows[:8] == [2] * 8 and rows[8:] == [10] * 6, rows
+    assert restored.keys() == saved.keys()
+    assert all(torch.equal(restored[k], saved[k]) for k in saved)
     assert chk.violations == [], "\n".join(chk.violations[:10])
     ops = {(c["op"], tuple(c["dtypes"])) for c in chk.calls}
     assert ("all_reduce", ("torch.float64",)) in ops  # the step's packed loss/flags, LARS norms
