@@ -63,7 +63,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         fp, fs = r["fits_planned"], r["fits_simulated"]
         fit = {c: yes(fp[c]) if fp[c] == fs[c] else f"plan {yes(fp[c])} / sim {yes(fs[c])}" for c in fp}
-        lines.append(f"| {r['preset']} | {r['world_size']} | {r['mesh']} | {r['memory_per_gpu_gib']:.2f} | "
+        name = r["preset"] + (f" ({' '.join(r['overrides'])})" if r.get("overrides") else "")
+        lines.append(f"| {name} | {r['world_size']} | {r['mesh']} | {r['memory_per_gpu_gib']:.2f} | "
                      f"{r['simulated_peak_gib']:.2f} | {r['planned_over_simulated']:.3f} | {fit['a100_40gb']} | "
                      f"{fit['h100']} | {fit['h200']} |")
     return "\n".join(lines)

@@ -162,7 +162,8 @@ def throughput(c: Check, trunk: str, steps: int, warmup: int, sim: subprocess.Po
                   "ckpt.save_final=false", "train.deterministic=false")
     rc, rec, rows, _ = c.train(name, args)
     timed = rows[warmup:] or rows
-    out: dict[str, Any] = {"trunk": trunk, "batch_per_gpu": batch, "exit_code": rc, "steps": len(rows)}
+    out: dict[str, Any] = {"trunk": trunk, "batch_per_gpu": batch, "exit_code": rc, "steps": len(rows),
+                           "train_s": rec.get("train_s")}
     if timed:
         out["img_s_per_gpu"] = statistics.median(r["img_s"] for r in timed)
         out["step_s_median"] = statistics.median(r["step_s"] for r in timed)
@@ -182,11 +183,14 @@ def throughput(c: Check, trunk: str, steps: int, warmup: int, sim: subprocess.Po
     return out
 
 
-def ckpt_stall(c: Check, trunk: str, steps: int, every: int) -> dict[str, Any]:
-    """Loop time without saves, with synchronous and with async periodic saves."""
-    loop: dict[str, float] = {}
-    calls: dict[str, list[float]] = {}
-    for mode, extra in (("none", ["ckpt.every=0"]), ("sync", [f"ckpt.every={every}", "ckpt.async=false"]),
+def ckpt_stall(c: Check, trunk: str, steps: int, every: int, no_save_loop_s: float | None) -> dict[str, Any]:
+    """Loop time without saves (the throughput run of the same trunk and steps, which saves
+    nothing), with synchronous and with async periodic saves."""
+    if no_save_loop_s is None:
+        return {"error": "the throughput run without saves has no loop time"}
+    loop: dict[str, float] = {"none": no_save_loop_s}
+    calls: dict[str, list[float]] = {"none": []}
+    for mode, extra in (("sync", [f"ckpt.every={every}", "ckpt.async=false"]),
                         ("async", [f"ckpt.every={every}", "ckpt.async=true"])):
         name = f"stall_{mode}"
         rc, rec, _, _ = c.train(name, c.base(c.out / name, steps, f"model.trunk={trunk}",
@@ -257,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     res["resume"] = [resume_check(c, comp, steps, at) for comp in ((False,) if args.smoke else (False, True))]
     res["throughput"] = [throughput(c, t, 6 if args.smoke else 30, 2 if args.smoke else 10, sims[t], peak)
                          for t in trunks]
-    res["ckpt_stall"] = ckpt_stall(c, trunks[0], 6 if args.smoke else 30, 2 if args.smoke else 10)
+    res["ckpt_stall"] = ckpt_stall(c, trunks[0], 6 if args.smoke else 30, 2 if args.smoke else 10,
+                                   res["throughput"][0].get("train_s"))
     res["wall_s"] = time.perf_counter() - t0
     (out / "gpu_check.json").write_text(json.dumps(res, indent=1))
     (out / "gpu_check.md").write_text(render(res))

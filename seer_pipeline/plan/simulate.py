@@ -75,10 +75,11 @@ def _train_step(cfg: Any, model: Any, inner: Any, optimizer: Any, device: torch.
         scores.float(), len(views), cfg.swav.crops_for_assign, cfg.swav.temperature,
         cfg.swav.epsilon, cfg.swav.sinkhorn_iters, compute_stats=False)
     loss.backward()
-    packed = torch.tensor([float(loss.detach()), 0.0, 0.0], dtype=torch.float64, device=device)
-    dist.all_reduce(packed)
-    swav.cancel_prototype_grads(inner.head, step, cfg.swav.freeze_prototypes_iters)
-    optimizer.step()
+    with _ScalarReads():  # only where the trainer reads values: dispatch through it costs time
+        packed = torch.tensor([float(loss.detach()), 0.0, 0.0], dtype=torch.float64, device=device)
+        dist.all_reduce(packed)
+        swav.cancel_prototype_grads(inner.head, step, cfg.swav.freeze_prototypes_iters)
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     average_bn_stats(model)
     get_state_dict(model, optimizer)
@@ -114,7 +115,7 @@ def simulate(cfg: Any, world: int | None = None, local_world: int | None = None,
                              trust=cfg.optim.lars_trust)
             units = sum(1 for m in model.modules() if type(m).__name__.startswith("FSDP"))
             tracker = FSDPMemTracker(model, optimizer)
-            with tracker, _ScalarReads():
+            with tracker:
                 _train_step(cfg, model, inner, optimizer, device)
             peak = _category_bytes(tracker.get_tracker_snapshot("peak"))
     finally:
