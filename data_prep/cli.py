@@ -96,7 +96,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.endpoint_url:
-        from seer_pipeline.store.client import set_endpoint
+        from seer_pipeline.store.client import set_endpoint  # lazy: boto3 loads only when a remote store is named
 
         set_endpoint(args.endpoint_url)
     try:

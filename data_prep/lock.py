@@ -1,6 +1,7 @@
 """The build state folder and its lock: one `seer-shards` build or merge per output folder."""
 from __future__ import annotations
 
+import fcntl
 import os
 
 STATE = ".seer-shards"
@@ -11,8 +12,6 @@ def lock_out(out: str, what: str = "build") -> int:
 
     Returns the descriptor (close it to release). A held lock is a ValueError naming the folder.
     """
-    import fcntl
-
     os.makedirs(os.path.join(out, STATE), exist_ok=True)
     fd = os.open(os.path.join(out, STATE, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
     try:

@@ -72,7 +72,7 @@ def iter_inputs(inputs: Sequence[str], want: Want, max_bytes: Optional[int] = No
 
     for inp in inputs:
         if "://" in inp:  # s3:// or http(s):// (seer_pipeline.store)
-            from seer_pipeline.store.inputs import iter_remote_input
+            from seer_pipeline.store.inputs import iter_remote_input  # lazy: boto3 loads only for remote inputs
 
             yield from iter_remote_input(inp, nxt, want, functools.partial(_iter_tar, max_bytes=max_bytes), Item)
             continue

@@ -21,7 +21,12 @@ import time
 from collections import deque
 from typing import Any, Dict, Optional, Sequence
 
+from data_prep.build import _config, build_shards
+from data_prep.options import ShardOptions
+from seer_pipeline.shards.remote import load_manifest_remote
 from seer_pipeline.store import objects
+from seer_pipeline.store.client import s3_client
+from seer_pipeline.store.reader import read_bytes
 from seer_pipeline.store.url import Url, parse
 
 log = logging.getLogger(__name__)
@@ -44,8 +49,6 @@ class ShardUploader:
             raise ValueError(f"--out {self.out}: only s3:// destinations can be written")
         self.existing = objects.list_prefix(self.out)
         if config is not None and "manifest.json" in self.existing:
-            from seer_pipeline.store.reader import read_bytes
-
             old = json.loads(read_bytes(self.out.join("manifest.json"))).get("config")
             if old != config:
                 diff = sorted(k for k in set(old or {}) | set(config) if (old or {}).get(k) != config.get(k))
@@ -97,8 +100,6 @@ class ShardUploader:
 def build_to_store(inputs: Sequence[str], out: str, staging: Optional[str] = None, progress: bool = False,
                    **kw: Any) -> Dict[str, Any]:
     """`build_shards` into `staging`, uploading each shard as it completes; returns the manifest."""
-    from data_prep.build import _config, build_shards
-    from data_prep.options import ShardOptions
 
     opts = kw.pop("opts", None) or ShardOptions(**kw)
     staging = staging or default_staging(out)
@@ -126,9 +127,6 @@ def build_to_store(inputs: Sequence[str], out: str, staging: Optional[str] = Non
 def merge_in_store(parts: Sequence[str], out: str) -> Dict[str, Any]:
     """`seer-shards merge` of s3 part prefixes into an s3 prefix: server-side copies (the parts
     stay), renumbered as the local merge does; idempotent, manifest last."""
-    from seer_pipeline.shards.remote import load_manifest_remote
-    from seer_pipeline.store.reader import read_bytes
-    from seer_pipeline.store.client import s3_client
 
     dst = parse(out.rstrip("/"))
     urls = [parse(p.rstrip("/")) for p in parts]

@@ -29,7 +29,7 @@ def iter_samples(path: Any, with_jpg: bool = True) -> Iterator[tuple[str, dict[s
 def verify(d: str, decode: bool = True) -> list[str]:
     """Every problem found, as a line of text; an empty list means the set is sound."""
     if is_remote(d):  # s3:// or http(s)://: streamed, hashed while parsed
-        from data_prep.verify_remote import verify_remote
+        from data_prep.verify_remote import verify_remote  # lazy: it imports this module; boto3 loads only for remote sets
 
         return verify_remote(d, decode)
     man = load_manifest(d)
@@ -97,7 +97,7 @@ def stats(d: str) -> dict[str, Any]:
     """Counts, sizes and a short-side histogram; reads json members only."""
     opener = None
     if is_remote(d):
-        from seer_pipeline.shards.remote import manifest_and_opener
+        from seer_pipeline.shards.remote import manifest_and_opener  # lazy: boto3 loads only for remote sets
 
         man, opener = manifest_and_opener(d)
     else:

@@ -13,6 +13,8 @@ from typing import Any, Mapping
 import submitit
 from omegaconf import DictConfig, OmegaConf
 
+from seer_pipeline.config.slurm import slurm_errors
+
 log = logging.getLogger(__name__)
 
 # Extra sbatch flags set unless the user's `slurm.additional_parameters` overrides them.
@@ -35,8 +37,6 @@ def _as_dict(slurm: Any) -> dict[str, Any]:
 
 def executor_parameters(slurm: Any) -> dict[str, Any]:
     """AutoExecutor parameters (generic names + `slurm_` ones) for a SlurmConfig-shaped section."""
-    from seer_pipeline.config.slurm import slurm_errors
-
     s = _as_dict(slurm)
     errs = slurm_errors(s)
     if errs:  # every value that reaches the script or srun, also when called directly

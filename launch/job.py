@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import submitit
+
+from launch.scheduler import job_info
 from seer_pipeline.checkpoint.integrity import read_latest
 from seer_pipeline.core.exit_codes import PREEMPTED
 from seer_pipeline.train.provenance import book_requeue, read_requeues  # noqa: F401 - re-exported
@@ -85,8 +88,6 @@ def _requeue_underway(job_id: str, run_dir: str, since: float, wait_s: float) ->
     the job (rank 0's `scontrol requeue`, or the scheduler's own preemption). A RUNNING job whose
     rank 0 booked a refused requeue in RUN/requeues.json since this task started will not be.
     """
-    from launch.scheduler import job_info
-
     deadline = time.monotonic() + wait_s
     while True:
         info = job_info(job_id)
@@ -113,7 +114,7 @@ class TrainJob:
     _requeue_requested: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __call__(self) -> dict[str, Any]:
-        from seer_pipeline.dist.setup import resolve_env  # imports torch: only inside the task
+        from seer_pipeline.dist.setup import resolve_env  # lazy: imports torch, only inside the task
 
         log = _logger()
         started = time.time()
@@ -168,8 +169,6 @@ class TrainJob:
         Nothing is saved here; the requeued job resumes from the last checkpoint. Returns the
         resubmission, or None at the requeue cap (submitit then ends the job, not requeued).
         """
-        import submitit
-
         log = _logger()
         rq = read_requeues(self.run_dir)
         if rq["count"] >= self.max_requeues:
@@ -190,8 +189,6 @@ class TrainJob:
 def _drop_stale_result() -> None:
     """A requeued job reuses its id: remove this task's result file from the previous run, so
     that a crash of this run is not read as the old run's outcome."""
-    import submitit
-
     try:
         path = submitit.JobEnvironment().paths.result_pickle
     except (RuntimeError, KeyError):  # not inside a submitit job

@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from seer_pipeline.core import runlock
-from seer_pipeline.core.io_utils import atomic_write_json
-
 from launch.executor import build_executor, describe_resources, sbatch_script
 from launch.job import DEFAULT_ENTRY, TrainJob, check_entry
+from launch.scheduler import FINAL_STATES, job_info
+from seer_pipeline.core import runlock
+from seer_pipeline.core.io_utils import atomic_write_json
 
 log = logging.getLogger(__name__)
 LAUNCH_RECORD = "launch.json"  # RUN/launch.json: the jobs submitted for this run, newest last
@@ -56,8 +56,6 @@ class RunFolderBusy(RuntimeError):
 
 def _live_recorded_job(run_dir: Path) -> dict[str, Any] | None:
     """The last SLURM job RUN/launch.json records, if slurmctld says it may still run."""
-    from launch.scheduler import FINAL_STATES, job_info
-
     try:
         jobs = json.loads((run_dir / LAUNCH_RECORD).read_text()).get("jobs", [])
     except (OSError, ValueError, AttributeError):
@@ -94,7 +92,7 @@ def holder_dependency(run_dir: str | Path, after_holder: bool, local: bool = Fal
 
 def build_job(preset: str, overrides: Sequence[str], entry: str = DEFAULT_ENTRY) -> tuple[Any, TrainJob]:
     """Load the config and make the task callable; run.dir becomes absolute for every task."""
-    from seer_pipeline.config.train import load_train_config  # config only, no model code
+    from seer_pipeline.config.train import load_train_config  # lazy: config only, no model code
 
     cfg = load_train_config(preset, list(overrides))
     run_dir = Path(cfg.run.dir).expanduser().resolve()

@@ -23,6 +23,7 @@ in meta.json and checked before a load (integrity).
 """
 from __future__ import annotations
 
+import datetime as _dt
 import logging
 import os
 import re
@@ -39,6 +40,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from seer_pipeline.checkpoint import integrity, safe_dcp
 from seer_pipeline.checkpoint.safe_dcp import pack, unpack  # noqa: F401 - the payload format
+from seer_pipeline.core.faults import fault as _fault
 from seer_pipeline.core.io_utils import atomic_write_json, atomic_write_text, fsync_dir
 from seer_pipeline.dist.setup import collective_device
 
@@ -53,8 +55,6 @@ class CheckpointError(RuntimeError):
 
 def fault(name: str) -> int | None:
     """Fault injection for the tests (seer_pipeline.core.faults): None unless a test armed it."""
-    from seer_pipeline.core.faults import fault as _fault
-
     return _fault(name)
 
 
@@ -135,8 +135,6 @@ class Checkpointer:
         if rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
         if async_save and dist.is_initialized():
-            import datetime as _dt
-
             # async_save on the default group crashes if training collectives run during the
             # save (SIGABRT, size mismatch; torch 2.13 on gloo): the background save gets its own gloo group.
             self._group = dist.new_group(backend="gloo", timeout=_dt.timedelta(seconds=timeout_s))

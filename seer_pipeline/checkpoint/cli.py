@@ -9,6 +9,7 @@ checkpoint that fails either is skipped for the previous one, with a warning.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import sys
@@ -16,21 +17,26 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from torch.distributed.checkpoint.api import CheckpointException
 from omegaconf import OmegaConf
+from torch.distributed.checkpoint.api import CheckpointException
 
 from seer_pipeline.checkpoint import integrity, safe_dcp
-from seer_pipeline.checkpoint.checkpointer import CheckpointError, find_resumable, verify_step_dir
+from seer_pipeline.checkpoint.checkpointer import (
+    CheckpointError,
+    find_resumable,
+    verify_step_dir,
+)
+from seer_pipeline.config.train import load_train_config
 from seer_pipeline.core.io_utils import atomic_write_bytes, atomic_write_json
 from seer_pipeline.core.safe_pickle import UnsafePickleError
+from seer_pipeline.models.swav import build_model
+from seer_pipeline.weights import WeightsFormatError, load_weights, save_weights
 
 log = logging.getLogger(__name__)
 
 
 def consolidate(run_or_step: str | Path, out: str | Path, step: int | None = None) -> dict:
     """Write the trunk weights of the newest loadable checkpoint (or `step`) to `out`."""
-    from seer_pipeline.models.swav import build_model
-    from seer_pipeline.config.train import load_train_config
 
     src = Path(run_or_step)
     if src.is_file():  # a weights file in any format (timm, torchvision, VISSL): import it
@@ -62,7 +68,6 @@ def consolidate(run_or_step: str | Path, out: str | Path, step: int | None = Non
         raise CheckpointError("no loadable checkpoint: " + "; ".join(errors))
     trunk = {k[len("trunk."):]: v.clone() for k, v in template["model"].items() if k.startswith("trunk.")}
     model.trunk.load_state_dict(trunk, strict=True)  # every key present and shaped right
-    import io
 
     buf = io.BytesIO()
     torch.save(trunk, buf)
@@ -78,8 +83,6 @@ def export(src: str | Path, out: str | Path, fmt: str, preset: str | None = None
            step: int | None = None, trunk_only: bool = False, vissl_layout: str = "consolidated",
            shards: int = 1) -> dict:
     """Convert a run folder or a weights file in any format to `fmt` (see docs/weights.md)."""
-    from seer_pipeline.weights import load_weights, save_weights
-
     ws = load_weights(src, preset, step)
     if trunk_only:
         ws.head, ws.classifier = {}, {}
@@ -106,7 +109,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     x.add_argument("--vissl-layout", default="consolidated", choices=("consolidated", "sharded", "sliced"))
     x.add_argument("--shards", type=int, default=1, help="shard files for --vissl-layout sharded")
     args = ap.parse_args(argv)
-    from seer_pipeline.weights import WeightsFormatError
 
     try:
         if args.cmd == "export":

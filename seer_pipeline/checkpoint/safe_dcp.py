@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
@@ -39,8 +42,6 @@ DCP_METADATA_ALLOWED: dict[str, tuple[str, ...]] = {
 
 def _weights_only_load(buf: io.BytesIO, what: str) -> Any:
     """torch.load(weights_only=True) with torch's long advice cut to the refused global."""
-    import pickle
-
     try:
         return torch.load(buf, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -81,8 +82,6 @@ class SafeLoadPlanner(DefaultLoadPlanner):
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         obj = _weights_only_load(value, f"DCP value {read_item.dest_index.fqn!r}")
         if self.flatten_state_dict:
-            from torch.distributed.checkpoint._traverse import set_element
-
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
             self.state_dict[read_item.dest_index.fqn] = obj
@@ -101,8 +100,6 @@ class HashingFileSystemWriter(FileSystemWriter):
 
 def load(state: dict[str, Any], path: str | os.PathLike, no_dist: bool) -> None:
     """`dcp.load` that never unpickles arbitrary objects."""
-    import torch.distributed.checkpoint as dcp
-
     dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner(),
              no_dist=no_dist)
 

@@ -17,9 +17,16 @@ from typing import List, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from seer_pipeline.config.base import ConfigError, diff_configs, load_config, to_container
+from seer_pipeline.config.base import (
+    ConfigError,
+    diff_configs,
+    load_config,
+    to_container,
+)
+from seer_pipeline.config.slurm import SlurmConfig, has_control, slurm_errors
 from seer_pipeline.data.config import DataConfig
-from seer_pipeline.config.slurm import SlurmConfig, slurm_errors
+from seer_pipeline.data.crops import CROP_PRESETS
+from seer_pipeline.models.regnet import list_trunks
 
 
 @dataclass
@@ -210,8 +217,6 @@ def _n_crops(cfg: DictConfig) -> int | None:
 
 
 def _model_errors(cfg: DictConfig) -> list[str]:
-    from seer_pipeline.data.crops import CROP_PRESETS
-    from seer_pipeline.models.regnet import list_trunks  # the pure generator: no torch
 
     errs = []
     if cfg.model.trunk.lower() not in list_trunks():
@@ -229,8 +234,6 @@ def _model_errors(cfg: DictConfig) -> list[str]:
 
 
 def _has_control(text: str) -> bool:
-    from seer_pipeline.config.slurm import has_control
-
     return has_control(text)
 
 

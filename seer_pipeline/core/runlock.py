@@ -23,6 +23,7 @@ the lock file in the holding process releases it, so nothing else in that proces
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import socket
@@ -99,8 +100,6 @@ class RunLock:
 
 
 def _try_lock(fd: int, path: Path) -> bool:
-    import fcntl
-
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True

@@ -84,7 +84,7 @@ class MultiCropLoader:
             raise ValueError("batch_size and shuffle_buffer must be > 0, workers >= 0")
         self.cfg, self.rank, self.world = cfg, rank, world_size
         if "://" in cfg.shards:  # before the manifest is read; workers set it again (EpochStream)
-            from seer_pipeline.store.client import set_endpoint
+            from seer_pipeline.store.client import set_endpoint  # lazy: boto3 loads only for remote shards
 
             set_endpoint(cfg.s3_endpoint or None)
         self.shards, self.exact = resolve_shards(cfg.shards)

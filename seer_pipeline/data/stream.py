@@ -54,7 +54,7 @@ class EpochStream(IterableDataset):
 
     def __iter__(self) -> Iterator[Tuple[List[torch.Tensor], Dict]]:
         if self.s3_endpoint:
-            from seer_pipeline.store.client import set_endpoint
+            from seer_pipeline.store.client import set_endpoint  # lazy: boto3 loads only for remote shards
 
             set_endpoint(self.s3_endpoint)
         info = get_worker_info()

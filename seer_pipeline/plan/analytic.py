@@ -12,14 +12,23 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict
+from importlib import resources
 from typing import Any, Sequence
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
+from seer_pipeline.config.train import load_train_config
 from seer_pipeline.data.crops import CROP_PRESETS, crop_counts
+from seer_pipeline.eval.features import trunk_name_from_config
+from seer_pipeline.models import build_trunk, count_macs, list_trunks
+from seer_pipeline.models.swav import build_model
 from seer_pipeline.plan.activations import (  # noqa: F401 - part of the planner's API
-    ActProfile, gathered_peak, activation_peak, activation_profile,
+    ActProfile,
+    activation_peak,
+    activation_profile,
+    gathered_peak,
 )
 from seer_pipeline.plan.gpus import GPUS
 
@@ -45,10 +54,6 @@ def build_meta(model: Any, with_head: bool = True) -> tuple[nn.Module, nn.Module
     A training config (DictConfig) or preset gives its own head. A trunk name borrows the head
     of the first preset that trains that trunk (seer_32gf ... seer_10b); with none, no head.
     """
-    from seer_pipeline.eval.features import trunk_name_from_config
-    from seer_pipeline.models import list_trunks
-    from seer_pipeline.config.train import load_train_config
-    from seer_pipeline.models.swav import build_model
 
     if not isinstance(model, str):
         with torch.device("meta"):
@@ -58,8 +63,6 @@ def build_meta(model: Any, with_head: bool = True) -> tuple[nn.Module, nn.Module
     preset = model if model.lower() not in list_trunks() else _preset_for(name)
     with torch.device("meta"):
         if preset is None or not with_head:
-            from seer_pipeline.models import build_trunk
-
             why = "left out" if not with_head else "none (no preset trains this trunk)"
             return build_trunk(name), None, why
         m = build_model(load_train_config(preset))
@@ -67,9 +70,6 @@ def build_meta(model: Any, with_head: bool = True) -> tuple[nn.Module, nn.Module
 
 
 def _preset_for(trunk: str) -> str | None:
-    from importlib import resources
-
-    from omegaconf import OmegaConf
 
     for f in sorted(resources.files("seer_pipeline.config").joinpath("presets").iterdir(), key=lambda f: f.name):
         if f.name.endswith(".yaml") and OmegaConf.select(OmegaConf.load(str(f)), "model.trunk") == trunk:
@@ -129,8 +129,6 @@ def plan(model: Any, gpus: int, batch_per_gpu: int, crops: str | list[tuple[int,
     `model`: a trunk name, a preset name or a training config (DictConfig). `shard_size`: ranks
     a parameter is split over (default `gpus`: full sharding; a node for hybrid sharding).
     """
-    from seer_pipeline.models import count_macs
-
     if gpu_type not in GPUS:
         raise ValueError(f"--gpu-type must be one of {', '.join(GPUS)}")
     precision = precision or ("fp16" if gpu_type == "v100" else "bf16")

@@ -14,9 +14,22 @@ import math
 import sys
 from typing import Any, Sequence
 
+from seer_pipeline.config.base import ConfigError
+from seer_pipeline.config.train import load_train_config
 from seer_pipeline.plan.analytic import (  # noqa: F401 - re-exported: the planner's public API
-    CROPS, DTYPE_BYTES, GIB, SEER_MS_PER_ITER, ActProfile, activation_profile, build_meta,
-    head_macs, largest_unit, parse_crops, plan, plan_config, preset_world,
+    CROPS,
+    DTYPE_BYTES,
+    GIB,
+    SEER_MS_PER_ITER,
+    ActProfile,
+    activation_profile,
+    build_meta,
+    head_macs,
+    largest_unit,
+    parse_crops,
+    plan,
+    plan_config,
+    preset_world,
 )
 from seer_pipeline.plan.gpus import GPUS
 
@@ -109,8 +122,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error("--simulate and key=value overrides need --config PRESET")
     try:
         if args.config:
-            from seer_pipeline.config.base import ConfigError
-            from seer_pipeline.config.train import load_train_config
 
             try:
                 cfg = load_train_config(args.config, args.overrides)
@@ -126,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(render(p))
     out: dict[str, Any] = p
     if args.simulate:
-        from seer_pipeline.plan.simulate import simulate
+        from seer_pipeline.plan.simulate import simulate  # lazy: torch's test internals, --simulate only
 
         sim = simulate(cfg, args.gpus, None, args.gpu_type or "h100", args.config)
         print(render_simulation(sim))

@@ -25,9 +25,18 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+from torch.distributed.checkpoint.state_dict import get_state_dict
+from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from seer_pipeline.dist.parallelize import ParallelPlan, build_mesh, parallelize
+from seer_pipeline.models.swav import build_model
 from seer_pipeline.plan.analytic import GIB, plan_config, preset_crops, preset_world
+from seer_pipeline.train import swav
+from seer_pipeline.train.optim import LARS, build_param_groups
+from seer_pipeline.train.trainer import average_bn_stats
 
 #: The step simulated: the first one after the prototypes are unfrozen (the steady state; before
 #: it their gradients are dropped and LARS skips them).
@@ -44,8 +53,6 @@ class _ScalarReads(TorchDispatchMode):
 
 
 def _fake_group(world: int) -> None:
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
     if dist.is_initialized():
         raise RuntimeError("seer-plan --simulate needs a process without a process group")
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
@@ -62,9 +69,6 @@ def _category_bytes(snapshot: dict[Any, dict[Any, int]]) -> dict[str, int]:
 
 def _train_step(cfg: Any, model: Any, inner: Any, optimizer: Any, device: torch.device) -> None:
     """The trainer's `train_step` with the loader replaced by fake crops (trainer.py order)."""
-    from seer_pipeline.train import swav
-    from seer_pipeline.train.trainer import average_bn_stats
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
     step = int(cfg.swav.freeze_prototypes_iters)
     b = int(cfg.data.batch_size)
@@ -88,12 +92,7 @@ def _train_step(cfg: Any, model: Any, inner: Any, optimizer: Any, device: torch.
 def simulate(cfg: Any, world: int | None = None, local_world: int | None = None,
              gpu_type: str = "h100", name: str | None = None) -> dict[str, Any]:
     """Run one fake training step of `cfg` at `world` ranks; the tracker's peak next to the plan."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
-    from seer_pipeline.dist.parallelize import ParallelPlan, build_mesh, parallelize
-    from seer_pipeline.models.swav import build_model
-    from seer_pipeline.train.optim import LARS, build_param_groups
 
     t0 = time.perf_counter()
     world, node = preset_world(cfg, world, local_world)

@@ -87,7 +87,7 @@ def resolve_shards(spec: str) -> Tuple[List[Shard], bool]:
     if not spec:
         raise ValueError("data.shards is empty: give a shard directory with manifest.json or a pattern")
     if "://" in spec:  # s3:// or http(s):// (seer_pipeline.store)
-        from seer_pipeline.shards.remote import resolve_remote
+        from seer_pipeline.shards.remote import resolve_remote  # lazy: boto3 loads only for remote shards
 
         pairs, exact = resolve_remote(spec)
         return [Shard(p, c) for p, c in pairs], exact
@@ -105,7 +105,7 @@ def iter_samples(path: str, want: Callable[[int], bool],
     """
     src: Any = path
     if "://" in path:  # a remote shard: ranged GETs, retried from the exact byte (store.reader)
-        from seer_pipeline.shards.remote import open_shard
+        from seer_pipeline.shards.remote import open_shard  # lazy: boto3 loads only for remote shards
 
         try:
             src = open_shard(path)

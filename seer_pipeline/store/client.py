@@ -52,8 +52,8 @@ def s3_client(endpoint_url: Optional[str] = None, streaming: bool = False) -> An
     with _lock:
         c = _clients.get(key)
         if c is None:
-            import boto3
-            from botocore.config import Config
+            import boto3  # lazy: boto3/urllib3 load on the first remote access, not at import
+            from botocore.config import Config  # lazy: boto3/urllib3 load on the first remote access, not at import
 
             # botocore's DEBUG log prints request headers (the access key id, the signature):
             # keep the AWS libraries at WARNING whatever level the application logs at.
@@ -83,7 +83,7 @@ def http_pool() -> Any:
     with _lock:
         p = _http_pool.get(pid)
         if p is None:
-            import urllib3
+            import urllib3  # lazy: boto3/urllib3 load on the first remote access, not at import
 
             p = urllib3.PoolManager(maxsize=16, retries=False,
                                     timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT_S, read=READ_TIMEOUT_S))

@@ -13,6 +13,7 @@ import posixpath
 from collections import deque
 from typing import Any, Callable, Iterator, List
 
+from seer_pipeline.store.objects import head, list_prefix
 from seer_pipeline.store.reader import RemoteReadError, open_remote, read_bytes
 from seer_pipeline.store.url import Url, parse
 
@@ -36,8 +37,6 @@ def iter_remote_input(spec: str, nxt: Callable[[], int], want: Callable[[int, st
         yield from _fetch_in_order(urls, nxt, want, item)
         return
     if u.scheme == "s3" and (not u.key or u.key.endswith("/") or not _exists(u)):
-        from seer_pipeline.store.objects import list_prefix
-
         names = sorted(list_prefix(u))
         if not names:
             raise FileNotFoundError(f"input does not exist: {spec} (no object, no objects under it)")
@@ -58,8 +57,6 @@ def _relative(list_url: Url, entry: str) -> str:
 
 
 def _exists(u: Url) -> bool:
-    from seer_pipeline.store.objects import head
-
     return head(u) is not None
 
 

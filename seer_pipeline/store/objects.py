@@ -28,7 +28,7 @@ def _s3(url: str | Url) -> Url:
 
 def head(url: str | Url) -> Optional[Dict]:
     """{'size', 'sha256'} of an object, or None if there is none."""
-    from botocore.exceptions import ClientError
+    from botocore.exceptions import ClientError  # lazy: boto3/urllib3 load on the first remote access, not at import
 
     u = _s3(url)
     try:

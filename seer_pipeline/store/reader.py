@@ -213,7 +213,7 @@ class RemoteFile(io.RawIOBase):
             raise _Retryable(f"unexpected answer {status} to {rng}")
 
     def _get_s3(self, rng: str) -> tuple[int, Dict[str, str], Any]:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import ClientError  # lazy: boto3/urllib3 load on the first remote access, not at import
 
         try:
             r = s3_client(streaming=True).get_object(Bucket=self.url.host, Key=self.url.key, Range=rng)
@@ -240,8 +240,8 @@ class RemoteFile(io.RawIOBase):
         """Retry-After seconds for a retryable error; re-raises what retrying cannot fix."""
         if isinstance(e, _Retryable):
             return e.retry_after
-        from botocore.exceptions import BotoCoreError
-        from urllib3.exceptions import HTTPError
+        from botocore.exceptions import BotoCoreError  # lazy: boto3/urllib3 load on the first remote access, not at import
+        from urllib3.exceptions import HTTPError  # lazy: boto3/urllib3 load on the first remote access, not at import
 
         if isinstance(e, (BotoCoreError, HTTPError, ConnectionError, TimeoutError, OSError)):
             return 0.0

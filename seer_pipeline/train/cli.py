@@ -12,11 +12,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal as _signal
 import subprocess
 import sys
 import time
 from typing import Sequence
 
+from seer_pipeline.config.base import ConfigError
+from seer_pipeline.config.train import load_train_config
+from seer_pipeline.core import runlock
+from seer_pipeline.core.runlock import TOKEN_ENV
+from seer_pipeline.dist.setup import DistEnvError, free_port, resolve_env
 from seer_pipeline.train.signals import PREEMPTED, forward_signals
 
 log = logging.getLogger("seer_pipeline.train.cli")
@@ -36,9 +42,6 @@ def spawn_local(argv: list[str], nproc: int, threads: int, grace_s: float = 15.0
     After a rank fails the others get `grace_s` to notice on their own (their collectives fail
     within dist.timeout_s and they log which step failed) before they are killed.
     """
-    from seer_pipeline.dist.setup import free_port
-
-    from seer_pipeline.core.runlock import TOKEN_ENV
 
     port = free_port()
     procs: list[subprocess.Popen] = []
@@ -65,8 +68,6 @@ def spawn_local(argv: list[str], nproc: int, threads: int, grace_s: float = 15.0
                         p.kill()
             time.sleep(0.2)
     finally:
-        import signal as _signal
-
         for s, h in old.items():
             _signal.signal(s, h)
         for p in procs:
@@ -92,6 +93,7 @@ def _lock_run_dir(cfg, denv, device) -> str:  # noqa: ANN001 - DictConfig, DistE
     """
     import torch
     import torch.distributed as dist
+
     from seer_pipeline.core import runlock
 
     global _RUN_LOCK
@@ -166,9 +168,6 @@ def main(argv: Sequence[str] | None = None, rank_cmd: Sequence[str] | None = Non
     """seer-train. `rank_cmd` replaces `python -m seer_pipeline.train.cli` for spawned local
     ranks (the fault-injection test entry uses it)."""
     args = _parse(argv)
-    from seer_pipeline.config.base import ConfigError
-    from seer_pipeline.dist.setup import DistEnvError, resolve_env
-    from seer_pipeline.config.train import load_train_config
 
     try:
         cfg = load_train_config(args.config, args.overrides)
@@ -181,8 +180,6 @@ def main(argv: Sequence[str] | None = None, rank_cmd: Sequence[str] | None = Non
               "folder) or a shard pattern", file=sys.stderr)
         return 2
     if denv.source == "single" and cfg.dist.nproc > 1:
-        from seer_pipeline.core import runlock
-
         token = ""
         if cfg.run.lock:  # the launcher holds the lock for its ranks, before any of them starts
             try:

@@ -29,19 +29,32 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from seer_pipeline.train import swav
 from seer_pipeline.checkpoint.checkpointer import Checkpointer, fault
 from seer_pipeline.config.base import save_config
+from seer_pipeline.config.train import check_resume_compatible
+from seer_pipeline.data.loader import build_loader
+from seer_pipeline.dist.parallelize import (
+    ParallelPlan,
+    build_mesh,
+    is_fsdp,
+    parallelize,
+    unwrap,
+)
 from seer_pipeline.dist.setup import DistEnv
-from seer_pipeline.train.metrics import MetricsLogger, Throughput
 from seer_pipeline.models.swav import SwAVModel, build_model  # noqa: F401
-from seer_pipeline.train.optim import LARS, build_param_groups, lr_at, lr_schedule, peak_lr
-from seer_pipeline.dist.parallelize import ParallelPlan, build_mesh, is_fsdp, parallelize, unwrap
+from seer_pipeline.train import swav
+from seer_pipeline.train.metrics import MetricsLogger, Throughput
+from seer_pipeline.train.optim import (
+    LARS,
+    build_param_groups,
+    lr_at,
+    lr_schedule,
+    peak_lr,
+)
 from seer_pipeline.train.provenance import record_start, requeue_job
 from seer_pipeline.train.signals import PREEMPTED, PreemptionFlag
 from seer_pipeline.train.state import ModelState, OptimState, Progress, RNGState
-from seer_pipeline.config.train import check_resume_compatible
-from seer_pipeline.data.loader import build_loader
+from seer_pipeline.weights import load_trunk_state
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +92,6 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # identical init on every rank (fully_shard does not broadcast)
         model = build_model(cfg)
         if cfg.init.weights:
-            from seer_pipeline.weights import load_trunk_state
-
             sd = load_trunk_state(cfg.init.weights, cfg.model.trunk)  # any format, shape-checked
             model.trunk.load_state_dict(sd, strict=True)
             log.info("warm start: trunk weights from %s", cfg.init.weights)

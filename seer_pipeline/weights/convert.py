@@ -7,23 +7,35 @@ it in a chosen format; every output loads with torch.load(weights_only=True).
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+import numpy as np
 import torch
 
 from seer_pipeline.core.io_utils import atomic_write_json
 from seer_pipeline.models.regnet import RegNetConfig
 from seer_pipeline.weights import keys as K
 from seer_pipeline.weights.arch import (
-    TIMM_NAMES, TORCHVISION_NAMES, TrunkArch, infer_arch, resolve_config,
+    TIMM_NAMES,
+    TORCHVISION_NAMES,
+    TrunkArch,
+    infer_arch,
+    resolve_config,
 )
 from seer_pipeline.weights.keys import WeightsFormatError
+from seer_pipeline.weights.run import read_run
 from seer_pipeline.weights.vissl import (
-    consolidated, is_vissl, read_vissl, save_torch, write_sharded, write_sliced,
+    consolidated,
+    is_vissl,
+    read_vissl,
+    save_torch,
+    write_sharded,
+    write_sliced,
 )
 
 log = logging.getLogger(__name__)
@@ -49,8 +61,6 @@ class WeightSet:
 
 
 def _numpy_safe_globals() -> list:
-    import importlib
-
     out = []
     for name in _NUMPY_GLOBALS:
         mod, _, attr = name.rpartition(".")
@@ -59,7 +69,6 @@ def _numpy_safe_globals() -> list:
         except (ImportError, AttributeError):
             continue
     if out:  # numpy >= 1.25 pickles a scalar's dtype by its class (numpy.dtypes.Int64DType ...)
-        import numpy as np
 
         for code in "?bhilqBHILQefd":
             cls = type(np.dtype(code))
@@ -165,8 +174,6 @@ def load_weights(src: str | Path, preset: Optional[str] = None, step: Optional[i
     notes: list[str] = []
     skipped: list[str] = []
     if src.is_dir():
-        from seer_pipeline.weights.run import read_run
-
         trunk, head, run_trunk = read_run(src, step)
         fmt, clf = "run", {}
         preset = preset or run_trunk

@@ -8,17 +8,21 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed.checkpoint as dcp
+from omegaconf import OmegaConf
 
-from seer_pipeline.checkpoint.checkpointer import CheckpointError, find_resumable, verify_step_dir
+from seer_pipeline.checkpoint.checkpointer import (
+    CheckpointError,
+    find_resumable,
+    verify_step_dir,
+)
+from seer_pipeline.config.train import load_train_config
+from seer_pipeline.models.swav import build_model
 
 
 def read_run(src: Path, step: Optional[int] = None) -> tuple[dict, dict, str]:
     """(trunk state, head state, trunk name) from a run folder or a step_XXXXXXXXX folder."""
-    import torch.distributed.checkpoint as dcp
-    from omegaconf import OmegaConf
 
-    from seer_pipeline.config.train import load_train_config
-    from seer_pipeline.models.swav import build_model
 
     if (src / "meta.json").exists():
         path, meta = src, verify_step_dir(src)
