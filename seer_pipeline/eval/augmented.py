@@ -17,11 +17,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from seer_pipeline.eval.datasets import DataSpecError
-from seer_pipeline.eval.linear_sgd import BNLinear, SGDConfig, SGDResult, evaluate, lr_at
+from seer_pipeline.eval.linear_sgd import (
+    BNLinear,
+    SGDConfig,
+    SGDResult,
+    evaluate,
+    lr_at,
+)
 from seer_pipeline.eval.sources import Source, collate
 from seer_pipeline.eval.stream import to_input
 
@@ -53,8 +60,6 @@ class RandomResizedCropFlip:
         return (w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s
 
     def __call__(self, img: Any) -> np.ndarray:
-        from PIL import Image
-
         img = img.resize((self.crop, self.crop), Image.BILINEAR, box=self.box(*img.size))
         if random.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)

@@ -7,13 +7,13 @@ through a DataLoader with workers; features go to memmapped files (seer_pipeline
 from __future__ import annotations
 
 import argparse
-import json
 import hashlib
+import json
 import logging
 import os
 import re
-import tempfile
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,17 +21,19 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from seer_pipeline.core.io_utils import atomic_write_json
 from seer_pipeline.checkpoint.checkpointer import CheckpointError
+from seer_pipeline.core.io_utils import atomic_write_json
 from seer_pipeline.core.logging_utils import setup_logging
 from seer_pipeline.eval import features as feats
+from seer_pipeline.eval.augmented import train_sgd_linear_augmented
+from seer_pipeline.eval.compare import CompareError, run_compare
 from seer_pipeline.eval.datasets import DataSpecError
-from seer_pipeline.eval.sources import EvalTransform, open_source
-from seer_pipeline.eval.stream import extract_features, pick_indices, recalibrate_bn
 from seer_pipeline.eval.knn import knn_topk
 from seer_pipeline.eval.linear import WD_SWEEP, linear_probe
 from seer_pipeline.eval.linear_sgd import SGDConfig, rows, train_sgd_linear
 from seer_pipeline.eval.lowshot import balanced_subset, parse_percents
+from seer_pipeline.eval.sources import EvalTransform, open_source
+from seer_pipeline.eval.stream import extract_features, pick_indices, recalibrate_bn
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +191,6 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
             log.warning("%s: skipped %s", src.name, fs.skipped)
         result.update(probe(args, fs.train_x, ytr, fs.test_x, yte, fs.num_classes))
         if args.mode in ("linear", "all") and args.protocol == "sgd-aug":
-            from seer_pipeline.eval.augmented import train_sgd_linear_augmented
-
             assert trunk is not None and train_idx is not None
             crop = tf.crop or int(src.dataset[int(train_idx[0])][0].shape[0])
             cfg = SGDConfig(epochs=args.sgd_epochs, base_lr=args.sgd_lr, schedule=args.sgd_schedule)
@@ -216,12 +216,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.mode != "compare" and (args.models or not args.checkpoint):
         parser.error(f"{args.mode} needs --weights (and no positional models)")
     setup_logging(0)
-    from seer_pipeline.eval.compare import CompareError
 
     try:
         if args.mode == "compare":
-            from seer_pipeline.eval.compare import run_compare
-
             result = run_compare(args, run_eval)
             print(json.dumps(result), flush=True)
             return 0

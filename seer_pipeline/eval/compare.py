@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import logging
 import re
 from pathlib import Path
 from typing import Any, Callable
 
-from seer_pipeline.core.io_utils import atomic_write_json, atomic_write_text
+import numpy as np
+
+from seer_pipeline.core.io_utils import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +67,11 @@ def markdown(names: list[str], titles: list[str], rows: list[list[float | None]]
 
 
 def plot(names: list[str], titles: list[str], rows: list[list[float | None]], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # lazy: matplotlib loads only when a plot is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    from seer_pipeline.core.io_utils import atomic_write_bytes
 
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(titles) * max(1, len(names)) / 2), 4))
     width = 0.8 / max(1, len(names))
@@ -78,7 +83,6 @@ def plot(names: list[str], titles: list[str], rows: list[list[float | None]], pa
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    import io
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)

@@ -26,6 +26,7 @@ from seer_pipeline.checkpoint.cli import consolidate
 from seer_pipeline.config.base import ConfigError
 from seer_pipeline.config.train import load_train_config
 from seer_pipeline.models import build_trunk, list_trunks
+from seer_pipeline.weights import WeightsFormatError, load_trunk_state
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,6 @@ def load_trunk(spec: TrunkSpec, seed: int = 0) -> nn.Module:
     trunk = build_random(spec.trunk_name, seed)
     if spec.kind == "file":
         assert spec.weights is not None
-        from seer_pipeline.weights import WeightsFormatError, load_trunk_state
 
         try:  # any format (seer, timm, torchvision, VISSL), checked against the trunk's shapes
             saved = load_trunk_state(spec.weights, spec.trunk_name)

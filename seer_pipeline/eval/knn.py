@@ -11,10 +11,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from seer_pipeline.eval.linear_sgd import rows, topk_correct
+
 
 def _rows(x: torch.Tensor | np.ndarray, i: int, j: int, device: str) -> torch.Tensor:
-    from seer_pipeline.eval.linear_sgd import rows
-
     return F.normalize(rows(x, slice(i, j)).float().to(device), dim=1)
 
 
@@ -66,8 +66,6 @@ def knn_topk(
     device: str = "cpu", train_chunk: int = 65536,
 ) -> tuple[float, float]:
     """(top-1, top-5) test accuracy in percent."""
-    from seer_pipeline.eval.linear_sgd import topk_correct
-
     scores = knn_scores(train_x, train_y, test_x, num_classes, k, temperature, device=device,
                         train_chunk=train_chunk)
     c1, c5 = topk_correct(scores, test_y)

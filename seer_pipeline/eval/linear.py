@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from seer_pipeline.eval.linear_sgd import topk_correct
+
 log = logging.getLogger(__name__)
 
 WD_SWEEP = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -83,7 +85,6 @@ def linear_probe(
     # Ties go to the larger weight decay (the simpler model).
     best = max(wds, key=lambda wd: (val[f"{wd:g}"], wd))
     w, b = fit(train_x, train_y, num_classes, best, max_iter, seed)
-    from seer_pipeline.eval.linear_sgd import topk_correct
 
     top5 = 100.0 * topk_correct(test_x @ w.T + b, test_y, (5,))[0] / max(1, len(test_y))
     res = LinearResult(accuracy(w, b, test_x, test_y), best, val, accuracy(w, b, train_x, train_y), top5)

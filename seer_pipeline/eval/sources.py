@@ -12,6 +12,7 @@ eval_resnet_8gpu_transfer_in1k_linear.yaml) that the SEER paper's evaluations us
 """
 from __future__ import annotations
 
+import glob
 import io
 import logging
 from dataclasses import dataclass
@@ -20,9 +21,17 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from seer_pipeline.eval.datasets import IMAGE_EXTS, WDS_IMAGE_KEYS, DataSpecError, _is_test
+from seer_pipeline.eval import fmnist
+from seer_pipeline.eval.datasets import (
+    IMAGE_EXTS,
+    WDS_IMAGE_KEYS,
+    DataSpecError,
+    _is_test,
+)
+from seer_pipeline.shards.reader import ShardReadError, braceexpand, iter_samples
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +49,6 @@ class EvalTransform:
         return self.resize is not None or self.crop is not None
 
     def __call__(self, img: Any) -> np.ndarray:
-        from PIL import Image
-
         if self.resize is not None:
             w, h = img.size
             s = self.resize / min(w, h)
@@ -68,8 +75,6 @@ class EvalTransform:
 
 
 def _decode(data: bytes | Path, tf: EvalTransform) -> np.ndarray:
-    from PIL import Image
-
     with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
         return tf(im.convert("RGB"))
 
@@ -84,8 +89,6 @@ class ArraySamples(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> Sample:
-        from PIL import Image
-
         img = self.images[i]
         if self.tf.active:
             img = self.tf(Image.fromarray(img))
@@ -117,8 +120,6 @@ class ShardSamples(IterableDataset):
         self.shards, self.test_fraction, self.tf, self.only_split = shards, test_fraction, tf, only_split
 
     def __iter__(self) -> Iterator[Sample | tuple[str, str]]:
-        from seer_pipeline.shards.reader import ShardReadError, iter_samples
-
         info = get_worker_info()
         mine = self.shards[info.id::info.num_workers] if info else self.shards
         for path in mine:
@@ -170,8 +171,6 @@ def open_source(spec: str, tf: EvalTransform, test_fraction: float = 0.2) -> Sou
     """Parse a --data spec into a streaming source (nothing decoded yet)."""
     kind, _, arg = spec.partition(":")
     if kind == "fashion-mnist":
-        from seer_pipeline.eval import fmnist
-
         trx, try_ = fmnist.load_split("train", arg or None)
         tex, tey = fmnist.load_split("test", arg or None)
         splits = np.r_[np.zeros(len(try_), np.int64), np.ones(len(tey), np.int64)]
@@ -199,9 +198,6 @@ def open_source(spec: str, tf: EvalTransform, test_fraction: float = 0.2) -> Sou
                                 f"({int((sp == 0).sum())} train, {int((sp == 1).sum())} test)")
         return Source(f"imagefolder:{root}", FileSamples(files, np.asarray(labels), sp, tf), classes, sp)
     if kind == "wds" and arg:
-        import glob
-
-        from seer_pipeline.shards.reader import braceexpand
 
         shards = sorted(glob.glob(arg)) if any(c in arg for c in "*?[") else braceexpand(arg)
         shards = [s for s in shards if Path(s).is_file()]

@@ -9,6 +9,7 @@ looks complete. `meta.json` (written last, atomically) records the shapes.
 from __future__ import annotations
 
 import io
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +19,13 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
 
-from seer_pipeline.core.io_utils import atomic_open, atomic_write_bytes, atomic_write_json
+from seer_pipeline.core.io_utils import (
+    atomic_open,
+    atomic_write_bytes,
+    atomic_write_json,
+)
 from seer_pipeline.eval.features import MEAN, STD
 from seer_pipeline.eval.sources import ShardSamples, Source, collate
 
@@ -60,8 +66,6 @@ def make_loader(dataset: Any, batch_size: int, workers: int, device: str) -> Dat
 
 
 def _progress(total: int | None, desc: str, on: bool):
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, unit="img", disable=not on, leave=False)
 
 
@@ -185,8 +189,6 @@ def extract_features(trunk: nn.Module | None, src: Source, out_dir: Path, stage:
 
 def load_features(out_dir: Path) -> FeatureSet:
     """Memmap the features a finished `extract_features` left in `out_dir`."""
-    import json
-
     meta = json.loads((out_dir / "meta.json").read_text())
     mm = {s: np.memmap(out_dir / f"{s}.f32", np.float32, "r", shape=(meta["rows"][s], meta["dim"]))
           for s in SPLITS}

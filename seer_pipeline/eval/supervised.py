@@ -24,7 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from seer_pipeline.core.io_utils import atomic_write_bytes, atomic_write_json, atomic_write_text
+from seer_pipeline.core.io_utils import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+)
 from seer_pipeline.core.logging_utils import setup_logging
 from seer_pipeline.eval import features as feats
 from seer_pipeline.eval.datasets import load_data
@@ -53,8 +57,6 @@ def train_supervised(
     progress: bool = True,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train trunk + linear head for `steps` SGD steps (cosine LR over them)."""
-    from tqdm import tqdm
-
     trunk = feats.build_random(trunk_name, seed)
     head = nn.Linear(trunk.out_dim, num_classes)
     # channels_last: ~2x faster grouped convs on CPU (measured in features.py's setting).
