@@ -26,7 +26,8 @@ from seer_pipeline.checkpoint.cli import consolidate
 from seer_pipeline.config.base import ConfigError
 from seer_pipeline.config.train import load_train_config
 from seer_pipeline.models import build_trunk, list_trunks
-from seer_pipeline.weights import WeightsFormatError, load_trunk_state
+from seer_pipeline.weights import WeightsFormatError, load_trunk_state, load_weights
+from seer_pipeline.weights.convert import split_spec
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +73,19 @@ def parse_checkpoint(spec: str, trunk: str | None = None) -> TrunkSpec:
         return TrunkSpec("random", trunk or trunk_name_from_config(spec[7:]), None, None)
     if spec in ("raw", "raw-pixels"):
         return TrunkSpec("raw", "", None, None)
-    path = Path(spec)
+    declared, path = split_spec(spec)  # `timm:FILE`, `vissl:FILE`, ...: the prefix is checked
     if not path.exists():
         raise CheckpointSpecError(f"--checkpoint {spec}: no such run folder or file "
                                   "(or use random:CONFIG / raw)")
     run = _run_of(path)
-    sidecar = Path(str(path) + ".json")  # written by seer-ckpt consolidate
+    sidecar = Path(str(path) + ".json")  # written by seer-ckpt consolidate / export
     name = trunk or (json.loads(sidecar.read_text()).get("trunk", "") if sidecar.is_file() else "")
     name = name or (str(OmegaConf.load(run / "config.yaml").model.trunk) if run else "")
+    if path.is_file() and (declared or not name):
+        try:  # a foreign file (timm, torchvision, VISSL): its format and trunk from keys and shapes
+            name = name or load_weights(spec, name or None).preset or ""
+        except WeightsFormatError as e:
+            raise CheckpointSpecError(str(e)) from e
     if not name:
         raise CheckpointSpecError(f"{spec}: no config.yaml above it says which trunk; pass --trunk")
     if path.is_dir():
