@@ -111,7 +111,8 @@ def pick_device(device: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def probe(args: argparse.Namespace, ftr, ytr: torch.Tensor, fte, yte: torch.Tensor,
+def probe(args: argparse.Namespace, ftr: torch.Tensor | np.ndarray, ytr: torch.Tensor,
+          fte: torch.Tensor | np.ndarray, yte: torch.Tensor,
           num_classes: int) -> dict[str, Any]:
     """Run the probes `args` asks for on (train, test) features; ftr/fte may be memmaps."""
     out: dict[str, Any] = {}
