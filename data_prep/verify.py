@@ -50,24 +50,41 @@ def verify(d: str, decode: bool = True) -> list[str]:
             problems.append(f"{s['name']}: {os.path.getsize(path)} bytes, manifest says {s['bytes']}")
         if file_sha256(path) != s["sha256"]:
             problems.append(f"{s['name']}: sha256 differs from the manifest")
-        n = 0
+        n = [0]
         try:
-            for key, g in iter_samples(path, with_jpg=decode):
-                n += 1
-                problems.extend(_check_sample(s["name"], key, g, decode))
-                if key in keys:
-                    problems.append(f"{s['name']}: key {key} appears more than once in the set")
-                keys.add(key)
+            check_samples(s["name"], iter_samples(path, with_jpg=decode), decode, keys, problems, n)
         except fmt.ShardReadError as e:
             problems.append(f"{s['name']}: unreadable tar ({e})")
-        if n != s["count"]:
-            problems.append(f"{s['name']}: {n} samples, manifest says {s['count']}")
-        total += n
+        total += count_matches(s, n[0], problems)
+    return problems + set_problems(man, total)
+
+
+def check_samples(name: str, samples: Iterator[tuple[str, dict[str, bytes]]], decode: bool,
+                  keys: set[str], problems: list[str], n: list[int]) -> None:
+    """Check each sample of shard `name` and that its key is new to the set; n[0] counts them
+    (a list, so the count survives a read error part way)."""
+    for key, g in samples:
+        n[0] += 1
+        problems.extend(_check_sample(name, key, g, decode))
+        if key in keys:
+            problems.append(f"{name}: key {key} appears more than once in the set")
+        keys.add(key)
+
+
+def count_matches(entry: dict[str, Any], n: int, problems: list[str]) -> int:
+    if n != entry["count"]:
+        problems.append(f"{entry['name']}: {n} samples, manifest says {entry['count']}")
+    return n
+
+
+def set_problems(man: dict[str, Any], total: int) -> list[str]:
+    """Problems of the set as a whole: the samples found against the manifest's accounting."""
+    out = []
     if total != man["written"]:
-        problems.append(f"set: {total} samples in shards, manifest says written={man['written']}")
+        out.append(f"set: {total} samples in shards, manifest says written={man['written']}")
     if man["inputs_seen"] != man["written"] + man["skipped"]:
-        problems.append("manifest: inputs_seen != written + skipped")
-    return problems
+        out.append("manifest: inputs_seen != written + skipped")
+    return out
 
 
 def _check_sample(shard: str, key: str, g: dict[str, bytes], decode: bool) -> list[str]:

@@ -6,7 +6,8 @@ import io
 import tarfile
 from typing import Any, Dict, List, Optional
 
-from data_prep.verify import _check_sample, iter_samples
+from data_prep.verify import check_samples, count_matches, iter_samples, set_problems
+from seer_pipeline.shards.format import ShardReadError
 from seer_pipeline.shards.remote import load_manifest_remote
 from seer_pipeline.store.objects import list_prefix
 from seer_pipeline.store.reader import RemoteFile
@@ -70,29 +71,18 @@ def verify_remote(url: str, decode: bool = True) -> List[str]:
             continue
         if sizes is not None and sizes[s["name"]] != s["bytes"]:
             problems.append(f"{s['name']}: {sizes[s['name']]} bytes, manifest says {s['bytes']}")
-        n = 0
+        n = [0]
         raw = HashingReader(RemoteFile(u.join(s["name"]), size=sizes.get(s["name"]) if sizes else None))
         try:
             f = io.BufferedReader(raw, 1 << 20)
-            for key, g in iter_samples(f, with_jpg=decode):  # type: ignore[arg-type]
-                n += 1
-                problems.extend(_check_sample(s["name"], key, g, decode))
-                if key in keys:
-                    problems.append(f"{s['name']}: key {key} appears more than once in the set")
-                keys.add(key)
+            check_samples(s["name"], iter_samples(f, with_jpg=decode), decode, keys, problems, n)
             f.read()  # the tail after the last member (end-of-archive blocks) is hashed too
             if raw.finish() != s["sha256"]:
                 problems.append(f"{s['name']}: sha256 differs from the manifest")
         except FileNotFoundError:
             problems.append(f"{s['name']}: missing")
             continue
-        except (tarfile.TarError, OSError, EOFError) as e:
+        except (ShardReadError, tarfile.TarError, OSError, EOFError) as e:
             problems.append(f"{s['name']}: unreadable tar ({e})")
-        if n != s["count"]:
-            problems.append(f"{s['name']}: {n} samples, manifest says {s['count']}")
-        total += n
-    if total != man["written"]:
-        problems.append(f"set: {total} samples in shards, manifest says written={man['written']}")
-    if man["inputs_seen"] != man["written"] + man["skipped"]:
-        problems.append("manifest: inputs_seen != written + skipped")
-    return problems
+        total += count_matches(s, n[0], problems)
+    return problems + set_problems(man, total)
