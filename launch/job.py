@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import submitit
 
-from launch.scheduler import job_info
+from launch import scheduler  # module reference: tests patch scheduler.job_info
 from seer_pipeline.checkpoint.integrity import read_latest
 from seer_pipeline.core.exit_codes import PREEMPTED
 from seer_pipeline.train.provenance import book_requeue, read_requeues  # noqa: F401 - re-exported
@@ -90,7 +90,7 @@ def _requeue_underway(job_id: str, run_dir: str, since: float, wait_s: float) ->
     """
     deadline = time.monotonic() + wait_s
     while True:
-        info = job_info(job_id)
+        info = scheduler.job_info(job_id)
         if info is not None and info.state not in ("RUNNING", "UNKNOWN"):
             return True
         mine = [h for h in read_requeues(run_dir)["history"] if isinstance(h, dict)

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 from launch.executor import build_executor, describe_resources, sbatch_script
 from launch.job import DEFAULT_ENTRY, TrainJob, check_entry
-from launch.scheduler import FINAL_STATES, job_info
+from launch import scheduler  # module reference: tests patch scheduler.job_info
 from seer_pipeline.core import runlock
 from seer_pipeline.core.io_utils import atomic_write_json
 
@@ -63,8 +63,8 @@ def _live_recorded_job(run_dir: Path) -> dict[str, Any] | None:
     last = jobs[-1] if jobs and isinstance(jobs[-1], dict) else None
     if not last or last.get("executor") != "slurm" or not last.get("job_id"):
         return None
-    info = job_info(str(last["job_id"]))
-    if info is None or info.state == "UNKNOWN" or info.state.split()[0] in FINAL_STATES:
+    info = scheduler.job_info(str(last["job_id"]))
+    if info is None or info.state == "UNKNOWN" or info.state.split()[0] in scheduler.FINAL_STATES:
         return None
     return {"job_id": str(last["job_id"]), "host": "(queued: " + info.state + ")", "pid": "-"}
 

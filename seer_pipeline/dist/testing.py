@@ -28,7 +28,7 @@ class DistributedTestError(AssertionError):
 
 def _worker(
     fn: Callable[..., Any], rank: int, world_size: int, port: int, threads: int,
-    pg_timeout_s: float, args: Sequence[Any], results: "mp.Queue[Any]",
+    pg_timeout_s: float, args: Sequence[Any], results: "mp.Queue[Any]", received: Any,
 ) -> None:
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
@@ -54,6 +54,9 @@ def _worker(
                 dist.destroy_process_group()
         except Exception:  # noqa: BLE001
             pass
+        # Tensors cross the queue as shared-memory handles that this process serves: it must
+        # live until the parent has taken them (else the parent's get() ends in EOFError).
+        received.wait(timeout=60)
 
 
 def run_distributed(
@@ -63,11 +66,12 @@ def run_distributed(
     """Run `fn(rank, world_size, *args)` on `world_size` gloo ranks; return per-rank results."""
     ctx = mp.get_context("spawn")
     results: "mp.Queue[Any]" = ctx.Queue()
+    received = ctx.Event()
     port = free_port()
     procs = [
         ctx.Process(
             target=_worker,
-            args=(fn, r, world_size, port, threads, pg_timeout_s, args, results),
+            args=(fn, r, world_size, port, threads, pg_timeout_s, args, results, received),
             daemon=False,
         )
         for r in range(world_size)
@@ -100,6 +104,7 @@ def run_distributed(
                     except _queue.Empty:
                         break
     finally:
+        received.set()
         for p in procs:
             p.join(timeout=5 if len(got) == world_size else 0.1)
         for p in procs:
