@@ -12,6 +12,8 @@ torch.distributed collectives and fails on any such tensor, or on one off the se
 """
 from __future__ import annotations
 
+import os
+
 import datetime as _dt
 import logging
 from contextlib import contextmanager
@@ -220,6 +222,16 @@ def test_trainer_collectives_follow_the_device_rule(world1_gloo: None, tiny_shar
 
 
 # -- process groups and precision ----------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """init_distributed exports RANK/WORLD_SIZE/MASTER_* into this pytest process; left there,
+    they make every later subprocess (e.g. a SLURM job's task) look like a torchrun rank."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
 
 def test_explicit_backend_makes_a_world1_group() -> None:
     denv = DistEnv(0, 1, 0, 1, "127.0.0.1", free_port(), "single")
