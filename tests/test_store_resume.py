@@ -7,6 +7,7 @@ import json
 import os
 import random
 import signal
+import sys
 import subprocess
 import time
 from pathlib import Path
@@ -24,6 +25,18 @@ from seer_pipeline.store.url import parse
 
 dump = tsr.dump  # the ~130-input dump fixture of the local resume tests
 reference_run = ttr.reference_run  # an uninterrupted seer-train run on the local tiny shards
+
+
+# The build's fault hooks are set only from inside the process (data_prep.build.fault,
+# data_prep.store_build.upload_fault): no switch or environment variable of a real run reaches them.
+_KILLER = ("import os, signal, sys\n"
+           "import data_prep.build as b\n"
+           "import data_prep.store_build as sb\n"
+           "where = sys.argv[1]\n"
+           "b.fault = lambda stage, n: os.kill(os.getpid(), signal.SIGKILL) if f'{stage}:{n}' == where else None\n"
+           "sb.upload_fault = lambda n: where == f'upload:{n}'\n"
+           "from data_prep.cli import main\n"
+           "sys.exit(main(sys.argv[2:]))\n")
 
 
 def _build_cmd(dump: Path, out: str, stage: Path) -> list[str]:
@@ -55,8 +68,8 @@ def test_s3_build_killed_at_the_worst_moment_then_resumed(dump: Path, tmp_path: 
     want = tsr._result(tmp_path / "ref")
     out = f"s3://{s3_bucket}/set"
     cmd = _build_cmd(dump, out, tmp_path / "stage")
-    crashed = subprocess.run(cmd, cwd=tsr.REPO, capture_output=True, text=True, timeout=300,
-                             env={**os.environ, "SEER_SHARDS_TEST_KILL_AT": where})
+    crashed = subprocess.run([sys.executable, "-c", _KILLER, where, *cmd[3:]], cwd=tsr.REPO,
+                             capture_output=True, text=True, timeout=300)
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr
     names = objects.list_prefix(out)
     assert "manifest.json" not in names
