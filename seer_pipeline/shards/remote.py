@@ -6,13 +6,10 @@ data_prep/verify_remote.py. The tar parsing stays in shards/format.py, fed a fil
 """
 from __future__ import annotations
 
-import hashlib
-import io
 import json
-from typing import Any, BinaryIO, Dict, List, Optional, Tuple
+from typing import Any, BinaryIO, Dict, List, Tuple
 
-from seer_pipeline.store.objects import list_prefix
-from seer_pipeline.store.reader import RemoteFile, open_remote, read_bytes
+from seer_pipeline.store.reader import open_remote, read_bytes
 from seer_pipeline.store.url import Url, parse
 
 
