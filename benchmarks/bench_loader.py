@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Loader benchmark: multi-crop speed vs the SwAV reference, and full DataLoader throughput.
 
-1. Times a SwAV reference pipeline and `seer_pipeline.data:multicrop_factory` side by side
+1. Times a SwAV reference pipeline and `seer_pipeline.data.augment:multicrop_factory` side by side
    (interleaved in one process) for `swav` and `seer` crops, on the whole photo set and on its
    >= 2 MP subset. The reference is tests/reference_multicrop.py unless --reference names an
    external harness with the same contract (`main(argv)` taking --candidate module:factory, as
@@ -38,6 +38,10 @@ from seer_pipeline.data.config import DataConfig  # noqa: E402
 from seer_pipeline.data.crops import CROP_PRESETS  # noqa: E402
 from seer_pipeline.data.loader import build_loader  # noqa: E402
 from seer_pipeline.shards.synth import write_shards  # noqa: E402
+
+# What an external harness imports as the candidate (`--candidate module:factory`);
+# tests/test_benchmarks_cli.py resolves it, since only a run with --reference would.
+CANDIDATE = "seer_pipeline.data.augment:multicrop_factory"
 
 EXTS = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -94,7 +98,7 @@ def side_by_side(ref, root: Path, crops: str, limit: int, runs: int) -> dict:
         out = in_repo_pair(root, crops, limit, runs)
     else:
         out = ref.main([str(root), "--crops", crops, "--limit", str(limit), "--runs", str(runs),
-                        "--candidate", "seer_pipeline.data:multicrop_factory"])
+                        "--candidate", CANDIDATE])
     r, c = out[f"multicrop-{crops}"], out[f"candidate-{crops}"]
     # Runs alternate reference, candidate, ...: the ratio within a pair sees the same machine load,
     # so the median of the paired ratios is steadier than a ratio of medians on a shared box.

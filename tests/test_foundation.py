@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from seer_pipeline.config.base import ConfigError, load_config
 from seer_pipeline.dist.setup import DistEnvError, port_from_job_id, resolve_env
 from seer_pipeline.core.io_utils import atomic_write_json
 from seer_pipeline.dist.testing import DistributedTestError, run_distributed
+from seer_pipeline.train.provenance import provenance
 
 
 def test_resolve_single_process():
@@ -115,3 +117,13 @@ def test_config_reference_is_current():
     doc = Path(__file__).resolve().parent.parent / "docs" / "config.md"
     assert doc.read_text() == render()
     assert "| `ckpt.async` |" in doc.read_text() and "| `slurm.max_requeues` |" in doc.read_text()
+
+
+def test_provenance_records_the_machine() -> None:
+    # Throughput is comparable only on the same CPU; a run records which one it had.
+    p = provenance(world_size=2, threads=1)
+    assert p["world_size"] == 2 and p["torch_threads"] == 1
+    assert isinstance(p["cpu"], str) and p["cpu"] and p["cpu"] != "unknown"
+    assert p["cpu_count"] == os.cpu_count()
+    assert p["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    json.dumps(p)  # provenance.json must serialise as is

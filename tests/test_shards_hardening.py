@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ import pytest
 from PIL import Image
 
 from data_prep.build import build_shards
+from data_prep.images import read_source
 from data_prep.merge import merge
 from data_prep.verify import iter_samples, verify
 from seer_pipeline.shards import format as fmt
@@ -409,3 +411,36 @@ def test_hostile_folder_builds_within_a_minute_and_a_gigabyte(photo_dir: Path, t
     assert {str(d / "carriage\rreturn.jpg"), os.fsdecode(os.fsencode(d) + b"/caf\xe9.jpg")} < set(srcs)
     walked = len(photos) + 6 + 1  # the folder's entries, and the bomb tar's member
     assert man["inputs_seen"] == walked == man["written"] + len(skips) == len(srcs) + len(skips)
+
+
+def test_read_source_cap_is_exact_and_the_read_is_sized_from_the_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = tmp_path / "f.bin"
+    payload = os.urandom(1000)
+    f.write_bytes(payload)
+    assert read_source(str(f), max_bytes=1000) == (payload, None)
+    assert read_source(str(f), max_bytes=999) == (None, "too_large")
+    assert read_source(str(f)) == (payload, None)
+    tracemalloc.start()
+    try:
+        assert read_source(str(f), max_bytes=256 << 20) == (payload, None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"reading 1,000 bytes under a 256 MiB cap allocated {peak} bytes"
+
+    # A file that grew after its size was taken is still read whole, and still capped: fake a
+    # smaller stat/fstat size so the first, right-sized read comes back one byte over it.
+    real_stat, real_fstat = os.stat, os.fstat
+
+    def shrink(st: os.stat_result) -> os.stat_result:
+        fields = list(st)
+        fields[6] = 400  # st_size
+        return os.stat_result(fields)
+
+    monkeypatch.setattr(os, "fstat", lambda fd: shrink(real_fstat(fd)))
+    assert read_source(str(f), max_bytes=1000) == (payload, None)
+    assert read_source(str(f)) == (payload, None)
+    monkeypatch.setattr(os, "stat", lambda path, **kw: shrink(real_stat(path, **kw)))
+    assert read_source(str(f), max_bytes=600) == (None, "too_large")
+    assert read_source(str(f), max_bytes=1000) == (payload, None)

@@ -37,6 +37,19 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def _cpu_model() -> str:
+    # Throughput figures are only comparable on the same CPU: the dev box's host once ran the
+    # same code 3.5x slower from one day to the next (docs/demo.md), so runs record it.
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def provenance(world_size: int, threads: int) -> dict[str, Any]:
     import torch  # here, not at import: the launcher imports this module without torch
 
@@ -53,6 +66,9 @@ def provenance(world_size: int, threads: int) -> dict[str, Any]:
         "pil": "pillow-simd" if "Pillow-SIMD" in versions else "pillow",
         "python": platform.python_version(),
         "host": socket.gethostname(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "world_size": world_size,
         "torch_threads": threads,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
