@@ -86,7 +86,7 @@ def test_planted_dcp_value_is_not_executed(tmp_path: Path, caplog) -> None:
 
 
 def test_planted_dcp_metadata_is_not_executed(tmp_path: Path, caplog, capsys) -> None:
-    from seer_pipeline.checkpoint.cli import main as ckpt_main
+    from seer_pipeline.weights.cli import main as ckpt_main
 
     marker = tmp_path / "pwned"
     run = tmp_path / "run"

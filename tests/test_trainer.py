@@ -120,7 +120,7 @@ def test_dead_rank_fails_the_job_within_timeout(tiny_shards: Path, tmp_path: Pat
 
 @pytest.mark.slow
 def test_consolidate_and_plot(reference_run: Path, tmp_path: Path) -> None:
-    from seer_pipeline.checkpoint.cli import main as ckpt_main
+    from seer_pipeline.weights.cli import main as ckpt_main
     from seer_pipeline.models import build_trunk
     from seer_pipeline.train.plot import main as plot_main
 

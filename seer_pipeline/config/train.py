@@ -209,8 +209,6 @@ def _range_errors(cfg: DictConfig) -> list[str]:
 
 
 def _n_crops(cfg: DictConfig) -> int | None:
-    from seer_pipeline.data.crops import CROP_PRESETS  # torch-free table
-
     if cfg.data.crops == "custom":
         return sum(cfg.data.nmb_crops) or None
     return sum(CROP_PRESETS[cfg.data.crops][1]) if cfg.data.crops in CROP_PRESETS else None
@@ -242,6 +240,17 @@ def load_train_config(preset: str | Path | None = None, overrides: Sequence[str]
     cfg = load_config(_schema(), preset, list(overrides))
     validate(cfg)
     return cfg
+
+
+def trunk_name(spec: str) -> str:
+    """The trunk a spec names: a trunk name itself, or a preset name/YAML path (its model.trunk)."""
+    if spec.lower() in list_trunks():
+        return spec.lower()
+    try:
+        return str(load_train_config(spec).model.trunk)
+    except ConfigError as e:
+        raise ConfigError(
+            f"{spec!r} is neither a trunk ({', '.join(list_trunks())}) nor a usable preset: {e}") from e
 
 
 def check_resume_compatible(saved: dict, current: DictConfig) -> list[str]:

@@ -22,10 +22,10 @@ from omegaconf import OmegaConf
 from torch import nn
 from tqdm import tqdm
 
-from seer_pipeline.checkpoint.cli import consolidate
+from seer_pipeline.weights.cli import consolidate
 from seer_pipeline.config.base import ConfigError
-from seer_pipeline.config.train import load_train_config
-from seer_pipeline.models import build_trunk, list_trunks
+from seer_pipeline.config.train import trunk_name
+from seer_pipeline.models import build_trunk
 from seer_pipeline.weights import WeightsFormatError, load_trunk_state, load_weights
 from seer_pipeline.weights.convert import split_spec
 
@@ -50,14 +50,11 @@ class TrunkSpec:
 
 
 def trunk_name_from_config(config: str) -> str:
-    """A preset name/YAML path (its model.trunk) or a trunk name itself."""
-    if config.lower() in list_trunks():
-        return config.lower()
+    """config.train.trunk_name, its refusal as a CheckpointSpecError (what seer-eval reports)."""
     try:
-        return str(load_train_config(config).model.trunk)
+        return trunk_name(config)
     except ConfigError as e:
-        raise CheckpointSpecError(
-            f"{config!r} is neither a trunk ({', '.join(list_trunks())}) nor a usable preset: {e}") from e
+        raise CheckpointSpecError(str(e)) from e
 
 
 def _run_of(path: Path) -> Path | None:

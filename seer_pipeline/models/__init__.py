@@ -18,6 +18,7 @@ _LAZY = {"count_macs": "flops", "trunk_macs": "flops", "RegNetTrunk": "trunk",
 
 def __getattr__(name: str):  # noqa: ANN202
     if name in _LAZY:
+        # Lazy: `models.regnet` (the trunk table config validates against) loads without torch.
         import importlib
 
         return getattr(importlib.import_module(f"seer_pipeline.models.{_LAZY[name]}"), name)

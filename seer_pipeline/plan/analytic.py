@@ -19,9 +19,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from seer_pipeline.config.train import load_train_config
+from seer_pipeline.config.train import load_train_config, trunk_name
 from seer_pipeline.data.crops import CROP_PRESETS, crop_counts
-from seer_pipeline.eval.features import trunk_name_from_config
 from seer_pipeline.models import build_trunk, count_macs, list_trunks
 from seer_pipeline.models.swav import build_model
 from seer_pipeline.plan.activations import (  # noqa: F401 - part of the planner's API
@@ -59,7 +58,7 @@ def build_meta(model: Any, with_head: bool = True) -> tuple[nn.Module, nn.Module
         with torch.device("meta"):
             m = build_model(model)
         return m.trunk, m.head if with_head else None, "config" if with_head else "left out"
-    name = trunk_name_from_config(model)
+    name = trunk_name(model)
     preset = model if model.lower() not in list_trunks() else _preset_for(name)
     with torch.device("meta"):
         if preset is None or not with_head:

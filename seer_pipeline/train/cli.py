@@ -88,6 +88,7 @@ def spawn_local(argv: list[str], nproc: int, threads: int, grace_s: float = 15.0
 def _lock_run_dir(cfg, denv, device) -> str:  # noqa: ANN001 - DictConfig, DistEnv, device
     """Rank 0 takes (or joins its launcher's) run folder lock; every rank learns the outcome.
 
+    Imports torch here, not at module level: the parent of local ranks never loads it.
     Returns '' when this job owns run.dir, else the message to stop with. The lock lives as
     long as this process (module global), and the kernel frees it when the process dies.
     """
@@ -115,7 +116,9 @@ _RUN_LOCK = None
 
 
 def run_rank(cfg, denv) -> int:  # noqa: ANN001 - DictConfig, DistEnv
-    """One rank: threads, process group, run folder lock, then logging and the trainer."""
+    """One rank: threads, process group, run folder lock, then logging and the trainer.
+
+    Imports torch and the trainer stack here: `seer-train`'s parent process only spawns ranks."""
     import torch
 
     torch.set_num_threads(cfg.train.threads)

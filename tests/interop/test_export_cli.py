@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 
-from seer_pipeline.checkpoint.cli import main as ckpt_main
+from seer_pipeline.weights.cli import main as ckpt_main
 from seer_pipeline.models import build_trunk
 from seer_pipeline.weights import ArchMismatchError, WeightsFormatError, load_trunk_state, load_weights
 from seer_pipeline.weights import vissl as V
