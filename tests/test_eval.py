@@ -187,10 +187,21 @@ def test_wds_spec_reads_labels_from_cls(tmp_path: Path) -> None:
 
 
 def test_augment_translates_and_flips() -> None:
-    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6)
+    # Fails on a no-op augmentation: flips and shifts must both happen, and nothing else.
+    x = torch.arange(64 * 3 * 6 * 6, dtype=torch.float32).view(64, 3, 6, 6)
     out = augment(x, torch.Generator().manual_seed(0), pad=0)
-    for i in range(2):  # pad 0: each sample is itself or its mirror image
-        assert torch.equal(out[i], x[i]) or torch.equal(out[i], x[i].flip(2))
+    flipped = [torch.equal(out[i], x[i].flip(2)) for i in range(64)]
+    assert all(f or torch.equal(out[i], x[i]) for i, f in enumerate(flipped))
+    assert 16 <= sum(flipped) <= 48  # p = 0.5 each
+    out = augment(x, torch.Generator().manual_seed(0), pad=2)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
+    shifted = 0
+    for i in range(64):
+        views = {(dy, dx): padded[i, :, dy:dy + 6, dx:dx + 6] for dy in range(5) for dx in range(5)}
+        match = [k for k, v in views.items() if torch.equal(out[i], v) or torch.equal(out[i], v.flip(2))]
+        assert match, f"sample {i} is not a shift (<= 2 px) of its input, mirrored or not"
+        shifted += match[0] != (2, 2)
+    assert shifted >= 32  # 24 of 25 offsets move the image
 
 
 def test_fashion_mnist_raw_pixels_beat_chance() -> None:

@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -100,6 +101,11 @@ def test_executor_parameters_omit_unset_and_reject_bad_values() -> None:
 
 def test_check_entry_finds_modules_without_importing() -> None:
     check_entry("seer_pipeline.train.cli:main")
+    # In a fresh interpreter: the entry module (and torch, which it would pull) stays unloaded.
+    code = ("import sys; from launch.job import check_entry; check_entry('seer_pipeline.train.cli:main'); "
+            "print(sorted(m for m in ('seer_pipeline.train.cli', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
     with pytest.raises(ValueError, match="module:function"):
         check_entry("seer_pipeline.train.cli")
     with pytest.raises(ValueError, match="not found"):

@@ -89,7 +89,7 @@ def test_bad_configs_fail_clearly() -> None:
         build_trunk(RegNetConfig(widths=(8, 16)))
     with pytest.raises(RegNetConfigError, match="stage_strides"):
         build_trunk(RegNetConfig(widths=(8, 16), depths=(1, 1), stage_strides=(2,)))
-    with pytest.raises(RegNetConfigError):
+    with pytest.raises(RegNetConfigError, match=r"depths \[1, 0\]"):
         build_trunk(RegNetConfig(widths=(8, 16), depths=(1, 0)))
 
 
