@@ -81,7 +81,10 @@ def iter_inputs(inputs: Sequence[str], want: Want, max_bytes: Optional[int] = No
             raise FileNotFoundError(f"input does not exist: {inp}")
         if kind == "dir":
             for path in walk_dir(inp, prune):
-                yield Item(nxt(), path, path=path)
+                if input_kind(path) == "tar":  # dumps arrive as folders of archives (img2dataset's too)
+                    yield from _iter_tar(path, nxt, want, max_bytes)
+                else:
+                    yield Item(nxt(), path, path=path)
         elif kind == "special":
             yield Item(nxt(), inp, reason="not_a_file")
         elif kind == "tar":
