@@ -54,3 +54,50 @@ def test_archives_inside_a_folder_are_read_like_archives_on_the_command_line(pho
     reasons = dict(m["reasons"])
     assert reasons.get("unsafe_member") == 2 and reasons.get("not_an_image") == 1, reasons
     assert "not_an_image" not in {r for s, r in _skips(tmp_path / "o") if s.endswith(".tar") or s.endswith(".gz")}
+
+
+def _keys(out: Path) -> list[tuple[str, str]]:
+    man = fmt.load_manifest(str(out))
+    return sorted((k, json.loads(g["json"])["source"]) for s in man["shards"]
+                  for k, g in iter_samples(str(out / s["name"])))
+
+
+def _tar_dump(photo_dir: Path, root: Path, n_tars: int) -> Path:
+    photos = sorted(photo_dir.iterdir())
+    dump = root / "dump"
+    dump.mkdir(parents=True)
+    for t in range(n_tars):
+        with tarfile.open(dump / f"{t:03d}.tar", "w") as tf:
+            for j in range(3):
+                _add(tf, f"{t}/{j}.img", photos[(3 * t + j) % len(photos)].read_bytes() + bytes([t]))
+            _add(tf, f"{t}/../bad.jpg", b"x")  # unsafe: accounted for by the part holding the archive
+    for j in range(3):
+        (dump / f"loose{j}.jpg").write_bytes(photos[j].read_bytes())
+    return dump
+
+
+def test_parts_get_whole_archives_and_their_union_is_the_single_build(photo_dir: Path, tmp_path: Path,
+                                                                         monkeypatch) -> None:
+    import data_prep.sources as sources
+
+    dump = _tar_dump(photo_dir, tmp_path, 8)
+    full = build_shards([str(dump)], tmp_path / "full", workers=1)
+    opened: list[str] = []
+    real = sources._iter_tar
+    monkeypatch.setattr(sources, "_iter_tar", lambda path, *a, **k: (opened.append(path), real(path, *a, **k))[1])
+    keys, seen, reasons = [], 0, {}
+    for i in range(2):  # 8 archives >= 4 per part: archives go whole, round robin
+        opened.clear()
+        m = build_shards([str(dump)], tmp_path / f"p{i}", workers=1, part=(i, 2))
+        assert m["part_by"] == "archive"
+        assert sorted(opened) == [str(dump / f"{t:03d}.tar") for t in range(i, 8, 2)]
+        keys += _keys(tmp_path / f"p{i}")
+        seen += m["inputs_seen"]
+        for k, v in m["reasons"].items():
+            reasons[k] = reasons.get(k, 0) + v
+    assert sorted(keys) == _keys(tmp_path / "full")
+    assert seen == full["inputs_seen"] and reasons == full["reasons"]
+    for i in range(4):  # 8 archives < 4 per part for 4 parts: split by member, union still exact
+        m = build_shards([str(dump)], tmp_path / f"q{i}", workers=1, part=(i, 4))
+        assert m["part_by"] == "member"
+    assert sorted(k for i in range(4) for k in _keys(tmp_path / f"q{i}")) == _keys(tmp_path / "full")
