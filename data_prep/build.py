@@ -33,11 +33,6 @@ from seer_pipeline.shards import format as fmt
 log = logging.getLogger(__name__)
 _CHUNK_ITEMS, _CHUNK_BYTES = 32, 2 << 20  # amortise IPC for tiny images, bound it for big ones
 _INFLIGHT_BYTES = 256 << 20  # input bytes queued for the workers at once (one max-size input)
-# Fault injection for the crash tests only: None in every real run (no switch or environment
-# variable sets it). Tests assign a callable in the build process, which calls it as
-# ("scan", N) after N results are recorded but not committed and as ("write", i) after shard i
-# is renamed into place but not recorded: the worst moments of each stage.
-fault: Optional[Callable[[str, int], None]] = None
 
 
 _ORDINALS = "entry<<32|member"  # data_prep.sources: how inputs are numbered
@@ -164,8 +159,6 @@ def _scan(inputs: Sequence[str], out: str, opts: ShardOptions, idx: Index, progr
                 if r.spool and r.spool not in spools:
                     spools[r.spool] = os.open(os.path.join(out, STATE, r.spool), os.O_RDONLY)
                 state["n"] += 1
-                if fault is not None:
-                    fault("scan", state["n"])
             bar.update(len(results))
             state["since"] += len(results)
             if results and (state["since"] >= 512 or time.time() - state["t"] > 2.0):
@@ -247,8 +240,6 @@ def _write(out: str, opts: ShardOptions, idx: Index, progress: bool,
         count, nbytes, sha = res
         if (count, nbytes) != (p["count"], p["bytes"]):
             raise RuntimeError(f"{name}: wrote {count} samples / {nbytes} bytes, planned {p['count']} / {p['bytes']}")
-        if fault is not None:
-            fault("write", p["idx"])
         idx.record_shard(p["idx"], name, count, nbytes, sha)
         shards[p["idx"]] = dict(name=name, count=count, bytes=nbytes, sha256=sha)
         if on_shard is not None:

@@ -14,12 +14,11 @@ import hashlib
 import json
 import logging
 import os
-import signal
 import tempfile
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 from data_prep.build import _config, build_shards
 from data_prep.options import ShardOptions
@@ -31,10 +30,6 @@ from seer_pipeline.store.url import Url, parse
 
 log = logging.getLogger(__name__)
 UPLOAD_THREADS = int(os.environ.get("SEER_S3_UPLOAD_THREADS", "4"))
-# Fault injection for the crash tests only (as data_prep.build.fault): None in every real run, no
-# switch or environment variable sets it. A test assigns a callable in the build process; True for
-# shard N makes that upload multipart and SIGKILLs the process after its first part.
-upload_fault: Optional[Callable[[int], bool]] = None
 
 
 def default_staging(out: str) -> str:
@@ -84,11 +79,7 @@ class ShardUploader:
                 with self._lock:
                     self.skipped += 1
                 return
-        hook, part_bytes = None, 0
-        if upload_fault is not None and upload_fault(int(name.rsplit("-", 1)[-1].split(".")[0])):
-            part_bytes = max(1, rec["bytes"] // 3)  # force a multipart upload and die after part 1
-            hook = lambda n: os.kill(os.getpid(), signal.SIGKILL)  # noqa: E731
-        objects.put_file(self.out.join(name), path, rec["sha256"], part_bytes=part_bytes, on_part=hook)
+        objects.put_file(self.out.join(name), path, rec["sha256"])
         with self._lock:
             self.uploaded += 1
 
