@@ -334,3 +334,21 @@ def test_resampled_mode_over_an_s3_pattern(endpoint: str, s3_bucket: str, tiny_s
     assert not ld.exact and len(ld.shards) == 3 and ld.batches_per_epoch == 4
     got = tl.take(ld, 5)
     assert [e for e, _, _ in got] == [0, 0, 0, 0, 1] and ld.metrics()["read_failures"] == 0
+
+
+@pytest.mark.slow
+def test_s3_build_removes_its_staging_copy(endpoint: str, s3_bucket: str, photo_dir: Path, tmp_path: Path) -> None:
+    # issue #26: the local staging copy of the whole set was left in the temp folder.
+    (tmp_path / "tmp").mkdir()
+    r = _cli("build", str(photo_dir), "--out", f"s3://{s3_bucket}/staged", "--maxcount", "4", "--no-progress",
+             env={"SEER_SHARDS_STAGING": str(tmp_path / "tmp")})
+    assert r.returncode == 0, r.stderr
+    assert str(tmp_path / "tmp" / "seer-shards-staging") in r.stderr  # where it is, while it runs
+    assert list((tmp_path / "tmp").iterdir()) == []
+    given = tmp_path / "given"
+    given.mkdir()
+    (given / "mine.txt").write_text("not the build's")
+    r = _cli("build", str(photo_dir), "--out", f"s3://{s3_bucket}/staged2", "--maxcount", "4", "--no-progress",
+             "--staging", str(given))
+    assert r.returncode == 0, r.stderr
+    assert [p.name for p in given.iterdir()] == ["mine.txt"]  # only the build's own files went
