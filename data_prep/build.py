@@ -26,18 +26,16 @@ from data_prep import workers
 from data_prep.images import Result
 from data_prep.index import Index
 from data_prep.lock import STATE, lock_out
-from data_prep.options import ShardOptions, in_part, load_exclude
-from data_prep.sources import Item, iter_inputs
+from data_prep.options import ShardOptions, load_exclude
+from data_prep.sources import Item, iter_inputs, part_by_archive
 from seer_pipeline.shards import format as fmt
 
 log = logging.getLogger(__name__)
 _CHUNK_ITEMS, _CHUNK_BYTES = 32, 2 << 20  # amortise IPC for tiny images, bound it for big ones
 _INFLIGHT_BYTES = 256 << 20  # input bytes queued for the workers at once (one max-size input)
-# Fault injection for the crash tests only: None in every real run (no switch or environment
-# variable sets it). Tests assign a callable in the build process, which calls it as
-# ("scan", N) after N results are recorded but not committed and as ("write", i) after shard i
-# is renamed into place but not recorded: the worst moments of each stage.
-fault: Optional[Callable[[str, int], None]] = None
+
+
+_ORDINALS = "entry<<32|member"  # data_prep.sources: how inputs are numbered
 
 
 def _config(inputs: Sequence[str], o: ShardOptions) -> dict:
@@ -75,6 +73,12 @@ def build_shards(inputs: Sequence[str], out: str | os.PathLike, progress: bool =
             diff = sorted(k for k in set(old) | set(cfg) if old.get(k) != cfg.get(k))
             raise ValueError(f"{out} holds a build with other options ({', '.join(diff)}); "
                              "use the same command to resume, or a new --out")
+        if old is not None and idx.get("ordinals") != _ORDINALS and idx.get("scan_done") != "1":
+            raise ValueError(f"{out} holds a build begun by an older seer-shards (other input numbering); "
+                             "rebuild into a new --out")
+        if idx.get("part_by") is None:  # decided once: a resume must assign inputs as the first run did
+            idx.put("part_by", "archive" if part_by_archive(inputs, opts.part, prune=[out]) else "member")
+        idx.put("ordinals", _ORDINALS)
         idx.put("config", json.dumps(cfg))
         idx.commit()
         scan = idx.get("scan_done") != "1"
@@ -139,7 +143,7 @@ def _pool(opts: ShardOptions, out: str, session: int, exclude: frozenset[str]) -
 def _scan(inputs: Sequence[str], out: str, opts: ShardOptions, idx: Index, progress: bool,
           pool: Optional[cf.Executor]) -> None:
     last = int(idx.get("last_ordinal", "-1") or -1)
-    want = lambda o, s: o > last and in_part(s, opts.part)  # noqa: E731
+    want = lambda o, s: o > last  # noqa: E731 - a rerun reads only what the last commit lacks
     bar = _bar(progress, unit="img", desc="scan", smoothing=0.1)
     pending: collections.deque = collections.deque()  # (future or results, input bytes)
     state = {"n": 0, "since": 0, "t": time.time(), "bytes": 0}
@@ -155,8 +159,6 @@ def _scan(inputs: Sequence[str], out: str, opts: ShardOptions, idx: Index, progr
                 if r.spool and r.spool not in spools:
                     spools[r.spool] = os.open(os.path.join(out, STATE, r.spool), os.O_RDONLY)
                 state["n"] += 1
-                if fault is not None:
-                    fault("scan", state["n"])
             bar.update(len(results))
             state["since"] += len(results)
             if results and (state["since"] >= 512 or time.time() - state["t"] > 2.0):
@@ -175,7 +177,8 @@ def _scan(inputs: Sequence[str], out: str, opts: ShardOptions, idx: Index, progr
     try:
         # The output folder is left out of the walk: an --out inside an input would otherwise
         # read the build's own spool and index as inputs.
-        for it in iter_inputs(inputs, want, opts.max_bytes, prune=[out]):
+        whole = idx.get("part_by") == "archive"
+        for it in iter_inputs(inputs, want, opts.max_bytes, prune=[out], part=opts.part, whole_archives=whole):
             if not want(it.ordinal, it.source):
                 continue
             if it.reason is not None:  # decided during enumeration; keeps its place in order
@@ -237,8 +240,6 @@ def _write(out: str, opts: ShardOptions, idx: Index, progress: bool,
         count, nbytes, sha = res
         if (count, nbytes) != (p["count"], p["bytes"]):
             raise RuntimeError(f"{name}: wrote {count} samples / {nbytes} bytes, planned {p['count']} / {p['bytes']}")
-        if fault is not None:
-            fault("write", p["idx"])
         idx.record_shard(p["idx"], name, count, nbytes, sha)
         shards[p["idx"]] = dict(name=name, count=count, bytes=nbytes, sha256=sha)
         if on_shard is not None:
@@ -299,6 +300,7 @@ def _finish(out: str, cfg: dict, idx: Index, shards: list[dict]) -> dict:
         "excluded": counts.get("excluded", 0),
         "reasons": {k: v for k, v in sorted(counts.items()) if k != "ok"},
         "part": cfg["part"],
+        "part_by": idx.get("part_by"),
         "shards": shards,
         "config": cfg,
     }

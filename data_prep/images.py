@@ -12,6 +12,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional
 
+import simplejpeg
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from seer_pipeline.codecs.jpeg_scans import eighth_scale_scans
@@ -167,6 +168,8 @@ def _reason(msg: str) -> str:
     # PIL reports most failures as OSError/ValueError; the message tells the kinds apart.
     if "truncat" in msg or "premature" in msg:
         return "truncated"
+    if "could not create decoder object" in msg:  # Pillow's WebP plugin on a cut or damaged file
+        return "corrupt"
     if "decoder" in msg or "not available" in msg or "unsupported" in msg or "conversion" in msg:
         return "unsupported"
     return "corrupt"
@@ -176,6 +179,27 @@ def _jpeg_has_eoi(data: bytes) -> bool:
     # Header check for pass-through: start-of-image and end-of-image markers. Trailing padding
     # bytes some writers append are tolerated.
     return data[:2] == b"\xff\xd8" and data.rstrip(_JPEG_TAIL_PAD)[-2:] == b"\xff\xd9"
+
+
+_SJ_SPACE = {"L": "GRAY", "CMYK": "CMYK"}
+
+
+def jpeg_damage(data: bytes, mode: str) -> Optional[str]:
+    """None for a JPEG that libjpeg decodes without complaint, else 'truncated' or 'corrupt'.
+
+    Pillow ignores libjpeg's warnings ("Corrupt JPEG data: N extraneous bytes", "Premature end
+    of JPEG file"), which is how a damaged scan used to pass through byte for byte (issue #24).
+    simplejpeg (libjpeg-turbo, already the loader's decoder) raises on them with strict=True.
+    Decoded at 1/8 scale: the entropy-coded data, where damage shows, is still decoded in full.
+    """
+    try:
+        simplejpeg.decode_jpeg(data, colorspace=_SJ_SPACE.get(mode, "RGB"), min_height=1, min_width=1,
+                               strict=True)
+    except (ValueError, RuntimeError) as e:
+        if "premature end of jpeg file" in str(e).lower() or not _jpeg_has_eoi(data):
+            return "truncated"
+        return "corrupt"
+    return None
 
 
 def process_bytes(ordinal: int, source: str, data: bytes, opts: ProcessOptions,
@@ -213,6 +237,14 @@ def _decode_and_encode(res: Result, data: bytes, opts: ProcessOptions) -> Result
     if w * h > opts.max_pixels:
         res.reason = "too_many_pixels"
         return res
+    if img.format == "PNG":
+        # PNG carries a CRC per chunk: a flipped byte in the pixel data (IDAT) is caught here,
+        # where the zlib stream may still inflate to plausible garbage. Then decode before the
+        # EXIF lookup: Pillow reads a PNG's eXIf by loading the image, and a load that fails
+        # inside the lookup leaves the image marked loaded, so a second load() returned the
+        # partial pixels without an error (issue #22).
+        Image.open(io.BytesIO(data)).verify()
+        img.load()
     try:
         orient = int(img.getexif().get(0x0112, 1)) if img.format in ("JPEG", "TIFF", "WEBP", "PNG") else 1
     except Exception:
@@ -238,14 +270,23 @@ def _decode_and_encode(res: Result, data: bytes, opts: ProcessOptions) -> Result
             # most of the inverse DCT and colour work we would throw away. Measured on the 121
             # JPEGs of the benchmark photo set (docs/benchmarks.md): 35% less CPU, and the same verdict on 240 cut or
             # byte-flipped copies of them.
-            img.draft(img.mode, (max(1, w // 8), max(1, h // 8)))
-            img.load()
+            reason = jpeg_damage(data, img.mode)
+            if reason is not None:
+                res.reason = reason
+                return res
         elif not _jpeg_has_eoi(data):
             res.reason = "truncated"
             return res
         res.data, res.passthrough = stored, True
         res.width, res.height = w, h
         return res
+    if img.format == "JPEG":
+        # Pillow decodes through libjpeg's corrupt-data warnings and returns the damaged pixels;
+        # we would re-encode them as a clean-looking sample.
+        reason = jpeg_damage(data, img.mode)
+        if reason is not None:
+            res.reason = reason
+            return res
     # Work in the stored orientation and transpose at the end: resizing first is cheaper.
     sw, sh = (th, tw) if orient in (5, 6, 7, 8) else (tw, th)
     if img.format == "JPEG" and resize:

@@ -39,13 +39,10 @@ def _check_parts(parts: Sequence[str]) -> tuple[list[tuple[str, dict]], dict]:
     if missing:
         raise ValueError(f"missing parts (of {total}): {missing}")
 
-    def strip(cfg: dict) -> dict:
-        return {k: v for k, v in cfg.items() if k != "part"}
-
-    base = strip(mans[0][1]["config"])
+    base = _strip(mans[0][1]["config"])
     for p, m in mans:
-        if strip(m["config"]) != base:
-            diff = sorted(k for k in base if base.get(k) != strip(m["config"]).get(k))
+        if _strip(m["config"]) != base:
+            diff = sorted(k for k in base if base.get(k) != _strip(m["config"]).get(k))
             raise ValueError(f"{p} was built with other options: {diff}")
     for p, m in mans:
         for e in m["shards"]:
@@ -119,40 +116,11 @@ def merge(parts: Sequence[str], out: str, force: bool = False) -> dict:
 def _merge(parts: Sequence[str], out: str, out_abs: str, force: bool) -> dict:
     plan_path = os.path.join(out, _PLAN)
     if os.path.exists(plan_path):  # a rerun: the parts' shards may already be moved
-
-        with open(plan_path, "r", encoding="utf-8") as f:
-            plan = json.load(f)
-        if sorted(plan["parts"]) != sorted(out_p for out_p in map(os.path.abspath, parts)):
-            raise ValueError(f"{out} holds a merge of other parts: {plan['parts']}")
+        plan = _load_plan(plan_path, parts, out_abs)
     else:
         mans, base = _check_parts(parts)
         _clear_out(out, parts, force)
-        prefix = base.get("prefix", "shard")
-        moves, shards, skipped = [], [], []
-        sums: Counter[str] = Counter()
-        reasons: Counter[str] = Counter()
-        for p, m in mans:
-            for s in m["shards"]:
-                name = fmt.shard_name(prefix, len(shards))
-                moves.append([os.path.join(os.path.abspath(p), s["name"]), os.path.join(out_abs, name)])
-                shards.append(dict(s, name=name))
-            for k in ("inputs_seen", "written", "skipped", "duplicates", "excluded"):
-                sums[k] += m.get(k, 0)
-            reasons.update(m.get("reasons", {}))
-            skipped.extend(fmt.read_skipped(os.path.join(p, fmt.SKIPPED), raw=True))
-        manifest = {
-            "format": "seer-shards/1",
-            **{k: sums[k] for k in ("inputs_seen", "written", "skipped", "duplicates", "excluded")},
-            "reasons": dict(sorted(reasons.items())),
-            "part": [0, 1],
-            "merged_parts": len(mans),
-            # Dedup ran inside each part only: the same bytes under two paths may land in two parts.
-            "dedup_scope": "per part",
-            "shards": shards,
-            "config": dict(base, part=[0, 1], parts=len(mans)),
-        }
-        plan = {"parts": [os.path.abspath(p) for p, _ in mans], "moves": moves, "manifest": manifest,
-                "skipped": skipped}
+        plan = _make_plan(mans, base, out_abs)
         atomic_write_json(plan_path, plan)
     for src, dst in plan["moves"]:
         if os.path.exists(dst) and not os.path.exists(src):
@@ -163,3 +131,70 @@ def _merge(parts: Sequence[str], out: str, out_abs: str, force: bool) -> dict:
     fsync_dir(out)
     fmt.write_skipped(os.path.join(out, fmt.SKIPPED), ((fmt.unescape_name(s), r) for s, r in plan["skipped"]))
     return fmt.write_manifest(out, plan["manifest"])
+
+
+def _make_plan(mans: list[tuple[str, dict]], base: dict, out_abs: str) -> dict:
+    """Every move (part shard -> renumbered name in `out`), the merged manifest and skipped rows:
+    a pure function of the parts' manifests and skipped.tsv, so a rerun can recompute it."""
+    prefix = base.get("prefix", "shard")
+    moves, shards, skipped = [], [], []
+    sums: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+    for p, m in mans:
+        for s in m["shards"]:
+            name = fmt.shard_name(prefix, len(shards))
+            moves.append([os.path.join(os.path.abspath(p), s["name"]), os.path.join(out_abs, name)])
+            shards.append(dict(s, name=name))
+        for k in ("inputs_seen", "written", "skipped", "duplicates", "excluded"):
+            sums[k] += m.get(k, 0)
+        reasons.update(m.get("reasons", {}))
+        skipped.extend([list(r) for r in fmt.read_skipped(os.path.join(p, fmt.SKIPPED), raw=True)])
+    manifest = {
+        "format": "seer-shards/1",
+        **{k: sums[k] for k in ("inputs_seen", "written", "skipped", "duplicates", "excluded")},
+        "reasons": dict(sorted(reasons.items())),
+        "part": [0, 1],
+        "merged_parts": len(mans),
+        # Dedup ran inside each part only: the same bytes under two paths may land in two parts.
+        "dedup_scope": "per part",
+        "shards": shards,
+        "config": dict(base, part=[0, 1], parts=len(mans)),
+    }
+    return {"parts": [os.path.abspath(p) for p, _ in mans], "moves": moves, "manifest": manifest,
+            "skipped": skipped}
+
+
+def _load_plan(plan_path: str, parts: Sequence[str], out_abs: str) -> dict:
+    """The plan of an interrupted merge, trusted only as far as it matches the one this merge
+    would make: a planted plan file (issue #24) could otherwise rename any file to any place.
+
+    The parts' manifests and skipped.tsv stay in place during a merge, so the plan is recomputed
+    from them and the file must agree move for move; every source still in its part folder is
+    checked (regular file, size, sha256) as on the first run, and a destination already there
+    must be the shard its manifest entry describes."""
+    try:
+        with open(plan_path, "r", encoding="utf-8") as f:
+            planted = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{plan_path}: unreadable merge plan ({e}); remove it and merge into a new folder") from None
+    want = sorted(map(os.path.abspath, parts))
+    if not isinstance(planted, dict) or sorted(planted.get("parts") or []) != want:
+        raise ValueError(f"{os.path.dirname(os.path.dirname(plan_path))} holds a merge of other parts: "
+                         f"{planted.get('parts') if isinstance(planted, dict) else planted!r}")
+    mans = sorted(((p, fmt.load_manifest(p)) for p in parts), key=lambda pm: pm[1]["part"][0])
+    plan = _make_plan(mans, _strip(mans[0][1]["config"]), out_abs)
+    if planted.get("moves") != plan["moves"]:
+        raise ValueError(f"{plan_path} does not match the parts' manifests (a move outside the part "
+                         "folders or the output?); refusing to move anything")
+    by_src = {os.path.join(os.path.abspath(p), e["name"]): (p, e) for p, m in mans for e in m["shards"]}
+    for src, dst in plan["moves"]:
+        part, e = by_src[src]
+        if os.path.lexists(src):
+            _check_shard(part, e)
+        elif os.path.lexists(dst):
+            _check_shard(out_abs, dict(e, name=os.path.basename(dst)))
+    return plan
+
+
+def _strip(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k != "part"}

@@ -57,39 +57,121 @@ def input_kind(path: str) -> str:
     return "file"
 
 
+# An input's ordinal is (entry << 32) | member: `entry` counts the top-level entries of the
+# enumeration (a loose file, an archive, a list), `member` the members inside one. A part can
+# then number the members of its own archives without reading anyone else's: a global counter
+# would make every part read every archive to count its members (issue #22).
+_MEMBER_BITS = 32
+WHOLE_ARCHIVES_PER_PART = 4  # archives per part from which archives go to parts whole
+
+
+def archive_name(path: str) -> bool:
+    return path.lower().endswith(TAR_SUFFIXES)
+
+
+def count_archives(inputs: Sequence[str], prune: Sequence[str] = (), stop: Optional[int] = None) -> int:
+    """Archives among the inputs and in their folders (listing only, nothing read); stops
+    counting at `stop`."""
+    n = 0
+    for inp in inputs:
+        if "://" in inp:
+            from seer_pipeline.store.url import parse
+
+            n += archive_name(parse(inp).key)
+        elif input_kind(inp) == "tar":
+            n += 1
+        elif input_kind(inp) == "dir":
+            n += sum(1 for p in walk_dir(inp, prune) if archive_name(p) and input_kind(p) == "tar")
+        if stop is not None and n >= stop:
+            break
+    return n
+
+
+def part_by_archive(inputs: Sequence[str], part: tuple[int, int], prune: Sequence[str] = ()) -> bool:
+    """Whether `--part I/N` hands whole archives to parts (archive k to part k % N): only with
+    at least WHOLE_ARCHIVES_PER_PART per part, where round robin keeps the parts within about
+    one archive of each other. Fewer archives are split by member, every part reading each."""
+    n = part[1]
+    return n > 1 and count_archives(inputs, prune, stop=WHOLE_ARCHIVES_PER_PART * n) >= WHOLE_ARCHIVES_PER_PART * n
+
+
 def iter_inputs(inputs: Sequence[str], want: Want, max_bytes: Optional[int] = None,
-                prune: Sequence[str] = ()) -> Iterator[Item]:
-    """Yield every input item; member bytes of archives are read only when `want` says so.
+                prune: Sequence[str] = (), part: tuple[int, int] = (0, 1),
+                whole_archives: bool = False) -> Iterator[Item]:
+    """Yield every input item of `part`; member bytes of archives are read only when `want` says so.
 
-    Archive members over `max_bytes` (per their header) are never read. Folders in `prune`
-    (the build's own output) are left out of directory walks.
+    Loose files, list entries and (unless `whole_archives`) archive members belong to the part
+    `in_part` picks from their source; with `whole_archives`, the k-th archive of the
+    enumeration belongs whole to part k % N, and the other parts never open it. Archive members
+    over `max_bytes` (per their header) are never read. Folders in `prune` (the build's own
+    output) are left out of directory walks.
     """
-    counter = [0]
+    from data_prep.options import in_part  # options imports this module
 
-    def nxt() -> int:
-        counter[0] += 1
-        return counter[0] - 1
+    entry, archive = [0], [0]
+    mine = lambda src: in_part(src, part)  # noqa: E731
+
+    def counter() -> Callable[[], int]:
+        base, m = entry[0] << _MEMBER_BITS, [0]
+        entry[0] += 1
+
+        def nxt() -> int:
+            m[0] += 1
+            return base | (m[0] - 1)
+        return nxt
+
+    def one(source: str, **kw: Any) -> Iterator[Item]:
+        it = Item(counter()(), source, **kw)
+        if mine(source):
+            yield it
+
+    def tar(path: str, opener: Optional[Callable[[], BinaryIO]] = None) -> Iterator[Item]:
+        nxt, k = counter(), archive[0]
+        archive[0] += 1
+        if whole_archives and k % part[1] != part[0]:
+            return  # another part's archive: not opened
+        take = (lambda src: True) if whole_archives else mine
+        kw = {} if opener is None else {"fileobj": opener()}
+        for it in _iter_tar(path, nxt, lambda o, src: take(src) and want(o, src), max_bytes, **kw):
+            if take(it.source):
+                yield it
 
     for inp in inputs:
         if "://" in inp:  # s3:// or http(s):// (seer_pipeline.store)
             from seer_pipeline.store.inputs import iter_remote_input  # lazy: boto3 loads only for remote inputs
 
-            yield from iter_remote_input(inp, nxt, want, functools.partial(_iter_tar, max_bytes=max_bytes), Item)
+            from seer_pipeline.store.url import parse
+
+            u = parse(inp)
+            if archive_name(u.key):  # streamed, as seer_pipeline.store.inputs does
+                from seer_pipeline.store.reader import open_remote
+
+                yield from tar(str(u), functools.partial(open_remote, u))
+                continue
+            nxt = counter()
+            yield from (it for it in iter_remote_input(inp, nxt, lambda o, src: mine(src) and want(o, src),
+                                                       functools.partial(_iter_tar, max_bytes=max_bytes), Item)
+                        if mine(it.source))
             continue
         kind = input_kind(inp)
         if kind == "missing":
             raise FileNotFoundError(f"input does not exist: {inp}")
         if kind == "dir":
             for path in walk_dir(inp, prune):
-                yield Item(nxt(), path, path=path)
+                # Dumps arrive as folders of archives (img2dataset's output too): read them as archives.
+                if archive_name(path) and input_kind(path) == "tar":
+                    yield from tar(path)
+                else:
+                    yield from one(path, path=path)
         elif kind == "special":
-            yield Item(nxt(), inp, reason="not_a_file")
+            yield from one(inp, reason="not_a_file")
         elif kind == "tar":
-            yield from _iter_tar(inp, nxt, want, max_bytes)
+            yield from tar(inp)
         elif kind == "list":
-            yield from _iter_list(inp, nxt)
+            nxt = counter()
+            yield from (it for it in _iter_list(inp, nxt) if mine(it.source))
         else:
-            yield Item(nxt(), inp, path=inp)
+            yield from one(inp, path=inp)
 
 
 def walk_dir(root: str, prune: Sequence[str] = ()) -> Iterator[str]:

@@ -14,14 +14,14 @@ import hashlib
 import json
 import logging
 import os
-import signal
 import tempfile
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 from data_prep.build import _config, build_shards
+from data_prep.lock import STATE
 from data_prep.options import ShardOptions
 from seer_pipeline.shards.remote import load_manifest_remote
 from seer_pipeline.store import objects
@@ -30,17 +30,14 @@ from seer_pipeline.store.reader import read_bytes
 from seer_pipeline.store.url import Url, parse
 
 log = logging.getLogger(__name__)
+_STAGING_ROOT = "seer-shards-staging"
 UPLOAD_THREADS = int(os.environ.get("SEER_S3_UPLOAD_THREADS", "4"))
-# Fault injection for the crash tests only (as data_prep.build.fault): None in every real run, no
-# switch or environment variable sets it. A test assigns a callable in the build process; True for
-# shard N makes that upload multipart and SIGKILLs the process after its first part.
-upload_fault: Optional[Callable[[int], bool]] = None
 
 
 def default_staging(out: str) -> str:
     """A per-destination staging folder that survives a kill (rerun the command to resume)."""
     h = hashlib.sha256(out.rstrip("/").encode()).hexdigest()[:16]
-    return os.path.join(os.environ.get("SEER_SHARDS_STAGING", tempfile.gettempdir()), "seer-shards-staging", h)
+    return os.path.join(os.environ.get("SEER_SHARDS_STAGING", tempfile.gettempdir()), _STAGING_ROOT, h)
 
 
 class ShardUploader:
@@ -69,6 +66,13 @@ class ShardUploader:
         while len(self._pending) > 2 * UPLOAD_THREADS:
             self._pending.popleft().result()  # an upload error stops the build here
 
+    def wait_quietly(self) -> None:
+        """Let uploads in flight end (or fail) without raising over the error already on its way."""
+        try:
+            self.wait()
+        except Exception as e:  # noqa: BLE001 - the build's own error is the one to report
+            log.warning("an upload failed while the build was stopping: %s", e)
+
     def wait(self) -> None:
         try:
             while self._pending:
@@ -84,11 +88,7 @@ class ShardUploader:
                 with self._lock:
                     self.skipped += 1
                 return
-        hook, part_bytes = None, 0
-        if upload_fault is not None and upload_fault(int(name.rsplit("-", 1)[-1].split(".")[0])):
-            part_bytes = max(1, rec["bytes"] // 3)  # force a multipart upload and die after part 1
-            hook = lambda n: os.kill(os.getpid(), signal.SIGKILL)  # noqa: E731
-        objects.put_file(self.out.join(name), path, rec["sha256"], part_bytes=part_bytes, on_part=hook)
+        objects.put_file(self.out.join(name), path, rec["sha256"])
         with self._lock:
             self.uploaded += 1
 
@@ -111,20 +111,47 @@ def build_to_store(inputs: Sequence[str], out: str, staging: Optional[str] = Non
     t0 = time.perf_counter()
     up = ShardUploader(out, _config(norm, opts))
     t1 = time.perf_counter()
-    log.info("building in %s, uploading to %s (%d shard object(s) already there, %d stale "
-             "multipart upload(s) aborted)", staging, up.out, len(up.existing), up.aborted)
+    log.info("building in the staging folder %s (a full local copy of the shard set until the upload "
+             "completes; removed then, kept for a rerun to resume if the build stops), uploading to %s "
+             "(%d shard object(s) already there, %d stale multipart upload(s) aborted)",
+             staging, up.out, len(up.existing), up.aborted)
     try:
         man = build_shards(list(inputs), staging, progress=progress, opts=opts, on_shard=up)
         t2 = time.perf_counter()
-    finally:
-        up.wait()
+    except BaseException:
+        up.wait_quietly()
+        log.warning("build stopped; staging kept in %s: rerun the same command to resume", staging)
+        raise
+    up.wait()
     t3 = time.perf_counter()
     up.finish(staging)
+    remove_staging(staging, man)
     # Where the time went beyond the local build: connect/list/abort, the upload tail, the manifest.
     log.info("%s: %d shard(s) uploaded, %d already there (connect %.2fs, build %.2fs, upload tail %.2fs, "
              "manifest %.2fs)", up.out, up.uploaded, up.skipped, t1 - t0, t2 - t1, t3 - t2,
              time.perf_counter() - t3)
     return man
+
+
+def remove_staging(staging: str, man: Dict[str, Any]) -> None:
+    """Delete what the build wrote in `staging` once every object is uploaded (issue #26: an s3
+    build left a 59-275 MB local copy in the temp folder), then the folder if nothing else is in it.
+    Only the build's own files go: a --staging folder may hold other things."""
+    import shutil
+
+    for name in [s["name"] for s in man["shards"]] + ["manifest.json", "skipped.tsv"]:
+        try:
+            os.unlink(os.path.join(staging, name))
+        except FileNotFoundError:
+            pass
+    shutil.rmtree(os.path.join(staging, STATE), ignore_errors=True)
+    parent = os.path.dirname(os.path.abspath(staging))
+    for d in (staging, parent) if os.path.basename(parent) == _STAGING_ROOT else (staging,):
+        try:
+            os.rmdir(d)  # only when empty; the default's shared parent too
+        except OSError:
+            break
+    log.info("removed the staging copy in %s", staging)
 
 
 def merge_in_store(parts: Sequence[str], out: str) -> Dict[str, Any]:

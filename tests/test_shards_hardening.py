@@ -318,11 +318,16 @@ def test_outputs_get_the_umask_mode(photo_dir: Path, tmp_path: Path) -> None:
     assert set(modes.values()) == {0o640}, modes
 
 
-def test_fault_hook_is_not_reachable_from_the_environment() -> None:
+def test_no_fault_hook_in_the_builder() -> None:
+    # Faults are tests patching named seams (tests/faultinject); production code carries none.
     import data_prep.build as b
+    import data_prep.store_build as sb
+    from seer_pipeline.store import objects
 
-    assert b.fault is None
-    assert "SEER_SHARDS_TEST_KILL_AT" not in Path(b.__file__).read_text()
+    assert not hasattr(b, "fault") and not hasattr(sb, "upload_fault")
+    assert "on_part" not in Path(objects.__file__).read_text()
+    for mod in (b, sb, objects):
+        assert "SEER_TEST" not in Path(mod.__file__).read_text()
 
 
 # ------------------------------------------------------------------ one format module

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import faultinject
+
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
@@ -43,21 +45,11 @@ def _cmd(dump: Path, out: Path) -> list[str]:
             "--reencode", "always", "--no-progress", "--seed", "3"]
 
 
-# The build's fault hook is set only from inside the process (data_prep.build.fault): no switch
-# or environment variable of a real run reaches it.
-_KILLER = ("import os, signal, sys\n"
-           "import data_prep.build as b\n"
-           "where = sys.argv[1]\n"
-           "b.fault = lambda stage, n: os.kill(os.getpid(), signal.SIGKILL) if f'{stage}:{n}' == where else None\n"
-           "from data_prep.cli import main\n"
-           "sys.exit(main(sys.argv[2:]))\n")
-
-
 def _run(dump: Path, out: Path, kill_at: str | None = None) -> subprocess.CompletedProcess:
-    cmd = _cmd(dump, out)
-    if kill_at is not None:
-        cmd = [sys.executable, "-c", _KILLER, kill_at, *cmd[3:]]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    # The kill is the project's one test-only fault mechanism (tests/faultinject/fault_shards_kill.py
+    # patches a named seam of the build at start-up); the command itself is the real one.
+    env = faultinject.env(f"shards_kill:{kill_at}") if kill_at is not None else None
+    return subprocess.run(_cmd(dump, out), cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
 
 
 def _snapshot(out: Path) -> dict[str, tuple[int, int]]:

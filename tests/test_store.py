@@ -104,13 +104,15 @@ def test_idle_cut_and_read_timeout_are_resumed(endpoint: str, s3_bucket: str, mo
     assert faults.counts["stalled"] >= 2
 
 
-def test_multipart_upload_and_abort(endpoint: str, s3_bucket: str, tmp_path: Path) -> None:
+def test_multipart_upload_and_abort(endpoint: str, s3_bucket: str, tmp_path: Path, monkeypatch) -> None:
     data = random.Random(3).randbytes(11 << 20)
     p = tmp_path / "big"
     p.write_bytes(data)
     sha = hashlib.sha256(data).hexdigest()
     parts: list[int] = []
-    objects.put_file(f"s3://{s3_bucket}/pre/big", str(p), sha, part_bytes=5 << 20, on_part=parts.append)
+    real = objects._upload_part
+    monkeypatch.setattr(objects, "_upload_part", lambda c, u, up, n, body: (parts.append(n), real(c, u, up, n, body))[1])
+    objects.put_file(f"s3://{s3_bucket}/pre/big", str(p), sha, part_bytes=5 << 20)
     assert parts == [1, 2, 3]  # S3's minimum part is 5 MiB (SeaweedFS enforces it too)
     assert objects.head(f"s3://{s3_bucket}/pre/big") == {"size": len(data), "sha256": sha}
     assert reader.read_bytes(f"s3://{s3_bucket}/pre/big") == data
@@ -332,3 +334,21 @@ def test_resampled_mode_over_an_s3_pattern(endpoint: str, s3_bucket: str, tiny_s
     assert not ld.exact and len(ld.shards) == 3 and ld.batches_per_epoch == 4
     got = tl.take(ld, 5)
     assert [e for e, _, _ in got] == [0, 0, 0, 0, 1] and ld.metrics()["read_failures"] == 0
+
+
+@pytest.mark.slow
+def test_s3_build_removes_its_staging_copy(endpoint: str, s3_bucket: str, photo_dir: Path, tmp_path: Path) -> None:
+    # issue #26: the local staging copy of the whole set was left in the temp folder.
+    (tmp_path / "tmp").mkdir()
+    r = _cli("build", str(photo_dir), "--out", f"s3://{s3_bucket}/staged", "--maxcount", "4", "--no-progress",
+             env={"SEER_SHARDS_STAGING": str(tmp_path / "tmp")})
+    assert r.returncode == 0, r.stderr
+    assert str(tmp_path / "tmp" / "seer-shards-staging") in r.stderr  # where it is, while it runs
+    assert list((tmp_path / "tmp").iterdir()) == []
+    given = tmp_path / "given"
+    given.mkdir()
+    (given / "mine.txt").write_text("not the build's")
+    r = _cli("build", str(photo_dir), "--out", f"s3://{s3_bucket}/staged2", "--maxcount", "4", "--no-progress",
+             "--staging", str(given))
+    assert r.returncode == 0, r.stderr
+    assert [p.name for p in given.iterdir()] == ["mine.txt"]  # only the build's own files went

@@ -7,7 +7,6 @@ import json
 import os
 import random
 import signal
-import sys
 import subprocess
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 import test_loader as tl
+from tests import faultinject
 import test_shards_resume as tsr
 import test_trainer as ttr
 from seer_pipeline.data.loader import build_loader
@@ -27,16 +27,11 @@ dump = tsr.dump  # the ~130-input dump fixture of the local resume tests
 reference_run = ttr.reference_run  # an uninterrupted seer-train run on the local tiny shards
 
 
-# The build's fault hooks are set only from inside the process (data_prep.build.fault,
-# data_prep.store_build.upload_fault): no switch or environment variable of a real run reaches them.
-_KILLER = ("import os, signal, sys\n"
-           "import data_prep.build as b\n"
-           "import data_prep.store_build as sb\n"
-           "where = sys.argv[1]\n"
-           "b.fault = lambda stage, n: os.kill(os.getpid(), signal.SIGKILL) if f'{stage}:{n}' == where else None\n"
-           "sb.upload_fault = lambda n: where == f'upload:{n}'\n"
-           "from data_prep.cli import main\n"
-           "sys.exit(main(sys.argv[2:]))\n")
+def _fault_env(where: str) -> dict[str, str]:
+    """The kills come from the one test-only fault mechanism (tests/faultinject): shards_kill
+    (scan:N, write:I) or shards_upload (I) patch named seams at start-up."""
+    stage, _, n = where.partition(":")
+    return faultinject.env(f"shards_upload:{n}" if stage == "upload" else f"shards_kill:{where}")
 
 
 def _build_cmd(dump: Path, out: str, stage: Path) -> list[str]:
@@ -68,8 +63,8 @@ def test_s3_build_killed_at_the_worst_moment_then_resumed(dump: Path, tmp_path: 
     want = tsr._result(tmp_path / "ref")
     out = f"s3://{s3_bucket}/set"
     cmd = _build_cmd(dump, out, tmp_path / "stage")
-    crashed = subprocess.run([sys.executable, "-c", _KILLER, where, *cmd[3:]], cwd=tsr.REPO,
-                             capture_output=True, text=True, timeout=300)
+    crashed = subprocess.run(cmd, cwd=tsr.REPO, capture_output=True, text=True, timeout=300,
+                             env=_fault_env(where))
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr
     names = objects.list_prefix(out)
     assert "manifest.json" not in names

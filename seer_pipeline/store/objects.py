@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from typing import Callable, Dict, Iterator, Optional
+from typing import Dict, Iterator, Optional
 
 from seer_pipeline.store.client import s3_client
 from seer_pipeline.store.url import Url, parse
@@ -57,12 +57,11 @@ def put_bytes(url: str | Url, data: bytes) -> None:
                            Metadata={SHA_META: hashlib.sha256(data).hexdigest()})
 
 
-def put_file(url: str | Url, path: str, sha256: str, part_bytes: int = 0,
-             on_part: Optional[Callable[[int], None]] = None) -> None:
+def put_file(url: str | Url, path: str, sha256: str, part_bytes: int = 0) -> None:
     """Upload a local file whole; multipart above `part_bytes` (default SEER_S3_PART_BYTES).
 
     On any error the multipart upload is aborted, so no storage is left behind; a kill -9 leaves it
-    for `abort_incomplete`. `on_part(n)` is called after part n (test hook for kills mid-upload).
+    for `abort_incomplete`.
     """
     u = _s3(url)
     c = s3_client()
@@ -78,10 +77,7 @@ def put_file(url: str | Url, path: str, sha256: str, part_bytes: int = 0,
         parts = []
         with open(path, "rb") as f:
             for n in range(1, -(-size // part_bytes) + 1):
-                r = c.upload_part(Bucket=u.host, Key=u.key, UploadId=up, PartNumber=n, Body=f.read(part_bytes))
-                parts.append({"PartNumber": n, "ETag": r["ETag"]})
-                if on_part is not None:
-                    on_part(n)
+                parts.append({"PartNumber": n, "ETag": _upload_part(c, u, up, n, f.read(part_bytes))})
         c.complete_multipart_upload(Bucket=u.host, Key=u.key, UploadId=up, MultipartUpload={"Parts": parts})
     except BaseException:
         try:
@@ -89,6 +85,12 @@ def put_file(url: str | Url, path: str, sha256: str, part_bytes: int = 0,
         except Exception as e:  # noqa: BLE001 - the original error matters more
             log.warning("%s: could not abort multipart upload %s: %s", u, up, e)
         raise
+
+
+def _upload_part(c: object, u: Url, upload_id: str, n: int, body: bytes) -> str:
+    """Send part n of a multipart upload; its ETag. One call per part: the seam the tests' kills
+    mid-upload patch (tests/faultinject/fault_shards_upload.py)."""
+    return c.upload_part(Bucket=u.host, Key=u.key, UploadId=upload_id, PartNumber=n, Body=body)["ETag"]  # type: ignore[attr-defined]
 
 
 def iter_incomplete(url: str | Url) -> Iterator[tuple[str, str]]:
