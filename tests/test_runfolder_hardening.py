@@ -347,21 +347,3 @@ def test_ranks_join_only_with_the_live_holders_token(tmp_path: Path, monkeypatch
     finally:
         holder.kill()
         holder.wait()
-
-
-# -- fault injection is test-only ---------------------------------------------------------------------
-def test_inherited_fault_variable_cannot_arm_a_fault() -> None:
-    code = ("from seer_pipeline.checkpoint.checkpointer import fault; "
-            "print(fault('kill_in_save'), fault('kill_rank'))")
-    env = dict(os.environ, PYTHONPATH=str(REPO), SEER_FAULT="kill_in_save:1,kill_rank:0")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert res.stdout.split() == ["None", "None"], res.stderr
-    from seer_pipeline.core import faults
-
-    faults.arm("kill_in_save:7")
-    try:
-        from seer_pipeline.checkpoint.checkpointer import fault
-
-        assert fault("kill_in_save") == 7
-    finally:
-        faults.disarm()

@@ -40,7 +40,6 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from seer_pipeline.checkpoint import integrity, safe_dcp
 from seer_pipeline.checkpoint.safe_dcp import pack, unpack  # noqa: F401 - the payload format
-from seer_pipeline.core.faults import fault as _fault
 from seer_pipeline.core.io_utils import atomic_write_json, atomic_write_text, fsync_dir
 from seer_pipeline.dist.setup import collective_device
 
@@ -51,11 +50,6 @@ _STEP_RE = re.compile(r"^step_(\d{9})$")
 
 class CheckpointError(RuntimeError):
     pass
-
-
-def fault(name: str) -> int | None:
-    """Fault injection for the tests (seer_pipeline.core.faults): None unless a test armed it."""
-    return _fault(name)
 
 
 def step_dir_name(step: int) -> str:
@@ -238,8 +232,6 @@ class Checkpointer:
         self._finalize(step, tmp, t0)
 
     def _finalize(self, step: int, tmp: Path, t0: float) -> None:
-        if self.rank == 0 and fault("kill_in_save") == step:
-            os.kill(os.getpid(), 9)  # test hook: die with the shards written, before they count
         # DCP returns only after its final collective (metadata written by the coordinator),
         # so every rank's files are complete when rank 0 gets here.
         if self.rank == 0:

@@ -17,7 +17,6 @@ compute device, the one the process group serves (seer_pipeline.dist.setup).
 from __future__ import annotations
 
 import logging
-import os
 import resource
 import time
 from contextlib import nullcontext
@@ -29,7 +28,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from seer_pipeline.checkpoint.checkpointer import Checkpointer, fault
+from seer_pipeline.checkpoint.checkpointer import Checkpointer
 from seer_pipeline.config.base import save_config
 from seer_pipeline.config.train import check_resume_compatible
 from seer_pipeline.data.loader import build_loader
@@ -183,8 +182,6 @@ class Trainer:
                  self.global_batch, self.world)
         try:
             while self.step < cfg.train.steps:
-                if fault("kill_rank") == self.rank and self.step == 2:
-                    os.kill(os.getpid(), 9)  # test hook (checkpoint.fault): a rank dies mid-run
                 t0 = time.perf_counter()
                 views = next(it)
                 t_data = time.perf_counter() - t0
