@@ -186,7 +186,7 @@ def _async_worker(rank: int, world: int, spec: tuple, steps: int, tmp: str) -> d
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from seer_pipeline.checkpoint.checkpointer import Checkpointer
+    from seer_pipeline.checkpoint.checkpointer import Checkpointer, ckpt_config
     from seer_pipeline.dist.parallelize import ParallelPlan, build_mesh, parallelize
     from seer_pipeline.models.swav import build_model
 
@@ -217,7 +217,8 @@ def _async_worker(rank: int, world: int, spec: tuple, steps: int, tmp: str) -> d
     dcp.save(state, checkpoint_id=f"{tmp}/sync")
     dist.barrier()
     sync_s = time.perf_counter() - t0
-    ck = Checkpointer(tmp + "/run", every=0, async_save=True, rank=rank, world_size=world)
+    ck = Checkpointer(tmp + "/run", ckpt_config(every=0, **{"async": True}), rank=rank,
+                      world_size=world)
     bases, totals, blocked = [], [], []
     for i in range(2):  # interleaved: plain loop, loop with a save in flight, twice
         bases.append(loop(steps, None))

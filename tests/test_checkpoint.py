@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from seer_pipeline.checkpoint.checkpointer import Checkpointer, find_resumable, list_checkpoints
+from seer_pipeline.checkpoint.checkpointer import (
+    Checkpointer, ckpt_config, find_resumable, list_checkpoints)
 from seer_pipeline.config.base import ConfigError, to_container
 from seer_pipeline.train.metrics import MetricsLogger, read_metrics
 from seer_pipeline.train.provenance import requeue_job
@@ -28,7 +29,7 @@ def _template() -> dict:
 
 
 def _save_steps(run: Path, steps: list[int], **kw) -> Checkpointer:
-    ck = Checkpointer(run, every=1, config_yaml="a: 1\n", **kw)
+    ck = Checkpointer(run, ckpt_config(every=1, **kw), config_yaml="a: 1\n")
     for s in steps:
         ck.save(s, _state(s), {"rng": torch.tensor([s]), "loader": {"batches": s}})
     return ck
@@ -74,7 +75,7 @@ class _PerRank:
 
 
 def test_registered_components_are_collected_and_restored(tmp_path: Path) -> None:
-    ck = Checkpointer(tmp_path, every=1)
+    ck = Checkpointer(tmp_path, ckpt_config(every=1))
     c, r = _Counter(), _PerRank(7)
     ck.register("counter", c)
     ck.register("thing", r, per_rank=True)
@@ -95,7 +96,9 @@ def test_registered_components_are_collected_and_restored(tmp_path: Path) -> Non
         ck.restore(lambda meta: seen.append(meta["step"]) or (_ for _ in ()).throw(RuntimeError("refused")))
     assert seen == [5]
     with pytest.raises(TypeError):
-        Checkpointer(tmp_path, 1)  # keyword-only
+        Checkpointer(tmp_path, ckpt_config(), 0)  # rank and world size are keyword-only
+    with pytest.raises(TypeError, match="no field 'evry'"):
+        ckpt_config(evry=3)
 
 
 def test_truncated_checkpoint_is_skipped_for_previous(tmp_path: Path, caplog) -> None:

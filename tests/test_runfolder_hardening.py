@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from seer_pipeline.checkpoint.checkpointer import Checkpointer
+from seer_pipeline.checkpoint.checkpointer import Checkpointer, ckpt_config
 
 # The modules this issue added are imported inside the tests, so that on the code before it
 # each test fails on its own behaviour rather than the whole file on an import.
@@ -44,7 +44,7 @@ def _template() -> dict:
 
 
 def _save(run: Path, steps=(4, 8), per_rank=None) -> Checkpointer:
-    ck = Checkpointer(run, every=1, keep_latest=3, config_yaml="a: 1\n")
+    ck = Checkpointer(run, ckpt_config(every=1, keep_latest=3), config_yaml="a: 1\n")
     for s in steps:
         ck.save(s, _state(s), per_rank(s) if per_rank else {"rng": torch.tensor([s]), "loader": {"b": s}})
     return ck
@@ -76,7 +76,7 @@ def test_planted_per_rank_payload_is_not_executed(tmp_path: Path, caplog) -> Non
 def test_planted_dcp_value_is_not_executed(tmp_path: Path, caplog) -> None:
     """A non-tensor DCP value (torch.load with weights_only off in DCP's default planner)."""
     marker = tmp_path / "pwned"
-    ck = Checkpointer(tmp_path / "run", every=1, config_yaml="a: 1\n")
+    ck = Checkpointer(tmp_path / "run", ckpt_config(every=1), config_yaml="a: 1\n")
     ck.save(4, _state(4), {"x": 1})
     ck.save(8, {"model": _state(8)["model"], "train": {"step": Planted(marker)}}, {"x": 1})
     with caplog.at_level(logging.WARNING):
@@ -111,7 +111,7 @@ def test_planted_dcp_metadata_is_not_executed(tmp_path: Path, caplog, capsys) ->
 def test_dcp_metadata_of_real_saves_passes_the_allow_list(tmp_path: Path) -> None:
     from seer_pipeline.checkpoint.safe_dcp import load_dcp_metadata
 
-    ck = Checkpointer(tmp_path, every=1, config_yaml="")
+    ck = Checkpointer(tmp_path, ckpt_config(every=1), config_yaml="")
     state = {"model": {"w": torch.ones(3, dtype=torch.bfloat16), "i": torch.arange(4),
                        "cl": torch.ones(1, 2, 3, 3).to(memory_format=torch.channels_last)},
              "optim": {"lr": 0.1, "nesterov": False, "names": ["a", "b"], "none": None}}
@@ -347,21 +347,3 @@ def test_ranks_join_only_with_the_live_holders_token(tmp_path: Path, monkeypatch
     finally:
         holder.kill()
         holder.wait()
-
-
-# -- fault injection is test-only ---------------------------------------------------------------------
-def test_inherited_fault_variable_cannot_arm_a_fault() -> None:
-    code = ("from seer_pipeline.checkpoint.checkpointer import fault; "
-            "print(fault('kill_in_save'), fault('kill_rank'))")
-    env = dict(os.environ, PYTHONPATH=str(REPO), SEER_FAULT="kill_in_save:1,kill_rank:0")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert res.stdout.split() == ["None", "None"], res.stderr
-    from seer_pipeline.core import faults
-
-    faults.arm("kill_in_save:7")
-    try:
-        from seer_pipeline.checkpoint.checkpointer import fault
-
-        assert fault("kill_in_save") == 7
-    finally:
-        faults.disarm()

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from seer_pipeline.train.signals import PREEMPTED
+from tests import faultinject
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 12
@@ -33,13 +34,10 @@ def _cmd(run: Path, shards: Path, *extra: str) -> list[str]:
             "data.batch_size=2", "data.workers=1", "dist.timeout_s=20", "train.tensorboard=false", *extra]
 
 
-def _with_fault(spec: str, cmd: list[str]) -> list[str]:
-    """The same seer-train command through the test-only fault entry (tests/fault_entry.py)."""
-    return [sys.executable, "-m", "tests.fault_entry", spec, *cmd[3:]]
-
-
-def _run(cmd: list[str], timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=REPO, env=_env(**env), capture_output=True, text=True, timeout=timeout)
+def _run(cmd: list[str], timeout: float = 240, fault: str = "", **env: str) -> subprocess.CompletedProcess:
+    """`fault`: "name:value" armed in every process of the run (tests/faultinject)."""
+    full = faultinject.env(fault, _env(**env)) if fault else _env(**env)
+    return subprocess.run(cmd, cwd=REPO, env=full, capture_output=True, text=True, timeout=timeout)
 
 
 def _rows(run: Path) -> list[dict]:
@@ -86,7 +84,7 @@ def test_sigusr2_resume_is_bitwise_exact(reference_run: Path, tiny_shards: Path,
 @pytest.mark.slow
 def test_kill9_during_save_then_resume_on_one_rank(tiny_shards: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    res = _run(_with_fault("kill_in_save:10", _cmd(run, tiny_shards)))
+    res = _run(_cmd(run, tiny_shards), fault="kill_in_save:10")
     assert res.returncode != 0
     ck = run / "checkpoints"
     assert (ck / "latest").read_text().strip() == "step_000000005"
@@ -109,7 +107,7 @@ def test_kill9_during_save_then_resume_on_one_rank(tiny_shards: Path, tmp_path: 
 @pytest.mark.slow
 def test_dead_rank_fails_the_job_within_timeout(tiny_shards: Path, tmp_path: Path) -> None:
     t0 = time.monotonic()
-    res = _run(_with_fault("kill_rank:1", _cmd(tmp_path / "run", tiny_shards)))
+    res = _run(_cmd(tmp_path / "run", tiny_shards), fault="kill_rank:1")
     took = time.monotonic() - t0
     out = res.stdout + res.stderr
     assert res.returncode != 0

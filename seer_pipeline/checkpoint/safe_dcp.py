@@ -9,6 +9,7 @@ that `weights_only=True` reads it: numpy arrays become tensors and back.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import pickle
@@ -87,15 +88,50 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = obj
 
 
+@dataclasses.dataclass(frozen=True)
+class _Recorded:
+    """A write result's storage info plus its file's (size, sha256), as the writing rank saw it:
+    it reaches the coordinator inside DCP's own gather of write results (no extra collective)."""
+
+    info: Any
+    file: tuple[int, str]
+
+
 class HashingFileSystemWriter(FileSystemWriter):
-    """FileSystemWriter that hashes each file it wrote, in the writing thread (so an async
-    save hashes in the background), leaving NAME.sha256 beside it (see integrity)."""
+    """FileSystemWriter whose ranks each hash and size the files they wrote, in the writing
+    thread (an async save hashes in the background), after DCP fsynced them (`sync_files`), so
+    every rank makes its own files durable before DCP's final collective. The coordinator's
+    `finish` collects the records into `files` ({name: (size, sha256)}, `.metadata` included):
+    rank 0's commit then needs no per-rank file access at all (issue #20)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.files: dict[str, tuple[int, str]] = {}
 
     def write_data(self, plan: Any, planner: Any) -> Future:
-        fut = super().write_data(plan, planner)
-        results = fut.wait()  # the file system writer completes before returning
-        integrity.write_sidecars(self.path, {r.storage_data.relative_path for r in results})
-        return fut
+        results = super().write_data(plan, planner).wait()  # the file system writer is synchronous
+        files = {}
+        for name in {r.storage_data.relative_path for r in results}:
+            path = os.path.join(self.path, name)
+            files[name] = (os.path.getsize(path), integrity.hash_file(path))
+        out: Future = Future()
+        out.set_result([dataclasses.replace(r, storage_data=_Recorded(
+            r.storage_data, files[r.storage_data.relative_path])) for r in results])
+        return out
+
+    def finish(self, metadata: Any, results: list[list[Any]]) -> None:
+        plain = []
+        for rank_results in results:
+            row = []
+            for r in rank_results:
+                if isinstance(r.storage_data, _Recorded):
+                    self.files[r.storage_data.info.relative_path] = r.storage_data.file
+                    r = dataclasses.replace(r, storage_data=r.storage_data.info)
+                row.append(r)
+            plain.append(row)
+        super().finish(metadata, plain)
+        md = os.path.join(self.path, ".metadata")
+        self.files[".metadata"] = (os.path.getsize(md), integrity.hash_file(md))
 
 
 def load(state: dict[str, Any], path: str | os.PathLike, no_dist: bool) -> None:

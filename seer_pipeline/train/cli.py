@@ -36,7 +36,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def spawn_local(argv: list[str], nproc: int, threads: int, grace_s: float = 15.0,
-                rank_cmd: Sequence[str] | None = None, lock_token: str = "") -> int:
+                lock_token: str = "") -> int:
     """Run this command on `nproc` local ranks; first failure wins, the rest are killed.
 
     After a rank fails the others get `grace_s` to notice on their own (their collectives fail
@@ -45,7 +45,7 @@ def spawn_local(argv: list[str], nproc: int, threads: int, grace_s: float = 15.0
 
     port = free_port()
     procs: list[subprocess.Popen] = []
-    cmd = list(rank_cmd or [sys.executable, "-m", "seer_pipeline.train.cli"])
+    cmd = [sys.executable, "-m", "seer_pipeline.train.cli"]
     for r in range(nproc):
         env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(nproc), LOCAL_RANK=str(r),
                    LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -167,9 +167,8 @@ def run_rank(cfg, denv) -> int:  # noqa: ANN001 - DictConfig, DistEnv
             _RUN_LOCK = None
 
 
-def main(argv: Sequence[str] | None = None, rank_cmd: Sequence[str] | None = None) -> int:
-    """seer-train. `rank_cmd` replaces `python -m seer_pipeline.train.cli` for spawned local
-    ranks (the fault-injection test entry uses it)."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """seer-train."""
     args = _parse(argv)
 
     try:
@@ -195,7 +194,7 @@ def main(argv: Sequence[str] | None = None, rank_cmd: Sequence[str] | None = Non
         try:
             return spawn_local(list(argv if argv is not None else sys.argv[1:]), cfg.dist.nproc,
                                cfg.train.threads, grace_s=cfg.dist.timeout_s + 10,
-                               rank_cmd=rank_cmd, lock_token=token)
+                               lock_token=token)
         finally:
             if token:
                 lock.release()

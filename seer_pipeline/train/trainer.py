@@ -17,7 +17,6 @@ compute device, the one the process group serves (seer_pipeline.dist.setup).
 from __future__ import annotations
 
 import logging
-import os
 import resource
 import time
 from contextlib import nullcontext
@@ -29,7 +28,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from seer_pipeline.checkpoint.checkpointer import Checkpointer, fault
+from seer_pipeline.checkpoint.checkpointer import Checkpointer
 from seer_pipeline.config.base import save_config
 from seer_pipeline.config.train import check_resume_compatible
 from seer_pipeline.data.loader import build_loader
@@ -115,10 +114,9 @@ class Trainer:
             self.queue = swav.EmbeddingQueue(
                 cfg.swav.queue_length // self.world, cfg.model.out_dim,
                 len(cfg.swav.crops_for_assign), cfg.swav.queue_start).to(device)
-        self.ckpt = Checkpointer(
-            self.run_dir, every=cfg.ckpt.every, keep_latest=cfg.ckpt.keep_latest,
-            keep_every=cfg.ckpt.keep_every, async_save=bool(cfg.ckpt["async"]), rank=self.rank,
-            world_size=self.world, config_yaml=OmegaConf.to_yaml(cfg), timeout_s=cfg.dist.timeout_s)
+        self.ckpt = Checkpointer(self.run_dir, cfg.ckpt, rank=self.rank, world_size=self.world,
+                                 config_yaml=OmegaConf.to_yaml(cfg), timeout_s=cfg.dist.timeout_s)
+        self.ckpt.before_save(lambda: average_bn_stats(self.model))
         self.progress = Progress(self.total, self.global_batch)
         self.throughput = Throughput()
         # Everything a checkpoint holds: one line per component.
@@ -126,12 +124,13 @@ class Trainer:
         self.ckpt.register("optim", OptimState(self.model, self.optimizer))
         self.ckpt.register("train", self.progress)
         self.ckpt.register("rng", RNGState(self.rank, self.world), per_rank=True)
-        self.ckpt.register("loader", self.loader, per_rank=True)
+        # What every rank needs of every other rank's loader on a resume (the rest: rank 0's).
+        self.ckpt.register("loader", self.loader, per_rank=True,
+                           summary=("rank", "outputs", "pads", "metrics"))
         self.ckpt.register("metrics", self.throughput, per_rank=True)
         if self.queue is not None:
             self.ckpt.register("queue", swav.QueueState(self.queue, self.rank, self.world), per_rank=True)
         self.flag = PreemptionFlag()
-        self.saved_step = -1
         # Sharded: FSDP2 casts per unit (parallelize). Unsharded: autocast does the same job.
         use_autocast = cfg.train.precision == "bf16" and not is_fsdp(self.model)
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_autocast
@@ -146,13 +145,6 @@ class Trainer:
         self.progress.step = value
 
     # -- checkpoint state ---------------------------------------------------------------------
-    def save(self, blocking: bool) -> float:
-        if self.step == self.saved_step:  # e.g. a finished run started again: nothing new
-            return 0.0
-        self.saved_step = self.step
-        average_bn_stats(self.model)
-        return self.ckpt.save(self.step, blocking=blocking)
-
     def _check_config(self, meta: dict[str, Any]) -> None:
         changed = check_resume_compatible(OmegaConf.to_container(OmegaConf.create(meta["config_yaml"])),
                                           self.cfg)
@@ -163,10 +155,7 @@ class Trainer:
                         "but not bitwise equal to an uninterrupted run")
 
     def resume(self) -> int | None:
-        step = self.ckpt.restore(self._check_config)
-        if step is not None:
-            self.saved_step = self.step
-        return step
+        return self.ckpt.restore(self._check_config)
 
     # -- the loop -----------------------------------------------------------------------------
     def train(self) -> int:
@@ -183,8 +172,6 @@ class Trainer:
                  self.global_batch, self.world)
         try:
             while self.step < cfg.train.steps:
-                if fault("kill_rank") == self.rank and self.step == 2:
-                    os.kill(os.getpid(), 9)  # test hook (checkpoint.fault): a rank dies mid-run
                 t0 = time.perf_counter()
                 views = next(it)
                 t_data = time.perf_counter() - t0
@@ -200,14 +187,11 @@ class Trainer:
                     values.update({f"data_{k}": v for k, v in self.loader.metrics().items()
                                    if isinstance(v, (int, float)) and not isinstance(v, bool)})
                 metrics.log_step(self.step, values)
-                self.ckpt.poll()
                 if preempt:
                     return self._preempted()
-                if self.ckpt.due(self.step) and self.step < cfg.train.steps:
-                    self.save(blocking=False)
-            if cfg.ckpt.save_final:
-                self.save(blocking=True)
-            self.ckpt.wait()
+                self.ckpt.after_step(self.step, last=self.step >= cfg.train.steps, preempted=False)
+            if resumed is not None and resumed >= cfg.train.steps:  # nothing left to train
+                self.ckpt.after_step(self.step, last=True, preempted=False)
             return 0
         except Exception:
             log.error("rank %d stopped in step %d", self.rank, self.step + 1)
@@ -219,8 +203,7 @@ class Trainer:
     def _preempted(self) -> int:
         log.warning("%s received: saving at step %d before exiting", self.flag.name(), self.step)
         t0 = time.monotonic()
-        self.save(blocking=True)
-        self.ckpt.wait()  # a periodic async save of this very step may still be in flight
+        self.ckpt.after_step(self.step, last=False, preempted=True)
         secs = time.monotonic() - t0
         log.warning("preemption save took %.2fs", secs)
         if self.rank == 0:
