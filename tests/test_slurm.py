@@ -23,6 +23,7 @@ from launch.status import run_status
 from launch.submit import main as submit_main
 from launch.submit import record_submission
 from seer_pipeline.config.slurm import SlurmConfig
+from tests.faultinject import env as fault_env
 
 pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parent.parent
@@ -293,3 +294,80 @@ def test_requeue_cap_stops_with_a_clear_message(
     assert "requeue cap reached (0/0" in st["error"], st
     assert st["checkpoint_step"] is not None and st["checkpoint_step"] >= PREEMPT_AFTER
     assert read_requeues(run)["count"] == 0
+
+
+# ---- a preemption save on a slow filesystem (#20): rank 0's commit outlasts KillWait ---------
+def _kill_wait_s() -> int:
+    out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30)
+    for line in out.stdout.splitlines():
+        if line.split("=")[0].strip() == "KillWait":
+            return int(line.split("=", 1)[1].split()[0])
+    raise AssertionError("KillWait not in `scontrol show config`")
+
+
+def _slow_finalize_s() -> int:
+    """Rank 0's commit delay: 15 s past the cluster's KillWait (30 s in local-cluster), so a
+    rank that leaves right after DCP's last collective gets rank 0 killed mid-commit."""
+    return _kill_wait_s() + 15
+
+
+# No periodic or final save: the delay then hits the signal's save only (test time), and the
+# resume must come from it. The reference run saved every 5 steps; saves do not change losses.
+_SIGNAL_SAVE_ONLY = ["ckpt.every=0", "ckpt.save_final=false"]
+
+
+def _assert_slow_save_survived(run: Path, jid: str, reference: dict[int, float]) -> None:
+    info = wait_final(jid, 420)
+    assert info.state == "COMPLETED" and info.restarts == 1, info
+    _assert_resumed_bitwise(run, reference)
+    assert not list((run / "checkpoints").glob("*.partial")), "the signal's save was not committed"
+    rq = read_requeues(run)
+    assert rq["count"] == 1 and rq["history"][-1]["requeued"] is True, rq
+
+
+def test_template_usr2_with_slow_finalize_saves_requeues_and_resumes(
+    tmp_path: Path, tiny_shards: Path, reference_losses: dict[int, float]
+) -> None:
+    """slurm/single-node.sbatch, 2 srun tasks, USR2 mid-run, rank 0's commit slower than
+    KillWait: saved (exit 75 on every rank), requeued by rank 0, resumed exactly."""
+    slow = _slow_finalize_s()
+    fit = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0",
+           "--time=20", f"--output={tmp_path}/%j.out", f"--error={tmp_path}/%j.err"]
+    run = tmp_path / "run"
+    env = fault_env(f"slow_finalize:{slow}", dict(os.environ, SEER_PYTHON=sys.executable))
+    res = subprocess.run(
+        ["sbatch", "--parsable", *fit, str(REPO / "slurm" / "single-node.sbatch"), "--config",
+         "cpu_tiny", *_train_args(tiny_shards), *_SIGNAL_SAVE_ONLY, f"run.dir={run}"],
+        capture_output=True, text=True, timeout=60, env=env)
+    assert res.returncode == 0, res.stderr
+    jid = res.stdout.strip().split(";")[0]
+    _wait_step(run, jid, PREEMPT_AFTER)
+    assert cancel(jid, "USR2")  # what --signal=USR2@120 sends to every task before the limit
+    try:
+        _assert_slow_save_survived(run, jid, reference_losses)
+    except AssertionError as e:
+        err = (tmp_path / f"{jid}.err").read_text()[-3000:]
+        raise AssertionError(f"{e}\n--- job stderr ---\n{err}") from None
+    out, err = (tmp_path / f"{jid}.out").read_text(), (tmp_path / f"{jid}.err").read_text()
+    assert f"[seer] job {jid} restart 1" in out  # the requeued job ran the template again
+    assert f"rank 0 sleeps {slow} s before committing" in err  # the fault was armed
+
+
+def test_submitit_usr2_with_slow_finalize_saves_requeues_and_resumes(
+    tmp_path: Path, tiny_shards: Path, reference_losses: dict[int, float],
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """seer-submit's path (submitit, srun --kill-on-bad-exit=1), same slow commit."""
+    import submitit
+
+    slow = _slow_finalize_s()
+    env = fault_env(f"slow_finalize:{slow}")
+    for key in ("PYTHONPATH", "SEER_TEST_FAULTS"):  # SLURM tasks inherit the submitter's env
+        monkeypatch.setenv(key, env[key])
+    run = tmp_path / "run"
+    jid = _submit_tiny(run, tiny_shards, capsys, *_SIGNAL_SAVE_ONLY)
+    _wait_step(run, jid, PREEMPT_AFTER)
+    submitit.SlurmJob(folder=run / "slurm" / "%j", job_id=jid)._interrupt(timeout=True)
+    _assert_slow_save_survived(run, jid, reference_losses)
+    logs = "".join(p.read_text() for p in (run / "slurm" / jid).glob("*_log.err"))
+    assert f"rank 0 sleeps {slow} s before committing" in logs  # the fault was armed

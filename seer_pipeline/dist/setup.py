@@ -181,6 +181,21 @@ def collective_device(group: Any = None) -> torch.device:
     return torch.device("cpu")
 
 
+def local_cuda_device(local_rank: int) -> torch.device:
+    """This rank's GPU among those the process sees.
+
+    `local_rank % device_count()`, not `local_rank`: where SLURM binds one GPU per task
+    (`--gpus-per-task=1`, `--gpu-bind=single:1`, or a cgroup per task) every task sees only its
+    own GPU as cuda:0, and `set_device(local_rank)` fails for every local rank but 0. Where a
+    task sees the whole node, the modulo is the identity (local_rank < device_count).
+    """
+    n = torch.cuda.device_count()
+    if n < 1:
+        raise RuntimeError("dist.backend=nccl but this process sees no CUDA device "
+                           "(CUDA_VISIBLE_DEVICES, or the job's GPU request)")
+    return torch.device("cuda", local_rank % n)
+
+
 def init_distributed(
     denv: DistEnv, timeout_s: float = 600.0, backend: str | None = None
 ) -> torch.device:
@@ -202,8 +217,8 @@ def init_distributed(
         # Async error handling: a watchdog tears the communicator down after `timeout` so a
         # dead rank becomes an exception on the survivors instead of a silent hang.
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-        torch.cuda.set_device(denv.local_rank)
-        device = torch.device("cuda", denv.local_rank)
+        device = local_cuda_device(denv.local_rank)
+        torch.cuda.set_device(device)
     if (denv.world_size > 1 or explicit) and not dist.is_initialized():
         denv.export()
         dist.init_process_group(
@@ -215,6 +230,24 @@ def init_distributed(
             device_id=device if backend == "nccl" else None,
         )
     return device
+
+
+def wait_for_peers() -> None:
+    """Block until every rank got here (a no-op alone); bounded by the group's `dist.timeout_s`.
+
+    Used before a rank exits after a preemption save: under `srun --kill-on-bad-exit=1` (both
+    the sbatch templates and submitit) the first task to exit with a non-zero code ends the
+    step, and SLURM kills the others KillWait (30 s by default) later. Without this wait the
+    other ranks leave right after DCP's last collective and rank 0 dies mid-commit when its
+    finalize (renames, fsyncs, `latest`, purge) takes longer than KillWait on a slow
+    filesystem: measured on the local SLURM, a 45 s finalize lost the save and the requeue.
+    A rank that dies for real still ends the step at once: srun sees its bad exit.
+    """
+    if not dist.is_initialized():
+        return
+    token = torch.ones(1, device=collective_device())
+    dist.all_reduce(token)
+    token.item()  # NCCL collectives are asynchronous: wait for it on the host
 
 
 def cleanup_distributed() -> None:

@@ -39,7 +39,7 @@ from seer_pipeline.dist.parallelize import (
     parallelize,
     unwrap,
 )
-from seer_pipeline.dist.setup import DistEnv
+from seer_pipeline.dist.setup import DistEnv, wait_for_peers
 from seer_pipeline.models.swav import SwAVModel, build_model  # noqa: F401
 from seer_pipeline.train import swav
 from seer_pipeline.train.metrics import MetricsLogger, Throughput
@@ -208,6 +208,8 @@ class Trainer:
         log.warning("preemption save took %.2fs", secs)
         if self.rank == 0:
             requeue_job(self.run_dir, self.cfg.slurm.max_requeues, self.step, self.flag.name())
+        # No rank exits before rank 0 committed the save and requeued (dist.setup.wait_for_peers).
+        wait_for_peers()
         return PREEMPTED
 
     def train_step(self, views: list[torch.Tensor]) -> tuple[dict[str, Any], bool]:
