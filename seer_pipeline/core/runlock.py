@@ -27,6 +27,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import time
 import uuid
 from pathlib import Path
@@ -64,6 +65,40 @@ def job_identity() -> str:
     return os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID", "")
 
 
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _open_lock_file(path: Path, flags: int) -> int:
+    """A descriptor of RUN/.lock, which must be a regular file we can lock.
+
+    Never follows a link (a `.lock` symlink would make us truncate its target, a dangling one
+    would create it), and opens non-blocking so a FIFO cannot hang the open; anything but a
+    regular file is refused with RunLockError naming what it is (issue #24)."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if e.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.EWOULDBLOCK):
+            raise
+        try:
+            what = _kind(os.lstat(path).st_mode)
+        except OSError:
+            what = "not a regular file"
+        raise RunLockError(f"{path} is {what}, not the regular lock file seer-train writes; "
+                           "remove it and retry") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise RunLockError(f"{path} is {_kind(mode)}, not the regular lock file seer-train "
+                           "writes; remove it and retry")
+    return fd
+
+
 def _parse(raw: bytes) -> dict[str, Any]:
     try:
         rec = json.loads(raw[:4096].decode("utf-8"))
@@ -77,10 +112,15 @@ def read_holder(run_dir: str | os.PathLike) -> dict[str, Any]:
 
     Never call this in the holding process (closing the descriptor would drop its lock)."""
     try:
-        with open(Path(run_dir) / LOCK_NAME, "rb") as f:
-            return _parse(f.read(4096))
+        fd = _open_lock_file(Path(run_dir) / LOCK_NAME, os.O_RDONLY)
+    except (OSError, RunLockError):
+        return {}
+    try:
+        return _parse(os.pread(fd, 4096, 0))
     except OSError:
         return {}
+    finally:
+        os.close(fd)
 
 
 class RunLock:
@@ -120,7 +160,7 @@ def acquire(run_dir: str | os.PathLike, job_id: str | None = None) -> RunLock:
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     path = run / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_lock_file(path, os.O_RDWR | os.O_CREAT)
     try:
         if not _try_lock(fd, path):
             holder = _parse(os.pread(fd, 4096, 0))
@@ -152,9 +192,9 @@ def acquire_or_join(run_dir: str | os.PathLike) -> RunLock:
 def is_locked(run_dir: str | os.PathLike) -> bool:
     """Whether another process holds RUN/.lock now (probe: lock and release at once)."""
     path = Path(run_dir) / LOCK_NAME
-    if not path.is_file():
+    if not os.path.lexists(path):
         return False
-    fd = os.open(path, os.O_RDWR)
+    fd = _open_lock_file(path, os.O_RDWR)  # RunLockError for a link, FIFO, directory ...
     try:
         return not _try_lock(fd, path)
     finally:

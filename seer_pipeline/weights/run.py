@@ -1,45 +1,76 @@
 """Trunk and SwAV head of a training run's newest complete (or a chosen) DCP checkpoint.
 
-DCP reads every shard in this one process (`no_dist=True`), whatever world size wrote it.
+DCP reads every shard in this one process (`no_dist=True`), whatever world size wrote it. A run
+folder is read like a resume reads it (issue #24): every file's recorded SHA-256 is checked
+first, and DCP goes through safe_dcp (restricted `.metadata` unpickler, weights-only values), so
+a crafted `.metadata` runs nothing and a flipped byte is refused rather than exported.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
-import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
+from torch.distributed.checkpoint.api import CheckpointException
 
+from seer_pipeline.checkpoint import integrity, safe_dcp
 from seer_pipeline.checkpoint.checkpointer import (
     CheckpointError,
     find_resumable,
     verify_step_dir,
 )
 from seer_pipeline.config.train import load_train_config
+from seer_pipeline.core.safe_pickle import UnsafePickleError
 from seer_pipeline.models.swav import build_model
 
-
-def read_run(src: Path, step: Optional[int] = None) -> tuple[dict, dict, str]:
-    """(trunk state, head state, trunk name) from a run folder or a step_XXXXXXXXX folder."""
+log = logging.getLogger(__name__)
 
 
-    if (src / "meta.json").exists():
-        path, meta = src, verify_step_dir(src)
-    else:
-        cands = [c for c in find_resumable(src / "checkpoints") if step is None or c[0] == step]
-        if not cands:
-            raise CheckpointError(f"no complete checkpoint under {src}/checkpoints"
-                                  + (f" for step {step}" if step is not None else ""))
-        _, path, meta = cands[0]
+def _one_line(e: BaseException) -> str:
+    """DCP wraps a reader's failure with every rank's traceback: keep the cause."""
+    if isinstance(e, CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]
+    return f"{type(e).__name__}: {e}".replace("\n", " ")[:400]
+
+
+def _read_one(path: Path, meta: dict[str, Any]) -> tuple[dict, dict, str]:
     cfg = OmegaConf.merge(load_train_config(None, []),
                           OmegaConf.to_container(OmegaConf.create(meta["config_yaml"])))
     with torch.device("meta"):
         model = build_model(cfg)
     model = model.to_empty(device="cpu")
     template = {"model": model.state_dict()}
-    dcp.load(template, checkpoint_id=str(path), no_dist=True)
+    integrity.verify_hashes(path, meta)  # before DCP opens anything
+    safe_dcp.load(template, path, no_dist=True)
     sd = template["model"]
     trunk = {k[len("trunk."):]: v for k, v in sd.items() if k.startswith("trunk.")}
     head = {k[len("head."):]: v for k, v in sd.items() if k.startswith("head.")}
     return trunk, head, str(cfg.model.trunk)
+
+
+def read_run(src: Path, step: Optional[int] = None) -> tuple[dict, dict, str]:
+    """(trunk state, head state, trunk name) from a run folder or a step_XXXXXXXXX folder.
+
+    A step folder that fails its checks is refused; in a run folder a checkpoint that fails
+    them is skipped for the previous one with a warning, as a resume does.
+    """
+    if (src / "meta.json").exists():
+        cands = [(-1, src, verify_step_dir(src))]
+    else:
+        cands = [c for c in find_resumable(src / "checkpoints") if step is None or c[0] == step]
+        if not cands:
+            raise CheckpointError(f"no complete checkpoint under {src}/checkpoints"
+                                  + (f" for step {step}" if step is not None else ""))
+    errors = []
+    for _, path, meta in cands:  # newest first
+        try:
+            return _read_one(path, meta)
+        except (integrity.IntegrityError, UnsafePickleError, CheckpointException, OSError,
+                RuntimeError, ValueError) as e:
+            errors.append(f"{path}: {_one_line(e)}")
+            if len(cands) > 1:
+                log.warning("checkpoint %s not usable (%s); trying the previous one", path,
+                            _one_line(e))
+    raise CheckpointError("refusing the checkpoint (nothing was loaded): " + "; ".join(errors))
