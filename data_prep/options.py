@@ -8,8 +8,9 @@ from typing import Iterable, Optional
 
 from data_prep.images import ProcessOptions, read_source
 from data_prep.sources import walk_dir
+from seer_pipeline.shards.format import MAX_MEMBER_BYTES
 
-MAX_BYTES = 256 << 20  # per input; SEER's Instagram images are a few hundred KB
+MAX_BYTES = MAX_MEMBER_BYTES  # per input; also every shard reader's member cap, so one constant
 
 
 @dataclass
@@ -43,8 +44,8 @@ class ShardOptions:
             raise ValueError("check must be 'full' or 'header'")
         if not 1 <= self.quality <= 100:
             raise ValueError("quality must be in 1..100")
-        if self.max_bytes < 1:
-            raise ValueError("max_bytes must be >= 1")
+        if not 1 <= self.max_bytes <= MAX_BYTES:  # a bigger member would be refused by every reader
+            raise ValueError(f"max_bytes must be in 1..{MAX_BYTES} (the shard readers' member cap)")
         if self.resize_short_side is not None and self.resize_short_side < 1:
             raise ValueError("resize_short_side must be >= 1")
         i, n = self.part = tuple(self.part)  # type: ignore[assignment]

@@ -200,7 +200,9 @@ def open_source(spec: str, tf: EvalTransform, test_fraction: float = 0.2) -> Sou
     if kind == "wds" and arg:
 
         shards = sorted(glob.glob(arg)) if any(c in arg for c in "*?[") else braceexpand(arg)
-        shards = [s for s in shards if Path(s).is_file()]
+        # A FIFO or device that matches stays in: the reader refuses it (shards/format.open_shard)
+        # and it is counted as a damaged shard, not dropped unseen.
+        shards = [s for s in shards if Path(s).exists() and not Path(s).is_dir()]
         if not shards:
             raise DataSpecError(f"wds: no shard matches {arg}")
         return Source(f"wds:{arg}", ShardSamples(shards, test_fraction, tf), None, None)

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import tarfile
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Optional, Union
 
@@ -33,6 +34,15 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 SKIPPED_HEADER = "source\treason"
 BLOCK = tarfile.BLOCKSIZE  # 512
 RECORD = tarfile.RECORDSIZE  # 10240: tar(1) and tarfile pad an archive to a whole record
+# The largest member any reader holds in memory, and the build's default (and ceiling) for
+# `--max-bytes` (data_prep/options.py): nothing the builder writes is larger, so a bigger member
+# is hostile or damaged. SEER's Instagram images are a few hundred KB (Goyal et al. 2021, sec. 3.1).
+MAX_MEMBER_BYTES = 256 << 20
+# Extended headers (pax, GNU long names) are read whole by tarfile before any member: a name or
+# a handful of pax records are bytes to kilobytes, so 1 MiB leaves room and bounds a hostile one.
+MAX_HEADER_BYTES = 1 << 20
+_META_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+               tarfile.GNUTYPE_LONGLINK)
 
 
 class ShardReadError(RuntimeError):
@@ -194,8 +204,54 @@ def file_sha256(path: str) -> str:
 # ---------------------------------------------------------------- reading
 def open_shard(path: Union[str, BinaryIO]) -> BinaryIO:
     """The one place a shard's bytes are opened; an open file object (a remote shard from
-    seer_pipeline.store) is used as it is."""
-    return path if hasattr(path, "read") else open(path, "rb")  # type: ignore[return-value]
+    seer_pipeline.store) is used as it is.
+
+    Regular files only, as the builder reads its inputs (data_prep/images.read_source): the open
+    is O_NONBLOCK so a FIFO cannot block it (a plain open waits for a writer forever), and the
+    type comes from fstat of the opened descriptor, so a swap after any earlier check is caught.
+    """
+    if hasattr(path, "read"):
+        return path  # type: ignore[return-value]
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(f"{path} is {_file_kind(mode)}, not a regular file (shards are read from regular files only)")
+        os.set_blocking(fd, True)  # back to plain reads: O_NONBLOCK was only for the open
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
+class _CappedInfo(tarfile.TarInfo):
+    """A header whose declared size is checked before tarfile acts on it.
+
+    tarfile reads a pax or GNU long-name header's payload whole while parsing, and a member's
+    payload whole on `extractfile().read()`: a header declaring 1 TiB would be a MemoryError
+    (or a hang on a sparse file), not a read failure. `_proc_member` is where tarfile dispatches
+    on the type after parsing the 512-byte block, before it reads anything more.
+    """
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        cap = MAX_HEADER_BYTES if self.type in _META_TYPES else MAX_MEMBER_BYTES
+        if self.size > cap:
+            what = "extended header" if self.type in _META_TYPES else "member"
+            raise MemberTooLarge(f"{what} {self.name!r} declares {self.size} bytes, over the "
+                                 f"{cap} byte cap (shards/format.py MAX_{'HEADER' if cap == MAX_HEADER_BYTES else 'MEMBER'}_BYTES)")
+        return super()._proc_member(tarfile_)  # type: ignore[misc]
+
+
+class MemberTooLarge(ShardReadError):
+    """A tar header declares more bytes than any reader holds (MAX_MEMBER_BYTES)."""
 
 
 def read_samples(path: Union[str, BinaryIO], want: Callable[[int], bool] = lambda i: True, stop: Optional[int] = None,
@@ -212,9 +268,10 @@ def read_samples(path: Union[str, BinaryIO], want: Callable[[int], bool] = lambd
     except OSError as e:
         raise ShardReadError(f"cannot open shard {path}: {e}") from e
     try:
-        tf = tarfile.open(fileobj=f, mode="r:" if f.seekable() else "r|")
-    except (OSError, tarfile.TarError) as e:
-        f.close()
+        tf = tarfile.open(fileobj=f, mode="r:" if f.seekable() else "r|", tarinfo=_CappedInfo)
+    except (OSError, tarfile.TarError, ShardReadError) as e:
+        if f is not path:
+            f.close()
         raise ShardReadError(f"cannot open shard {path}: {e}") from e
     with (contextlib.nullcontext() if f is path else f), tf:
         key, idx, cur = None, -1, None
@@ -243,7 +300,7 @@ def read_samples(path: Union[str, BinaryIO], want: Callable[[int], bool] = lambd
                     if len(data) != member.size:
                         raise ShardReadError(f"shard {path}: member {member.name} is truncated")
                     cur[ext] = data
-        except (OSError, tarfile.TarError, EOFError) as e:
+        except (OSError, tarfile.TarError, EOFError, MemberTooLarge) as e:
             raise ShardReadError(f"shard {path} is damaged after sample {idx}: {e}") from e
         if key is not None:
             yield idx, key, cur
