@@ -1,22 +1,30 @@
 # Two commands a new user needs: `make demo` and `make test` (both install first).
+# Sizes and times of each target: README.md (first screen).
 PY ?= .venv/bin/python
 VENV := .venv
 STAMP := $(VENV)/.installed
+# The 6 GB timm/torchvision venv only tests/interop needs: built by `test`/`test-interop`, not by
+# `install` or `demo`.
+INTEROP_STAMP := .venv-interop/.installed
 
 .PHONY: install demo test test-fast test-interop test-slurm bench clean slurm-start slurm-stop
 
 install: $(STAMP)
+	@echo "[install] done: the seer-* commands are in $(VENV)/bin; in each new shell run:  source $(VENV)/bin/activate"
 
-$(STAMP): pyproject.toml scripts/install.sh scripts/install_system.sh scripts/install_pillow_simd.sh \
-		scripts/install_interop.sh
-	bash scripts/install.sh
+$(STAMP): pyproject.toml scripts/install.sh scripts/install_system.sh scripts/install_pillow_simd.sh
+	SEER_SKIP_INTEROP=1 bash scripts/install.sh
 	touch $(STAMP)
+
+$(INTEROP_STAMP): scripts/install_interop.sh
+	bash scripts/install_interop.sh
+	touch $(INTEROP_STAMP)
 
 demo: install
 	$(PY) -m seer_pipeline.demo
 
 # The full suite: what CI runs. Starts the local SLURM for the launcher tests when it can.
-test: install
+test: install $(INTEROP_STAMP)
 	PY=$(PY) bash scripts/run_tests.sh -q tests
 
 # Inner loop: no multi-process / end-to-end tests.
@@ -24,7 +32,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow and not slurm" --ignore=tests/interop tests
 
 # Weight import/export against timm and torchvision, in their own venv (see docs/weights.md).
-test-interop: install
+test-interop: install $(INTEROP_STAMP)
 	.venv-interop/bin/python -m pytest -q -m interop tests/interop
 
 # Benchmark inputs: PHOTOS, a folder of images (default: the 12 test photos; the figures in

@@ -131,6 +131,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         print(f"seer-shards {args.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Finished shards are complete files; the same command finishes the job exactly.
+        hint = "; rerun the same command to finish" if args.cmd in ("build", "merge") else ""
+        print(f"seer-shards {args.cmd}: interrupted (Ctrl-C){hint}", file=sys.stderr)
+        return 130
     except (OSError, sqlite3.OperationalError) as e:
         if not _disk_full(e):
             raise

@@ -26,6 +26,8 @@ def init_worker(opts: ProcessOptions, exclude: frozenset[str], spool_dir: str, s
     _W.clear()
     _W.update(opts=opts, exclude=exclude, spool_dir=spool_dir, session=session, spool=None, readers={})
     _keep_memory()
+    if in_pool:  # Ctrl-C reaches the whole process group: the parent alone answers it (cli.py)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     if in_pool and sys.platform.startswith("linux"):
         # A forked worker holds the task pipe open itself, so it never sees EOF when the parent
         # is killed with -9: have the kernel send it SIGKILL instead.

@@ -35,6 +35,7 @@ def _workers_ignore_preemption(worker_id: int) -> None:
     crash the rank before it could save, so workers ignore both (added by the launch engineer)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the main process saves (train.signals)
 
 
 def _shutdown(source: Any) -> None:

@@ -111,6 +111,33 @@ def pick_device(device: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def device_problem(device: str | None) -> str:
+    """Why `--device` cannot be used here ('' when it can): checked before any work, so a CPU
+    machine answers `--device cuda` with one line instead of torch's AssertionError mid-run."""
+    if not device or not device.startswith("cuda"):
+        return ""
+    if not torch.cuda.is_available():
+        why = "this torch has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        return f"--device {device}: {why}; use --device cpu (or leave --device out)"
+    idx = device.partition(":")[2]
+    if idx and (not idx.isdigit() or int(idx) >= torch.cuda.device_count()):
+        return f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+    return ""
+
+
+# top-k needs more than k classes to mean anything: with 5 or fewer every sample is a top-5 hit.
+TOP5_MIN_CLASSES = 6
+
+
+def drop_trivial_top5(out: dict[str, Any], num_classes: int) -> None:
+    if num_classes >= TOP5_MIN_CLASSES:
+        return
+    for res in [out.get("linear"), out.get("linear_sgd"), out.get("knn"),
+                *(out.get("low_shot") or {}).values()]:
+        if isinstance(res, dict):
+            res.pop("top5", None)
+
+
 def probe(args: argparse.Namespace, ftr: torch.Tensor | np.ndarray, ytr: torch.Tensor,
           fte: torch.Tensor | np.ndarray, yte: torch.Tensor,
           num_classes: int) -> dict[str, Any]:
@@ -148,6 +175,7 @@ def probe(args: argparse.Namespace, ftr: torch.Tensor | np.ndarray, ytr: torch.T
         t1, t5 = knn_topk(ftr, ytr, fte, yte, num_classes, args.k, args.temperature, device=device)
         out["knn"] = {"accuracy": round(t1, 2), "top5": round(t5, 2), "k": args.k,
                       "temperature": args.temperature}
+    drop_trivial_top5(out, num_classes)
     return out
 
 
@@ -201,6 +229,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
                 "accuracy": round(r.top1, 2), "top5": round(r.top5, 2), "epochs": r.epochs, "lr": r.lr,
                 "protocol": "sgd, BN+linear head, features recomputed per epoch (random-resized crop + flip)",
                 "schedule": cfg.schedule, "train_accuracy": round(r.train_top1, 2)}
+            drop_trivial_top5(result, fs.num_classes)
         del fs  # close the memmaps before the folder goes
     result["seconds"] = round(time.monotonic() - t0, 1)
     out = Path(args.out) if args.out else default_out(args, spec)
@@ -216,6 +245,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("compare needs one or more weights specs: seer-eval compare A B ... --data SPEC")
     if args.mode != "compare" and (args.models or not args.checkpoint):
         parser.error(f"{args.mode} needs --weights (and no positional models)")
+    bad_device = device_problem(args.device)
+    if bad_device:
+        print(f"seer-eval: error: {bad_device}", file=sys.stderr)
+        return 2
     setup_logging(0)
 
     try:

@@ -151,7 +151,6 @@ def extract_features(trunk: nn.Module | None, src: Source, out_dir: Path, stage:
         for x, y, sp, sk in make_loader(ds, batch_size, workers, device):
             for k, v in sk.items():
                 skipped[k] = skipped.get(k, 0) + v
-            bar.update(len(x) + sum(sk.values()))
             for si, name in enumerate(SPLITS):
                 keep = (sp == si).nonzero().flatten()
                 cap = limits[si]
@@ -168,6 +167,8 @@ def extract_features(trunk: nn.Module | None, src: Source, out_dir: Path, stage:
                 files[name].write(np.ascontiguousarray(f, dtype=np.float32).tobytes())
                 labels[name].append(y[keep].numpy().astype(np.int64))
                 rows[name] += len(keep)
+            # After the batch's features are written: the bar reaches 100% when the work does.
+            bar.update(len(x) + sum(sk.values()))
             if all(limits[i] is not None and rows[s] >= limits[i] for i, s in enumerate(SPLITS)):
                 break
     if dim is None or rows["train"] == 0 or rows["test"] == 0:

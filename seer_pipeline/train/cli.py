@@ -23,7 +23,7 @@ from seer_pipeline.config.train import load_train_config
 from seer_pipeline.core import runlock
 from seer_pipeline.core.runlock import TOKEN_ENV
 from seer_pipeline.dist.setup import DistEnvError, free_port, resolve_env
-from seer_pipeline.train.signals import PREEMPTED, forward_signals
+from seer_pipeline.train.signals import INTERRUPTED, PREEMPTED, forward_signals
 
 log = logging.getLogger("seer_pipeline.train.cli")
 
@@ -41,6 +41,10 @@ def spawn_local(argv: list[str], nproc: int, threads: int, grace_s: float = 15.0
 
     After a rank fails the others get `grace_s` to notice on their own (their collectives fail
     within dist.timeout_s and they log which step failed) before they are killed.
+
+    The ranks get their own process group, so a terminal's Ctrl-C reaches this launcher alone and
+    each rank sees exactly one SIGINT (forwarded): it saves at the next step and exits 75. A
+    second Ctrl-C kills the ranks at once (exit 130, nothing saved beyond earlier checkpoints).
     """
 
     port = free_port()
@@ -51,14 +55,33 @@ def spawn_local(argv: list[str], nproc: int, threads: int, grace_s: float = 15.0
                    LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                    OMP_NUM_THREADS=str(threads))
         env[TOKEN_ENV] = lock_token  # this launcher holds run.dir's lock; its ranks join it
-        procs.append(subprocess.Popen([*cmd, *argv], env=env))
+        procs.append(subprocess.Popen([*cmd, *argv], env=env, process_group=0))
     old = forward_signals(lambda: procs)
+    forward = _signal.getsignal(_signal.SIGINT)
+    interrupts = 0
+
+    def on_interrupt(signum: int, frame) -> None:  # noqa: ANN001 - a signal frame
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts == 1:
+            print("seer-train: Ctrl-C: saving at the next step, then exiting (75); Ctrl-C again "
+                  "aborts without saving", file=sys.stderr, flush=True)
+            forward(signum, frame)  # type: ignore[operator]
+        else:
+            print("seer-train: second Ctrl-C: aborting without saving", file=sys.stderr, flush=True)
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+
+    _signal.signal(_signal.SIGINT, on_interrupt)
     failed_at: float | None = None
     first_bad: tuple[int, int] | None = None
     try:
         while any(p.poll() is None for p in procs):
             for r, p in enumerate(procs):
                 rc = p.poll()
+                if interrupts >= 2:
+                    break
                 if rc not in (None, 0, PREEMPTED) and first_bad is None:
                     first_bad, failed_at = (r, rc), time.monotonic()
                     log.error("rank %d failed (exit code %s); stopping the other ranks", r, rc)
@@ -75,6 +98,8 @@ def spawn_local(argv: list[str], nproc: int, threads: int, grace_s: float = 15.0
                 p.kill()
                 p.wait()
     codes = [p.returncode for p in procs]
+    if interrupts >= 2:
+        return INTERRUPTED
     if first_bad is not None:
         log.error("job failed: rank %d exited with %s (all exit codes: %s)", *first_bad, codes)
         return first_bad[1] if first_bad[1] > 0 else 1
@@ -144,6 +169,10 @@ def run_rank(cfg, denv) -> int:  # noqa: ANN001 - DictConfig, DistEnv
         from seer_pipeline.train.trainer import Trainer
 
         return Trainer(cfg, denv, device).train()
+    except KeyboardInterrupt:  # Ctrl-C before the trainer's handlers were installed: one line
+        print(f"seer-train: rank {denv.rank}: interrupted before training started; nothing "
+              "saved", file=sys.stderr)
+        return INTERRUPTED
     except Exception as e:
         if not logged:  # failed before the run folder's logs were set up
             print(f"seer-train: rank {denv.rank}: {type(e).__name__}: {e}", file=sys.stderr)
@@ -169,6 +198,14 @@ def run_rank(cfg, denv) -> int:  # noqa: ANN001 - DictConfig, DistEnv
 
 def main(argv: Sequence[str] | None = None) -> int:
     """seer-train."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C while reading the config or starting: nothing to save
+        print("seer-train: interrupted (Ctrl-C) before training started; nothing saved", file=sys.stderr)
+        return INTERRUPTED
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parse(argv)
 
     try:

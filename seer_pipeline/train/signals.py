@@ -10,6 +10,7 @@ the signal at the same step and save together.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from types import FrameType
@@ -19,7 +20,10 @@ from seer_pipeline.core.exit_codes import PREEMPTED  # noqa: F401  (re-exported:
 
 log = logging.getLogger(__name__)
 
-HANDLED_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+HANDLED_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+# Ctrl-C is a preemption too (save at the next step, exit 75); a second one aborts at once.
+# 130 = 128 + SIGINT, what a shell reports for a process stopped by Ctrl-C.
+INTERRUPTED = 130
 
 
 class PreemptionFlag:
@@ -31,6 +35,10 @@ class PreemptionFlag:
         self._previous: dict[int, Any] = {}
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            # os.write/_exit: no logging or unwinding inside a signal handler (and no traceback).
+            os.write(2, b"seer-train: second Ctrl-C: aborting without saving\n")
+            os._exit(INTERRUPTED)
         if self.signum is None:
             self.signum = signum
             self.received_at = time.monotonic()
