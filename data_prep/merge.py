@@ -18,6 +18,7 @@ from typing import Sequence
 from seer_pipeline.core.io_utils import atomic_write_json, fsync_dir
 from seer_pipeline.shards import format as fmt
 
+from data_prep import near_build
 from data_prep.lock import STATE, lock_out
 
 _PLAN = os.path.join(STATE, "merge-plan.json")
@@ -131,15 +132,32 @@ def _merge(parts: Sequence[str], out: str, out_abs: str, force: bool) -> dict:
         moves, shards, skipped = [], [], []
         sums: Counter[str] = Counter()
         reasons: Counter[str] = Counter()
+        near = base.get("dedup") == "near"
+        # near-duplicates across parts: data_prep.near_build rewrites the shards that lose samples
+        nx = near_build.merge_plan(mans, os.path.join(out, STATE)) if near else {"replace": {}}
         for p, m in mans:
             for s in m["shards"]:
+                src = os.path.join(os.path.abspath(p), s["name"])
+                if f"{os.path.abspath(p)}/{s['name']}" in nx["replace"]:
+                    r = nx["replace"][f"{os.path.abspath(p)}/{s['name']}"]
+                    src, s = r["path"], dict(s, count=r["count"], bytes=r["bytes"], sha256=r["sha256"])
+                    if not s["count"]:
+                        continue
                 name = fmt.shard_name(prefix, len(shards))
-                moves.append([os.path.join(os.path.abspath(p), s["name"]), os.path.join(out_abs, name)])
+                moves.append([src, os.path.join(out_abs, name)])
                 shards.append(dict(s, name=name))
             for k in ("inputs_seen", "written", "skipped", "duplicates", "excluded"):
                 sums[k] += m.get(k, 0)
             reasons.update(m.get("reasons", {}))
-            skipped.extend(fmt.read_skipped(os.path.join(p, fmt.SKIPPED), raw=True))
+            skipped.extend(fmt.read_skipped(os.path.join(p, fmt.SKIPPED), raw=True, dup=near))
+        if near:
+            sums["written"] -= nx["dropped"]
+            sums["skipped"] += nx["dropped"]
+            reasons["near_duplicate"] += nx["dropped"]
+            # a part's row may name a copy that the merge dropped: name the one finally kept
+            final = {fmt.escape_name(a): fmt.escape_name(c) for a, _, c in nx["skipped"]}
+            skipped = [[r[0], r[1], final.get(r[2], r[2])] for r in skipped]
+            skipped.extend([fmt.escape_name(a), b, fmt.escape_name(c)] for a, b, c in nx["skipped"])
         manifest = {
             "format": "seer-shards/1",
             **{k: sums[k] for k in ("inputs_seen", "written", "skipped", "duplicates", "excluded")},
@@ -148,6 +166,7 @@ def _merge(parts: Sequence[str], out: str, out_abs: str, force: bool) -> dict:
             "merged_parts": len(mans),
             # Dedup ran inside each part only: the same bytes under two paths may land in two parts.
             "dedup_scope": "per part",
+            **({"near_dedup_scope": "merged set"} if near else {}),
             "shards": shards,
             "config": dict(base, part=[0, 1], parts=len(mans)),
         }
@@ -161,5 +180,6 @@ def _merge(parts: Sequence[str], out: str, out_abs: str, force: bool) -> dict:
             raise FileNotFoundError(f"{src} is gone and {dst} was never written")
         _move(src, dst)
     fsync_dir(out)
-    fmt.write_skipped(os.path.join(out, fmt.SKIPPED), ((fmt.unescape_name(s), r) for s, r in plan["skipped"]))
+    fmt.write_skipped(os.path.join(out, fmt.SKIPPED), 
+                      ((fmt.unescape_name(r[0]), r[1], *map(fmt.unescape_name, r[2:])) for r in plan["skipped"]))
     return fmt.write_manifest(out, plan["manifest"])

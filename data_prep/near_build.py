@@ -92,9 +92,14 @@ def manifest_entry() -> dict:
 def shard_set_signatures(d: str) -> Iterator[tuple[str, Optional[str], dict]]:
     """(source, signature, sample json) per sample of a shard set; the signature comes from the
     json (built with --dedup near) or, for older sets, from decoding the stored JPEG."""
+    for _, src, sig, meta in _shard_signatures(d, fmt.load_manifest(d)):
+        yield src, sig, meta
+
+
+def _shard_signatures(d: str, man: dict) -> Iterator[tuple[str, str, Optional[str], dict]]:
+    """(shard name, source, signature, json with `key`) per sample, in the manifest's order."""
     from data_prep import near  # numpy, imagehash, faiss: loaded only by near-duplicate builds
 
-    man = fmt.load_manifest(d)
     for e in man["shards"]:
         for _, key, s in fmt.read_samples(os.path.join(d, e["name"])):
             try:
@@ -106,7 +111,42 @@ def shard_set_signatures(d: str) -> Iterator[tuple[str, Optional[str], dict]]:
             sig = meta.get("phash") if isinstance(meta.get("phash"), str) and len(meta["phash"]) == 32 else None
             if sig is None:
                 sig = near.signature_of_bytes((s or {}).get("jpg", b""))
-            yield fmt.unescape_name(str(meta.get("source", key))), sig, meta
+            yield e["name"], fmt.unescape_name(str(meta.get("source", key))), sig, meta
+
+
+def merge_plan(mans: Sequence[tuple[str, dict]], state: str) -> dict:
+    """Near-duplicates across the parts of a `--dedup near` build, for data_prep.merge.
+
+    Each part dropped its own copies; here every signature of every part is grouped once more
+    and each cross-part copy is dropped by the same rule (largest, then first by source). A
+    shard that loses samples is rewritten without them into `state` (same order, same bytes
+    for the rest), and the merge moves that file instead of the part's. Returns
+    {"replace": {"<part>/<shard>": {path, count, bytes, sha256}}, "skipped": [[source, reason,
+    duplicate_of]], "dropped": n}. Rerunning it gives the same files: the rule is a pure function.
+    """
+    from data_prep import near  # numpy, imagehash, faiss: loaded only by near-duplicate builds
+
+    where, sigs, px, srcs = [], [], [], []
+    for p, man in mans:
+        for shard, src, sig, meta in _shard_signatures(p, man):
+            if sig is None:  # undecodable sample: kept, never compared (verify reports it)
+                continue
+            where.append((os.path.abspath(p), shard, meta["key"]))
+            sigs.append(sig)
+            px.append(int(meta.get("orig_width") or 0) * int(meta.get("orig_height") or 0))
+            srcs.append(src)
+    drop = near.dedup(sigs, px, srcs)
+    by_shard: dict[tuple[str, str], set[str]] = {}
+    for d in drop:
+        by_shard.setdefault(where[d][:2], set()).add(where[d][2])
+    replace = {}
+    for (p, shard), keys in sorted(by_shard.items()):
+        dst = os.path.join(state, f"near-{len(replace):06d}.tar")
+        kept = ((k, s["jpg"], s["json"]) for _, k, s in fmt.read_samples(os.path.join(p, shard)) if k not in keys)
+        count, nbytes, sha = fmt.write_shard(dst, kept)
+        replace[f"{p}/{shard}"] = {"path": dst, "count": count, "bytes": nbytes, "sha256": sha}
+    skipped = [[srcs[d], "near_duplicate", srcs[k]] for d, k in sorted(drop.items(), key=lambda dk: srcs[dk[0]])]
+    return {"replace": replace, "skipped": skipped, "dropped": len(drop)}
 
 
 def load_signatures(paths: Sequence[str], what: str = "--exclude-near") -> list[tuple[str, str]]:
