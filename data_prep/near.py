@@ -1,17 +1,20 @@
 """Near-duplicate signatures, the Hamming index over them, and grouping (`--dedup near`).
 
-Signature: two 64-bit perceptual hashes (imagehash's pHash: DCT of a 32x32 grey thumbnail),
-one of the whole image and one of its centre with `INNER` of each border cut off. Two images
-are near-duplicates when the smallest of d(full, full), d(centre_a, full_b), d(full_a,
-centre_b) is <= `THRESHOLD` bits. The centre hash is what makes a 2-5% border crop match: a
-cropped copy's whole-image hash is close to the original's centre hash. Grey thumbnails make
-greyscale and colour-space conversion free; resize, recompression and format change move a
-pHash by <= 2 bits on the benchmark photos (docs/benchmarks.md, benchmarks/bench_near_dup.py).
+Signature: six 64-bit perceptual hashes (imagehash's pHash: DCT of a 32x32 grey thumbnail) of
+the whole image, of its centre (`INNER` cut from every border) and of the four crops that cut
+`INNER` from two adjacent borders. Two images are near-duplicates when any hash of one is
+within `THRESHOLD` bits of the other's whole-image hash. The crop hashes are what make a 2-5%
+border crop match: the cropped copy's whole-image hash is close to one of the original's
+crop hashes, whichever borders were cut. Grey thumbnails make greyscale and colour-space
+conversion free; resize, recompression and format change move a pHash by <= 2 bits on the
+benchmark photos (docs/benchmarks.md, benchmarks/bench_near_dup.py).
 
-Index: faiss's multi-index hashing (IndexBinaryMultiHash): the 64 bits are cut into `nhash`
-substrings and a pair is a candidate when one substring is within `nflip` bits. Pigeonhole
-makes it exact up to nhash * (nflip + 1) - 1 bits (3 here); pairs further apart (crops) are
-found when their differing bits fall unevenly, which is measured, not assumed.
+Index (faiss): brute force (IndexBinaryFlat, exact) up to 32k images; above, multi-index
+hashing (IndexBinaryMultiHash): the 64 bits are cut into `nhash` substrings and a pair is a
+candidate when one substring is within `nflip` bits, which pigeonhole makes exact up to
+nhash * (nflip + 1) - 1 bits: 7 up to 2^20 images, 3 above (pairs further apart are found
+when their differing bits fall unevenly). Exact at billion scale would need more probes;
+docs/benchmarks.md has the measured cost.
 
 imagehash, scipy and faiss load only when a near-duplicate flag is used: `seer-shards` starts
 without them.
@@ -26,21 +29,25 @@ import numpy as np
 
 from PIL import Image
 
-SIGNATURE = "phash64-centre-v1"  # recorded in the manifest; a change of method must not mix sets
+SIGNATURE = "phash64x6-v1"  # recorded in the manifest; a change of method must not mix sets
 INNER = 0.035  # border fraction cut for the centre hash: the middle of the 2-5% crop range
 THRESHOLD = 8  # bits; unrelated benchmark photos are >= 22 apart, copies <= 6 (docs/benchmarks.md)
+PARTS = 6  # 64-bit hashes per signature: whole, centre, 4 corner-anchored crops
 _THUMB = 128  # decode JPEGs at a DCT scale of at least this: pHash itself looks at 32x32
 
 
 def signature(img: Image.Image) -> str:
-    """32 hex digits: pHash of the whole image, then of its centre."""
+    """96 hex digits: pHashes of the whole image, its centre, then its four corner-anchored crops."""
     import imagehash  # scipy + PyWavelets behind it: only near-duplicate builds pay for them
 
     g = img if img.mode == "L" else img.convert("L")
     w, h = g.size
     dx, dy = round(w * INNER), round(h * INNER)
-    centre = g.crop((dx, dy, w - dx, h - dy)) if w - 2 * dx >= 8 and h - 2 * dy >= 8 else g
-    return str(imagehash.phash(g)) + str(imagehash.phash(centre))
+    if w - 2 * dx < 8 or h - 2 * dy < 8:
+        return str(imagehash.phash(g)) * PARTS
+    boxes = [(dx, dy, w - dx, h - dy),  # centre: cut on every border
+             (0, 0, w - dx, h - dy), (dx, 0, w, h - dy), (0, dy, w - dx, h), (dx, dy, w, h)]  # one corner kept each
+    return str(imagehash.phash(g)) + "".join(str(imagehash.phash(g.crop(b))) for b in boxes)
 
 
 def signature_of_bytes(data: bytes) -> Optional[str]:
@@ -58,10 +65,10 @@ def signature_of_bytes(data: bytes) -> Optional[str]:
 
 
 def codes(sigs: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(full, centre) uint8 arrays of shape (n, 8) from hex signatures."""
+    """(whole, all): uint8 arrays of shape (n, 8) and (n * PARTS, 8) from hex signatures."""
     raw = np.frombuffer(bytes.fromhex("".join(sigs)), dtype=np.uint8) if sigs else np.zeros(0, np.uint8)
-    raw = raw.reshape(-1, 16)
-    return np.ascontiguousarray(raw[:, :8]), np.ascontiguousarray(raw[:, 8:])
+    raw = raw.reshape(-1, PARTS, 8)
+    return np.ascontiguousarray(raw[:, 0]), np.ascontiguousarray(raw.reshape(-1, 8))
 
 
 def _index(full: np.ndarray) -> Any:
@@ -70,9 +77,12 @@ def _index(full: np.ndarray) -> Any:
 
     # Short substrings (16 bits, no flips) while buckets stay small; above a million codes,
     # 32-bit substrings with one flip keep each probe's bucket near-empty. Both exact to 3 bits.
-    nhash, bits, nflip = (4, 16, 0) if len(full) <= 1 << 20 else (2, 32, 1)
-    idx = faiss.IndexBinaryMultiHash(64, nhash, bits)
-    idx.nflip = nflip
+    if len(full) <= 1 << 15:  # brute force is exact and, this small, fast enough
+        idx = faiss.IndexBinaryFlat(64)
+    else:  # exact to 7 bits below a million codes, to 3 bits above (see the module docstring)
+        nhash, bits, nflip = (4, 16, 1) if len(full) <= 1 << 20 else (2, 32, 1)
+        idx = faiss.IndexBinaryMultiHash(64, nhash, bits)
+        idx.nflip = nflip
     idx.add(full)
     return idx
 
@@ -90,11 +100,10 @@ def _search(idx: Any, q: np.ndarray, threshold: int) -> tuple[np.ndarray, np.nda
 def pairs(a: Sequence[str], b: Optional[Sequence[str]] = None,
           threshold: int = THRESHOLD) -> list[tuple[int, int, int]]:
     """Near-duplicate pairs (i in a, j in b, distance): within `a` (i < j) when `b` is None."""
-    fa, ca = codes(a)
+    fa, qa = codes(a)
     same = b is None
-    fb, cb = (fa, ca) if same else codes(b)
+    fb, qb = (fa, qa) if same else codes(b)
     best: dict[tuple[int, int], int] = {}
-    idx = _index(fb)
 
     def note(i: int, j: int, d: int) -> None:
         if same:
@@ -103,12 +112,13 @@ def pairs(a: Sequence[str], b: Optional[Sequence[str]] = None,
             i, j = min(i, j), max(i, j)
         best[(i, j)] = min(d, best.get((i, j), d))
 
-    for q in (fa, ca):  # a's full and centre hashes against b's full hashes ...
-        for i, j, d in zip(*_search(idx, q, threshold)):
-            note(int(i), int(j), int(d))
-    if not same:  # ... and b's centre hashes against a's full ones (within a: the same pairs)
-        for j, i, d in zip(*_search(_index(fa), cb, threshold)):
-            note(int(i), int(j), int(d))
+    # every hash of a against b's whole-image hashes; and every hash of b against a's (within
+    # one set the first search already covers both directions)
+    for i, j, d in zip(*_search(_index(fb), qa, threshold)):
+        note(int(i) // PARTS, int(j), int(d))
+    if not same:
+        for j, i, d in zip(*_search(_index(fa), qb, threshold)):
+            note(int(i), int(j) // PARTS, int(d))
     return sorted((i, j, d) for (i, j), d in best.items())
 
 

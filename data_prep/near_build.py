@@ -108,7 +108,7 @@ def _shard_signatures(d: str, man: dict) -> Iterator[tuple[str, str, Optional[st
                 meta = {}
             meta = meta if isinstance(meta, dict) else {}
             meta.setdefault("key", key)
-            sig = meta.get("phash") if isinstance(meta.get("phash"), str) and len(meta["phash"]) == 32 else None
+            sig = meta.get("phash") if isinstance(meta.get("phash"), str) and len(meta["phash"]) == 16 * near.PARTS else None
             if sig is None:
                 sig = near.signature_of_bytes((s or {}).get("jpg", b""))
             yield e["name"], fmt.unescape_name(str(meta.get("source", key))), sig, meta

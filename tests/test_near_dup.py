@@ -70,7 +70,7 @@ def test_near_dedup_groups_transformed_copies_and_keeps_the_largest(dump: Path, 
         for suffix in ("", "_half.webp", "_q40.jpg", "_grey.png", "_crop.jpg"):
             name = f"{s}{suffix}" if suffix else f"{s}.jpg"
             assert _skips(tmp_path / "o")[name] == ("near_duplicate", f"{s}_up.png")
-    assert all(len(j["phash"]) == 32 for j in _jsons(tmp_path / "o"))  # the signature is stored
+    assert all(len(j["phash"]) == 96 for j in _jsons(tmp_path / "o"))  # the signature is stored
     assert man["near"]["signature"] and fmt.read_skipped(str(tmp_path / "o" / "skipped.tsv"))  # 2-col readers work
 
 
