@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 from PIL import Image  # already loaded by data_prep.images
 
-from data_prep import workers
+from data_prep import near_build, workers
 from data_prep.images import Result
 from data_prep.index import Index
 from data_prep.lock import STATE, lock_out
@@ -42,6 +42,10 @@ def _config(inputs: Sequence[str], o: ShardOptions) -> dict:
     cfg = dataclasses.asdict(o)
     cfg["part"] = list(o.part)
     cfg.pop("workers")  # how fast, not what: a rerun may use another worker count
+    if not cfg["exclude_near"]:  # near-duplicate options appear only where used (data_prep.near_build)
+        cfg.pop("exclude_near")
+    else:
+        cfg["exclude_near"] = [os.path.abspath(p) for p in cfg["exclude_near"]]
     cfg["inputs"] = list(inputs)
     return cfg
 
@@ -90,8 +94,12 @@ def build_shards(inputs: Sequence[str], out: str | os.PathLike, progress: bool =
         # One pool for both stages: forking and warming workers costs more than it seems.
         pool = _pool(opts, out, session, load_exclude(opts.exclude) if scan else frozenset())
         t1 = time.time()
+        if near_build.active(opts):
+            near_build.attach(idx, opts)
         if scan:
             _scan(inputs, out, opts, idx, progress, pool)
+        if near_build.active(opts):
+            near_build.apply(idx, opts)  # between scan and plan: needs every signature
         t2 = time.time()
         idx.make_plan(opts.maxcount, opts.maxsize)
         shards = _write(out, opts, idx, progress, pool, on_shard)
@@ -216,6 +224,8 @@ def _record(r: Result, idx: Index, opts: ShardOptions) -> None:
         idx.add_skip(r.ordinal, r.source, "duplicate", r.sha256, r.size)
     else:
         idx.add_ok(r, opts.seed)
+        if r.signature:
+            near_build.record(idx, r)
 
 
 def _commit(idx: Index, spool_fds: Iterable[int], last_ordinal: Optional[int]) -> None:
@@ -290,6 +300,7 @@ def _finish(out: str, cfg: dict, idx: Index, shards: list[dict]) -> dict:
     seen = sum(counts.values())
     written = counts.get("ok", 0)
     fmt.write_skipped(os.path.join(out, fmt.SKIPPED),
+                      near_build.skipped_rows(idx) if getattr(idx, "near", False) else
                       ((fmt.unescape_name(r["source"]), r["reason"]) for r in idx.skipped()))
     manifest = {
         "format": "seer-shards/1",
@@ -304,6 +315,8 @@ def _finish(out: str, cfg: dict, idx: Index, shards: list[dict]) -> dict:
         "shards": shards,
         "config": cfg,
     }
+    if getattr(idx, "near", False):
+        manifest["near"] = near_build.manifest_entry()
     assert sum(s["count"] for s in shards) == written
     manifest = fmt.write_manifest(out, manifest)
     for fn in os.listdir(os.path.join(out, STATE)):  # the spool is only needed until here

@@ -1,4 +1,4 @@
-"""`seer-shards {build,verify,stats,merge}`: the command line over data_prep.
+"""`seer-shards {build,verify,stats,merge,contamination}`: the command line over data_prep.
 
 Plain argparse on purpose: the command is timed end to end, and must not import torch
 (webdataset and the seer_pipeline config stack are left out for the same reason).
@@ -60,7 +60,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--max-pixels", type=int, default=100_000_000, help="refuse larger images before decoding")
     b.add_argument("--max-bytes", type=_size, default=256 << 20,
                    help="skip inputs larger than this (from stat / the tar header, before reading); default 256M")
-    b.add_argument("--no-dedup", action="store_true", help="keep exact duplicates")
+    b.add_argument("--no-dedup", action="store_true", help="keep exact duplicates (same as --dedup none)")
+    b.add_argument("--dedup", choices=["exact", "near", "none"], default="exact",
+                   help="exact: drop byte-identical copies (default); near: also drop resized, recompressed, "
+                        "converted or slightly cropped copies (skipped.tsv names the kept one)")
+    b.add_argument("--exclude-near", nargs="+", action="extend", default=[], metavar="PATH",
+                   help="evaluation images (folders, archives, lists, shard sets): drop near-copies of them")
     b.add_argument("--exclude", action="append", default=[], metavar="FILE_OR_DIR",
                    help="sha256 list or folder of images (e.g. an eval set) to keep out; repeatable")
     b.add_argument("--part", type=_part, default=(0, 1), metavar="I/N", help="build part I of N")
@@ -79,6 +84,10 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("parts", nargs="+", help="the part output directories")
     m.add_argument("--out", required=True)
     m.add_argument("--force", action="store_true", help="replace a shard set already in --out")
+    c = sub.add_parser("contamination", help="which evaluation images have near-copies in a shard set")
+    c.add_argument("dir", help="local shard folder")
+    c.add_argument("evals", nargs="+", help="evaluation images: folders, archives, path lists, shard sets")
+    c.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON here")
     for p in (b, v, s, m):  # overrides AWS_ENDPOINT_URL / the AWS config (never logged with credentials)
         p.add_argument("--endpoint-url", default=None, help="S3 endpoint, e.g. http://127.0.0.1:8333")
     return ap
@@ -95,7 +104,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if args.endpoint_url:
+    if getattr(args, "endpoint_url", None):  # local-only commands (contamination) have no such option
         from seer_pipeline.store.client import set_endpoint  # lazy: boto3 loads only when a remote store is named
 
         set_endpoint(args.endpoint_url)
@@ -117,6 +126,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             st = stats(args.dir)
             print(json.dumps(st, indent=2) if args.json else format_stats(st))
             return 0
+        if args.cmd == "contamination":  # exits 1 when a copy is found, like verify on a problem
+            from data_prep.contamination import run
+
+            return run(args.dir, args.evals, args.json)
         if args.cmd == "merge":
             from data_prep.merge import merge
 
@@ -166,8 +179,8 @@ def _build(args: argparse.Namespace) -> int:
         maxcount=args.maxcount, maxsize=args.maxsize, seed=args.seed, workers=max(1, args.workers),
         resize_short_side=args.resize_short_side, quality=args.quality, reencode=args.reencode,
         check=args.check, min_side=args.min_side, max_pixels=args.max_pixels, max_bytes=args.max_bytes,
-        dedup=not args.no_dedup,
-        exclude=list(args.exclude), part=args.part, prefix=args.prefix)
+        dedup=False if args.no_dedup or args.dedup == "none" else ("near" if args.dedup == "near" else True),
+        exclude=list(args.exclude), exclude_near=list(args.exclude_near), part=args.part, prefix=args.prefix)
     if "://" in args.out:
         from data_prep.store_build import build_to_store
 

@@ -47,6 +47,7 @@ class ProcessOptions:
     min_side: int = 16
     max_pixels: int = 100_000_000
     max_bytes: Optional[int] = 256 << 20
+    signature: bool = False  # --dedup near / --exclude-near: workers add data_prep.near's signature
 
 
 @dataclass
@@ -67,6 +68,7 @@ class Result:
     spool: str = ""  # where a worker stored `data` (then dropped from the result)
     off: int = 0
     length: int = 0
+    signature: str = ""  # data_prep.near, when ProcessOptions.signature
 
 
 def read_source(path: str, max_bytes: Optional[int] = None) -> tuple[Optional[bytes], Optional[str]]:

@@ -88,6 +88,9 @@ class Index:
             q = ("SELECT * FROM items WHERE reason IS NULL AND (pos, ordinal) >= (?, ?) "
                  "ORDER BY pos, ordinal LIMIT ?")
             args = (first[0], first[1], limit)
+        if getattr(self, "near", False):  # data_prep.near_build: the signature joins each row
+            q = q.replace("SELECT * FROM items", "SELECT items.*, near.sig AS phash FROM items "
+                          "LEFT JOIN near USING (ordinal)").replace("reason IS NULL", "items.reason IS NULL")
         yield from self.db.execute(q, args)
 
     def make_plan(self, maxcount: int, maxsize: Optional[int]) -> None:

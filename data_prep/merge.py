@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 from collections import Counter
 from typing import Sequence
@@ -18,6 +19,7 @@ from typing import Sequence
 from seer_pipeline.core.io_utils import atomic_write_json, fsync_dir
 from seer_pipeline.shards import format as fmt
 
+from data_prep import near_build
 from data_prep.lock import STATE, lock_out
 
 _PLAN = os.path.join(STATE, "merge-plan.json")
@@ -120,7 +122,10 @@ def _merge(parts: Sequence[str], out: str, out_abs: str, force: bool) -> dict:
     else:
         mans, base = _check_parts(parts)
         _clear_out(out, parts, force)
-        plan = _make_plan(mans, base, out_abs)
+        # near-duplicates across parts: data_prep.near_build rewrites the shards that lose samples
+        nx = (near_build.merge_plan(mans, os.path.join(out, STATE)) if base.get("dedup") == "near"
+              else None)
+        plan = _make_plan(mans, base, out_abs, nx)
         atomic_write_json(plan_path, plan)
     for src, dst in plan["moves"]:
         if os.path.exists(dst) and not os.path.exists(src):
@@ -129,26 +134,44 @@ def _merge(parts: Sequence[str], out: str, out_abs: str, force: bool) -> dict:
             raise FileNotFoundError(f"{src} is gone and {dst} was never written")
         _move(src, dst)
     fsync_dir(out)
-    fmt.write_skipped(os.path.join(out, fmt.SKIPPED), ((fmt.unescape_name(s), r) for s, r in plan["skipped"]))
+    fmt.write_skipped(os.path.join(out, fmt.SKIPPED), 
+                      ((fmt.unescape_name(r[0]), r[1], *map(fmt.unescape_name, r[2:])) for r in plan["skipped"]))
     return fmt.write_manifest(out, plan["manifest"])
 
 
-def _make_plan(mans: list[tuple[str, dict]], base: dict, out_abs: str) -> dict:
+def _make_plan(mans: list[tuple[str, dict]], base: dict, out_abs: str, nx: dict | None = None) -> dict:
     """Every move (part shard -> renumbered name in `out`), the merged manifest and skipped rows:
-    a pure function of the parts' manifests and skipped.tsv, so a rerun can recompute it."""
+    a pure function of the parts' manifests and skipped.tsv and, for a `--dedup near` merge, of
+    near_build's rewrite table `nx` (kept in the plan, checked on a rerun by `_load_plan`)."""
     prefix = base.get("prefix", "shard")
+    near = nx is not None
+    nx = nx or {"replace": {}, "dropped": 0, "skipped": []}
     moves, shards, skipped = [], [], []
     sums: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
     for p, m in mans:
         for s in m["shards"]:
+            src = os.path.join(os.path.abspath(p), s["name"])
+            r = nx["replace"].get(f"{os.path.abspath(p)}/{s['name']}")
+            if r is not None:  # near_build's copy of this shard without the dropped samples
+                src, s = r["path"], dict(s, count=r["count"], bytes=r["bytes"], sha256=r["sha256"])
+                if not s["count"]:
+                    continue
             name = fmt.shard_name(prefix, len(shards))
-            moves.append([os.path.join(os.path.abspath(p), s["name"]), os.path.join(out_abs, name)])
+            moves.append([src, os.path.join(out_abs, name)])
             shards.append(dict(s, name=name))
         for k in ("inputs_seen", "written", "skipped", "duplicates", "excluded"):
             sums[k] += m.get(k, 0)
         reasons.update(m.get("reasons", {}))
-        skipped.extend([list(r) for r in fmt.read_skipped(os.path.join(p, fmt.SKIPPED), raw=True)])
+        skipped.extend([list(r) for r in fmt.read_skipped(os.path.join(p, fmt.SKIPPED), raw=True, dup=near)])
+    if near:
+        sums["written"] -= nx["dropped"]
+        sums["skipped"] += nx["dropped"]
+        reasons["near_duplicate"] += nx["dropped"]
+        # a part's row may name a copy that the merge dropped: name the one finally kept
+        final = {fmt.escape_name(a): fmt.escape_name(c) for a, _, c in nx["skipped"]}
+        skipped = [[r[0], r[1], final.get(r[2], r[2])] for r in skipped]
+        skipped.extend([fmt.escape_name(a), b, fmt.escape_name(c)] for a, b, c in nx["skipped"])
     manifest = {
         "format": "seer-shards/1",
         **{k: sums[k] for k in ("inputs_seen", "written", "skipped", "duplicates", "excluded")},
@@ -157,11 +180,33 @@ def _make_plan(mans: list[tuple[str, dict]], base: dict, out_abs: str) -> dict:
         "merged_parts": len(mans),
         # Dedup ran inside each part only: the same bytes under two paths may land in two parts.
         "dedup_scope": "per part",
+        **({"near_dedup_scope": "merged set"} if near else {}),
         "shards": shards,
         "config": dict(base, part=[0, 1], parts=len(mans)),
     }
     return {"parts": [os.path.abspath(p) for p, _ in mans], "moves": moves, "manifest": manifest,
-            "skipped": skipped}
+            "skipped": skipped, **({"near": nx} if near else {})}
+
+
+def _near_table(planted: dict, mans: list[tuple[str, dict]], out_abs: str) -> dict:
+    """The near-duplicate rewrite table of a planted plan, accepted only where it can do no
+    harm: keys are shards of the parts, and every rewritten file lies in OUT's state folder
+    under near_build's naming (the rest of the plan is then recomputed and compared)."""
+    nx = planted.get("near")
+    state = os.path.realpath(os.path.join(out_abs, STATE))
+    shards = {f"{os.path.abspath(p)}/{e['name']}" for p, m in mans for e in m["shards"]}
+    ok = isinstance(nx, dict) and isinstance(nx.get("replace"), dict) and isinstance(nx.get("dropped"), int)
+    ok = ok and isinstance(nx.get("skipped"), list) and all(
+        isinstance(r, list) and len(r) == 3 and all(isinstance(x, str) for x in r) for r in nx["skipped"])
+    for key, r in (nx.get("replace", {}).items() if ok else ()):
+        ok = ok and key in shards and isinstance(r, dict) and isinstance(r.get("path"), str) and \
+            os.path.dirname(os.path.realpath(r["path"])) == state and \
+            re.fullmatch(r"near-\d{6}\.tar", os.path.basename(r["path"])) is not None and \
+            all(isinstance(r.get(k), int) for k in ("count", "bytes")) and isinstance(r.get("sha256"), str)
+    if not ok:
+        raise ValueError(f"{os.path.join(out_abs, _PLAN)}: its near-duplicate table names files outside "
+                         f"{state} or shards of no part; refusing to move anything")
+    return nx
 
 
 def _load_plan(plan_path: str, parts: Sequence[str], out_abs: str) -> dict:
@@ -182,11 +227,15 @@ def _load_plan(plan_path: str, parts: Sequence[str], out_abs: str) -> dict:
         raise ValueError(f"{os.path.dirname(os.path.dirname(plan_path))} holds a merge of other parts: "
                          f"{planted.get('parts') if isinstance(planted, dict) else planted!r}")
     mans = sorted(((p, fmt.load_manifest(p)) for p in parts), key=lambda pm: pm[1]["part"][0])
-    plan = _make_plan(mans, _strip(mans[0][1]["config"]), out_abs)
+    base = _strip(mans[0][1]["config"])
+    nx = _near_table(planted, mans, out_abs) if base.get("dedup") == "near" else None
+    plan = _make_plan(mans, base, out_abs, nx)
     if planted.get("moves") != plan["moves"]:
         raise ValueError(f"{plan_path} does not match the parts' manifests (a move outside the part "
                          "folders or the output?); refusing to move anything")
     by_src = {os.path.join(os.path.abspath(p), e["name"]): (p, e) for p, m in mans for e in m["shards"]}
+    by_src.update({r["path"]: (os.path.dirname(r["path"]), dict(r, name=os.path.basename(r["path"])))
+                   for r in (nx or {"replace": {}})["replace"].values()})
     for src, dst in plan["moves"]:
         part, e = by_src[src]
         if os.path.lexists(src):

@@ -28,8 +28,9 @@ class ShardOptions:
     min_side: int = 16
     max_pixels: int = 100_000_000
     max_bytes: int = MAX_BYTES
-    dedup: bool = True
+    dedup: bool | str = True  # True: exact (sha256), False: none, "near": data_prep.near too
     exclude: list[str] = field(default_factory=list)
+    exclude_near: list[str] = field(default_factory=list)  # data_prep.near_build
     part: tuple[int, int] = (0, 1)
     prefix: str = "shard"
 
@@ -44,6 +45,8 @@ class ShardOptions:
             raise ValueError("check must be 'full' or 'header'")
         if not 1 <= self.quality <= 100:
             raise ValueError("quality must be in 1..100")
+        if self.dedup not in (True, False, "near"):
+            raise ValueError(f"dedup must be exact, near or none, got {self.dedup!r}")
         if not 1 <= self.max_bytes <= MAX_BYTES:  # a bigger member would be refused by every reader
             raise ValueError(f"max_bytes must be in 1..{MAX_BYTES} (the shard readers' member cap)")
         if self.resize_short_side is not None and self.resize_short_side < 1:
@@ -56,7 +59,8 @@ class ShardOptions:
 
     def process(self) -> ProcessOptions:
         return ProcessOptions(self.resize_short_side, self.quality, self.reencode, self.check,
-                              self.min_side, self.max_pixels, self.max_bytes)
+                              self.min_side, self.max_pixels, self.max_bytes,
+                              signature=self.dedup == "near" or bool(self.exclude_near))
 
 
 def in_part(source: str, part: tuple[int, int]) -> bool:

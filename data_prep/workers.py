@@ -72,6 +72,8 @@ def scan_chunk(jobs: list[Item]) -> list[Result]:
             out.append(Result(it.ordinal, it.source, reason=reason))
             continue
         r = process_bytes(it.ordinal, it.source, data, _W["opts"], _W["exclude"])
+        if r.reason is None and _W["opts"].signature:  # of the stored JPEG: what a later check sees
+            r.signature = _near_signature(r)
         if r.reason is None:
             f = _spool()
             r.spool, r.off, r.length = _W["spool_name"], f.tell(), len(r.data)
@@ -81,6 +83,12 @@ def scan_chunk(jobs: list[Item]) -> list[Result]:
     if _W["spool"] is not None:
         _W["spool"].flush()  # in the OS before the main process may commit rows pointing here
     return out
+
+
+def _near_signature(r: Result) -> str:
+    from data_prep.near import signature_of_bytes  # imagehash loads only in near builds
+
+    return signature_of_bytes(r.data) or ""
 
 
 def close_spool() -> None:

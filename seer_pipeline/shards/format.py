@@ -32,6 +32,7 @@ MANIFEST, SKIPPED = "manifest.json", "skipped.tsv"
 SAMPLE_EXTS = ("jpg", "json")  # the members every sample has, in this order
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 SKIPPED_HEADER = "source\treason"
+SKIPPED_HEADER_DUP = "source\treason\tduplicate_of"  # near-duplicate builds (data_prep.near)
 BLOCK = tarfile.BLOCKSIZE  # 512
 RECORD = tarfile.RECORDSIZE  # 10240: tar(1) and tarfile pad an archive to a whole record
 # The largest member any reader holds in memory, and the build's default (and ceiling) for
@@ -87,23 +88,39 @@ def unescape_name(text: str) -> str:
     return _UNESC.sub(_unesc, text)
 
 
-def write_skipped(path: str, rows: Iterable[tuple[str, str]]) -> None:
-    """skipped.tsv: a header, then one `escaped source<TAB>reason` line per skipped input."""
-    lines = [SKIPPED_HEADER] + [f"{escape_name(src)}\t{reason}" for src, reason in rows]
+def write_skipped(path: str, rows: Iterable[tuple[str, ...]]) -> None:
+    """skipped.tsv: a header, then one `escaped source<TAB>reason` line per skipped input.
+
+    Rows of three (source, reason, duplicate_of), written by `--dedup near`/`--exclude-near`
+    builds, add a third column naming the kept (or evaluation) image; without them the file
+    is byte for byte the two-column one.
+    """
+    rows = list(rows)
+    if any(len(r) > 2 for r in rows):
+        lines = [SKIPPED_HEADER_DUP] + [f"{escape_name(r[0])}\t{r[1]}\t{escape_name(r[2]) if len(r) > 2 else ''}"
+                                        for r in rows]
+    else:
+        lines = [SKIPPED_HEADER] + [f"{escape_name(src)}\t{reason}" for src, reason in rows]
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def read_skipped(path: str, raw: bool = False) -> list[tuple[str, str]]:
-    """(source, reason) rows of skipped.tsv; sources unescaped unless `raw`."""
+def read_skipped(path: str, raw: bool = False, dup: bool = False) -> list[tuple[str, ...]]:
+    """(source, reason) rows of skipped.tsv, or (source, reason, duplicate_of) with `dup`
+    ("" where there is none); names unescaped unless `raw`. Reads both header forms."""
     with open(path, "r", encoding="utf-8", newline="\n") as f:  # only LF ends a row
         lines = f.read().split("\n")
-    if not lines or lines[0] != SKIPPED_HEADER:
+    if not lines or lines[0] not in (SKIPPED_HEADER, SKIPPED_HEADER_DUP):
         raise ValueError(f"{path}: not a skipped.tsv (header {lines[0][:40]!r})")
-    rows = []
+    three = lines[0] == SKIPPED_HEADER_DUP
+    rows: list[tuple[str, ...]] = []
     for ln in lines[1:]:
         if ln:
+            other = ""
+            if three:  # escaped names hold no TAB: the last TAB starts the third column
+                ln, _, other = ln.rpartition("\t")
             src, _, reason = ln.rpartition("\t")
-            rows.append((src if raw else unescape_name(src), reason))
+            name = (lambda x: x) if raw else unescape_name
+            rows.append((name(src), reason, name(other)) if dup else (name(src), reason))
     return rows
 
 
@@ -128,6 +145,8 @@ def sample_json(row: Mapping[str, Any]) -> bytes:
     `source` must already be escaped (`escape_name`): the index stores it that way.
     """
     meta = {k: row[k] for k in ("source", "sha256", "width", "height", "orig_width", "orig_height")}
+    if "phash" in row.keys() and row["phash"]:  # --dedup near / --exclude-near builds: data_prep.near
+        meta["phash"] = row["phash"]
     return json.dumps(meta, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 

@@ -1,0 +1,156 @@
+"""Near-duplicate signatures, the Hamming index over them, and grouping (`--dedup near`).
+
+Signature: six 64-bit perceptual hashes (imagehash's pHash: DCT of a 32x32 grey thumbnail) of
+the whole image, of its centre (`INNER` cut from every border) and of the four crops that cut
+`INNER` from two adjacent borders. Two images are near-duplicates when any hash of one is
+within `THRESHOLD` bits of the other's whole-image hash. The crop hashes are what make a 2-5%
+border crop match: the cropped copy's whole-image hash is close to one of the original's
+crop hashes, whichever borders were cut. Grey thumbnails make greyscale and colour-space
+conversion free; resize, recompression and format change move a pHash by <= 2 bits on the
+benchmark photos (docs/benchmarks.md, benchmarks/bench_near_dup.py).
+
+Index (faiss): brute force (IndexBinaryFlat, exact) up to 32k images; above, multi-index
+hashing (IndexBinaryMultiHash): the 64 bits are cut into `nhash` substrings and a pair is a
+candidate when one substring is within `nflip` bits, which pigeonhole makes exact up to
+nhash * (nflip + 1) - 1 bits: 7 up to 2^20 images, 3 above (pairs further apart are found
+when their differing bits fall unevenly). Exact at billion scale would need more probes;
+docs/benchmarks.md has the measured cost.
+
+imagehash, scipy and faiss load only when a near-duplicate flag is used: `seer-shards` starts
+without them.
+"""
+from __future__ import annotations
+
+import io
+import logging
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+
+from PIL import Image
+
+SIGNATURE = "phash64x6-v1"  # recorded in the manifest; a change of method must not mix sets
+INNER = 0.035  # border fraction cut for the centre hash: the middle of the 2-5% crop range
+THRESHOLD = 8  # bits; unrelated benchmark photos are >= 22 apart, copies <= 6 (docs/benchmarks.md)
+PARTS = 6  # 64-bit hashes per signature: whole, centre, 4 corner-anchored crops
+_THUMB = 128  # decode JPEGs at a DCT scale of at least this: pHash itself looks at 32x32
+
+
+def signature(img: Image.Image) -> str:
+    """96 hex digits: pHashes of the whole image, its centre, then its four corner-anchored crops."""
+    import imagehash  # scipy + PyWavelets behind it: only near-duplicate builds pay for them
+
+    g = img if img.mode == "L" else img.convert("L")
+    w, h = g.size
+    dx, dy = round(w * INNER), round(h * INNER)
+    if w - 2 * dx < 8 or h - 2 * dy < 8:
+        return str(imagehash.phash(g)) * PARTS
+    boxes = [(dx, dy, w - dx, h - dy),  # centre: cut on every border
+             (0, 0, w - dx, h - dy), (dx, 0, w, h - dy), (0, dy, w - dx, h), (dx, dy, w, h)]  # one corner kept each
+    return str(imagehash.phash(g)) + "".join(str(imagehash.phash(g.crop(b))) for b in boxes)
+
+
+def signature_of_bytes(data: bytes) -> Optional[str]:
+    """The signature of an encoded image, or None when it cannot be decoded."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        if img.format == "JPEG":  # a 1/8-scale DCT decode is plenty for a 32x32 thumbnail
+            img.draft("L", (_THUMB, _THUMB))
+        if getattr(img, "n_frames", 1) > 1:
+            img.seek(0)
+        img.load()
+        return signature(img)
+    except Exception:  # any decoder failure: the caller counts the input, it never stops a run
+        return None
+
+
+def codes(sigs: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(whole, all): uint8 arrays of shape (n, 8) and (n * PARTS, 8) from hex signatures."""
+    raw = np.frombuffer(bytes.fromhex("".join(sigs)), dtype=np.uint8) if sigs else np.zeros(0, np.uint8)
+    raw = raw.reshape(-1, PARTS, 8)
+    return np.ascontiguousarray(raw[:, 0]), np.ascontiguousarray(raw.reshape(-1, 8))
+
+
+def _index(full: np.ndarray) -> Any:
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is noise
+    import faiss  # a large native library: loaded on the first search, never by a plain build
+
+    # Short substrings (16 bits, no flips) while buckets stay small; above a million codes,
+    # 32-bit substrings with one flip keep each probe's bucket near-empty. Both exact to 3 bits.
+    if len(full) <= 1 << 15:  # brute force is exact and, this small, fast enough
+        idx = faiss.IndexBinaryFlat(64)
+    else:  # exact to 7 bits below a million codes, to 3 bits above (see the module docstring)
+        nhash, bits, nflip = (4, 16, 1) if len(full) <= 1 << 20 else (2, 32, 1)
+        idx = faiss.IndexBinaryMultiHash(64, nhash, bits)
+        idx.nflip = nflip
+    idx.add(full)
+    return idx
+
+
+def _search(idx: Any, q: np.ndarray, threshold: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(query row, index row, distance) of every candidate within `threshold` bits."""
+    if len(q) == 0 or idx.ntotal == 0:
+        e = np.zeros(0, np.int64)
+        return e, e, e
+    lims, dist, ids = idx.range_search(q, threshold + 1)  # faiss keeps d < radius
+    rows = np.repeat(np.arange(len(q)), np.diff(lims).astype(np.int64))
+    return rows, ids.astype(np.int64), dist.astype(np.int64)
+
+
+def pairs(a: Sequence[str], b: Optional[Sequence[str]] = None,
+          threshold: int = THRESHOLD) -> list[tuple[int, int, int]]:
+    """Near-duplicate pairs (i in a, j in b, distance): within `a` (i < j) when `b` is None."""
+    fa, qa = codes(a)
+    same = b is None
+    fb, qb = (fa, qa) if same else codes(b)
+    best: dict[tuple[int, int], int] = {}
+
+    def note(i: int, j: int, d: int) -> None:
+        if same:
+            if i == j:
+                return
+            i, j = min(i, j), max(i, j)
+        best[(i, j)] = min(d, best.get((i, j), d))
+
+    # every hash of a against b's whole-image hashes; and every hash of b against a's (within
+    # one set the first search already covers both directions)
+    for i, j, d in zip(*_search(_index(fb), qa, threshold)):
+        note(int(i) // PARTS, int(j), int(d))
+    if not same:
+        for j, i, d in zip(*_search(_index(fa), qb, threshold)):
+            note(int(i), int(j) // PARTS, int(d))
+    return sorted((i, j, d) for (i, j), d in best.items())
+
+
+def groups(n: int, edges: Iterable[tuple[int, int, int]]) -> list[list[int]]:
+    """Connected components (of size >= 2) of the near-duplicate graph, by union-find."""
+    parent = list(range(n))
+
+    def root(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for i, j, _ in edges:
+        ri, rj = root(i), root(j)
+        if ri != rj:
+            parent[max(ri, rj)] = min(ri, rj)
+    comp: dict[int, list[int]] = {}
+    for x in range(n):
+        comp.setdefault(root(x), []).append(x)
+    return [c for c in comp.values() if len(c) > 1]
+
+
+def keeper(members: Sequence[int], pixels: Sequence[int], sources: Sequence[str]) -> int:
+    """The one image a group keeps: the largest, then the first by source name."""
+    return min(members, key=lambda k: (-pixels[k], sources[k], k))
+
+
+def dedup(sigs: Sequence[str], pixels: Sequence[int], sources: Sequence[str]) -> dict[int, int]:
+    """{dropped row: kept row} over one set of images."""
+    drop: dict[int, int] = {}
+    for g in groups(len(sigs), pairs(sigs)):
+        k = keeper(g, pixels, sources)
+        drop.update({m: k for m in g if m != k})
+    return drop

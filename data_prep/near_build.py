@@ -1,0 +1,180 @@
+"""`--dedup near` and `--exclude-near` inside `seer-shards build`, kept apart from the builder.
+
+The workers compute each stored image's signature (data_prep.near) from the JPEG they store;
+it is kept in the build index's `near` table and written into the sample's `json` as `phash`.
+Grouping needs every signature of the part, so it is one stage between scan and plan: it
+marks the dropped copies `near_duplicate` (and the copies of evaluation images
+`excluded_near`) in one transaction, with the kept image's source in `near.dup_of`. A build
+killed during the stage redoes it; one killed after it finds `near_done` and goes on.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Iterator, Optional, Sequence
+
+from data_prep.images import read_source
+from data_prep.options import MAX_BYTES
+from data_prep.sources import iter_inputs
+from seer_pipeline.shards import format as fmt
+
+log = logging.getLogger(__name__)
+TABLE = "CREATE TABLE IF NOT EXISTS near (ordinal INTEGER PRIMARY KEY, sig TEXT, dup_of TEXT)"
+
+
+def active(opts: Any) -> bool:
+    """Does this build compute signatures? (`--dedup near` or any `--exclude-near`)."""
+    return opts.dedup == "near" or bool(getattr(opts, "exclude_near", None))
+
+
+def attach(idx: Any, opts: Any) -> None:
+    missing = [p for p in getattr(opts, "exclude_near", []) if not os.path.exists(p)]
+    if missing:  # before the scan, not after an hour of it
+        raise FileNotFoundError(f"--exclude-near: no such file or folder: {', '.join(missing)}")
+    idx.db.execute(TABLE)
+    idx.near = True  # Index.ok_rows joins the signatures in: they go into each sample's json
+    idx.commit()
+
+
+def record(idx: Any, r: Any) -> None:
+    if getattr(r, "signature", ""):
+        idx.db.execute("INSERT OR REPLACE INTO near (ordinal, sig) VALUES (?, ?)", (r.ordinal, r.signature))
+
+
+def apply(idx: Any, opts: Any) -> None:
+    """The grouping stage: eval copies first (`excluded_near`), then near-duplicates."""
+    if idx.get("near_done") == "1":
+        return
+    from data_prep import near  # numpy, imagehash, faiss: loaded only by near-duplicate builds
+
+    rows = idx.db.execute(
+        "SELECT items.ordinal, items.source, items.orig_width * items.orig_height AS px, near.sig "
+        "FROM items JOIN near USING (ordinal) WHERE items.reason IS NULL ORDER BY items.ordinal").fetchall()
+    sigs = [r["sig"] for r in rows]
+    marks: dict[int, tuple[str, str]] = {}  # row -> (reason, duplicate_of, escaped)
+    evals = load_signatures(opts.exclude_near) if getattr(opts, "exclude_near", None) else []
+    if evals:
+        for i, j, _ in near.pairs(sigs, [s for _, s in evals]):
+            marks.setdefault(i, ("excluded_near", fmt.escape_name(evals[j][0])))
+    if opts.dedup == "near":
+        left = [k for k in range(len(rows)) if k not in marks]
+        drop = near.dedup([sigs[k] for k in left], [rows[k]["px"] or 0 for k in left],
+                          [rows[k]["source"] for k in left])
+        for d, k in drop.items():
+            marks[left[d]] = ("near_duplicate", rows[left[k]]["source"])
+    for k, (reason, dup) in marks.items():
+        idx.db.execute("UPDATE items SET reason=? WHERE ordinal=?", (reason, rows[k]["ordinal"]))
+        idx.db.execute("UPDATE near SET dup_of=? WHERE ordinal=?", (dup, rows[k]["ordinal"]))
+    idx.put("near_done", 1)
+    idx.commit()
+    log.info("near-duplicates: %d signatures, %d near_duplicate, %d excluded_near", len(rows),
+             sum(m[0] == "near_duplicate" for m in marks.values()),
+             sum(m[0] == "excluded_near" for m in marks.values()))
+
+
+def skipped_rows(idx: Any) -> Iterator[tuple[str, ...]]:
+    """skipped.tsv rows with the third column (sources unescaped)."""
+    q = ("SELECT items.source, items.reason, near.dup_of FROM items LEFT JOIN near USING (ordinal) "
+         "WHERE items.reason IS NOT NULL ORDER BY items.ordinal")
+    for r in idx.db.execute(q):
+        yield fmt.unescape_name(r[0]), r[1], fmt.unescape_name(r[2] or "")
+
+
+def manifest_entry() -> dict:
+    """What a later set needs to know to compare its signatures with this one's."""
+    from data_prep import near  # numpy, imagehash, faiss: loaded only by near-duplicate builds
+
+    return {"signature": near.SIGNATURE, "threshold": near.THRESHOLD, "json_key": "phash"}
+
+
+# ---------------------------------------------------------------- evaluation images
+def shard_set_signatures(d: str) -> Iterator[tuple[str, Optional[str], dict]]:
+    """(source, signature, sample json) per sample of a shard set; the signature comes from the
+    json (built with --dedup near) or, for older sets, from decoding the stored JPEG."""
+    for _, src, sig, meta in _shard_signatures(d, fmt.load_manifest(d)):
+        yield src, sig, meta
+
+
+def _shard_signatures(d: str, man: dict) -> Iterator[tuple[str, str, Optional[str], dict]]:
+    """(shard name, source, signature, json with `key`) per sample, in the manifest's order."""
+    from data_prep import near  # numpy, imagehash, faiss: loaded only by near-duplicate builds
+
+    for e in man["shards"]:
+        for _, key, s in fmt.read_samples(os.path.join(d, e["name"])):
+            try:
+                meta = json.loads((s or {}).get("json", b"{}"))
+            except ValueError:
+                meta = {}
+            meta = meta if isinstance(meta, dict) else {}
+            meta.setdefault("key", key)
+            sig = meta.get("phash") if isinstance(meta.get("phash"), str) and len(meta["phash"]) == 16 * near.PARTS else None
+            if sig is None:
+                sig = near.signature_of_bytes((s or {}).get("jpg", b""))
+            yield e["name"], fmt.unescape_name(str(meta.get("source", key))), sig, meta
+
+
+def merge_plan(mans: Sequence[tuple[str, dict]], state: str) -> dict:
+    """Near-duplicates across the parts of a `--dedup near` build, for data_prep.merge.
+
+    Each part dropped its own copies; here every signature of every part is grouped once more
+    and each cross-part copy is dropped by the same rule (largest, then first by source). A
+    shard that loses samples is rewritten without them into `state` (same order, same bytes
+    for the rest), and the merge moves that file instead of the part's. Returns
+    {"replace": {"<part>/<shard>": {path, count, bytes, sha256}}, "skipped": [[source, reason,
+    duplicate_of]], "dropped": n}. Rerunning it gives the same files: the rule is a pure function.
+    """
+    from data_prep import near  # numpy, imagehash, faiss: loaded only by near-duplicate builds
+
+    where, sigs, px, srcs = [], [], [], []
+    for p, man in mans:
+        for shard, src, sig, meta in _shard_signatures(p, man):
+            if sig is None:  # undecodable sample: kept, never compared (verify reports it)
+                continue
+            where.append((os.path.abspath(p), shard, meta["key"]))
+            sigs.append(sig)
+            px.append(int(meta.get("orig_width") or 0) * int(meta.get("orig_height") or 0))
+            srcs.append(src)
+    drop = near.dedup(sigs, px, srcs)
+    by_shard: dict[tuple[str, str], set[str]] = {}
+    for d in drop:
+        by_shard.setdefault(where[d][:2], set()).add(where[d][2])
+    replace = {}
+    for (p, shard), keys in sorted(by_shard.items()):
+        dst = os.path.join(state, f"near-{len(replace):06d}.tar")
+        kept = ((k, s["jpg"], s["json"]) for _, k, s in fmt.read_samples(os.path.join(p, shard)) if k not in keys)
+        count, nbytes, sha = fmt.write_shard(dst, kept)
+        replace[f"{p}/{shard}"] = {"path": dst, "count": count, "bytes": nbytes, "sha256": sha}
+    skipped = [[srcs[d], "near_duplicate", srcs[k]] for d, k in sorted(drop.items(), key=lambda dk: srcs[dk[0]])]
+    return {"replace": replace, "skipped": skipped, "dropped": len(drop)}
+
+
+def load_signatures(paths: Sequence[str], what: str = "--exclude-near") -> list[tuple[str, str]]:
+    """(name, signature) of every image under folders, archives, path lists or shard sets.
+
+    Files that are not readable images are counted and logged (a decontamination that checks
+    fewer images than it was given must say so); finding no image at all is an error.
+    """
+    from data_prep import near  # numpy, imagehash, faiss: loaded only by near-duplicate builds
+
+    out: list[tuple[str, str]] = []
+    bad: list[str] = []
+    for p in paths:
+        if not os.path.exists(p):
+            raise ValueError(f"{what} {p}: no such file or folder")
+        if os.path.isdir(p) and os.path.exists(os.path.join(p, fmt.MANIFEST)):
+            for src, sig, _ in shard_set_signatures(p):
+                (out.append((src, sig)) if sig else bad.append(src))
+            continue
+        for it in iter_inputs([os.path.abspath(p)], lambda o, s: True):
+            data = it.data
+            if data is None and it.path is not None:
+                data, _ = read_source(it.path, MAX_BYTES)
+            sig = near.signature_of_bytes(data) if data else None
+            (out.append((it.source, sig)) if sig else bad.append(it.source))
+    if bad:  # counted and reported: the check covers fewer images than were given
+        log.warning("%s: %d file(s) are not readable images and were not checked, e.g. %r",
+                    what, len(bad), bad[0])
+    if paths and not out:
+        raise ValueError(f"{what} {' '.join(paths)}: no readable image found")
+    return out

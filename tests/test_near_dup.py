@@ -1,0 +1,153 @@
+"""Near-duplicates: `--dedup near`, `--exclude-near`, `seer-shards contamination`, on real photos.
+
+Copies are made from the test photos (tests/data/photos) by the transforms the issue names:
+resize, JPEG recompression, PNG/WebP round trips, a 3% border crop, greyscale.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from data_prep.build import build_shards
+from data_prep.cli import main
+from data_prep.merge import merge
+from seer_pipeline.shards import format as fmt
+
+REPO = Path(__file__).resolve().parent.parent
+PHOTOS = sorted((REPO / "tests" / "data" / "photos").glob("*.jpg"))
+SEEDS, OTHERS = PHOTOS[:4], PHOTOS[4:]
+
+
+def _copies(src: Path, d: Path) -> dict[str, tuple[int, int]]:
+    """Write src and five altered copies of it into d; name -> size."""
+    im = Image.open(src).convert("RGB")
+    w, h = im.size
+    s = src.stem[-12:]
+    out = {f"{s}.jpg": im, f"{s}_up.png": im.resize((w * 3 // 2, h * 3 // 2), Image.BICUBIC),
+           f"{s}_half.webp": im.resize((w // 2, h // 2), Image.BICUBIC),
+           f"{s}_q40.jpg": im, f"{s}_grey.png": im.convert("L"),
+           f"{s}_crop.jpg": im.crop((w * 3 // 100, h * 3 // 100, w - w * 3 // 100, h - h * 3 // 100))}
+    for name, img in out.items():
+        img.save(d / name, quality=40 if "q40" in name else 90)
+    return {n: i.size for n, i in out.items()}
+
+
+@pytest.fixture(scope="module")
+def dump(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("near_in")
+    for p in SEEDS:
+        _copies(p, d)
+    for p in OTHERS:
+        (d / p.name).write_bytes(p.read_bytes())
+    return d
+
+
+def _skips(d: Path) -> dict[str, tuple[str, str]]:
+    return {os.path.basename(s): (r, os.path.basename(k)) for s, r, k in fmt.read_skipped(str(d / "skipped.tsv"), dup=True)}
+
+
+def _jsons(d: Path) -> list[dict]:
+    man = fmt.load_manifest(str(d))
+    return [json.loads(s["json"]) for e in man["shards"] for _, _, s in fmt.read_samples(str(d / e["name"]))]
+
+
+def test_near_dedup_groups_transformed_copies_and_keeps_the_largest(dump: Path, tmp_path: Path) -> None:
+    man = build_shards([str(dump)], tmp_path / "o", dedup="near", workers=1)
+    # each seed's 6 versions collapse to one; the 8 unrelated photos all stay (no false pair)
+    assert man["written"] == len(SEEDS) + len(OTHERS), man["reasons"]
+    assert man["reasons"] == {"near_duplicate": 5 * len(SEEDS)}
+    kept = {os.path.basename(j["source"]) for j in _jsons(tmp_path / "o")}
+    assert {p.name for p in OTHERS} <= kept
+    for p in SEEDS:
+        s = p.stem[-12:]
+        assert f"{s}_up.png" in kept  # the largest version of the picture
+        for suffix in ("", "_half.webp", "_q40.jpg", "_grey.png", "_crop.jpg"):
+            name = f"{s}{suffix}" if suffix else f"{s}.jpg"
+            assert _skips(tmp_path / "o")[name] == ("near_duplicate", f"{s}_up.png")
+    assert all(len(j["phash"]) == 96 for j in _jsons(tmp_path / "o"))  # the signature is stored
+    assert man["near"]["signature"] and fmt.read_skipped(str(tmp_path / "o" / "skipped.tsv"))  # 2-col readers work
+
+
+def test_keeper_is_deterministic_first_by_source_on_a_tie(tmp_path: Path) -> None:
+    im = Image.open(SEEDS[0]).convert("RGB")
+    d = tmp_path / "in"
+    d.mkdir()
+    for n in ("b.jpg", "a.png", "c.webp"):  # same size: the tie goes to the first source name
+        im.save(d / n, quality=70)
+    outs = []
+    for k, workers in ((0, 1), (1, 2)):
+        build_shards([str(d)], tmp_path / f"o{k}", dedup="near", workers=workers)
+        outs.append((tmp_path / f"o{k}" / "skipped.tsv").read_text())
+    assert outs[0] == outs[1]
+    assert _skips(tmp_path / "o0") == {"b.jpg": ("near_duplicate", "a.png"), "c.webp": ("near_duplicate", "a.png")}
+
+
+def test_near_dedup_holds_across_parts_and_merge(dump: Path, tmp_path: Path) -> None:
+    whole = build_shards([str(dump)], tmp_path / "whole", dedup="near")
+    parts = [str(tmp_path / f"p{i}") for i in range(3)]
+    for i, p in enumerate(parts):
+        build_shards([str(dump)], p, dedup="near", part=(i, 3))
+    man = merge(parts, str(tmp_path / "m"))
+    assert man["written"] == whole["written"] and man["reasons"] == whole["reasons"]
+    assert sorted(j["source"] for j in _jsons(tmp_path / "m")) == sorted(j["source"] for j in _jsons(tmp_path / "whole"))
+    kept = {os.path.basename(j["source"]) for j in _jsons(tmp_path / "m")}
+    assert all(k in kept for r, k in _skips(tmp_path / "m").values())  # duplicate_of names a kept sample
+    assert main(["verify", str(tmp_path / "m")]) == 0
+
+
+def test_exclude_near_removes_copies_of_eval_images(dump: Path, tmp_path: Path, tiny_shards: Path) -> None:
+    ev = tmp_path / "eval"
+    ev.mkdir()
+    im = Image.open(OTHERS[0]).convert("RGB")  # the eval copy is smaller and recompressed
+    im.resize((im.width * 2 // 3, im.height * 2 // 3)).save(ev / "val_0001.png")
+    man = build_shards([str(dump)], tmp_path / "o", exclude_near=[str(ev)])
+    assert man["reasons"] == {"excluded_near": 1}
+    assert _skips(tmp_path / "o") == {OTHERS[0].name: ("excluded_near", "val_0001.png")}
+    assert man["written"] == 6 * len(SEEDS) + len(OTHERS) - 1  # dedup stays exact: copies kept
+    # an existing shard set (the test photos, no signatures stored) as the evaluation input:
+    # every input is a copy of one of its photos, so all go, before any near-dup grouping
+    man = build_shards([str(dump)], tmp_path / "o2", dedup="near", exclude_near=[str(tiny_shards)])
+    assert man["written"] == 0 and man["reasons"] == {"excluded_near": 6 * len(SEEDS) + len(OTHERS)}
+    with pytest.raises(FileNotFoundError, match="exclude-near"):
+        build_shards([str(dump)], tmp_path / "o3", exclude_near=[str(tmp_path / "nope")])
+
+
+def test_contamination_report(dump: Path, tmp_path: Path, tiny_shards: Path, capsys: pytest.CaptureFixture) -> None:
+    ev = tmp_path / "eval"
+    ev.mkdir()
+    im = Image.open(SEEDS[1]).convert("L")
+    w, h = im.size
+    im.crop((w // 25, h // 25, w - w // 25, h - h // 25)).save(ev / "val_7.webp")  # grey, 4% crop
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(ev / "flat_red.png")  # no copy anywhere
+    # tiny_shards was built without signatures: they are computed from its JPEGs
+    rc = main(["contamination", str(tiny_shards), str(ev), "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rc == 1 and rep["eval_images"] == 2 and rep["contaminated"] == 1 and rep["shard_samples"] == 12
+    assert rep["images"][0]["eval"].endswith("val_7.webp")
+    assert [os.path.basename(c["source"]) for c in rep["images"][0]["copies"]] == [SEEDS[1].name]
+    assert "1 of 2 evaluation images" in out and SEEDS[1].name in out
+    (ev / "val_7.webp").unlink()
+    assert main(["contamination", str(tiny_shards), str(ev)]) == 0
+    assert main(["contamination", str(tmp_path / "none"), str(ev)]) == 2
+
+
+def test_exact_default_is_unchanged(dump: Path, tmp_path: Path) -> None:
+    """No signature, no third skipped.tsv column, the same config keys, none of the near libraries."""
+    code = ("import sys, json; from data_prep.build import build_shards; "
+            f"m = build_shards([{str(dump)!r}], {str(tmp_path / 'o')!r}); "
+            "print(json.dumps([sorted(m['config']), sorted(k for k in ('imagehash', 'faiss', 'scipy') if k in sys.modules)]))")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    keys, loaded = json.loads(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                             text=True, check=True).stdout.splitlines()[-1])
+    assert loaded == [] and "exclude_near" not in keys and keys == sorted(keys)
+    assert (tmp_path / "o" / "skipped.tsv").read_text().splitlines()[0] == "source\treason"
+    assert all("phash" not in j for j in _jsons(tmp_path / "o"))
+    man = fmt.load_manifest(str(tmp_path / "o"))
+    assert "near" not in man and man["config"]["dedup"] is True
