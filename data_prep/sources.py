@@ -75,6 +75,7 @@ def count_archives(inputs: Sequence[str], prune: Sequence[str] = (), stop: Optio
     n = 0
     for inp in inputs:
         if "://" in inp:
+            # Here only: the object-store modules stay unloaded for local builds.
             from seer_pipeline.store.url import parse
 
             n += archive_name(parse(inp).key)
