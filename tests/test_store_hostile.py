@@ -81,6 +81,25 @@ def test_loader_counts_a_shard_replaced_mid_read(s3_endpoint: str, s3_bucket: st
     assert m["samples_ok"] + m["read_failures"] == 24, m
 
 
+def test_remote_verify_refuses_a_member_declaring_1tib(s3_endpoint: str, s3_bucket: str, tmp_path: Path,
+                                                      photo_dir: Path) -> None:
+    from data_prep.verify import verify
+    from seer_pipeline.shards import format as fmt
+    from seer_pipeline.shards.synth import photo_variants, write_shards
+    from test_hostile_shards import _good, huge_member_shard
+
+    local = write_shards(tmp_path / "s", photo_variants(photo_dir, 8, max_side=32), 4)
+    man = fmt.load_manifest(str(local))
+    fmt.write_manifest(str(local), dict(man, inputs_seen=8, skipped=0))
+    huge_member_shard(local / "shard-000001.tar", _good(photo_dir, 6)[4:6], "00000006", 1 << 40)
+    url = f"s3://{s3_bucket}/s"
+    upload_dir(local, url)
+    with deadline(120):
+        problems = verify(url, decode=False)
+    assert any(p.startswith("shard-000001.tar: unreadable tar") and "00000006.jpg" in p and "cap" in p
+               for p in problems), problems
+
+
 def test_growing_content_range_total_ends_verify(s3_endpoint: str, s3_bucket: str, tiny_shards: Path) -> None:
     from data_prep.verify import verify
 
