@@ -156,7 +156,8 @@ def test_eval_counts_a_fifo_shard(tmp_path: Path, photo_dir: Path) -> None:
 
 # ---------------------------------------------------------------- huge members
 def _good(photo_dir: Path, n: int) -> list[tuple[str, bytes, bytes]]:
-    return [(f"{i:08d}", img, json.dumps({"uid": i}).encode()) for i, img in enumerate(photo_variants(photo_dir, n, max_side=32))]
+    imgs = photo_variants(photo_dir, n, max_side=32)
+    return [(f"{i:08d}", img, json.dumps({"uid": i}).encode()) for i, img in enumerate(imgs)]
 
 
 @pytest.mark.parametrize("size", [SPARSE, 1 << 40], ids=["sparse-6GiB", "declared-1TiB"])

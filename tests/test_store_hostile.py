@@ -36,7 +36,8 @@ def test_object_replaced_between_gets_is_refused_not_mixed(s3_endpoint: str, s3_
     f = reader.RemoteFile(url, window=200_000, policy=FAST)
     assert read_exactly(f, 150_000) == old[:150_000]
     objects.put_bytes(url, new)  # same key, same size: only the ETag tells them apart
-    assert read_exactly(f, 50_000) == old[150_000:200_000]  # the rest of the first window: already in flight from the old object
+    # The rest of the first window: already in flight from the old object, and whole.
+    assert read_exactly(f, 50_000) == old[150_000:200_000]
     with pytest.raises(reader.ObjectChanged, match="replaced while being read"):
         read_exactly(f, 100_000)  # the second GET
     # A fresh reader pins the new object and reads it whole.

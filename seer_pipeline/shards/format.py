@@ -247,9 +247,10 @@ class _CappedInfo(tarfile.TarInfo):
     def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
         cap = MAX_HEADER_BYTES if self.type in _META_TYPES else MAX_MEMBER_BYTES
         if self.size > cap:
-            what = "extended header" if self.type in _META_TYPES else "member"
+            what, const = (("extended header", "MAX_HEADER_BYTES") if self.type in _META_TYPES
+                           else ("member", "MAX_MEMBER_BYTES"))
             raise MemberTooLarge(f"{what} {self.name!r} declares {self.size} bytes, over the "
-                                 f"{cap} byte cap (shards/format.py MAX_{'HEADER' if cap == MAX_HEADER_BYTES else 'MEMBER'}_BYTES)")
+                                 f"{cap} byte cap (shards/format.py {const})")
         return super()._proc_member(tarfile_)  # type: ignore[misc]
 
 
