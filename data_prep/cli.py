@@ -59,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--min-side", type=int, default=16, help="skip images whose short side is smaller")
     b.add_argument("--max-pixels", type=int, default=100_000_000, help="refuse larger images before decoding")
     b.add_argument("--max-bytes", type=_size, default=256 << 20,
-                   help="skip inputs larger than this (from stat / the tar header, before reading); default 256M")
+                   help="skip inputs larger than this (from stat / the tar header, before reading); "
+                        "default and maximum 256M, the shard readers' member cap")
     b.add_argument("--no-dedup", action="store_true", help="keep exact duplicates (same as --dedup none)")
     b.add_argument("--dedup", choices=["exact", "near", "none"], default="exact",
                    help="exact: drop byte-identical copies (default); near: also drop resized, recompressed, "
