@@ -437,3 +437,31 @@ def test_after_step_decides_periodic_final_and_preemption_saves(tmp_path: Path) 
     ck2.register("train", _Counter())
     assert ck2.after_step(5, last=True, preempted=False) is None
     assert list_checkpoints(tmp_path / "b" / "checkpoints") == []
+
+
+class _Tensors:
+    def __init__(self, w: torch.Tensor) -> None:
+        self.w = w
+
+    def state_dict(self) -> dict:
+        return {"w": self.w}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.w.copy_(sd["w"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned staging is the CUDA path")
+def test_async_saves_stage_into_the_same_pinned_buffers_on_cuda(tmp_path: Path) -> None:
+    w = torch.ones(1 << 16, device="cuda")
+    ck = Checkpointer(tmp_path, ckpt_config(every=1, keep_latest=3, **{"async": True}))
+    ck.register("model", _Tensors(w))
+    staged, real = [], ck._stager.stage
+    ck._stager.stage = lambda sd, **kw: staged.append(real(sd, **kw)) or staged[-1]
+    for step in (1, 2):
+        ck.save(step, blocking=False)
+        ck.wait()
+        w += 1
+    a, b = staged[0]["model"]["w"], staged[1]["model"]["w"]
+    assert a.device.type == "cpu" and a.is_pinned() and a.data_ptr() == b.data_ptr()
+    w.zero_()
+    assert ck.restore() == 2 and float(w[0]) == 2.0
