@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from seer_pipeline.checkpoint.checkpointer import (
-    Checkpointer, ckpt_config, find_resumable, list_checkpoints)
+from seer_pipeline.checkpoint.checkpointer import Checkpointer, ckpt_config
+from seer_pipeline.checkpoint.layout import find_resumable, list_checkpoints
 from seer_pipeline.config.base import ConfigError, to_container
 from seer_pipeline.train.metrics import MetricsLogger, read_metrics
 from seer_pipeline.train.provenance import requeue_job
@@ -389,7 +389,7 @@ def test_purge_runs_in_the_background_and_never_in_a_preemption_save(tmp_path: P
     import shutil
     import threading
 
-    from seer_pipeline.checkpoint import checkpointer as mod
+    from seer_pipeline.checkpoint import layout as mod
 
     release, started = threading.Event(), threading.Event()
     real_rmtree = shutil.rmtree

@@ -11,7 +11,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 
-from seer_pipeline.checkpoint.checkpointer import (
+from seer_pipeline.checkpoint.layout import (
     CheckpointError,
     find_resumable,
     verify_step_dir,
