@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from seer_pipeline.checkpoint.checkpointer import CheckpointError
+from seer_pipeline.checkpoint.layout import CheckpointError
 from seer_pipeline.core.io_utils import atomic_write_json
 from seer_pipeline.core.logging_utils import setup_logging
 from seer_pipeline.eval import features as feats

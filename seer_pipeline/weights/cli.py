@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from torch.distributed.checkpoint.api import CheckpointException
 
 from seer_pipeline.checkpoint import integrity, safe_dcp
-from seer_pipeline.checkpoint.checkpointer import (
+from seer_pipeline.checkpoint.layout import (
     CheckpointError,
     find_resumable,
     verify_step_dir,
