@@ -16,13 +16,14 @@ from typing import Callable
 import pytest
 
 from launch.executor import build_executor
-from launch.job import TrainJob, read_requeues
+from launch.job import TrainJob
 from launch.scheduler import (JobInfo, cancel, job_info, requeue, sbatch_test_only,
                               sbatch_test_only_args, slurm_available)
 from launch.status import run_status
 from launch.submit import main as submit_main
 from launch.submit import record_submission
 from seer_pipeline.config.slurm import SlurmConfig
+from seer_pipeline.core.requeue import read_requeues
 from tests.faultinject import env as fault_env
 
 pytestmark = pytest.mark.slurm

@@ -15,8 +15,6 @@ import time
 from types import FrameType
 from typing import Any, Callable
 
-from seer_pipeline.core.exit_codes import PREEMPTED  # noqa: F401  (re-exported: the trainer's exit code)
-
 log = logging.getLogger(__name__)
 
 HANDLED_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
