@@ -118,7 +118,7 @@ def describe_resources(slurm: Any) -> str:
     lines = [
         f"nodes={s['nodes']} tasks/node={s['tasks_per_node']} (one per GPU) -> {tasks} ranks",
         f"cpus/task={s['cpus_per_task']} gpus/node={s.get('gpus_per_node', 0)} "
-        f"mem={str(s['mem_gb']) + 'GB' if s.get('mem_gb') else 'SLURM default'}",
+        f"mem={str(s['mem_gb']) + 'GB' if s.get('mem_gb') else 'site default (slurm.mem_gb=0)'}",
         f"time limit={s['timeout_min']} min, USR2 {s['signal_delay_s']} s before it, "
         f"max requeues={s['max_requeues']}",
         f"partition={s.get('partition') or '(default)'} account={s.get('account') or '-'} "
