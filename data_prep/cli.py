@@ -14,6 +14,8 @@ import sqlite3
 import sys
 from typing import Optional, Sequence
 
+from seer_pipeline.core.exit_codes import INTERRUPTED, USAGE
+
 log = logging.getLogger(__name__)
 
 
@@ -144,12 +146,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         print(f"seer-shards {args.cmd}: error: {e}", file=sys.stderr)
-        return 2
+        return USAGE
     except KeyboardInterrupt:
         # Finished shards are complete files; the same command finishes the job exactly.
         hint = "; rerun the same command to finish" if args.cmd in ("build", "merge") else ""
         print(f"seer-shards {args.cmd}: interrupted (Ctrl-C){hint}", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     except (OSError, sqlite3.OperationalError) as e:
         if not _disk_full(e):
             raise
@@ -160,8 +162,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not type(e).__module__.startswith("botocore"):
             raise
         print(f"seer-shards {args.cmd}: object store error: {e}", file=sys.stderr)
-        return 2
-    return 2
+        return USAGE
+    return USAGE
 
 
 def _disk_full(e: BaseException) -> bool:

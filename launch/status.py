@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from launch.job import latest_checkpoint, read_requeues
+from launch.job import latest_checkpoint
+from seer_pipeline.core.requeue import read_requeues
 from launch.scheduler import job_info
 from launch.submit import LAUNCH_RECORD
 from seer_pipeline.core import runlock

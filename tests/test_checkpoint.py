@@ -15,7 +15,7 @@ from seer_pipeline.checkpoint.checkpointer import Checkpointer, ckpt_config
 from seer_pipeline.checkpoint.layout import find_resumable, list_checkpoints
 from seer_pipeline.config.base import ConfigError, to_container
 from seer_pipeline.train.metrics import MetricsLogger, read_metrics
-from seer_pipeline.train.provenance import requeue_job
+from seer_pipeline.core.requeue import requeue_job
 from seer_pipeline.train.signals import PreemptionFlag
 from seer_pipeline.config.train import check_resume_compatible, load_train_config
 

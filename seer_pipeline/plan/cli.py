@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from seer_pipeline.config.base import ConfigError
 from seer_pipeline.config.train import load_train_config
+from seer_pipeline.core.exit_codes import USAGE
 from seer_pipeline.plan.analytic import (  # noqa: F401 - re-exported: the planner's public API
     CROPS,
     DTYPE_BYTES,
@@ -133,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      args.gpu_type or "v100", args.mfu, args.images, not args.no_head)
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"seer-plan: error: {e.args[0] if e.args else e}", file=sys.stderr)
-        return 2
+        return USAGE
     print(render(p))
     out: dict[str, Any] = p
     if args.simulate:

@@ -3,9 +3,10 @@
 Under torchrun, SLURM (srun) or submitit the rank comes from the environment
 (seer_pipeline.dist.setup.resolve_env). Run alone with `dist.nproc=N > 1`, it spawns N local
 ranks (fresh processes with RANK/WORLD_SIZE/... set), forwards SIGUSR2/SIGTERM/SIGINT to them and
-fails if any rank fails, killing the rest. Exit codes: 0 done, signals.PREEMPTED (75) saved on a
-signal (re-run the same command to resume), 1 error, 2 bad config, runlock.LOCKED_EXIT (73)
-another job holds run.dir (seer_pipeline.core.runlock; nothing in the folder was touched).
+fails if any rank fails, killing the rest. Exit codes: 0 done, exit_codes.PREEMPTED (75) saved
+on a signal (re-run the same command to resume), 1 error, exit_codes.USAGE (2) bad config,
+runlock.LOCKED_EXIT (73) another job holds run.dir (seer_pipeline.core.runlock; nothing in the
+folder was touched).
 """
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ from typing import Sequence
 from seer_pipeline.config.base import ConfigError
 from seer_pipeline.config.train import load_train_config
 from seer_pipeline.core import runlock
+from seer_pipeline.core.exit_codes import INTERRUPTED, PREEMPTED, USAGE
 from seer_pipeline.core.runlock import TOKEN_ENV
 from seer_pipeline.dist.setup import DistEnvError, free_port, resolve_env
-from seer_pipeline.train.signals import INTERRUPTED, PREEMPTED, forward_signals
+from seer_pipeline.train.signals import forward_signals
 
 log = logging.getLogger("seer_pipeline.train.cli")
 
@@ -213,11 +215,11 @@ def _main(argv: Sequence[str] | None) -> int:
         denv = resolve_env()
     except (ConfigError, DistEnvError) as e:
         print(f"seer-train: {e}", file=sys.stderr)
-        return 2
+        return USAGE
     if not cfg.data.shards:
         print("seer-train: data.shards is empty: pass data.shards=DIR (a `seer-shards build` output "
               "folder) or a shard pattern", file=sys.stderr)
-        return 2
+        return USAGE
     if denv.source == "single" and cfg.dist.nproc > 1:
         token = ""
         if cfg.run.lock:  # the launcher holds the lock for its ranks, before any of them starts

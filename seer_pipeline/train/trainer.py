@@ -1,7 +1,7 @@
 """The SwAV pretraining loop: components are built here, policies live in the components.
 
 `Trainer(cfg, denv).train()` returns an exit code: 0 when `train.steps` are done, PREEMPTED
-(seer_pipeline.train.signals) after a signal-triggered save. Per step: lr from the precomputed
+(seer_pipeline.core.exit_codes) after a signal-triggered save. Per step: lr from the precomputed
 schedule (an index), prototypes normalised, multi-crop forward, SwAV loss, backward, one tiny
 all-reduce carrying [loss, non-finite flag, preemption flag], prototype freeze, LARS step,
 metrics, then the checkpointer decides whether to save.
@@ -30,6 +30,8 @@ from torch import nn
 
 from seer_pipeline.checkpoint.checkpointer import Checkpointer
 from seer_pipeline.config.base import save_config
+from seer_pipeline.core.exit_codes import PREEMPTED
+from seer_pipeline.core.requeue import requeue_job
 from seer_pipeline.config.train import check_resume_compatible
 from seer_pipeline.data.loader import build_loader
 from seer_pipeline.dist.parallelize import (
@@ -50,8 +52,8 @@ from seer_pipeline.train.optim import (
     lr_schedule,
     peak_lr,
 )
-from seer_pipeline.train.provenance import record_start, requeue_job
-from seer_pipeline.train.signals import PREEMPTED, PreemptionFlag
+from seer_pipeline.train.provenance import record_start
+from seer_pipeline.train.signals import PreemptionFlag
 from seer_pipeline.train.state import ModelState, OptimState, Progress, RNGState
 from seer_pipeline.weights import load_trunk_state
 
