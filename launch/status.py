@@ -7,8 +7,10 @@ so a planted file cannot run code, or "not running" with the last step).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
+import pickle
 import re
 import stat
 import sys
@@ -49,13 +51,17 @@ def _last_job(record: Any) -> dict[str, Any] | None:
     return job
 
 
+def _cut(text: str) -> str:
+    return text if len(text) <= _SHOW_CHARS else text[:_SHOW_CHARS] + f"... ({len(text)} chars)"
+
+
 def _show(obj: Any) -> str:
     """JSON of a record, cut to one readable field."""
     try:
         text = json.dumps(obj)
     except (ValueError, TypeError, RecursionError):
         text = "(unprintable)"
-    return text if len(text) <= _SHOW_CHARS else text[:_SHOW_CHARS] + f"... ({len(text)} chars)"
+    return _cut(text)
 
 
 def _last_lines(path: Path, max_bytes: int = 1 << 16) -> list[str]:
@@ -99,22 +105,24 @@ def _metrics(run: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
 def _submitit_result(folder: Path, job_id: str) -> tuple[str, str] | None:
     """("success"|"requeued"|"error"|"refused", detail) from rank 0's submitit result file."""
     path = folder / f"{job_id}_0_result.pkl"
+    raw, why = metrics_file.read_file(path)  # regular files only: a FIFO must not hang us
+    if raw is None:
+        return ("refused", f"{path}: {why}") if why == "not a regular file" else None
     try:
-        with open(path, "rb") as f:
-            got = load_submitit_result(f)
+        got = load_submitit_result(io.BytesIO(raw))
     except UnsafePickleError as e:
-        return "refused", f"{path}: {e}"
-    except (OSError, ValueError, EOFError, TypeError, IndexError, KeyError):
-        return None  # absent, or being written
+        return "refused", _cut(f"{path}: {e}")
+    except (pickle.UnpicklingError, ValueError, EOFError, TypeError, IndexError, KeyError):
+        return None  # being written
     if not (isinstance(got, tuple) and len(got) == 2 and isinstance(got[0], str)):
         return "refused", f"{path}: not a submitit result record"
     outcome, value = got
     if outcome == "error":
         lines = [ln for ln in str(value).splitlines() if ln.strip()]
-        return "error", lines[-1] if lines else "unknown error"
+        return "error", _cut(lines[-1]) if lines else "unknown error"
     if isinstance(value, dict) and value.get("requeued"):
-        return "requeued", str(value)  # saved on a signal; the job reruns under the same id
-    return "success", str(value)
+        return "requeued", _cut(str(value))  # saved on a signal; the job reruns under the same id
+    return "success", _cut(str(value))
 
 
 def _local_alive(job_id: str) -> bool:
@@ -122,8 +130,8 @@ def _local_alive(job_id: str) -> bool:
         os.kill(int(job_id), 0)
     except (ValueError, OSError):
         return False
-    stat = Path(f"/proc/{job_id}/stat")
-    return not stat.exists() or stat.read_text().split(") ")[-1][:1] != "Z"
+    proc = Path(f"/proc/{job_id}/stat")
+    return not proc.exists() or proc.read_text().split(") ")[-1][:1] != "Z"
 
 
 def _lock_holder(run: Path) -> str:
