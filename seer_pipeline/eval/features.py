@@ -27,6 +27,7 @@ from seer_pipeline.config.base import ConfigError
 from seer_pipeline.config.train import load_train_config
 from seer_pipeline.models import build_trunk, list_trunks
 from seer_pipeline.weights import WeightsFormatError, load_trunk_state, load_weights
+from seer_pipeline.weights.check import check_finite
 from seer_pipeline.weights.convert import split_spec
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,11 @@ def load_trunk(spec: TrunkSpec, seed: int = 0) -> nn.Module:
         trunk.load_state_dict(_match_state(trunk, saved, info["source"]))
         spec.step = int(info["step"])
         log.info("loaded %s (step %d)", info["source"], spec.step)
+    if spec.kind in ("file", "run"):  # NaN weights give NaN features and still an "accuracy"
+        try:
+            check_finite(trunk.state_dict(), str(spec.weights or spec.run_dir))
+        except WeightsFormatError as e:
+            raise CheckpointSpecError(str(e)) from e
     return trunk.eval()
 
 
