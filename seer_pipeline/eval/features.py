@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from seer_pipeline.checkpoint.cli import consolidate
-from seer_pipeline.config.base import ConfigError
+from seer_pipeline.config.base import ConfigError, load_saved_config
 from seer_pipeline.config.train import load_train_config
 from seer_pipeline.models import build_trunk, list_trunks
 from seer_pipeline.weights import WeightsFormatError, load_trunk_state, load_weights
@@ -81,7 +81,11 @@ def parse_checkpoint(spec: str, trunk: str | None = None) -> TrunkSpec:
     run = _run_of(path)
     sidecar = Path(str(path) + ".json")  # written by seer-ckpt consolidate / export
     name = trunk or (json.loads(sidecar.read_text()).get("trunk", "") if sidecar.is_file() else "")
-    name = name or (str(OmegaConf.load(run / "config.yaml").model.trunk) if run else "")
+    if run and not name:
+        try:  # read back without resolving anything (a planted ${oc.env:...} is refused)
+            name = str(OmegaConf.select(load_saved_config(run / "config.yaml"), "model.trunk") or "")
+        except ConfigError as e:
+            raise CheckpointSpecError(str(e)) from e
     if path.is_file() and (declared or not name):
         try:  # a foreign file (timm, torchvision, VISSL): its format and trunk from keys and shapes
             name = name or load_weights(spec, name or None).preset or ""

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from seer_pipeline.checkpoint.checkpointer import Checkpointer, fault
-from seer_pipeline.config.base import save_config
+from seer_pipeline.config.base import parse_saved_config, save_config
 from seer_pipeline.config.train import check_resume_compatible
 from seer_pipeline.data.loader import build_loader
 from seer_pipeline.dist.parallelize import (
@@ -154,7 +154,7 @@ class Trainer:
         return self.ckpt.save(self.step, blocking=blocking)
 
     def _check_config(self, meta: dict[str, Any]) -> None:
-        changed = check_resume_compatible(OmegaConf.to_container(OmegaConf.create(meta["config_yaml"])),
+        changed = check_resume_compatible(parse_saved_config(meta["config_yaml"], "checkpoint config"),
                                           self.cfg)
         if changed:
             log.info("config keys changed on resume (allowed): %s", ", ".join(changed))

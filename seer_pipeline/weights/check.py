@@ -13,6 +13,7 @@ from typing import Mapping
 import torch
 
 from seer_pipeline.models.regnet import RegNetConfig
+from seer_pipeline.models.trunk import build_trunk
 from seer_pipeline.weights.keys import WeightsFormatError
 
 # Elements scanned at a time: bounds the temporary bool tensor on mmap'd 10B-scale weights.
@@ -46,8 +47,6 @@ def check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
 
 def check_shapes(trunk: Mapping[str, torch.Tensor], cfg: RegNetConfig, what: str) -> None:
     """BadWeightsError unless `trunk` has exactly the keys and shapes `cfg` builds."""
-    from seer_pipeline.models.trunk import build_trunk
-
     with torch.device("meta"):
         want = {k: tuple(v.shape) for k, v in build_trunk(cfg).state_dict().items()}
     missing = sorted(set(want) - set(trunk))
