@@ -105,3 +105,12 @@ def test_plot_survives_odd_lines_and_values(tmp_path: Path, capsys) -> None:
     out = tmp_path / "p.png"
     assert plot_main([str(tmp_path), "--out", str(out)]) == 0, capsys.readouterr().err
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("content", [b"[" * 100_000, b'{"count": "abc"}', b"[]", b"\xff"])
+def test_status_survives_an_odd_requeues_json(tmp_path: Path, capsys, content: bytes) -> None:
+    from launch.status import main as status_main
+
+    (tmp_path / "requeues.json").write_bytes(content)
+    assert status_main([str(tmp_path)]) == 0
+    assert "restarts:   0 (RUN/requeues.json)" in capsys.readouterr().out
