@@ -6,11 +6,18 @@ list of valid keys, before any work starts.
 from __future__ import annotations
 
 import difflib
+import math
+import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    OmegaConfBaseException,
+    ValidationError,
+)
 
 from seer_pipeline.core.io_utils import atomic_write_text
 
@@ -19,6 +26,72 @@ PRESET_DIR = Path(__file__).parent / "presets"
 
 class ConfigError(ValueError):
     """A preset or override that does not fit the schema."""
+
+
+# Resolvers (`${name:...}`) the schema's values use: none. Every resolver is refused, in what we
+# load (presets, overrides) and in what we read back (a run's config.yaml, a checkpoint's
+# config): `${oc.env:AWS_SECRET_ACCESS_KEY}` was resolved and written into config.yaml,
+# meta.json, checkpoints, logs and the sbatch script, and a planted one in a run folder was
+# resolved in the reader's environment and printed in an error (issue #24). Plain references
+# between keys (`${model.trunk}`) resolve inside the config and stay allowed.
+ALLOWED_RESOLVERS: frozenset[str] = frozenset()
+_RESOLVER_CALL = re.compile(r"\$\{\s*([A-Za-z_][\w.\-]*)\s*:")
+
+
+def _leaves(obj: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _leaves(v, f"{prefix}{k}.")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _leaves(v, f"{prefix}{i}.")
+    else:
+        yield prefix[:-1], obj
+
+
+def check_resolvers(node: Any, where: str) -> None:
+    """ConfigError if any value (unresolved) calls a resolver outside ALLOWED_RESOLVERS.
+
+    The value itself is never echoed (it is what might leak)."""
+    raw = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node
+    for key, v in _leaves(raw):
+        if isinstance(v, str) and "${" in v:
+            for name in _RESOLVER_CALL.findall(v):
+                if name not in ALLOWED_RESOLVERS:
+                    raise ConfigError(
+                        f"{where}: {key} calls the resolver '{name}' (${{{name}:...}}); config "
+                        "values are literals, resolvers are refused so that nothing (credentials "
+                        "included) is resolved into config.yaml, checkpoints or logs")
+
+
+def non_finite_errors(cfg: Any) -> list[str]:
+    """One message per float value that is NaN or infinite (`optim.base_lr=nan` was accepted)."""
+    raw = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+    return [f"{key} must be a finite number, got {v}" for key, v in _leaves(raw)
+            if isinstance(v, float) and not math.isfinite(v)]
+
+
+def parse_saved_config(text: str, where: str) -> dict:
+    """A config a run folder holds (config.yaml, a checkpoint's `config_yaml`) as a plain dict,
+    refused (ConfigError) if it is not a YAML mapping or calls a resolver."""
+    try:
+        node = OmegaConf.create(text)
+    except Exception as e:  # noqa: BLE001 - yaml and omegaconf raise many kinds
+        raise ConfigError(f"{where}: not a readable config ({type(e).__name__})") from None
+    if not OmegaConf.is_dict(node):
+        raise ConfigError(f"{where}: not a config mapping")
+    check_resolvers(node, where)
+    return OmegaConf.to_container(node, resolve=False)  # type: ignore[return-value]
+
+
+def load_saved_config(path: str | Path) -> DictConfig:
+    """`OmegaConf.load` of a run folder's config.yaml, through `parse_saved_config`'s checks."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: unreadable ({e})") from None
+    return OmegaConf.create(parse_saved_config(text, str(p)))
 
 
 def valid_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
@@ -43,7 +116,7 @@ def _unknown_key_error(base: DictConfig, key: str, where: str) -> ConfigError:
 
 
 def _check_keys(base: DictConfig, other: DictConfig, where: str, prefix: str = "") -> None:
-    for k, v in other.items():
+    for k, v in other.items_ex(resolve=False):  # checking keys must not resolve values
         full = f"{prefix}{k}"
         if k not in base:
             # Open dict fields (Dict[str, Any] in the schema) accept any key.
@@ -102,6 +175,7 @@ def load_config(
         layers.append((OmegaConf.from_dotlist(list(overrides)), "command-line overrides"))
     cfg = base
     for layer, where in layers:
+        check_resolvers(layer, where)
         _check_keys(base, layer, where)
         try:
             cfg = OmegaConf.merge(cfg, layer)
@@ -109,7 +183,10 @@ def load_config(
             raise _unknown_key_error(base, str(e.key) if hasattr(e, "key") else str(e), where) from e
         except ValidationError as e:
             raise ConfigError(f"bad value in {where}: {e}") from e
-    OmegaConf.resolve(cfg)
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:  # e.g. `${no.such.key}`: one line, not a traceback
+        raise ConfigError(f"bad interpolation: {str(e).splitlines()[0]}") from None
     return cfg
 
 

@@ -21,6 +21,7 @@ from seer_pipeline.config.base import (
     ConfigError,
     diff_configs,
     load_config,
+    non_finite_errors,
     to_container,
 )
 from seer_pipeline.config.slurm import SlurmConfig, has_control, slurm_errors
@@ -172,7 +173,7 @@ def validate(cfg: DictConfig) -> None:
         errs.append("ckpt.keep_latest must be >= 1 (the checkpoint being resumed from)")
     if len(cfg.swav.crops_for_assign) < 1:
         errs.append("swav.crops_for_assign must name at least one crop")
-    errs += _range_errors(cfg) + _model_errors(cfg) + slurm_errors(cfg.slurm)
+    errs += non_finite_errors(cfg) + _range_errors(cfg) + _model_errors(cfg) + slurm_errors(cfg.slurm)
     if _has_control(str(cfg.run.dir)):
         errs.append("run.dir contains a control character (newline, tab, ...)")
     if errs:

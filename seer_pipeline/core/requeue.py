@@ -35,7 +35,7 @@ def read_requeues(run_dir: str | os.PathLike) -> dict[str, Any]:
         return empty
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: `[[[[...` (issue #24)
         log.warning("%s unreadable (%s); counting requeues from 0", path, type(e).__name__)
         return empty
     if (not isinstance(data, dict) or not isinstance(data.get("count", 0), int)

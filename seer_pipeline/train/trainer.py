@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from seer_pipeline.checkpoint.checkpointer import Checkpointer
-from seer_pipeline.config.base import save_config
+from seer_pipeline.config.base import parse_saved_config, save_config
 from seer_pipeline.core.exit_codes import PREEMPTED
 from seer_pipeline.core.requeue import requeue_job
 from seer_pipeline.config.train import check_resume_compatible
@@ -148,7 +148,7 @@ class Trainer:
 
     # -- checkpoint state ---------------------------------------------------------------------
     def _check_config(self, meta: dict[str, Any]) -> None:
-        changed = check_resume_compatible(OmegaConf.to_container(OmegaConf.create(meta["config_yaml"])),
+        changed = check_resume_compatible(parse_saved_config(meta["config_yaml"], "checkpoint config"),
                                           self.cfg)
         if changed:
             log.info("config keys changed on resume (allowed): %s", ", ".join(changed))

@@ -26,6 +26,7 @@ from seer_pipeline.checkpoint.layout import (
     find_resumable,
     verify_step_dir,
 )
+from seer_pipeline.config.base import ConfigError, parse_saved_config
 from seer_pipeline.config.train import load_train_config
 from seer_pipeline.core.io_utils import atomic_write_bytes, atomic_write_json
 from seer_pipeline.core.safe_pickle import UnsafePickleError
@@ -52,7 +53,7 @@ def consolidate(run_or_step: str | Path, out: str | Path, step: int | None = Non
                                   + (f" for step {step}" if step is not None else ""))
     errors = []
     for _, path, meta in cands:  # newest first; a corrupt one falls back to the previous
-        saved = OmegaConf.to_container(OmegaConf.create(meta["config_yaml"]))
+        saved = parse_saved_config(meta["config_yaml"], f"{path}/meta.json config_yaml")
         cfg = OmegaConf.merge(load_train_config(None, []), saved)
         model = build_model(cfg)
         template = {"model": model.state_dict()}
@@ -116,7 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                           args.vissl_layout, args.shards)
         else:
             info = consolidate(args.run, args.out, args.step)
-    except (CheckpointError, CheckpointException, WeightsFormatError, OSError, ValueError, KeyError) as e:
+    except (CheckpointError, CheckpointException, WeightsFormatError, ConfigError, OSError,
+            ValueError, KeyError) as e:
         print(f"seer-ckpt: {e}", file=sys.stderr)
         return 1
     print(json.dumps(info))

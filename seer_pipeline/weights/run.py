@@ -21,6 +21,7 @@ from seer_pipeline.checkpoint.layout import (
     find_resumable,
     verify_step_dir,
 )
+from seer_pipeline.config.base import ConfigError, parse_saved_config
 from seer_pipeline.config.train import load_train_config
 from seer_pipeline.core.safe_pickle import UnsafePickleError
 from seer_pipeline.models.swav import build_model
@@ -36,8 +37,8 @@ def _one_line(e: BaseException) -> str:
 
 
 def _read_one(path: Path, meta: dict[str, Any]) -> tuple[dict, dict, str]:
-    cfg = OmegaConf.merge(load_train_config(None, []),
-                          OmegaConf.to_container(OmegaConf.create(meta["config_yaml"])))
+    saved = parse_saved_config(meta["config_yaml"], f"{path}/meta.json config_yaml")
+    cfg = OmegaConf.merge(load_train_config(None, []), saved)
     with torch.device("meta"):
         model = build_model(cfg)
     model = model.to_empty(device="cpu")
@@ -67,6 +68,8 @@ def read_run(src: Path, step: Optional[int] = None) -> tuple[dict, dict, str]:
     for _, path, meta in cands:  # newest first
         try:
             return _read_one(path, meta)
+        except ConfigError:
+            raise  # a planted resolver: refuse outright rather than try older checkpoints
         except (integrity.IntegrityError, UnsafePickleError, CheckpointException, OSError,
                 RuntimeError, ValueError) as e:
             errors.append(f"{path}: {_one_line(e)}")
