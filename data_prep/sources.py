@@ -75,7 +75,7 @@ def count_archives(inputs: Sequence[str], prune: Sequence[str] = (), stop: Optio
     n = 0
     for inp in inputs:
         if "://" in inp:
-            from seer_pipeline.store.url import parse
+            from seer_pipeline.store.url import parse  # lazy: the store stack loads only for remote inputs
 
             n += archive_name(parse(inp).key)
         elif input_kind(inp) == "tar":
@@ -140,7 +140,7 @@ def iter_inputs(inputs: Sequence[str], want: Want, max_bytes: Optional[int] = No
         if "://" in inp:  # s3:// or http(s):// (seer_pipeline.store)
             from seer_pipeline.store.inputs import iter_remote_input  # lazy: boto3 loads only for remote inputs
 
-            from seer_pipeline.store.url import parse
+            from seer_pipeline.store.url import parse  # lazy, as above
 
             u = parse(inp)
             if archive_name(u.key):  # streamed, as seer_pipeline.store.inputs does

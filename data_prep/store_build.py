@@ -10,6 +10,7 @@ incomplete multipart uploads a killed run left, and writes skipped.tsv and manif
 from __future__ import annotations
 
 import concurrent.futures as cf
+import shutil
 import hashlib
 import json
 import logging
@@ -137,7 +138,6 @@ def remove_staging(staging: str, man: Dict[str, Any]) -> None:
     """Delete what the build wrote in `staging` once every object is uploaded (issue #26: an s3
     build left a 59-275 MB local copy in the temp folder), then the folder if nothing else is in it.
     Only the build's own files go: a --staging folder may hold other things."""
-    import shutil
 
     for name in [s["name"] for s in man["shards"]] + ["manifest.json", "skipped.tsv"]:
         try:
