@@ -79,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("parts", nargs="+", help="the part output directories")
     m.add_argument("--out", required=True)
     m.add_argument("--force", action="store_true", help="replace a shard set already in --out")
+    m.add_argument("--workers", type=int, default=1, help="processes for the cross-part dedup (hash buckets)")
     for p in (b, v, s, m):  # overrides AWS_ENDPOINT_URL / the AWS config (never logged with credentials)
         p.add_argument("--endpoint-url", default=None, help="S3 endpoint, e.g. http://127.0.0.1:8333")
     return ap
@@ -125,7 +126,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
                 man = merge_in_store(args.parts, args.out)
             else:
-                man = merge(args.parts, args.out, force=args.force)
+                man = merge(args.parts, args.out, force=args.force, workers=max(1, args.workers))
             print(f"merged {len(args.parts)} parts: {man['written']} samples in {len(man['shards'])} shards")
             return 0
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:

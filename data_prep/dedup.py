@@ -53,15 +53,39 @@ class _ShardOf:
         return self.names[bisect.bisect_right(self.starts, (pos, ordinal)) - 1]
 
 
-def cross_part_duplicates(parts: list[str], prefix: str) -> tuple[dict[tuple[str, str], list[str]], list[list[str]]]:
+def cross_part_duplicates(parts: list[str], prefix: str,
+                          workers: int = 1) -> tuple[dict[tuple[str, str], list[str]], list[list[str]]]:
     """Copies to drop: ({(part, shard name): sorted keys}, skipped.tsv rows [escaped source,
-    'duplicate'] in ordinal order). `parts` as the merge lists them."""
+    'duplicate'] in ordinal order). `parts` as the merge lists them. Buckets are independent:
+    with `workers` > 1 they are shared out to that many processes (each holds one bucket at a time)."""
+    for p in parts:
+        _index(p).close()  # a missing index is one clear error, before any work
+    buckets = list(_buckets())
+    groups = [buckets[i::workers] for i in range(max(1, workers))]
+    if len(groups) == 1:
+        results = [_scan(parts, prefix, groups[0])]
+    else:
+        import concurrent.futures as cf  # only a parallel merge pays for the pool
+
+        with cf.ProcessPoolExecutor(len(groups)) as pool:
+            results = list(pool.map(_scan, [parts] * len(groups), [prefix] * len(groups), groups))
+    drops: dict[tuple[str, str], list[str]] = defaultdict(list)
+    dropped: list[tuple[int, str]] = []
+    for d, rows in results:
+        for k, v in d.items():
+            drops[k].extend(v)
+        dropped.extend(rows)
+    dropped.sort()
+    return {k: sorted(v) for k, v in drops.items()}, [[src, "duplicate"] for _, src in dropped]
+
+
+def _scan(parts: list[str], prefix: str, buckets: list[tuple[str, str]]) -> tuple[dict, list]:
     dbs = [_index(p) for p in parts]
     try:
         where = [_ShardOf(db, prefix) for db in dbs]
         drops: dict[tuple[str, str], list[str]] = defaultdict(list)
         dropped: list[tuple[int, str]] = []
-        for lo, hi in _buckets():
+        for lo, hi in buckets:
             best: dict[str, tuple[int, int, int, str, str]] = {}  # sha -> (ordinal, part, pos, key, source)
             for i, db in enumerate(dbs):
                 for r in db.execute(_Q, (lo, hi)):
@@ -77,5 +101,4 @@ def cross_part_duplicates(parts: list[str], prefix: str) -> tuple[dict[tuple[str
     finally:
         for db in dbs:
             db.close()
-    dropped.sort()
-    return {k: sorted(v) for k, v in drops.items()}, [[src, "duplicate"] for _, src in dropped]
+    return dict(drops), dropped

@@ -103,26 +103,26 @@ def _move(src: str, dst: str) -> None:
         os.unlink(src)
 
 
-def merge(parts: Sequence[str], out: str, force: bool = False) -> dict:
+def merge(parts: Sequence[str], out: str, force: bool = False, workers: int = 1) -> dict:
     """Move every part's shards into `out` and write the combined manifest and skipped.tsv."""
     out_abs = os.path.abspath(out)
     if any(os.path.abspath(p) == out_abs for p in parts):
         raise ValueError("--out must be a new directory, not one of the parts")
     lock = lock_out(out, "merge")
     try:
-        return _merge(parts, out, out_abs, force)
+        return _merge(parts, out, out_abs, force, workers)
     finally:
         os.close(lock)
 
 
-def _merge(parts: Sequence[str], out: str, out_abs: str, force: bool) -> dict:
+def _merge(parts: Sequence[str], out: str, out_abs: str, force: bool, workers: int = 1) -> dict:
     plan_path = os.path.join(out, _PLAN)
     if os.path.exists(plan_path):  # a rerun: the parts' shards may already be moved
-        plan = _load_plan(plan_path, parts, out_abs)
+        plan = _load_plan(plan_path, parts, out_abs, workers)
     else:
         mans, base = _check_parts(parts)
         _clear_out(out, parts, force)
-        plan = _make_plan(mans, base, out_abs)
+        plan = _make_plan(mans, base, out_abs, workers)
         atomic_write_json(plan_path, plan)
     drop = plan["drop"]
     for src, dst in plan["moves"]:
@@ -150,14 +150,14 @@ def _filter(src: str, dst: str, drop: set[str]) -> None:
     os.unlink(src)
 
 
-def _make_plan(mans: list[tuple[str, dict]], base: dict, out_abs: str) -> dict:
+def _make_plan(mans: list[tuple[str, dict]], base: dict, out_abs: str, workers: int = 1) -> dict:
     """Every move (part shard -> renumbered name in `out`), the merged manifest and skipped rows:
     a pure function of the parts' manifests and skipped.tsv, so a rerun can recompute it."""
     prefix = base.get("prefix", "shard")
     moves, shards, skipped = [], [], []
     sums: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
-    dups, dup_rows = cross_part_duplicates([p for p, _ in mans], prefix) if base.get("dedup", True) else ({}, [])
+    dups, dup_rows = cross_part_duplicates([p for p, _ in mans], prefix, workers) if base.get("dedup", True) else ({}, [])
     drop: dict[str, list[str]] = {}  # new shard name -> keys of the copies it loses
     for p, m in mans:
         for s in m["shards"]:
@@ -194,7 +194,7 @@ def _make_plan(mans: list[tuple[str, dict]], base: dict, out_abs: str) -> dict:
             "manifest": manifest, "skipped": skipped}
 
 
-def _load_plan(plan_path: str, parts: Sequence[str], out_abs: str) -> dict:
+def _load_plan(plan_path: str, parts: Sequence[str], out_abs: str, workers: int = 1) -> dict:
     """The plan of an interrupted merge, trusted only as far as it matches the one this merge
     would make: a planted plan file (issue #24) could otherwise rename any file to any place.
 
@@ -212,7 +212,7 @@ def _load_plan(plan_path: str, parts: Sequence[str], out_abs: str) -> dict:
         raise ValueError(f"{os.path.dirname(os.path.dirname(plan_path))} holds a merge of other parts: "
                          f"{planted.get('parts') if isinstance(planted, dict) else planted!r}")
     mans = sorted(((p, fmt.load_manifest(p)) for p in parts), key=lambda pm: pm[1]["part"][0])
-    plan = _make_plan(mans, _strip(mans[0][1]["config"]), out_abs)
+    plan = _make_plan(mans, _strip(mans[0][1]["config"]), out_abs, workers)
     if planted.get("moves") != plan["moves"] or planted.get("drop") != plan["drop"]:
         raise ValueError(f"{plan_path} does not match the parts' manifests (a move outside the part "
                          "folders or the output?); refusing to move anything")

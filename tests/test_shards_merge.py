@@ -127,3 +127,14 @@ def test_cross_part_dedup_is_resumable_and_off_with_no_dedup(photo_dir: Path, tm
     m2 = merge([str(p) for p in raw], str(tmp_path / "m2"))
     assert m2["duplicates"] == 0 and m2["written"] == full["written"] + full["duplicates"]
     assert m2["dedup_scope"] == "none"
+
+
+def test_parallel_bucket_dedup_gives_the_same_set(photo_dir: Path, tmp_path: Path) -> None:
+    d = _dump_with_copies(photo_dir, tmp_path)
+    parts = _parts(photo_dir, tmp_path, n=3, inputs=[str(d)])
+    for p in parts:  # a second copy of the parts: the merge moves the first copy's shards away
+        shutil.copytree(p, tmp_path / f"c{p.name}")
+    one = merge([str(p) for p in parts], str(tmp_path / "m1"))
+    two = merge([str(tmp_path / f"c{p.name}") for p in parts], str(tmp_path / "m2"), workers=2)
+    strip = lambda m: {k: v for k, v in m.items() if k != "config"}  # noqa: E731
+    assert strip(one) == strip(two) and one["duplicates"] >= 12
