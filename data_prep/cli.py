@@ -87,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("parts", nargs="+", help="the part output directories")
     m.add_argument("--out", required=True)
     m.add_argument("--force", action="store_true", help="replace a shard set already in --out")
+    m.add_argument("--workers", type=int, default=1, help="processes for the cross-part dedup (hash buckets)")
     c = sub.add_parser("contamination", help="which evaluation images have near-copies in a shard set")
     c.add_argument("dir", help="local shard folder")
     c.add_argument("evals", nargs="+", help="evaluation images: folders, archives, path lists, shard sets")
@@ -141,7 +142,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
                 man = merge_in_store(args.parts, args.out)
             else:
-                man = merge(args.parts, args.out, force=args.force)
+                man = merge(args.parts, args.out, force=args.force, workers=max(1, args.workers))
             print(f"merged {len(args.parts)} parts: {man['written']} samples in {len(man['shards'])} shards")
             return 0
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:

@@ -10,6 +10,7 @@ incomplete multipart uploads a killed run left, and writes skipped.tsv and manif
 from __future__ import annotations
 
 import concurrent.futures as cf
+import shutil
 import hashlib
 import json
 import logging
