@@ -9,12 +9,11 @@ crop hashes, whichever borders were cut. Grey thumbnails make greyscale and colo
 conversion free; resize, recompression and format change move a pHash by <= 2 bits on the
 benchmark photos (docs/benchmarks.md, benchmarks/bench_near_dup.py).
 
-Index (faiss): brute force (IndexBinaryFlat, exact) up to 32k images; above, multi-index
-hashing (IndexBinaryMultiHash): the 64 bits are cut into `nhash` substrings and a pair is a
-candidate when one substring is within `nflip` bits, which pigeonhole makes exact up to
-nhash * (nflip + 1) - 1 bits: 7 up to 2^20 images, 3 above (pairs further apart are found
-when their differing bits fall unevenly). Exact at billion scale would need more probes;
-docs/benchmarks.md has the measured cost.
+Index (faiss): brute force (IndexBinaryFlat, exact) up to `FLAT_MAX` images; above, multi-index
+hashing (IndexBinaryMultiHash): the 64 bits are cut into two 32-bit halves and a pair is a
+candidate when one half is within one bit, which pigeonhole makes exact up to 3 bits: every
+resize, recompression, format change and greyscale copy of the benchmark, but only some crops
+(4-8 bits away). More probes cost 27x the time (docs/benchmarks.md has the measured trade).
 
 imagehash, scipy and faiss load only when a near-duplicate flag is used: `seer-shards` starts
 without them.
@@ -33,6 +32,7 @@ SIGNATURE = "phash64x6-v1"  # recorded in the manifest; a change of method must 
 INNER = 0.035  # border fraction cut for the centre hash: the middle of the 2-5% crop range
 THRESHOLD = 8  # bits; unrelated benchmark photos are >= 22 apart, copies <= 6 (docs/benchmarks.md)
 PARTS = 6  # 64-bit hashes per signature: whole, centre, 4 corner-anchored crops
+FLAT_MAX = 1 << 15  # codes up to which the index is brute force (exact at THRESHOLD)
 _THUMB = 128  # decode JPEGs at a DCT scale of at least this: pHash itself looks at 32x32
 
 
@@ -77,12 +77,12 @@ def _index(full: np.ndarray) -> Any:
 
     # Short substrings (16 bits, no flips) while buckets stay small; above a million codes,
     # 32-bit substrings with one flip keep each probe's bucket near-empty. Both exact to 3 bits.
-    if len(full) <= 1 << 15:  # brute force is exact and, this small, fast enough
+    if len(full) <= FLAT_MAX:  # brute force is exact and, this small, fast enough
         idx = faiss.IndexBinaryFlat(64)
-    else:  # exact to 7 bits below a million codes, to 3 bits above (see the module docstring)
-        nhash, bits, nflip = (4, 16, 1) if len(full) <= 1 << 20 else (2, 32, 1)
-        idx = faiss.IndexBinaryMultiHash(64, nhash, bits)
-        idx.nflip = nflip
+    else:  # two 32-bit halves, one flip: 0.05 ms a query at 10^6 codes; (4, 16, 1), exact to
+        # 7 bits, cost 1.4 ms (docs/benchmarks.md)
+        idx = faiss.IndexBinaryMultiHash(64, 2, 32)
+        idx.nflip = 1
     idx.add(full)
     return idx
 
