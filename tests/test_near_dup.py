@@ -151,3 +151,18 @@ def test_exact_default_is_unchanged(dump: Path, tmp_path: Path) -> None:
     assert all("phash" not in j for j in _jsons(tmp_path / "o"))
     man = fmt.load_manifest(str(tmp_path / "o"))
     assert "near" not in man and man["config"]["dedup"] is True
+
+
+def test_signature_is_imagehash_phash_on_the_whole_image() -> None:
+    """The batched pHash stays within a few bits of imagehash's, and unrelated photos stay far apart."""
+    import imagehash
+
+    from data_prep import near
+
+    sigs = []
+    for p in PHOTOS:
+        im = Image.open(p)
+        sigs.append(near.signature(im))
+        ref = int(str(imagehash.phash(im.convert("L"))), 16)
+        assert bin(ref ^ int(sigs[-1][:16], 16)).count("1") <= 4, p.name
+    assert near.pairs(sigs) == []  # the ten test photos are distinct pictures
