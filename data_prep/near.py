@@ -15,8 +15,8 @@ candidate when one half is within one bit, which pigeonhole makes exact up to 3 
 resize, recompression, format change and greyscale copy of the benchmark, but only some crops
 (4-8 bits away). More probes cost 27x the time (docs/benchmarks.md has the measured trade).
 
-imagehash, scipy and faiss load only when a near-duplicate flag is used: `seer-shards` starts
-without them.
+numpy and faiss load only when a near-duplicate flag is used: `seer-shards` starts without them.
+imagehash itself is the tests' reference (tests/test_near_dup.py), not a runtime dependency.
 """
 from __future__ import annotations
 

@@ -84,7 +84,7 @@ def scan_chunk(jobs: list[Item]) -> list[Result]:
 
 
 def _near_signature(r: Result) -> str:
-    from data_prep.near import signature_of_bytes  # imagehash loads only in near builds
+    from data_prep.near import signature_of_bytes  # numpy loads only in near builds
 
     return signature_of_bytes(r.data) or ""
 
