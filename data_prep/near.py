@@ -6,14 +6,14 @@ the whole image, of its centre (`INNER` cut from every border) and of the four c
 within `THRESHOLD` bits of the other's whole-image hash. The crop hashes are what make a 2-5%
 border crop match: the cropped copy's whole-image hash is close to one of the original's
 crop hashes, whichever borders were cut. Grey thumbnails make greyscale and colour-space
-conversion free; resize, recompression and format change move a pHash by <= 2 bits on the
+conversion free; resize, recompression and format change move a pHash by <= 4 bits on the
 benchmark photos (docs/benchmarks.md, benchmarks/bench_near_dup.py).
 
 Index (faiss): brute force (IndexBinaryFlat, exact) up to `FLAT_MAX` images; above, multi-index
 hashing (IndexBinaryMultiHash): the 64 bits are cut into two 32-bit halves and a pair is a
-candidate when one half is within one bit, which pigeonhole makes exact up to 3 bits: every
-resize, recompression, format change and greyscale copy of the benchmark, but only some crops
-(4-8 bits away). More probes cost 27x the time (docs/benchmarks.md has the measured trade).
+candidate when one half is within one bit, which pigeonhole makes exact up to 3 bits: nearly
+every resize, recompression, format change and greyscale copy of the benchmark, but only some
+crops (4-8 bits away). More probes cost 27x the time (docs/benchmarks.md has the measured trade).
 
 numpy and faiss load only when a near-duplicate flag is used: `seer-shards` starts without them.
 imagehash itself is the tests' reference (tests/test_near_dup.py), not a runtime dependency.
