@@ -31,7 +31,7 @@ def contamination(shards: str, evals: Sequence[str]) -> dict:
         names.append(src)
         sigs.append(sig)
         metas.append(meta)
-    ev = near_build.load_signatures(list(evals), "evaluation images:")
+    ev = near_build.load_signatures(list(evals), "evaluation images")
     found: dict[int, list[dict]] = {}
     for i, j, d in near.pairs([s for _, s in ev], sigs):
         found.setdefault(i, []).append({"source": names[j], "key": metas[j].get("key", ""),
