@@ -1,6 +1,6 @@
 """`--dedup near` and `--exclude-near` inside `seer-shards build`, kept apart from the builder.
 
-The workers compute each stored image's signature (data_prep.near) from the JPEG they store;
+The workers compute each stored image's signature (data_prep.near) from the pixels they store;
 it is kept in the build index's `near` table and written into the sample's `json` as `phash`.
 Grouping needs every signature of the part, so it is one stage between scan and plan: it
 marks the dropped copies `near_duplicate` (and the copies of evaluation images
