@@ -341,6 +341,10 @@ def _decode_and_encode(res: Result, data: bytes, opts: ProcessOptions) -> Result
         rgb = rgb.resize((sw, sh), Image.Resampling.BICUBIC, reducing_gap=2.0)
     if orient != 1:
         rgb = rgb.transpose(_ORIENT[orient])
+    if opts.signature:  # --dedup near: from these pixels, not a second decode (data_prep.near)
+        from data_prep.near import signature  # numpy: loaded only by near-duplicate builds
+
+        res.signature = signature(rgb)
     buf = io.BytesIO()
     rgb.save(buf, "JPEG", quality=opts.quality)
     res.data = buf.getvalue()
