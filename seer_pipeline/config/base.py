@@ -123,8 +123,10 @@ def load_config(
             cfg = OmegaConf.merge(cfg, layer)
         except (ConfigKeyError, ConfigAttributeError) as e:
             raise _unknown_key_error(base, str(e.key) if hasattr(e, "key") else str(e), where) from e
-        except ValidationError as e:
-            raise ConfigError(f"bad value in {where}: {e}") from e
+        except ValidationError as e:  # one line: omegaconf appends full_key/reference_type lines
+            key = getattr(e, "full_key", None)
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(f"bad value{f' for {key}' if key else ''} in {where}: {first}") from e
     OmegaConf.resolve(cfg)
     return cfg
 

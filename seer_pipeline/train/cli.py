@@ -22,6 +22,7 @@ from seer_pipeline.config.base import ConfigError
 from seer_pipeline.config.train import check_resume_compatible, load_train_config
 from seer_pipeline.core import runlock
 from seer_pipeline.core.runlock import TOKEN_ENV
+from seer_pipeline.core.shard_check import is_pattern, local_shards_problem
 from seer_pipeline.dist.setup import DistEnvError, free_port, resolve_env
 from seer_pipeline.train.signals import INTERRUPTED, PREEMPTED, forward_signals
 
@@ -114,25 +115,15 @@ def shards_problem(spec: str) -> str:
     """Why data.shards cannot be read ('' when it can), checked before anything is started or
     created: a missing folder would otherwise surface seconds later, on every rank, as a
     resampled-mode complaint. Remote sets (s3://, https://) are left to the loader."""
-    if "://" in spec:
-        return ""
-    from seer_pipeline.shards.reader import expand_pattern, load_manifest  # torch-free
+    problem = local_shards_problem(spec)
+    if problem or "://" in spec or not is_pattern(spec):
+        return problem
+    from seer_pipeline.shards.reader import expand_pattern  # torch-free
 
-    if os.path.isdir(spec):
-        if not os.path.exists(os.path.join(spec, "manifest.json")):
-            return (f"data.shards={spec}: the folder has no manifest.json (not a finished "
-                    "`seer-shards build` output)")
-        try:
-            paths = [sh.path for sh in load_manifest(spec)]
-        except ValueError as e:
-            return f"data.shards={spec}: {e}"
-    elif not any(c in spec for c in "{},"):
-        return f"data.shards={spec}: no such folder or file"
-    else:
-        try:
-            paths = [sh.path for sh in expand_pattern(spec)]
-        except ValueError as e:
-            return f"data.shards={spec}: {e}"
+    try:
+        paths = [sh.path for sh in expand_pattern(spec)]
+    except ValueError as e:
+        return f"data.shards={spec}: {e}"
     bad = [p for p in paths if not os.access(p, os.R_OK)]
     if bad:
         return (f"data.shards={spec}: {len(bad)} of {len(paths)} shard file(s) missing or "
