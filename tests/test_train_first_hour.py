@@ -107,3 +107,24 @@ def test_unknown_key_without_a_close_one_lists_its_section():
     with pytest.raises(ConfigError) as e:
         load_train_config("cpu_tiny", ["data.shards=x", "train.zzzzzz=1"])
     assert "keys of `train`: train.steps" in str(e.value) and "data.batch_size" not in str(e.value)
+
+
+def test_console_line_is_short(tmp_path, caplog):
+    import logging
+
+    from seer_pipeline.train.metrics import MetricsLogger
+
+    m = MetricsLogger(tmp_path, rank=0, log_every=5, tensorboard=False, total_steps=1000)
+    # A step's full set of values, as the trainer logs them (names from train/trainer.py).
+    row = {"loss": 5.2531, "lr": 0.05625, "img_s": 16.43, "step_s": 1.949, "data_wait": 0.2269,
+           "eta_s": 125.0, "images_seen": 128, "rss_mb": 591.3, "entropy": 4.1, "score_max": 0.93,
+           **{f"data_{k}": 0 for k in ("samples_ok", "decode_failures", "read_failures",
+                                        "samples_repeated", "peak_buffered", "shards_failed",
+                                        "epoch", "batches_in_epoch")}}
+    with caplog.at_level(logging.INFO, logger="seer_pipeline.train.metrics"):
+        m.log_step(5, row)
+    m.close()
+    line = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step 5/")][0]
+    assert line == "step 5/1000 16.4 img/s ETA 0:02:05 loss=5.253 lr=0.05625"
+    saved = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert saved["data_samples_ok"] == 0 and saved["rss_mb"] == 591.3  # the rest is kept there
