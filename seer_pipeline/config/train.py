@@ -275,9 +275,6 @@ def check_resume_compatible(saved: dict, current: DictConfig) -> list[str]:
     counts by its effect: 0 -> N where N was the saved schedule's length is no change.
     """
     cur = to_container(current)
-    problem = extension_error(saved, cur, str(cur.get("run", {}).get("dir", "RUN")))
-    if problem:
-        raise ConfigError(f"cannot resume: {problem}")
     changed = diff_configs(saved, cur)
     bad = [k for k in changed if k != "optim.total_steps"
            and not any(k == p or k.startswith(p) for p in RESUME_MUTABLE)]
@@ -288,4 +285,7 @@ def check_resume_compatible(saved: dict, current: DictConfig) -> list[str]:
             f"{', '.join(RESUME_MUTABLE)}. Start a new run.dir, or use init.weights=FILE to "
             "warm-start from weights only."
         )
+    problem = extension_error(saved, cur, str(cur.get("run", {}).get("dir", "RUN")))
+    if problem:
+        raise ConfigError(f"cannot resume: {problem}")
     return changed
