@@ -9,6 +9,7 @@ import argparse
 import errno
 import json
 import logging
+import os
 import signal
 import sqlite3
 import sys
@@ -112,6 +113,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from seer_pipeline.store.client import set_endpoint  # lazy: boto3 loads only when a remote store is named
 
         set_endpoint(args.endpoint_url)
+    if args.cmd in ("verify", "stats") and "://" not in args.dir and not os.path.isdir(args.dir):
+        print(f"seer-shards {args.cmd}: error: no such folder: {args.dir}", file=sys.stderr)
+        return 2
     try:
         if args.cmd == "build":
             return _build(args)

@@ -144,8 +144,40 @@ def _lock_holder(run: Path) -> str:
     return "" if holder is None else runlock.describe(holder)
 
 
+# SLURM states after which a task's stderr says why (sacct/scontrol names).
+_FAILED = ("FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "TIMEOUT", "BOOT_FAIL", "DEADLINE", "CANCELLED")
+
+
+def _task_errors(folder: Path, job_id: str, n: int = 6) -> tuple[str, list[str]]:
+    """(file, last lines) of the first task stderr with anything in it, task 0 first:
+    submitit writes RUN/slurm/<job>/<job>_<task>_log.err, where a task that could not start
+    (bad data.shards, a locked folder) leaves its one-line reason."""
+    def task(path: Path) -> int:
+        m = re.search(r"_(\d+)_log\.err$", path.name)
+        return int(m.group(1)) if m else 1 << 30
+    for path in sorted(folder.glob(f"{job_id}_*_log.err"), key=task):
+        lines = _last_lines(path)
+        if lines:
+            return str(path), lines[-n:]
+    return "", []
+
+
 def run_status(run_dir: str | Path) -> dict[str, Any]:
     """Everything `seer-status` prints, as a dict (state, job_id, checkpoint, step, ...)."""
+    out = _run_status(run_dir)
+    run = Path(out["run_dir"])
+    if out["lock_holder"] and out["state"] in ("NOT RUNNING", "UNKNOWN"):
+        # A live holder of RUN/.lock is a running job, whatever the files say (a local run).
+        out.update(state="RUNNING", state_source="RUN/.lock")
+    out["error_file"], out["error_lines"] = "", []
+    if out["job_id"] and (out["error"] or out["state"].split()[0] in _FAILED):
+        out["error_file"], out["error_lines"] = _task_errors(run / "slurm" / out["job_id"], out["job_id"])
+    cands = [run / "logs"] + ([run / "slurm" / out["job_id"]] if out["job_id"] else [])
+    out["logs"] = [str(p) for p in cands if p.is_dir()]
+    return out
+
+
+def _run_status(run_dir: str | Path) -> dict[str, Any]:
     run = Path(run_dir)
     if not run.is_dir():
         raise FileNotFoundError(f"no run folder at {run}")
@@ -201,6 +233,11 @@ def format_status(st: dict[str, Any]) -> str:
         lines.append(f"resumed:    {_show(st['last_resume'])}")
     if st["error"]:
         lines.append(f"error:      {st['error']}")
+    if st.get("error_lines"):
+        lines.append(f"task error: {st['error_file']} (last lines):")
+        lines += [f"  {ln}" for ln in st["error_lines"]]
+    if st.get("logs"):  # only folders that exist
+        lines.append(f"logs:       {'  '.join(st['logs'])}")
     return "\n".join(lines)
 
 

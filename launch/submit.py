@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from launch import scheduler  # module reference: tests patch scheduler.job_info
 from seer_pipeline.core import runlock
 from seer_pipeline.core.exit_codes import USAGE
 from seer_pipeline.core.io_utils import atomic_write_json
+from seer_pipeline.core.shard_check import local_shards_problem
 
 log = logging.getLogger(__name__)
 LAUNCH_RECORD = "launch.json"  # RUN/launch.json: the jobs submitted for this run, newest last
@@ -139,6 +141,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as e:  # ConfigError is a ValueError
         print(f"seer-submit: {e}", file=sys.stderr)
         return USAGE
+    # A training job that cannot start is not queued (the path as this host sees it); a dry run
+    # only warns, and another --entry may not read data.shards at all.
+    problem = local_shards_problem(str(cfg.data.shards or "")) if job.entry == DEFAULT_ENTRY else ""
+    if problem and args.dry_run:
+        print(f"seer-submit: warning: {problem}; the job would fail at start", file=sys.stderr)
+    elif problem:
+        print(f"seer-submit: {problem}", file=sys.stderr)
+        return USAGE
     if args.dry_run and args.local:
         print("seer-submit: --dry-run shows a SLURM script; drop --local", file=sys.stderr)
         return USAGE
@@ -158,10 +168,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, RuntimeError) as e:
         print(f"seer-submit: {e}", file=sys.stderr)
         return USAGE
+    created = not Path(job.run_dir).exists()
     Path(job.run_dir).mkdir(parents=True, exist_ok=True)
     try:
         submitted = ex.submit(job)
     except Exception as e:  # submitit's FailedJobError carries sbatch's own message
+        if created:  # submitit wrote its job files into the folder; nothing was queued
+            shutil.rmtree(job.run_dir, ignore_errors=True)
         print(f"seer-submit: submission failed: {e}", file=sys.stderr)
         return 1
     job_id = str(submitted.job_id)

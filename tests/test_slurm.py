@@ -112,7 +112,12 @@ def test_dry_run_is_a_valid_sbatch_script(tmp_path: Path, capsys: pytest.Capture
         assert f"#SBATCH {flag}" in out, flag
     assert "-> 512 ranks" in out
     # sbatch's refusal reaches the user; nothing is recorded as submitted.
-    assert submit_main(["--config", "cpu_tiny", f"run.dir={run}", "slurm.partition=nosuchpart"]) == 1
+    shards = tmp_path / "shards"  # a readable shard set, so sbatch is what refuses (firsthour)
+    shards.mkdir()
+    (shards / "manifest.json").write_text('{"shards": [{"name": "s.tar", "count": 1}]}')
+    (shards / "s.tar").write_bytes(b"")
+    assert submit_main(["--config", "cpu_tiny", f"run.dir={run}", f"data.shards={shards}",
+                        "slurm.partition=nosuchpart"]) == 1
     assert "invalid partition" in capsys.readouterr().err.lower()
     assert not (run / "launch.json").exists()
     # Unknown keys fail before anything is built.

@@ -106,13 +106,29 @@ def valid_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
     return keys
 
 
+def suggest_keys(key: str, keys: Sequence[str], n: int = 3) -> list[str]:
+    """The valid keys a typo most likely meant: close dotted names first, then the same or a
+    close last part in another section (`steps` -> `train.steps`, `data.batchsize` ->
+    `data.batch_size`)."""
+    leaf = key.rsplit(".", 1)[-1]
+    leaves = {k: k.rsplit(".", 1)[-1] for k in keys}
+    out = difflib.get_close_matches(key, keys, n=n, cutoff=0.75)
+    out += [k for k, lf in leaves.items() if lf == leaf]
+    out += [k for k, lf in leaves.items() if difflib.SequenceMatcher(None, leaf, lf).ratio() >= 0.8]
+    return list(dict.fromkeys(out))[:n]
+
+
 def _unknown_key_error(base: DictConfig, key: str, where: str) -> ConfigError:
     keys = valid_keys(base)
-    close = difflib.get_close_matches(key, keys, n=3)
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    return ConfigError(
-        f"unknown config key '{key}' in {where}.{hint}\nValid keys:\n  " + "\n  ".join(keys)
-    )
+    close = suggest_keys(key, keys)
+    if close:
+        hint = "did you mean " + " or ".join(f"`{k}`" for k in close) + "?"
+    else:  # nothing close: the section's keys if the section exists, else the sections
+        section = key.split(".", 1)[0] + "."
+        same = [k for k in keys if k.startswith(section)]
+        hint = (f"keys of `{section[:-1]}`: {', '.join(same)}" if same and "." in key
+                else "sections: " + ", ".join(dict.fromkeys(k.split(".", 1)[0] for k in keys)))
+    return ConfigError(f"unknown config key '{key}' in {where}: {hint} (every key: docs/config.md)")
 
 
 def _check_keys(base: DictConfig, other: DictConfig, where: str, prefix: str = "") -> None:
@@ -181,8 +197,10 @@ def load_config(
             cfg = OmegaConf.merge(cfg, layer)
         except (ConfigKeyError, ConfigAttributeError) as e:
             raise _unknown_key_error(base, str(e.key) if hasattr(e, "key") else str(e), where) from e
-        except ValidationError as e:
-            raise ConfigError(f"bad value in {where}: {e}") from e
+        except ValidationError as e:  # one line: omegaconf appends full_key/reference_type lines
+            key = getattr(e, "full_key", None)
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(f"bad value{f' for {key}' if key else ''} in {where}: {first}") from e
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:  # e.g. `${no.such.key}`: one line, not a traceback

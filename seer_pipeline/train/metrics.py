@@ -85,6 +85,9 @@ def format_eta(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
+CONSOLE_KEYS = ("loss", "lr")  # besides step, img/s and ETA
+
+
 class MetricsLogger:
     """Rank-0 sink for per-step scalars: JSON lines, TensorBoard, console every `log_every`."""
 
@@ -137,8 +140,9 @@ class MetricsLogger:
                 head += f" {row['img_s']:.1f} img/s"
             if isinstance(row.get("eta_s"), (int, float)):
                 head += f" ETA {format_eta(row['eta_s'])}"
-            shown = " ".join(_fmt(k, v) for k, v in row.items()
-                             if k not in ("step", "img_s", "eta_s"))
+            # The console keeps to what a person watches; every other value (timings, data
+            # counters, memory, SwAV statistics) is in metrics.jsonl and TensorBoard.
+            shown = " ".join(_fmt(k, row[k]) for k in CONSOLE_KEYS if k in row)
             log.info("%s %s", head, shown)
 
     def close(self) -> None:

@@ -59,6 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("run")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if not Path(args.run).is_dir():  # not "no rows to plot": there is no run at all
+        print(f"seer-plot: no such folder: {args.run}", file=sys.stderr)
+        return 1
     try:
         print(plot_run(args.run, args.out))
     except (OSError, ValueError) as e:

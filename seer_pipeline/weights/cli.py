@@ -12,6 +12,7 @@ import argparse
 import io
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -110,6 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     x.add_argument("--vissl-layout", default="consolidated", choices=("consolidated", "sharded", "sliced"))
     x.add_argument("--shards", type=int, default=1, help="shard files for --vissl-layout sharded")
     args = ap.parse_args(argv)
+    src = args.src if args.cmd == "export" else args.run
+    if not os.path.exists(src):  # not "no complete checkpoint": there is nothing there at all
+        print(f"seer-ckpt {args.cmd}: no such folder or file: {src}", file=sys.stderr)
+        return 1
 
     try:
         if args.cmd == "export":
