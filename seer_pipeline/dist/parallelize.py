@@ -126,8 +126,11 @@ def parallelize(
         # SyncBN only trains on CUDA (PyTorch's SyncBatchNorm raises on CPU input), so CPU keeps plain BN.
         group = _sync_bn_groups(plan.sync_bn_group, local_world)
         model.trunk = trunk = nn.SyncBatchNorm.convert_sync_batchnorm(trunk, process_group=group)
-    if any(p.device != device for p in model.parameters()):
-        model.to(device)  # skipped when already there: fake-tensor models cannot be moved
+    params = list(model.parameters())
+    if any(p.device != device for p in params) and not any(p.is_meta for p in params):
+        # Skipped when already there (fake-tensor models cannot be moved) and for a meta-built
+        # model, which is materialized shard by shard after sharding (models.materialize).
+        model.to(device)
 
     if plan.compile:
         # Every block shares one forward code object, so dynamo's per-frame recompile limit

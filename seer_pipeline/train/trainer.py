@@ -41,6 +41,7 @@ from seer_pipeline.dist.parallelize import (
     unwrap,
 )
 from seer_pipeline.dist.setup import DistEnv
+from seer_pipeline.models.materialize import load_full_state_, materialize
 from seer_pipeline.models.swav import SwAVModel, build_model  # noqa: F401
 from seer_pipeline.train import swav
 from seer_pipeline.train.metrics import MetricsLogger, Throughput
@@ -89,15 +90,20 @@ class Trainer:
         self.cfg, self.denv, self.device = cfg, denv, device
         self.rank, self.world = denv.rank, denv.world_size
         self.run_dir = Path(cfg.run.dir)
-        torch.manual_seed(cfg.run.seed)  # identical init on every rank (fully_shard does not broadcast)
-        model = build_model(cfg)
-        if cfg.init.weights:
-            sd = load_trunk_state(cfg.init.weights, cfg.model.trunk)  # any format, shape-checked
-            model.trunk.load_state_dict(sd, strict=True)
-            log.info("warm start: trunk weights from %s", cfg.init.weights)
+        torch.manual_seed(cfg.run.seed)
+        # Built on the meta device, sharded, then each rank writes only its rows: no rank ever
+        # holds the whole fp32 model (seer_10b: 37 GB). Values are those of the unsharded model
+        # for the same seed at any world size (models.materialize).
+        with torch.device("meta"):
+            model = build_model(cfg)
         plan = ParallelPlan.from_config(cfg.parallel, cfg.train.precision)
         mesh = build_mesh(plan, device.type, self.world, denv.local_world_size)
+        sharded = plan.fsdp != "none" and mesh is not None
+        if not sharded:  # DDP broadcasts real values at construction: materialize first
+            self._materialize(model, device)
         self.model = parallelize(model, plan, mesh, device, denv.local_world_size)
+        if sharded:
+            self._materialize(model, device)
         self.inner = unwrap(self.model)
         self.optimizer = LARS(
             build_param_groups(model, cfg.optim.lars_exclude_bn_bias), lr=0.0,
@@ -136,6 +142,13 @@ class Trainer:
         use_autocast = cfg.train.precision == "bf16" and not is_fsdp(self.model)
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_autocast
                          else nullcontext())
+
+    def _materialize(self, model: nn.Module, device: torch.device) -> None:
+        materialize(model, device, int(self.cfg.run.seed))
+        if self.cfg.init.weights:
+            sd = load_trunk_state(self.cfg.init.weights, self.cfg.model.trunk)  # any format, shape-checked
+            load_full_state_(model.trunk, sd)  # each rank keeps its rows
+            log.info("warm start: trunk weights from %s", self.cfg.init.weights)
 
     @property
     def step(self) -> int:
