@@ -166,3 +166,36 @@ def test_shared_bn_unit_cuts_collectives_and_keeps_gradients() -> None:
         assert r["shared"]["bn_dtypes"] == ["torch.float32"]  # BN master weights and grads in fp32
         for n, g in r["each"]["grads"].items():
             assert (r["shared"]["grads"][n] == g).all(), n
+
+
+def test_torch_version_check_names_the_tested_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 20: `torch>=2.6` admitted releases whose FSDP2 + AC + two resolutions failed."""
+    from seer_pipeline.dist.parallelize import TESTED_TORCH, UNTESTED_TORCH_ENV, check_torch_version
+
+    monkeypatch.delenv(UNTESTED_TORCH_ENV, raising=False)
+    check_torch_version()  # the torch running these tests is in the tested range
+    for ok in ("2.13.0+cpu", "2.14.1+cu130", "2.14.0a0+gitabc"):
+        check_torch_version(ok)
+    for bad in ("2.6.0", "2.12.1+cu126", "2.15.0.dev20261201", "3.0.0"):
+        with pytest.raises(RuntimeError, match=r"outside the tested range >=2\.13,<2\.15") as e:
+            check_torch_version(bad)
+        assert "\n" not in str(e.value) and UNTESTED_TORCH_ENV in str(e.value)
+    monkeypatch.setenv(UNTESTED_TORCH_ENV, "1")
+    check_torch_version("2.6.0")  # the user's explicit opt-in
+    # pyproject pins the same range.
+    text = (REPO / "pyproject.toml").read_text()
+    (lo_maj, lo_min), (hi_maj, hi_min) = TESTED_TORCH
+    assert f'"torch>={lo_maj}.{lo_min},<{hi_maj}.{hi_min}"' in text
+
+
+def test_seer_train_refuses_an_untested_torch_in_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    from seer_pipeline.config.train import load_train_config
+    from seer_pipeline.dist.setup import resolve_env
+    from seer_pipeline.train import cli
+
+    monkeypatch.delenv("SEER_UNTESTED_TORCH", raising=False)
+    monkeypatch.setattr(torch, "__version__", "2.7.1+cu126")
+    assert cli.run_rank(load_train_config("cpu_tiny"), resolve_env()) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("seer-train: torch 2.7.1+cu126 is outside the tested range") and "\n" not in err

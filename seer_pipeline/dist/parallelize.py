@@ -13,6 +13,8 @@ FSDP2's per-parameter DTensor sharding also makes sharded DCP checkpoints and re
 from __future__ import annotations
 
 import logging
+import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +30,33 @@ log = logging.getLogger(__name__)
 # fp16 is not offered: it needs a loss scaler whose inf check all ranks agree on, and bf16 (the
 # GPU default, same exponent range as fp32) needs none.
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+#: torch releases this pipeline was tested with (pyproject.toml pins the same range): 2.13.0 in
+#: the main venv (CPU), 2.14.1 in .venv-interop. Older releases admitted by FSDP2's API (>= 2.6)
+#: raised "mixed torch.Tensor and DTensor" for FSDP2 + activation checkpointing + two crop
+#: resolutions before one backward (fixed upstream in 2026), i.e. every SEER preset's step.
+TESTED_TORCH = ((2, 13), (2, 15))  # [low, high) of (major, minor)
+UNTESTED_TORCH_ENV = "SEER_UNTESTED_TORCH"
+
+
+def check_torch_version(version: str | None = None) -> None:
+    """Refuse, with one clear line, a torch outside the tested range (unless the user opts in).
+
+    Only major.minor counts: NGC builds ("2.14.0a0+git...") are releases of their minor, and a
+    nightly of the next minor ("2.15.0.dev...") is not tested."""
+    v = version or torch.__version__
+    m = re.match(r"(\d+)\.(\d+)", v)
+    (lo_maj, lo_min), (hi_maj, hi_min) = TESTED_TORCH
+    if m and (lo_maj, lo_min) <= (int(m[1]), int(m[2])) < (hi_maj, hi_min):
+        return
+    if os.environ.get(UNTESTED_TORCH_ENV) == "1":
+        log.warning("torch %s is outside the tested range (%s=1 given): running anyway", v, UNTESTED_TORCH_ENV)
+        return
+    low, high = f"{lo_maj}.{lo_min}", f"{hi_maj}.{hi_min}"
+    raise RuntimeError(
+        f"torch {v} is outside the tested range >={low},<{high}: releases before the 2026 fix fail "
+        f"FSDP2 + activation checkpointing with two crop resolutions ('mixed torch.Tensor and "
+        f"DTensor'). Install a tested torch (pyproject.toml) or set {UNTESTED_TORCH_ENV}=1 to try it.")
 
 
 @dataclass(frozen=True)
