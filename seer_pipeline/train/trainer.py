@@ -54,6 +54,7 @@ from seer_pipeline.train.optim import (
 )
 from seer_pipeline.train.provenance import record_start, requeue_job
 from seer_pipeline.train.signals import PREEMPTED, PreemptionFlag
+from seer_pipeline.train.speed import apply_cudnn, speed_switches
 from seer_pipeline.train.state import ModelState, OptimState, Progress, RNGState
 from seer_pipeline.weights import load_trunk_state
 
@@ -96,6 +97,10 @@ class Trainer:
         # for the same seed at any world size (models.materialize).
         with torch.device("meta"):
             model = build_model(cfg)
+        self.speed = speed_switches(device.type, bool(cfg.train.deterministic),
+                                    bool(cfg.model.channels_last), bool(cfg.data.pin_memory))
+        apply_cudnn(self.speed)
+        model.channels_last = self.speed.channels_last
         plan = ParallelPlan.from_config(cfg.parallel, cfg.train.precision)
         mesh = build_mesh(plan, device.type, self.world, denv.local_world_size)
         sharded = plan.fsdp != "none" and mesh is not None
@@ -110,7 +115,9 @@ class Trainer:
             momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay, trust=cfg.optim.lars_trust,
         )
         torch.manual_seed(cfg.run.seed + 1000 * self.rank + 1)  # per-rank stream from here on
-        self.loader = build_loader(OmegaConf.to_object(cfg.data), self.rank, self.world)
+        data_cfg = OmegaConf.to_object(cfg.data)
+        data_cfg.pin_memory = self.speed.pin_memory  # CUDA: async host-to-device copies
+        self.loader = build_loader(data_cfg, self.rank, self.world)
         self.global_batch = cfg.data.batch_size * self.world
         self.total = cfg.optim.total_steps or cfg.train.steps
         self.schedule = lr_schedule(
