@@ -94,6 +94,11 @@ def render_simulation(s: dict[str, Any]) -> str:
     rows += [f"    {k:22s}{v:10.3f} GiB" for k, v in s["simulated_gib"].items() if v]
     rows.append(f"  simulated peak {s['simulated_peak_gib']:.3f} GiB, planned {s['memory_per_gpu_gib']:.3f} GiB "
                 f"(planned/simulated {s['planned_over_simulated']:.3f})")
+    if "init_peak_gib" in s:
+        i = {k: v * 1024 for k, v in s["init_gib"].items()}
+        rows.append(f"  init (meta build, then this rank's rows): peak {s['init_peak_gib'] * 1024:.1f} MiB = "
+                    f"shard {i['param_shards']:.1f} + buffers {i['buffers']:.1f} + staging "
+                    f"{i['largest_local_param']:.1f} MiB (the whole fp32 model: {s['init_whole_model_gib']:.2f} GiB)")
     return "\n".join(rows)
 
 

@@ -189,6 +189,13 @@ def run_rank(cfg, denv) -> int:  # noqa: ANN001 - DictConfig, DistEnv
     Imports torch and the trainer stack here: `seer-train`'s parent process only spawns ranks."""
     import torch
 
+    from seer_pipeline.dist.parallelize import check_torch_version
+
+    try:  # before any process group: every rank refuses alike, with one line
+        check_torch_version()
+    except RuntimeError as e:
+        print(f"seer-train: {e}", file=sys.stderr)
+        return 2
     torch.set_num_threads(cfg.train.threads)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)

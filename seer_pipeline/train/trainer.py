@@ -42,6 +42,7 @@ from seer_pipeline.dist.parallelize import (
     unwrap,
 )
 from seer_pipeline.dist.setup import DistEnv, wait_for_peers
+from seer_pipeline.models.materialize import load_full_state_, materialize
 from seer_pipeline.models.swav import SwAVModel, build_model  # noqa: F401
 from seer_pipeline.train import swav
 from seer_pipeline.train.metrics import MetricsLogger, Throughput
@@ -54,6 +55,7 @@ from seer_pipeline.train.optim import (
 )
 from seer_pipeline.train.provenance import record_start
 from seer_pipeline.train.signals import PreemptionFlag
+from seer_pipeline.train.speed import apply_cudnn, speed_switches
 from seer_pipeline.train.state import ModelState, OptimState, Progress, RNGState
 from seer_pipeline.weights import load_trunk_state
 
@@ -90,22 +92,33 @@ class Trainer:
         self.cfg, self.denv, self.device = cfg, denv, device
         self.rank, self.world = denv.rank, denv.world_size
         self.run_dir = Path(cfg.run.dir)
-        torch.manual_seed(cfg.run.seed)  # identical init on every rank (fully_shard does not broadcast)
-        model = build_model(cfg)
-        if cfg.init.weights:
-            sd = load_trunk_state(cfg.init.weights, cfg.model.trunk)  # any format, shape-checked
-            model.trunk.load_state_dict(sd, strict=True)
-            log.info("warm start: trunk weights from %s", cfg.init.weights)
+        torch.manual_seed(cfg.run.seed)
+        # Built on the meta device, sharded, then each rank writes only its rows: no rank ever
+        # holds the whole fp32 model (seer_10b: 37 GB). Values are those of the unsharded model
+        # for the same seed at any world size (models.materialize).
+        with torch.device("meta"):
+            model = build_model(cfg)
+        self.speed = speed_switches(device.type, bool(cfg.train.deterministic),
+                                    bool(cfg.model.channels_last), bool(cfg.data.pin_memory))
+        apply_cudnn(self.speed)
+        model.channels_last = self.speed.channels_last
         plan = ParallelPlan.from_config(cfg.parallel, cfg.train.precision)
         mesh = build_mesh(plan, device.type, self.world, denv.local_world_size)
+        sharded = plan.fsdp != "none" and mesh is not None
+        if not sharded:  # DDP broadcasts real values at construction: materialize first
+            self._materialize(model, device)
         self.model = parallelize(model, plan, mesh, device, denv.local_world_size)
+        if sharded:
+            self._materialize(model, device)
         self.inner = unwrap(self.model)
         self.optimizer = LARS(
             build_param_groups(model, cfg.optim.lars_exclude_bn_bias), lr=0.0,
             momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay, trust=cfg.optim.lars_trust,
         )
         torch.manual_seed(cfg.run.seed + 1000 * self.rank + 1)  # per-rank stream from here on
-        self.loader = build_loader(OmegaConf.to_object(cfg.data), self.rank, self.world)
+        data_cfg = OmegaConf.to_object(cfg.data)
+        data_cfg.pin_memory = self.speed.pin_memory  # CUDA: async host-to-device copies
+        self.loader = build_loader(data_cfg, self.rank, self.world)
         self.global_batch = cfg.data.batch_size * self.world
         self.total = cfg.optim.total_steps or cfg.train.steps
         self.schedule = lr_schedule(
@@ -137,6 +150,13 @@ class Trainer:
         use_autocast = cfg.train.precision == "bf16" and not is_fsdp(self.model)
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_autocast
                          else nullcontext())
+
+    def _materialize(self, model: nn.Module, device: torch.device) -> None:
+        materialize(model, device, int(self.cfg.run.seed))
+        if self.cfg.init.weights:
+            sd = load_trunk_state(self.cfg.init.weights, self.cfg.model.trunk)  # any format, shape-checked
+            load_full_state_(model.trunk, sd)  # each rank keeps its rows
+            log.info("warm start: trunk weights from %s", self.cfg.init.weights)
 
     @property
     def step(self) -> int:
