@@ -87,6 +87,17 @@ def test_fifo_or_directory_lock_is_refused_in_one_line(tmp_path: Path, capsys, k
     assert _in_thread(lambda: run_status(run))["lock_holder"] == ""
 
 
+def test_hard_linked_lock_does_not_truncate_the_other_name(tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me\n")
+    os.link(victim, run / ".lock")
+    rc, err = _train(run, tmp_path, capsys)
+    assert rc == runlock.LOCKED_EXIT and "hard link" in err
+    assert victim.read_text() == "keep me\n"
+
+
 def test_regular_lock_still_works_and_is_written(tmp_path: Path) -> None:
     lock = runlock.acquire(tmp_path, job_id="7")
     try:

@@ -223,3 +223,22 @@ def test_eval_refuses_a_nan_trunk_file(tmp_path: Path) -> None:
     path = _write(_damage("nan"), "seer", tmp_path / "nan.pt")
     with pytest.raises(features.CheckpointSpecError, match="NaN or inf"):
         features.load_trunk(features.parse_checkpoint(str(path), "regnety_tiny"))
+
+
+def test_seer_train_init_weights_refuses_a_planted_run(tmp_path: Path, capsys, caplog) -> None:
+    """End to end: seer-train stops before training, nothing executed, the reason logged."""
+    from seer_pipeline.train.cli import main
+
+    marker = tmp_path / "pwned"
+    src = _run(tmp_path)
+    (_step(src) / ".metadata").write_bytes(pickle.dumps(Planted(marker)))
+    _rehash(_step(src))
+    new = tmp_path / "new"
+    rc = main(["--config", "cpu_tiny", f"run.dir={new}", "data.shards=/nowhere", "dist.nproc=1",
+               "model.trunk=regnety_tiny", "model.hidden_dims=[]", "model.out_dim=8",
+               "model.n_prototypes=8", f"init.weights={src}", "train.tensorboard=false"])
+    out = capsys.readouterr().err + caplog.text + "".join(
+        p.read_text() for p in (new / "logs").glob("*.log"))
+    assert rc == 1 and not marker.exists()
+    assert "refusing to load global io.open" in out
+    assert not (new / "metrics.jsonl").exists() and not (new / "checkpoints").exists()

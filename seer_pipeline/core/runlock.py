@@ -91,11 +91,13 @@ def _open_lock_file(path: Path, flags: int) -> int:
             what = "not a regular file"
         raise RunLockError(f"{path} is {what}, not the regular lock file seer-train writes; "
                            "remove it and retry") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
         os.close(fd)
-        raise RunLockError(f"{path} is {_kind(mode)}, not the regular lock file seer-train "
-                           "writes; remove it and retry")
+        what = _kind(st.st_mode) if not stat.S_ISREG(st.st_mode) else \
+            f"a hard link ({st.st_nlink} names: writing it would change another file)"
+        raise RunLockError(f"{path} is {what}, not the regular lock file seer-train writes; "
+                           "remove it and retry")
     return fd
 
 
