@@ -115,7 +115,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         set_endpoint(args.endpoint_url)
     if args.cmd in ("verify", "stats") and "://" not in args.dir and not os.path.isdir(args.dir):
         print(f"seer-shards {args.cmd}: error: no such folder: {args.dir}", file=sys.stderr)
-        return 2
+        return USAGE
     try:
         if args.cmd == "build":
             return _build(args)

@@ -13,3 +13,6 @@ USAGE = 2
 # Stopped by Ctrl-C (a second SIGINT, or one before training started): 128 + SIGINT, what a
 # shell reports for a process killed by the signal, so scripts read it the same way.
 INTERRUPTED = 130
+# Another job holds the run folder's lock (seer_pipeline.core.runlock); nothing was written.
+# sysexits.h EX_CANTCREAT: the run folder cannot be written by this job.
+LOCKED = 73

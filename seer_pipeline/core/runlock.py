@@ -33,10 +33,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from seer_pipeline.core.exit_codes import LOCKED as LOCKED_EXIT
+
 LOCK_NAME = ".lock"
 TOKEN_ENV = "SEER_RUN_LOCK_TOKEN"
-# sysexits.h EX_CANTCREAT: the run folder cannot be written by this job (another one owns it).
-LOCKED_EXIT = 73
 _UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 

@@ -249,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bad_device = device_problem(args.device)
     if bad_device:
         print(f"seer-eval: error: {bad_device}", file=sys.stderr)
-        return 2
+        return USAGE
     setup_logging(0)
 
     try:

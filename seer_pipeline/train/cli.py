@@ -195,7 +195,7 @@ def run_rank(cfg, denv) -> int:  # noqa: ANN001 - DictConfig, DistEnv
         check_torch_version()
     except RuntimeError as e:
         print(f"seer-train: {e}", file=sys.stderr)
-        return 2
+        return USAGE
     torch.set_num_threads(cfg.train.threads)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
