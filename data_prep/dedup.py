@@ -20,8 +20,10 @@ from data_prep.lock import STATE
 from seer_pipeline.shards import format as fmt
 
 BUCKET_HEX = 2  # 256 buckets by the first two hex digits of the sha256
-_Q = ("SELECT sha256, ordinal, pos, key, source FROM items "
-      "WHERE reason IS NULL AND sha256 >= ? AND sha256 < ?")
+# (sha256, ordinal) only: ordinal is the rowid, so the build's partial index on sha256 covers the
+# scan (no table lookups). The rest of a row is read for the copies alone.
+_Q = "SELECT sha256, ordinal FROM items WHERE reason IS NULL AND sha256 >= ? AND sha256 < ?"
+_ROW = "SELECT pos, key, source FROM items WHERE ordinal = ?"
 
 
 def _index(part: str) -> sqlite3.Connection:
@@ -29,9 +31,7 @@ def _index(part: str) -> sqlite3.Connection:
     if not os.path.isfile(path):
         raise ValueError(f"{part}: no build index ({path}); cross-part dedup needs the parts as "
                          "`seer-shards build --part` left them")
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)  # read only: never changes a part
-    db.row_factory = sqlite3.Row
-    return db
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)  # read only: never changes a part
 
 
 def _buckets() -> Iterator[tuple[str, str]]:
@@ -46,8 +46,8 @@ class _ShardOf:
 
     def __init__(self, db: sqlite3.Connection, prefix: str) -> None:
         rows = db.execute("SELECT idx, first_pos, first_ordinal FROM plan ORDER BY idx").fetchall()
-        self.starts = [(r["first_pos"], r["first_ordinal"]) for r in rows]
-        self.names = [fmt.shard_name(prefix, r["idx"]) for r in rows]
+        self.starts = [(pos, o) for _, pos, o in rows]
+        self.names = [fmt.shard_name(prefix, i) for i, _, _ in rows]
 
     def __call__(self, pos: int, ordinal: int) -> str:
         return self.names[bisect.bisect_right(self.starts, (pos, ordinal)) - 1]
@@ -86,18 +86,18 @@ def _scan(parts: list[str], prefix: str, buckets: list[tuple[str, str]]) -> tupl
         drops: dict[tuple[str, str], list[str]] = defaultdict(list)
         dropped: list[tuple[int, str]] = []
         for lo, hi in buckets:
-            best: dict[str, tuple[int, int, int, str, str]] = {}  # sha -> (ordinal, part, pos, key, source)
+            best: dict[str, tuple[int, int]] = {}  # sha -> (ordinal, part) of the copy kept so far
             for i, db in enumerate(dbs):
-                for r in db.execute(_Q, (lo, hi)):
-                    cand = (r["ordinal"], i, r["pos"], r["key"], r["source"])
-                    old = best.get(r["sha256"])
+                for sha, ordinal in db.execute(_Q, (lo, hi)):
+                    old = best.get(sha)
                     if old is None:
-                        best[r["sha256"]] = cand
+                        best[sha] = (ordinal, i)
                         continue
-                    keep, drop = (old, cand) if old[0] < cand[0] else (cand, old)
-                    best[r["sha256"]] = keep
-                    drops[(parts[drop[1]], where[drop[1]](drop[2], drop[0]))].append(drop[3])
-                    dropped.append((drop[0], drop[4]))
+                    keep, (o, j) = (old, (ordinal, i)) if old[0] < ordinal else ((ordinal, i), old)
+                    best[sha] = keep
+                    pos, key, source = dbs[j].execute(_ROW, (o,)).fetchone()
+                    drops[(parts[j], where[j](pos, o))].append(key)
+                    dropped.append((o, source))
     finally:
         for db in dbs:
             db.close()
