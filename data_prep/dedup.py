@@ -2,8 +2,9 @@
 
 Each part dedups only itself while it builds. At merge time, every stored sample's sha256 is
 read back from the parts' indexes (`PART/.seer-shards/index.sqlite`, where the build recorded it)
-one hash-prefix bucket at a time: the memory held is one bucket's hashes (1/256 of the set), never
-the whole set's, and each bucket is a range scan of the index the build already keeps on sha256.
+one hash-prefix bucket at a time: the memory held is one bucket's hashes (at most ~10^6 of them:
+256 buckets or more, `bucket_digits`), never the whole set's, and each bucket is a range scan of
+the index the build already keeps on sha256.
 Of the copies of one image the one with the smallest ordinal stays: the one a single build of
 all inputs keeps (inputs are numbered identically in every part, data_prep.sources), so the
 merged set equals the single build's, dropped copies included.
@@ -19,7 +20,7 @@ from typing import Iterator
 from data_prep.lock import STATE
 from seer_pipeline.shards import format as fmt
 
-BUCKET_HEX = 2  # 256 buckets by the first two hex digits of the sha256
+BUCKET_ROWS = 1_000_000  # at most ~this many hashes per bucket (measured: ~60 MiB at 10^6 rows in all)
 # (sha256, ordinal) only: ordinal is the rowid, so the build's partial index on sha256 covers the
 # scan (no table lookups). The rest of a row is read for the copies alone.
 _Q = "SELECT sha256, ordinal FROM items WHERE reason IS NULL AND sha256 >= ? AND sha256 < ?"
@@ -34,10 +35,19 @@ def _index(part: str) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{path}?mode=ro", uri=True)  # read only: never changes a part
 
 
-def _buckets() -> Iterator[tuple[str, str]]:
-    n = 16 ** BUCKET_HEX
+def bucket_digits(total: int) -> int:
+    """Hex digits of sha256 prefix per bucket: at least 2 (256 buckets), more until a bucket
+    holds at most about BUCKET_ROWS hashes (10^9 samples: 3 digits, 4,096 buckets of ~244,000)."""
+    d = 2
+    while total / 16 ** d > BUCKET_ROWS:
+        d += 1
+    return d
+
+
+def _buckets(digits: int = 2) -> Iterator[tuple[str, str]]:
+    n = 16 ** digits
     for b in range(n):
-        yield f"{b:0{BUCKET_HEX}x}", (f"{b + 1:0{BUCKET_HEX}x}" if b + 1 < n else "g")
+        yield f"{b:0{digits}x}", (f"{b + 1:0{digits}x}" if b + 1 < n else "g")
 
 
 class _ShardOf:
@@ -57,10 +67,12 @@ def cross_part_duplicates(parts: list[str], prefix: str,
                           workers: int = 1) -> tuple[dict[tuple[str, str], list[str]], list[list[str]]]:
     """Copies to drop: ({(part, shard name): sorted keys}, skipped.tsv rows [escaped source,
     'duplicate'] in ordinal order). `parts` as the merge lists them. Buckets are independent:
-    with `workers` > 1 they are shared out to that many processes (each holds one bucket at a time)."""
+    with `workers` > 1 they are shared out to that many processes (each holds one bucket at a time),
+    sized from the samples the parts' manifests count."""
     for p in parts:
         _index(p).close()  # a missing index is one clear error, before any work
-    buckets = list(_buckets())
+    total = sum(int(fmt.load_manifest(p).get("written", 0)) for p in parts)
+    buckets = list(_buckets(bucket_digits(total)))
     groups = [buckets[i::workers] for i in range(max(1, workers))]
     if len(groups) == 1:
         results = [_scan(parts, prefix, groups[0])]
