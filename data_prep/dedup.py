@@ -2,8 +2,9 @@
 
 Each part dedups only itself while it builds. At merge time, every stored sample's sha256 is
 read back from the parts' indexes (`PART/.seer-shards/index.sqlite`, where the build recorded it)
-one hash-prefix bucket at a time: the memory held is one bucket's hashes (1/256 of the set), never
-the whole set's, and each bucket is a range scan of the index the build already keeps on sha256.
+one hash-prefix bucket at a time: the memory held is one bucket's hashes (at most ~10^6 of them:
+256 buckets or more, `bucket_digits`), never the whole set's, and each bucket is a range scan of
+the index the build already keeps on sha256.
 Of the copies of one image the one with the smallest ordinal stays: the one a single build of
 all inputs keeps (inputs are numbered identically in every part, data_prep.sources), so the
 merged set equals the single build's, dropped copies included.
@@ -19,9 +20,11 @@ from typing import Iterator
 from data_prep.lock import STATE
 from seer_pipeline.shards import format as fmt
 
-BUCKET_HEX = 2  # 256 buckets by the first two hex digits of the sha256
-_Q = ("SELECT sha256, ordinal, pos, key, source FROM items "
-      "WHERE reason IS NULL AND sha256 >= ? AND sha256 < ?")
+BUCKET_ROWS = 1_000_000  # at most ~this many hashes per bucket (measured: ~60 MiB at 10^6 rows in all)
+# (sha256, ordinal) only: ordinal is the rowid, so the build's partial index on sha256 covers the
+# scan (no table lookups). The rest of a row is read for the copies alone.
+_Q = "SELECT sha256, ordinal FROM items WHERE reason IS NULL AND sha256 >= ? AND sha256 < ?"
+_ROW = "SELECT pos, key, source FROM items WHERE ordinal = ?"
 
 
 def _index(part: str) -> sqlite3.Connection:
@@ -29,15 +32,22 @@ def _index(part: str) -> sqlite3.Connection:
     if not os.path.isfile(path):
         raise ValueError(f"{part}: no build index ({path}); cross-part dedup needs the parts as "
                          "`seer-shards build --part` left them")
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)  # read only: never changes a part
-    db.row_factory = sqlite3.Row
-    return db
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)  # read only: never changes a part
 
 
-def _buckets() -> Iterator[tuple[str, str]]:
-    n = 16 ** BUCKET_HEX
+def bucket_digits(total: int) -> int:
+    """Hex digits of sha256 prefix per bucket: at least 2 (256 buckets), more until a bucket
+    holds at most about BUCKET_ROWS hashes (10^9 samples: 3 digits, 4,096 buckets of ~244,000)."""
+    d = 2
+    while total / 16 ** d > BUCKET_ROWS:
+        d += 1
+    return d
+
+
+def _buckets(digits: int = 2) -> Iterator[tuple[str, str]]:
+    n = 16 ** digits
     for b in range(n):
-        yield f"{b:0{BUCKET_HEX}x}", (f"{b + 1:0{BUCKET_HEX}x}" if b + 1 < n else "g")
+        yield f"{b:0{digits}x}", (f"{b + 1:0{digits}x}" if b + 1 < n else "g")
 
 
 class _ShardOf:
@@ -46,8 +56,8 @@ class _ShardOf:
 
     def __init__(self, db: sqlite3.Connection, prefix: str) -> None:
         rows = db.execute("SELECT idx, first_pos, first_ordinal FROM plan ORDER BY idx").fetchall()
-        self.starts = [(r["first_pos"], r["first_ordinal"]) for r in rows]
-        self.names = [fmt.shard_name(prefix, r["idx"]) for r in rows]
+        self.starts = [(pos, o) for _, pos, o in rows]
+        self.names = [fmt.shard_name(prefix, i) for i, _, _ in rows]
 
     def __call__(self, pos: int, ordinal: int) -> str:
         return self.names[bisect.bisect_right(self.starts, (pos, ordinal)) - 1]
@@ -57,10 +67,12 @@ def cross_part_duplicates(parts: list[str], prefix: str,
                           workers: int = 1) -> tuple[dict[tuple[str, str], list[str]], list[list[str]]]:
     """Copies to drop: ({(part, shard name): sorted keys}, skipped.tsv rows [escaped source,
     'duplicate'] in ordinal order). `parts` as the merge lists them. Buckets are independent:
-    with `workers` > 1 they are shared out to that many processes (each holds one bucket at a time)."""
+    with `workers` > 1 they are shared out to that many processes (each holds one bucket at a time),
+    sized from the samples the parts' manifests count."""
     for p in parts:
         _index(p).close()  # a missing index is one clear error, before any work
-    buckets = list(_buckets())
+    total = sum(int(fmt.load_manifest(p).get("written", 0)) for p in parts)
+    buckets = list(_buckets(bucket_digits(total)))
     groups = [buckets[i::workers] for i in range(max(1, workers))]
     if len(groups) == 1:
         results = [_scan(parts, prefix, groups[0])]
@@ -86,18 +98,18 @@ def _scan(parts: list[str], prefix: str, buckets: list[tuple[str, str]]) -> tupl
         drops: dict[tuple[str, str], list[str]] = defaultdict(list)
         dropped: list[tuple[int, str]] = []
         for lo, hi in buckets:
-            best: dict[str, tuple[int, int, int, str, str]] = {}  # sha -> (ordinal, part, pos, key, source)
+            best: dict[str, tuple[int, int]] = {}  # sha -> (ordinal, part) of the copy kept so far
             for i, db in enumerate(dbs):
-                for r in db.execute(_Q, (lo, hi)):
-                    cand = (r["ordinal"], i, r["pos"], r["key"], r["source"])
-                    old = best.get(r["sha256"])
+                for sha, ordinal in db.execute(_Q, (lo, hi)):
+                    old = best.get(sha)
                     if old is None:
-                        best[r["sha256"]] = cand
+                        best[sha] = (ordinal, i)
                         continue
-                    keep, drop = (old, cand) if old[0] < cand[0] else (cand, old)
-                    best[r["sha256"]] = keep
-                    drops[(parts[drop[1]], where[drop[1]](drop[2], drop[0]))].append(drop[3])
-                    dropped.append((drop[0], drop[4]))
+                    keep, (o, j) = (old, (ordinal, i)) if old[0] < ordinal else ((ordinal, i), old)
+                    best[sha] = keep
+                    pos, key, source = dbs[j].execute(_ROW, (o,)).fetchone()
+                    drops[(parts[j], where[j](pos, o))].append(key)
+                    dropped.append((o, source))
     finally:
         for db in dbs:
             db.close()

@@ -129,12 +129,19 @@ def test_cross_part_dedup_is_resumable_and_off_with_no_dedup(photo_dir: Path, tm
     assert m2["dedup_scope"] == "none"
 
 
-def test_parallel_bucket_dedup_gives_the_same_set(photo_dir: Path, tmp_path: Path) -> None:
+def test_parallel_bucket_dedup_gives_the_same_set(photo_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    import data_prep.dedup as dedup
+
     d = _dump_with_copies(photo_dir, tmp_path)
     parts = _parts(photo_dir, tmp_path, n=3, inputs=[str(d)])
-    for p in parts:  # a second copy of the parts: the merge moves the first copy's shards away
-        shutil.copytree(p, tmp_path / f"c{p.name}")
+    for c in ("c", "f"):  # more copies of the parts: a merge moves its parts' shards away
+        for p in parts:
+            shutil.copytree(p, tmp_path / f"{c}{p.name}")
     one = merge([str(p) for p in parts], str(tmp_path / "m1"))
     two = merge([str(tmp_path / f"c{p.name}") for p in parts], str(tmp_path / "m2"), workers=2)
+    assert dedup.bucket_digits(40) == 2 and dedup.bucket_digits(10**9) == 3
+    monkeypatch.setattr(dedup, "BUCKET_ROWS", 0.01)  # 4,096 buckets for these ~40 samples
+    assert dedup.bucket_digits(40) == 3
+    three = merge([str(tmp_path / f"f{p.name}") for p in parts], str(tmp_path / "m3"))
     strip = lambda m: {k: v for k, v in m.items() if k != "config"}  # noqa: E731
-    assert strip(one) == strip(two) and one["duplicates"] >= 12
+    assert strip(one) == strip(two) == strip(three) and one["duplicates"] >= 12
