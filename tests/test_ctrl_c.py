@@ -125,3 +125,22 @@ def test_ctrl_c_during_shard_build_is_one_line(photo_dir: Path, tmp_path: Path) 
     msg = [ln for ln in err.splitlines() if "interrupted" in ln]
     assert msg == ["seer-shards build: interrupted (Ctrl-C); rerun the same command to finish"], err
     assert not (out_dir / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_hangup_of_the_launcher_saves(tiny_shards: Path, tmp_path: Path) -> None:
+    """The ranks sit in their own process group, so a closed terminal (SIGHUP to the launcher)
+    must reach them as a SIGTERM: save and exit 75, not orphans that train on."""
+    run = tmp_path / "run"
+    proc = _start_train(run, tiny_shards)
+    try:
+        _wait_for_steps(proc, run, 2)
+        os.kill(proc.pid, signal.SIGHUP)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == PREEMPTED, out[-4000:]
+    assert "SIGTERM received: saving at step" in out
+    k = _steps(run)
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{k:09d}"

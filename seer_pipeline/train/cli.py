@@ -77,6 +77,9 @@ def spawn_local(argv: list[str], nproc: int, threads: int, grace_s: float = 15.0
                     p.kill()
 
     _signal.signal(_signal.SIGINT, on_interrupt)
+    # In their own process group the ranks no longer get the terminal's SIGHUP: a closed terminal
+    # becomes a SIGTERM to them (save, exit 75) instead of orphans training on.
+    old_hup = _signal.signal(_signal.SIGHUP, lambda signum, frame: forward(_signal.SIGTERM, frame))
     failed_at: float | None = None
     first_bad: tuple[int, int] | None = None
     try:
@@ -96,6 +99,7 @@ def spawn_local(argv: list[str], nproc: int, threads: int, grace_s: float = 15.0
     finally:
         for s, h in old.items():
             _signal.signal(s, h)
+        _signal.signal(_signal.SIGHUP, old_hup)
         for p in procs:
             if p.poll() is None:
                 p.kill()
