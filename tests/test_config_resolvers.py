@@ -83,7 +83,7 @@ def _run_with_planted_meta(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("cmd", ["export", "consolidate"])
 def test_seer_ckpt_refuses_a_planted_resolver(tmp_path: Path, capsys, cmd: str) -> None:
-    from seer_pipeline.checkpoint.cli import main
+    from seer_pipeline.weights.cli import main
 
     run = _run_with_planted_meta(tmp_path)
     argv = [cmd, str(run), "--out", str(tmp_path / "o.pt")] + (["--format", "timm"] if cmd == "export" else [])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from data_prep import cli as shards_cli
-from seer_pipeline.checkpoint import cli as ckpt_cli
+from seer_pipeline.weights import cli as ckpt_cli
 from seer_pipeline.train import plot
 
 

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from seer_pipeline.checkpoint import integrity
 from seer_pipeline.checkpoint.checkpointer import Checkpointer
-from seer_pipeline.checkpoint.cli import main as ckpt_main
+from seer_pipeline.weights.cli import main as ckpt_main
 from seer_pipeline.config.train import load_train_config
 from seer_pipeline.models.swav import build_model
 
