@@ -41,11 +41,15 @@ test-interop: install $(INTEROP_STAMP)
 PHOTOS ?= tests/data/photos
 REFERENCE ?=
 
+# Each benchmark runs even when one before it failed; the target fails at the end if any did.
 bench: install
-	$(PY) benchmarks/bench_shards.py $(PHOTOS)
-	$(PY) benchmarks/bench_loader.py --photos $(PHOTOS) $(if $(REFERENCE),--reference $(REFERENCE))
-	$(PY) benchmarks/bench_codecs.py $(PHOTOS)
-	$(PY) benchmarks/bench_trainer.py
+	@rc=0; \
+	$(PY) benchmarks/bench_shards.py $(PHOTOS) || { echo "[bench] bench_shards failed"; rc=1; }; \
+	$(PY) benchmarks/bench_loader.py --photos $(PHOTOS) $(if $(REFERENCE),--reference $(REFERENCE)) \
+		|| { echo "[bench] bench_loader failed"; rc=1; }; \
+	$(PY) benchmarks/bench_codecs.py $(PHOTOS) || { echo "[bench] bench_codecs failed"; rc=1; }; \
+	$(PY) benchmarks/bench_trainer.py || { echo "[bench] bench_trainer failed"; rc=1; }; \
+	exit $$rc
 
 # Launcher tests against the local SLURM (starts it first; idempotent).
 test-slurm: install slurm-start

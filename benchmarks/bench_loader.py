@@ -112,6 +112,13 @@ def side_by_side(ref, root: Path, crops: str, limit: int, runs: int) -> dict:
 
 def loader_throughput(photos: Path, workers: int, n: int, batch: int, tmp: Path) -> float:
     blobs = [p.read_bytes() for p in sorted(photos.iterdir()) if p.suffix.lower() in EXTS][:n]
+    if not blobs:
+        raise SystemExit(f"bench_loader: no images in {photos}")
+    # The default set (the 12 test photos) cannot fill an epoch of batches: repeat the photos up
+    # to `n` images (at least two batches; the first is not timed). Decoding and cropping cost
+    # the same for a repeated photo, so the rate stays a per-image figure.
+    n = max(n, 2 * batch)
+    blobs = (blobs * -(-n // len(blobs)))[:n]
     shards = write_shards(tmp / "shards", blobs, 64)
     cfg = DataConfig(shards=str(shards), batch_size=batch, workers=workers, crops="swav", shuffle_buffer=64)
     ld = build_loader(cfg, 0, 1)

@@ -9,10 +9,13 @@ import argparse
 import errno
 import json
 import logging
+import os
 import signal
 import sqlite3
 import sys
 from typing import Optional, Sequence
+
+from seer_pipeline.core.exit_codes import INTERRUPTED, USAGE
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--min-side", type=int, default=16, help="skip images whose short side is smaller")
     b.add_argument("--max-pixels", type=int, default=100_000_000, help="refuse larger images before decoding")
     b.add_argument("--max-bytes", type=_size, default=256 << 20,
-                   help="skip inputs larger than this (from stat / the tar header, before reading); default 256M")
+                   help="skip inputs larger than this (from stat / the tar header, before reading); "
+                        "default and maximum 256M, the shard readers' member cap")
     b.add_argument("--no-dedup", action="store_true", help="keep exact duplicates (same as --dedup none)")
     b.add_argument("--dedup", choices=["exact", "near", "none"], default="exact",
                    help="exact: drop byte-identical copies (default); near: also drop resized, recompressed, "
@@ -84,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("parts", nargs="+", help="the part output directories")
     m.add_argument("--out", required=True)
     m.add_argument("--force", action="store_true", help="replace a shard set already in --out")
+    m.add_argument("--workers", type=int, default=1, help="processes for the cross-part dedup (hash buckets)")
     c = sub.add_parser("contamination", help="which evaluation images have near-copies in a shard set")
     c.add_argument("dir", help="local shard folder")
     c.add_argument("evals", nargs="+", help="evaluation images: folders, archives, path lists, shard sets")
@@ -108,6 +113,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from seer_pipeline.store.client import set_endpoint  # lazy: boto3 loads only when a remote store is named
 
         set_endpoint(args.endpoint_url)
+    if args.cmd in ("verify", "stats") and "://" not in args.dir and not os.path.isdir(args.dir):
+        print(f"seer-shards {args.cmd}: error: no such folder: {args.dir}", file=sys.stderr)
+        return 2
     try:
         if args.cmd == "build":
             return _build(args)
@@ -138,17 +146,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
                 man = merge_in_store(args.parts, args.out)
             else:
-                man = merge(args.parts, args.out, force=args.force)
+                man = merge(args.parts, args.out, force=args.force, workers=max(1, args.workers))
             print(f"merged {len(args.parts)} parts: {man['written']} samples in {len(man['shards'])} shards")
             return 0
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         print(f"seer-shards {args.cmd}: error: {e}", file=sys.stderr)
-        return 2
+        return USAGE
     except KeyboardInterrupt:
         # Finished shards are complete files; the same command finishes the job exactly.
         hint = "; rerun the same command to finish" if args.cmd in ("build", "merge") else ""
         print(f"seer-shards {args.cmd}: interrupted (Ctrl-C){hint}", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     except (OSError, sqlite3.OperationalError) as e:
         if not _disk_full(e):
             raise
@@ -159,8 +167,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not type(e).__module__.startswith("botocore"):
             raise
         print(f"seer-shards {args.cmd}: object store error: {e}", file=sys.stderr)
-        return 2
-    return 2
+        return USAGE
+    return USAGE
 
 
 def _disk_full(e: BaseException) -> bool:

@@ -17,7 +17,7 @@ from seer_pipeline.core.io_utils import atomic_write_json
 
 def contamination(shards: str, evals: Sequence[str]) -> dict:
     """The report: every evaluation image with a near-copy in `shards`, and its copies."""
-    from data_prep import near  # numpy, imagehash, faiss: loaded only by this command and near builds
+    from data_prep import near  # numpy and faiss: loaded only by this command and near builds
 
     if "://" in shards:
         raise ValueError(f"{shards}: contamination reads a local shard set (copy it down first)")
@@ -31,7 +31,7 @@ def contamination(shards: str, evals: Sequence[str]) -> dict:
         names.append(src)
         sigs.append(sig)
         metas.append(meta)
-    ev = near_build.load_signatures(list(evals), "evaluation images:")
+    ev = near_build.load_signatures(list(evals), "evaluation images")
     found: dict[int, list[dict]] = {}
     for i, j, d in near.pairs([s for _, s in ev], sigs):
         found.setdefault(i, []).append({"source": names[j], "key": metas[j].get("key", ""),

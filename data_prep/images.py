@@ -204,6 +204,23 @@ def jpeg_damage(data: bytes, mode: str) -> Optional[str]:
     return None
 
 
+def _jpeg_rgb(data: bytes, mode: str, w: int, h: int, sw: int, sh: int) -> tuple[Optional[Image.Image], Optional[str]]:
+    """(RGB image at the DCT scale Pillow's draft() would pick for (sw, sh), None) for a colour
+    or grey JPEG; (None, reason) for a damaged one; (None, None) where Pillow must decode (CMYK)."""
+    if mode not in ("RGB", "L"):
+        reason = jpeg_damage(data, mode)
+        return None, reason
+    m = next(m for m in (8, 4, 2, 1) if min(w // max(sw, 1), h // max(sh, 1)) >= m)  # as JpegImagePlugin.draft
+    ow, oh = -(-w // m), -(-h // m)
+    try:
+        arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=ow, min_height=oh, strict=True)
+    except (ValueError, RuntimeError):
+        return None, jpeg_damage(data, mode) or "corrupt"
+    if arr.shape[:2] != (oh, ow):  # another scale than Pillow's: let Pillow decode, for the same pixels
+        return None, None
+    return Image.fromarray(arr), None
+
+
 def process_bytes(ordinal: int, source: str, data: bytes, opts: ProcessOptions,
                   exclude: frozenset[str] = frozenset()) -> Result:
     """Turn one input's bytes into a stored JPEG, or a skip reason."""
@@ -282,28 +299,34 @@ def _decode_and_encode(res: Result, data: bytes, opts: ProcessOptions) -> Result
         res.data, res.passthrough = stored, True
         res.width, res.height = w, h
         return res
+    # Work in the stored orientation and transpose at the end: resizing first is cheaper.
+    sw, sh = (th, tw) if orient in (5, 6, 7, 8) else (tw, th)
+    fast = None
     if img.format == "JPEG":
-        # Pillow decodes through libjpeg's corrupt-data warnings and returns the damaged pixels;
-        # we would re-encode them as a clean-looking sample.
-        reason = jpeg_damage(data, img.mode)
+        # Pillow decodes through libjpeg's corrupt-data warnings and returns the damaged pixels,
+        # which we would re-encode as a clean-looking sample. One strict simplejpeg decode both
+        # judges the stream and gives the pixels (the same pixels as Pillow's draft() decode at
+        # the same DCT scale: same libjpeg-turbo, checked on the test photos).
+        fast, reason = _jpeg_rgb(data, img.mode, w, h, sw, sh)
         if reason is not None:
             res.reason = reason
             return res
-    # Work in the stored orientation and transpose at the end: resizing first is cheaper.
-    sw, sh = (th, tw) if orient in (5, 6, 7, 8) else (tw, th)
-    if img.format == "JPEG" and resize:
-        if w // sw >= 8 and h // sh >= 8:  # PIL's draft() will pick 1/8: for a progressive
-            # JPEG only the DC scans matter there; same pixels, 3.5x less time on the benchmark
-            # set's progressive JPEGs (seer_pipeline/codecs/jpeg_scans.py).
-            pruned = eighth_scale_scans(data)
-            if pruned is not None:
-                img = Image.open(io.BytesIO(pruned))
-        # DCT-domain downscaling (1/2, 1/4, 1/8) while decoding; never below the target size.
-        img.draft("RGB", (sw, sh))
+        if fast is not None and "comment" in img.info:  # Pillow's save writes the source's COM
+            fast.info["comment"] = img.info["comment"]  # segment: keep the stored bytes as before
+        if fast is None and resize:  # CMYK and other modes: Pillow converts them
+            if w // sw >= 8 and h // sh >= 8:  # PIL's draft() will pick 1/8: for a progressive
+                # JPEG only the DC scans matter there; same pixels, 3.5x less time on the benchmark
+                # set's progressive JPEGs (seer_pipeline/codecs/jpeg_scans.py).
+                pruned = eighth_scale_scans(data)
+                if pruned is not None:
+                    img = Image.open(io.BytesIO(pruned))
+            # DCT-domain downscaling (1/2, 1/4, 1/8) while decoding; never below the target size.
+            img.draft("RGB", (sw, sh))
     # Opaque WebPs: libwebp straight to RGB, downscaled while converting from YUV (area
     # averaging): 23% less time than a full decode + bicubic on the benchmark set's WebPs, and the
     # WebPs are half of that set. Transparent ones go through PIL, which composites them on white.
-    fast = decode_webp(data, opaque_only=True, size=(sw, sh)) if img.format == "WEBP" else None
+    if img.format == "WEBP":
+        fast = decode_webp(data, opaque_only=True, size=(sw, sh))
     if fast is not None:
         rgb = fast
     else:
@@ -318,6 +341,10 @@ def _decode_and_encode(res: Result, data: bytes, opts: ProcessOptions) -> Result
         rgb = rgb.resize((sw, sh), Image.Resampling.BICUBIC, reducing_gap=2.0)
     if orient != 1:
         rgb = rgb.transpose(_ORIENT[orient])
+    if opts.signature:  # --dedup near: from these pixels, not a second decode (data_prep.near)
+        from data_prep.near import signature  # numpy: loaded only by near-duplicate builds
+
+        res.signature = signature(rgb)
     buf = io.BytesIO()
     rgb.save(buf, "JPEG", quality=opts.quality)
     res.data = buf.getvalue()

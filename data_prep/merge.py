@@ -1,8 +1,9 @@
 """`seer-shards merge PART_DIR... --out DIR`: one shard set from the N `--part I/N` builds.
 
 Shards are moved (renamed, same filesystem; copied otherwise) into DIR and renumbered
-contiguously: part 0's shards first, then part 1's, ... The move plan is written before any
-move, so a merge killed half-way is finished by running it again. The merge holds the same
+contiguously: part 0's shards first, then part 1's, ... Copies of one image in several parts
+are dropped (data_prep.dedup): shards holding them are rewritten without them, skipped.tsv
+lists them as `duplicate`. The move plan is written before any move, so a merge killed half-way is finished by running it again. The merge holds the same
 lock as a build of DIR, refuses a DIR that already holds files unless `force`, and moves only
 files that lie in their part's folder with the size and sha256 its manifest records.
 """
@@ -20,6 +21,7 @@ from seer_pipeline.core.io_utils import atomic_write_json, fsync_dir
 from seer_pipeline.shards import format as fmt
 
 from data_prep import near_build
+from data_prep.dedup import cross_part_duplicates
 from data_prep.lock import STATE, lock_out
 
 _PLAN = os.path.join(STATE, "merge-plan.json")
@@ -103,52 +105,72 @@ def _move(src: str, dst: str) -> None:
         os.unlink(src)
 
 
-def merge(parts: Sequence[str], out: str, force: bool = False) -> dict:
+def merge(parts: Sequence[str], out: str, force: bool = False, workers: int = 1) -> dict:
     """Move every part's shards into `out` and write the combined manifest and skipped.tsv."""
     out_abs = os.path.abspath(out)
     if any(os.path.abspath(p) == out_abs for p in parts):
         raise ValueError("--out must be a new directory, not one of the parts")
     lock = lock_out(out, "merge")
     try:
-        return _merge(parts, out, out_abs, force)
+        return _merge(parts, out, out_abs, force, workers)
     finally:
         os.close(lock)
 
 
-def _merge(parts: Sequence[str], out: str, out_abs: str, force: bool) -> dict:
+def _merge(parts: Sequence[str], out: str, out_abs: str, force: bool, workers: int = 1) -> dict:
     plan_path = os.path.join(out, _PLAN)
     if os.path.exists(plan_path):  # a rerun: the parts' shards may already be moved
-        plan = _load_plan(plan_path, parts, out_abs)
+        plan = _load_plan(plan_path, parts, out_abs, workers)
     else:
         mans, base = _check_parts(parts)
         _clear_out(out, parts, force)
         # near-duplicates across parts: data_prep.near_build rewrites the shards that lose samples
         nx = (near_build.merge_plan(mans, os.path.join(out, STATE)) if base.get("dedup") == "near"
               else None)
-        plan = _make_plan(mans, base, out_abs, nx)
+        plan = _make_plan(mans, base, out_abs, workers, nx)
         atomic_write_json(plan_path, plan)
+    drop = plan["drop"]
     for src, dst in plan["moves"]:
         if os.path.exists(dst) and not os.path.exists(src):
             continue  # moved by an earlier, interrupted merge
         if not os.path.exists(src):
             raise FileNotFoundError(f"{src} is gone and {dst} was never written")
-        _move(src, dst)
+        if os.path.basename(dst) in drop:
+            _filter(src, dst, set(drop[os.path.basename(dst)]))
+        else:
+            _move(src, dst)
     fsync_dir(out)
-    fmt.write_skipped(os.path.join(out, fmt.SKIPPED), 
+    manifest = plan["manifest"]
+    for s in manifest["shards"]:
+        if s["name"] in drop:  # rewritten without its dropped copies: record what was written
+            path = os.path.join(out, s["name"])
+            s.update(bytes=os.path.getsize(path), sha256=fmt.file_sha256(path))
+    fmt.write_skipped(os.path.join(out, fmt.SKIPPED),
                       ((fmt.unescape_name(r[0]), r[1], *map(fmt.unescape_name, r[2:])) for r in plan["skipped"]))
-    return fmt.write_manifest(out, plan["manifest"])
+    return fmt.write_manifest(out, manifest)
 
 
-def _make_plan(mans: list[tuple[str, dict]], base: dict, out_abs: str, nx: dict | None = None) -> dict:
+def _filter(src: str, dst: str, drop: set[str]) -> None:
+    """Rewrite shard `src` as `dst` without the samples keyed in `drop` (atomic), then remove src."""
+    fmt.write_shard(dst, ((k, g["jpg"], g["json"]) for _, k, g in fmt.read_samples(src) if k not in drop))
+    os.unlink(src)
+
+
+def _make_plan(mans: list[tuple[str, dict]], base: dict, out_abs: str, workers: int = 1,
+               nx: dict | None = None) -> dict:
     """Every move (part shard -> renumbered name in `out`), the merged manifest and skipped rows:
-    a pure function of the parts' manifests and skipped.tsv and, for a `--dedup near` merge, of
-    near_build's rewrite table `nx` (kept in the plan, checked on a rerun by `_load_plan`)."""
+    a pure function of the parts' manifests and skipped.tsv, so a rerun can recompute it."""
     prefix = base.get("prefix", "shard")
-    near = nx is not None
-    nx = nx or {"replace": {}, "dropped": 0, "skipped": []}
     moves, shards, skipped = [], [], []
     sums: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
+    # A near merge: near_build groups every copy across parts, byte-identical ones included
+    # (same signature), so the exact pass would only count them twice.
+    near = nx is not None
+    nx = nx or {"replace": {}, "dropped": 0, "skipped": []}
+    dups, dup_rows = (cross_part_duplicates([p for p, _ in mans], prefix, workers)
+                      if base.get("dedup", True) and not near else ({}, []))
+    drop: dict[str, list[str]] = {}  # new shard name -> keys of the copies it loses
     for p, m in mans:
         for s in m["shards"]:
             src = os.path.join(os.path.abspath(p), s["name"])
@@ -157,9 +179,14 @@ def _make_plan(mans: list[tuple[str, dict]], base: dict, out_abs: str, nx: dict 
                 src, s = r["path"], dict(s, count=r["count"], bytes=r["bytes"], sha256=r["sha256"])
                 if not s["count"]:
                     continue
+            gone = dups.get((p, s["name"]), [])
+            if len(gone) == s["count"]:
+                continue  # every sample a copy of one kept elsewhere: no shard
             name = fmt.shard_name(prefix, len(shards))
             moves.append([src, os.path.join(out_abs, name)])
-            shards.append(dict(s, name=name))
+            shards.append(dict(s, name=name, count=s["count"] - len(gone)))
+            if gone:
+                drop[name] = gone
         for k in ("inputs_seen", "written", "skipped", "duplicates", "excluded"):
             sums[k] += m.get(k, 0)
         reasons.update(m.get("reasons", {}))
@@ -172,20 +199,26 @@ def _make_plan(mans: list[tuple[str, dict]], base: dict, out_abs: str, nx: dict 
         final = {fmt.escape_name(a): fmt.escape_name(c) for a, _, c in nx["skipped"]}
         skipped = [[r[0], r[1], final.get(r[2], r[2])] for r in skipped]
         skipped.extend([fmt.escape_name(a), b, fmt.escape_name(c)] for a, b, c in nx["skipped"])
+    # Copies across parts (data_prep.dedup): skipped as `duplicate`, as a single build skips them.
+    sums["written"] -= len(dup_rows)
+    sums["skipped"] += len(dup_rows)
+    sums["duplicates"] += len(dup_rows)
+    if dup_rows:
+        reasons["duplicate"] += len(dup_rows)
+    skipped.extend(dup_rows)
     manifest = {
         "format": "seer-shards/1",
         **{k: sums[k] for k in ("inputs_seen", "written", "skipped", "duplicates", "excluded")},
         "reasons": dict(sorted(reasons.items())),
         "part": [0, 1],
         "merged_parts": len(mans),
-        # Dedup ran inside each part only: the same bytes under two paths may land in two parts.
-        "dedup_scope": "per part",
+        "dedup_scope": "whole set" if base.get("dedup", True) else "none",
         **({"near_dedup_scope": "merged set"} if near else {}),
         "shards": shards,
         "config": dict(base, part=[0, 1], parts=len(mans)),
     }
-    return {"parts": [os.path.abspath(p) for p, _ in mans], "moves": moves, "manifest": manifest,
-            "skipped": skipped, **({"near": nx} if near else {})}
+    return {"parts": [os.path.abspath(p) for p, _ in mans], "moves": moves, "drop": drop,
+            "manifest": manifest, "skipped": skipped, **({"near": nx} if near else {})}
 
 
 def _near_table(planted: dict, mans: list[tuple[str, dict]], out_abs: str) -> dict:
@@ -209,7 +242,7 @@ def _near_table(planted: dict, mans: list[tuple[str, dict]], out_abs: str) -> di
     return nx
 
 
-def _load_plan(plan_path: str, parts: Sequence[str], out_abs: str) -> dict:
+def _load_plan(plan_path: str, parts: Sequence[str], out_abs: str, workers: int = 1) -> dict:
     """The plan of an interrupted merge, trusted only as far as it matches the one this merge
     would make: a planted plan file (issue #24) could otherwise rename any file to any place.
 
@@ -229,8 +262,8 @@ def _load_plan(plan_path: str, parts: Sequence[str], out_abs: str) -> dict:
     mans = sorted(((p, fmt.load_manifest(p)) for p in parts), key=lambda pm: pm[1]["part"][0])
     base = _strip(mans[0][1]["config"])
     nx = _near_table(planted, mans, out_abs) if base.get("dedup") == "near" else None
-    plan = _make_plan(mans, base, out_abs, nx)
-    if planted.get("moves") != plan["moves"]:
+    plan = _make_plan(mans, base, out_abs, workers, nx)
+    if planted.get("moves") != plan["moves"] or planted.get("drop") != plan["drop"]:
         raise ValueError(f"{plan_path} does not match the parts' manifests (a move outside the part "
                          "folders or the output?); refusing to move anything")
     by_src = {os.path.join(os.path.abspath(p), e["name"]): (p, e) for p, m in mans for e in m["shards"]}
@@ -240,9 +273,21 @@ def _load_plan(plan_path: str, parts: Sequence[str], out_abs: str) -> dict:
         part, e = by_src[src]
         if os.path.lexists(src):
             _check_shard(part, e)
+        elif os.path.lexists(dst) and os.path.basename(dst) in plan["drop"]:
+            _check_filtered(out_abs, os.path.basename(dst), e["count"], plan["drop"][os.path.basename(dst)])
         elif os.path.lexists(dst):
             _check_shard(out_abs, dict(e, name=os.path.basename(dst)))
     return plan
+
+
+def _check_filtered(out: str, name: str, count: int, gone: list[str]) -> None:
+    """A shard rewritten without its copies: a plain file of `out` holding the rest of its samples."""
+    path = os.path.join(out, name)
+    if os.path.islink(path) or not os.path.isfile(path):
+        raise ValueError(f"{path}: not a file in {out} (a link?)")
+    keys = fmt.shard_keys(path)
+    if len(keys) != count - len(gone) or set(keys) & set(gone):
+        raise ValueError(f"{path}: not the shard this merge wrote ({len(keys)} samples)")
 
 
 def _strip(cfg: dict) -> dict:

@@ -1,23 +1,22 @@
 """Near-duplicate signatures, the Hamming index over them, and grouping (`--dedup near`).
 
-Signature: six 64-bit perceptual hashes (imagehash's pHash: DCT of a 32x32 grey thumbnail) of
+Signature: six 64-bit perceptual hashes (pHash as imagehash computes it: DCT of a 32x32 grey thumbnail) of
 the whole image, of its centre (`INNER` cut from every border) and of the four crops that cut
 `INNER` from two adjacent borders. Two images are near-duplicates when any hash of one is
 within `THRESHOLD` bits of the other's whole-image hash. The crop hashes are what make a 2-5%
 border crop match: the cropped copy's whole-image hash is close to one of the original's
 crop hashes, whichever borders were cut. Grey thumbnails make greyscale and colour-space
-conversion free; resize, recompression and format change move a pHash by <= 2 bits on the
+conversion free; resize, recompression and format change move a pHash by <= 4 bits on the
 benchmark photos (docs/benchmarks.md, benchmarks/bench_near_dup.py).
 
-Index (faiss): brute force (IndexBinaryFlat, exact) up to 32k images; above, multi-index
-hashing (IndexBinaryMultiHash): the 64 bits are cut into `nhash` substrings and a pair is a
-candidate when one substring is within `nflip` bits, which pigeonhole makes exact up to
-nhash * (nflip + 1) - 1 bits: 7 up to 2^20 images, 3 above (pairs further apart are found
-when their differing bits fall unevenly). Exact at billion scale would need more probes;
-docs/benchmarks.md has the measured cost.
+Index (faiss): brute force (IndexBinaryFlat, exact) up to `FLAT_MAX` images; above, multi-index
+hashing (IndexBinaryMultiHash): the 64 bits are cut into two 32-bit halves and a pair is a
+candidate when one half is within one bit, which pigeonhole makes exact up to 3 bits: nearly
+every resize, recompression, format change and greyscale copy of the benchmark, but only some
+crops (4-8 bits away). More probes cost 27x the time (docs/benchmarks.md has the measured trade).
 
-imagehash, scipy and faiss load only when a near-duplicate flag is used: `seer-shards` starts
-without them.
+numpy and faiss load only when a near-duplicate flag is used: `seer-shards` starts without them.
+imagehash itself is the tests' reference (tests/test_near_dup.py), not a runtime dependency.
 """
 from __future__ import annotations
 
@@ -33,21 +32,49 @@ SIGNATURE = "phash64x6-v1"  # recorded in the manifest; a change of method must 
 INNER = 0.035  # border fraction cut for the centre hash: the middle of the 2-5% crop range
 THRESHOLD = 8  # bits; unrelated benchmark photos are >= 22 apart, copies <= 6 (docs/benchmarks.md)
 PARTS = 6  # 64-bit hashes per signature: whole, centre, 4 corner-anchored crops
+FLAT_MAX = 1 << 15  # codes up to which the index is brute force (exact at THRESHOLD)
 _THUMB = 128  # decode JPEGs at a DCT scale of at least this: pHash itself looks at 32x32
 
 
-def signature(img: Image.Image) -> str:
-    """96 hex digits: pHashes of the whole image, its centre, then its four corner-anchored crops."""
-    import imagehash  # scipy + PyWavelets behind it: only near-duplicate builds pay for them
+# DCT-II rows 0..7 over 32 samples, unnormalised like scipy.fftpack.dct (what imagehash uses):
+# C[k, n] = 2 cos(pi k (2n + 1) / 64).
+_DCT = 2 * np.cos(np.pi * np.arange(8)[:, None] * (2 * np.arange(32)[None, :] + 1) / 64)
+_GRID = 128  # the decoded image is squashed to GRID x GRID once; every hash is read from it
+_CUT = round(_GRID * INNER)  # 4 of 128: INNER in grid pixels
+# (first, last) grid columns (or rows) of whole, centre and the four corner-anchored crops
+_SPANS = [((0, _GRID), (0, _GRID)), ((_CUT, _GRID - _CUT), (_CUT, _GRID - _CUT)),
+          ((0, _GRID - _CUT), (0, _GRID - _CUT)), ((_CUT, _GRID), (0, _GRID - _CUT)),
+          ((0, _GRID - _CUT), (_CUT, _GRID)), ((_CUT, _GRID), (_CUT, _GRID))]  # (x span, y span)
 
+
+def _area(a: int, b: int) -> np.ndarray:
+    """(32, GRID) area-averaging weights taking grid pixels [a, b) to 32 samples."""
+    step = (b - a) / 32
+    lo = a + step * np.arange(32)[:, None]
+    px = np.arange(_GRID)[None, :]
+    return np.clip(np.minimum(px + 1, lo + step) - np.maximum(px, lo), 0, None) / step
+
+
+# Per span: DCT rows times the area resampling, so a hash is L_y @ grid @ L_x.T (8 x 8).
+_LX = np.stack([_DCT @ _area(*x) for x, _ in _SPANS])
+_LY = np.stack([_DCT @ _area(*y) for _, y in _SPANS])
+
+
+def signature(img: Image.Image) -> str:
+    """96 hex digits: pHashes of the whole image, its centre, then its four corner-anchored crops.
+
+    pHash as imagehash computes it (a 32x32 grey thumbnail, 2-D DCT, the 8x8 low frequencies
+    against their median), but with the six thumbnails area-averaged out of one 128x128 grid by
+    matrix products: imagehash.phash called six times (a LANCZOS resize, scipy's DCT and a bit
+    string each) cost more than a resize build's own work per image (docs/benchmarks.md). The
+    whole-image hash stays within a few bits of imagehash's (tests/test_near_dup.py).
+    """
     g = img if img.mode == "L" else img.convert("L")
-    w, h = g.size
-    dx, dy = round(w * INNER), round(h * INNER)
-    if w - 2 * dx < 8 or h - 2 * dy < 8:
-        return str(imagehash.phash(g)) * PARTS
-    boxes = [(dx, dy, w - dx, h - dy),  # centre: cut on every border
-             (0, 0, w - dx, h - dy), (dx, 0, w, h - dy), (0, dy, w - dx, h), (dx, dy, w, h)]  # one corner kept each
-    return str(imagehash.phash(g)) + "".join(str(imagehash.phash(g.crop(b))) for b in boxes)
+    grid = np.asarray(g.resize((_GRID, _GRID), Image.Resampling.BOX), dtype=np.float64)
+    low = (_LY @ grid @ _LX.transpose(0, 2, 1)).reshape(len(_SPANS), 64)
+    srt = np.sort(low, axis=1)
+    bits = low > (srt[:, 31:32] + srt[:, 32:33]) / 2  # above the median of the 64
+    return np.packbits(bits, axis=1).tobytes().hex()
 
 
 def signature_of_bytes(data: bytes) -> Optional[str]:
@@ -77,12 +104,12 @@ def _index(full: np.ndarray) -> Any:
 
     # Short substrings (16 bits, no flips) while buckets stay small; above a million codes,
     # 32-bit substrings with one flip keep each probe's bucket near-empty. Both exact to 3 bits.
-    if len(full) <= 1 << 15:  # brute force is exact and, this small, fast enough
+    if len(full) <= FLAT_MAX:  # brute force is exact and, this small, fast enough
         idx = faiss.IndexBinaryFlat(64)
-    else:  # exact to 7 bits below a million codes, to 3 bits above (see the module docstring)
-        nhash, bits, nflip = (4, 16, 1) if len(full) <= 1 << 20 else (2, 32, 1)
-        idx = faiss.IndexBinaryMultiHash(64, nhash, bits)
-        idx.nflip = nflip
+    else:  # two 32-bit halves, one flip: 0.05 ms a query at 10^6 codes; (4, 16, 1), exact to
+        # 7 bits, cost 1.4 ms (docs/benchmarks.md)
+        idx = faiss.IndexBinaryMultiHash(64, 2, 32)
+        idx.nflip = 1
     idx.add(full)
     return idx
 

@@ -1,6 +1,6 @@
 """`--dedup near` and `--exclude-near` inside `seer-shards build`, kept apart from the builder.
 
-The workers compute each stored image's signature (data_prep.near) from the JPEG they store;
+The workers compute each stored image's signature (data_prep.near) from the pixels they store;
 it is kept in the build index's `near` table and written into the sample's `json` as `phash`.
 Grouping needs every signature of the part, so it is one stage between scan and plan: it
 marks the dropped copies `near_duplicate` (and the copies of evaluation images
@@ -46,7 +46,7 @@ def apply(idx: Any, opts: Any) -> None:
     """The grouping stage: eval copies first (`excluded_near`), then near-duplicates."""
     if idx.get("near_done") == "1":
         return
-    from data_prep import near  # numpy, imagehash, faiss: loaded only by near-duplicate builds
+    from data_prep import near  # numpy and faiss: loaded only by near-duplicate builds
 
     rows = idx.db.execute(
         "SELECT items.ordinal, items.source, items.orig_width * items.orig_height AS px, near.sig "
@@ -83,7 +83,7 @@ def skipped_rows(idx: Any) -> Iterator[tuple[str, ...]]:
 
 def manifest_entry() -> dict:
     """What a later set needs to know to compare its signatures with this one's."""
-    from data_prep import near  # numpy, imagehash, faiss: loaded only by near-duplicate builds
+    from data_prep import near  # numpy and faiss: loaded only by near-duplicate builds
 
     return {"signature": near.SIGNATURE, "threshold": near.THRESHOLD, "json_key": "phash"}
 
@@ -98,7 +98,7 @@ def shard_set_signatures(d: str) -> Iterator[tuple[str, Optional[str], dict]]:
 
 def _shard_signatures(d: str, man: dict) -> Iterator[tuple[str, str, Optional[str], dict]]:
     """(shard name, source, signature, json with `key`) per sample, in the manifest's order."""
-    from data_prep import near  # numpy, imagehash, faiss: loaded only by near-duplicate builds
+    from data_prep import near  # numpy and faiss: loaded only by near-duplicate builds
 
     for e in man["shards"]:
         for _, key, s in fmt.read_samples(os.path.join(d, e["name"])):
@@ -124,7 +124,7 @@ def merge_plan(mans: Sequence[tuple[str, dict]], state: str) -> dict:
     {"replace": {"<part>/<shard>": {path, count, bytes, sha256}}, "skipped": [[source, reason,
     duplicate_of]], "dropped": n}. Rerunning it gives the same files: the rule is a pure function.
     """
-    from data_prep import near  # numpy, imagehash, faiss: loaded only by near-duplicate builds
+    from data_prep import near  # numpy and faiss: loaded only by near-duplicate builds
 
     where, sigs, px, srcs = [], [], [], []
     for p, man in mans:
@@ -155,7 +155,7 @@ def load_signatures(paths: Sequence[str], what: str = "--exclude-near") -> list[
     Files that are not readable images are counted and logged (a decontamination that checks
     fewer images than it was given must say so); finding no image at all is an error.
     """
-    from data_prep import near  # numpy, imagehash, faiss: loaded only by near-duplicate builds
+    from data_prep import near  # numpy and faiss: loaded only by near-duplicate builds
 
     out: list[tuple[str, str]] = []
     bad: list[str] = []

@@ -141,7 +141,7 @@ def iter_inputs(inputs: Sequence[str], want: Want, max_bytes: Optional[int] = No
         if "://" in inp:  # s3:// or http(s):// (seer_pipeline.store)
             from seer_pipeline.store.inputs import iter_remote_input  # lazy: boto3 loads only for remote inputs
 
-            from seer_pipeline.store.url import parse
+            from seer_pipeline.store.url import parse  # lazy, as above
 
             u = parse(inp)
             if archive_name(u.key):  # streamed, as seer_pipeline.store.inputs does

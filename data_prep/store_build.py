@@ -10,6 +10,7 @@ incomplete multipart uploads a killed run left, and writes skipped.tsv and manif
 from __future__ import annotations
 
 import concurrent.futures as cf
+import shutil
 import hashlib
 import json
 import logging
@@ -199,6 +200,9 @@ def _combine(mans: list, skipped: Dict[str, str]) -> tuple:
     for p, m in mans:
         if strip(m["config"]) != base:
             raise ValueError(f"{p} was built with other options")
+    if base.get("dedup") == "near" or base.get("exclude_near"):  # data_prep.near_build: 3-column skipped.tsv
+        raise ValueError("parts built with --dedup near or --exclude-near merge into a local folder "
+                         "(the cross-part near-duplicate pass rewrites shards), not into s3")
     prefix = base.get("prefix", "shard")
     moves, shards, lines = [], [], ["source\treason"]
     keys = ("inputs_seen", "written", "skipped", "duplicates", "excluded")

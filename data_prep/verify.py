@@ -44,7 +44,7 @@ def verify(d: str, decode: bool = True) -> list[str]:
     for s in man["shards"]:
         path = os.path.join(d, s["name"])
         if not os.path.isfile(path):
-            problems.append(f"{s['name']}: missing")
+            problems.append(f"{s['name']}: " + ("not a regular file" if os.path.lexists(path) else "missing"))
             continue
         if os.path.getsize(path) != s["bytes"]:
             # The hash cannot match either: not hashing spares reading a planted 6 GiB file.
@@ -123,11 +123,14 @@ def stats(d: str) -> dict[str, Any]:
     hist: Counter[int] = Counter()
     pixels = 0
     for s in man["shards"]:
-        for _, g in iter_samples(opener(s["name"]) if opener else os.path.join(d, s["name"]), with_jpg=False):
-            meta = json.loads(g.get("json", b"{}") or b"{}")
-            w, h = meta.get("width", 0), meta.get("height", 0)
-            pixels += w * h
-            hist[max(b for b in _BINS if b <= min(w, h))] += 1
+        try:
+            for _, g in iter_samples(opener(s["name"]) if opener else os.path.join(d, s["name"]), with_jpg=False):
+                meta = json.loads(g.get("json", b"{}") or b"{}")
+                w, h = meta.get("width", 0), meta.get("height", 0)
+                pixels += w * h
+                hist[max(b for b in _BINS if b <= min(w, h))] += 1
+        except (fmt.ShardReadError, OSError) as e:  # one line from the CLI (rc 2), not a traceback
+            raise ValueError(f"{s['name']}: unreadable ({e}); `seer-shards verify` lists every problem") from e
     nbytes = sum(s["bytes"] for s in man["shards"])
     n = man["written"]
     labels = [f"{lo}-{hi - 1}" for lo, hi in zip(_BINS, _BINS[1:])] + [f"{_BINS[-1]}+"]

@@ -13,6 +13,10 @@ from seer_pipeline.store.objects import list_prefix
 from seer_pipeline.store.reader import RemoteFile
 from seer_pipeline.store.url import parse
 
+# Objects a shard set's folder may hold before its listing is refused: shards + manifest +
+# skipped.tsv, with room for strays; 1e5 shards is a billion images (shards/format.py).
+MAX_LISTED = 1_000_000
+
 
 class HashingReader(io.RawIOBase):
     """Hashes every byte of a forward-only read (forward seeks read the gap through)."""
@@ -58,7 +62,7 @@ def verify_remote(url: str, decode: bool = True) -> List[str]:
     problems: List[str] = []
     listed = {s["name"] for s in man["shards"]}
     prefix = man.get("config", {}).get("prefix", "shard")
-    sizes: Optional[Dict[str, int]] = list_prefix(u) if u.scheme == "s3" else None  # http cannot list
+    sizes: Optional[Dict[str, int]] = list_prefix(u, MAX_LISTED) if u.scheme == "s3" else None  # http cannot list
     if sizes is not None:
         for name in sorted(sizes):
             if name.startswith(prefix + "-") and name.endswith(".tar") and name not in listed:

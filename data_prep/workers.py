@@ -72,7 +72,7 @@ def scan_chunk(jobs: list[Item]) -> list[Result]:
             out.append(Result(it.ordinal, it.source, reason=reason))
             continue
         r = process_bytes(it.ordinal, it.source, data, _W["opts"], _W["exclude"])
-        if r.reason is None and _W["opts"].signature:  # of the stored JPEG: what a later check sees
+        if r.reason is None and _W["opts"].signature and not r.signature:  # pass-through: from its bytes
             r.signature = _near_signature(r)
         if r.reason is None:
             f = _spool()
@@ -86,7 +86,7 @@ def scan_chunk(jobs: list[Item]) -> list[Result]:
 
 
 def _near_signature(r: Result) -> str:
-    from data_prep.near import signature_of_bytes  # imagehash loads only in near builds
+    from data_prep.near import signature_of_bytes  # numpy loads only in near builds
 
     return signature_of_bytes(r.data) or ""
 

@@ -6,6 +6,7 @@ script is what `seer-submit --dry-run` prints, so what a user reviews is what wo
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Mapping
@@ -13,7 +14,7 @@ from typing import Any, Mapping
 import submitit
 from omegaconf import DictConfig, OmegaConf
 
-from seer_pipeline.config.slurm import slurm_errors
+from seer_pipeline.config.slurm import has_control, slurm_errors
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +118,50 @@ def describe_resources(slurm: Any) -> str:
     lines = [
         f"nodes={s['nodes']} tasks/node={s['tasks_per_node']} (one per GPU) -> {tasks} ranks",
         f"cpus/task={s['cpus_per_task']} gpus/node={s.get('gpus_per_node', 0)} "
-        f"mem={str(s['mem_gb']) + 'GB' if s.get('mem_gb') else 'SLURM default'}",
+        f"mem={str(s['mem_gb']) + 'GB' if s.get('mem_gb') else 'site default (slurm.mem_gb=0)'}",
         f"time limit={s['timeout_min']} min, USR2 {s['signal_delay_s']} s before it, "
         f"max requeues={s['max_requeues']}",
         f"partition={s.get('partition') or '(default)'} account={s.get('account') or '-'} "
         f"qos={s.get('qos') or '-'} constraint={s.get('constraint') or '-'} "
         f"exclusive={bool(s.get('exclusive'))}",
     ]
+    return "\n".join(lines)
+
+
+# What a rank reads from its environment at start-up, beyond SLURM's own variables: the
+# interfaces NCCL and gloo bind to (gloo serves the async checkpoint's group on GPU runs and the
+# whole run on CPU), NCCL/torch tuning, the GPUs and threads a task sees, the interpreter.
+_RANK_ENV_PREFIXES = ("NCCL_", "GLOO_", "TORCH_", "TP_SOCKET_")
+_RANK_ENV = ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "PYTHONPATH", "SEER_PYTHON")
+# A multi-NIC node picks the interface by itself for neither library (docs/slurm.md).
+_IFNAME = ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME")
+# resolve_env prefers these over the SLURM-derived rendezvous: a stale value breaks the job.
+_OVERRIDES = ("MASTER_ADDR", "MASTER_PORT")
+
+
+def describe_environment(slurm: Any, environ: Mapping[str, str] | None = None) -> str:
+    """Which of the submitting shell's variables reach every task, as `--dry-run` prints them.
+
+    sbatch exports the whole environment of the shell that runs `seer-submit` (`--export=ALL`,
+    SLURM's default, which submitit keeps) unless `slurm.additional_parameters.export` narrows it.
+    """
+    env = os.environ if environ is None else environ
+    export = str(dict(_as_dict(slurm).get("additional_parameters") or {}).get("export", "ALL"))
+    if export.upper().split(",")[0] != "ALL":
+        head = (f"environment: only what --export={export} names reaches the tasks (plus SLURM_*); "
+                "the variables below are passed only if listed there")
+    else:
+        head = "environment: this shell's whole environment reaches every task (sbatch --export=ALL)"
+    seen = sorted(k for k in env if k.startswith(_RANK_ENV_PREFIXES) or k in _RANK_ENV + _OVERRIDES)
+    # ascii() for a value with a newline: this text becomes comment lines of the batch script.
+    shown = [f"{k}={ascii(env[k]) if has_control(env[k]) else env[k]}" for k in seen]
+    lines = [head, "passed on: " + (" ".join(shown) or "(none of note)")]
+    unset = [k for k in _IFNAME if k not in env]
+    if unset:
+        lines.append(f"not set: {' '.join(unset)} (multi-NIC nodes: name the interface ranks "
+                     "reach each other on, docs/slurm.md)")
+    for k in _OVERRIDES:
+        if k in env:
+            lines.append(f"warning: {k} is set and overrides the rendezvous derived from the job; "
+                         "unset it unless you mean it")
     return "\n".join(lines)

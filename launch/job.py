@@ -26,10 +26,9 @@ import submitit
 from launch import scheduler  # module reference: tests patch scheduler.job_info
 from seer_pipeline.checkpoint.integrity import read_latest
 from seer_pipeline.core.exit_codes import PREEMPTED
-from seer_pipeline.train.provenance import book_requeue, read_requeues  # noqa: F401 - re-exported
+from seer_pipeline.core.requeue import book_requeue, read_requeues
 
 DEFAULT_ENTRY = "seer_pipeline.train.cli:main"
-PREEMPTED_EXIT_CODE: int = PREEMPTED  # the trainer's "saved on a signal, rerun to resume" code
 # How long a rank that saw PREEMPTED waits for rank 0's `scontrol requeue` to show in the job state.
 _REQUEUE_WAIT_S = 15.0
 
@@ -147,7 +146,7 @@ class TrainJob:
                   "checkpoint": latest_checkpoint(self.run_dir)}
         if rc == 0:
             return result
-        if rc != PREEMPTED_EXIT_CODE:
+        if rc != PREEMPTED:
             raise TrainingFailed(f"{self.entry} exited with code {rc} (see {self.run_dir}/logs/)")
         if denv.source == "slurm" and _requeue_underway(denv.job_id, self.run_dir, started,
                                                            _REQUEUE_WAIT_S):

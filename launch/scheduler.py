@@ -10,6 +10,8 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
+from seer_pipeline.core.requeue import scontrol_requeue
+
 log = logging.getLogger(__name__)
 
 _TIMEOUT_S = 20.0
@@ -89,10 +91,10 @@ def cancel(job_id: str, signal_name: str | None = None) -> bool:
 
 def requeue(job_id: str) -> bool:
     """`scontrol requeue`: what a preempting scheduler does (SIGTERM, KillWait, requeue)."""
-    res = _run(["scontrol", "requeue", str(job_id)])
-    if res is not None and res.returncode != 0:
-        log.warning("scontrol requeue %s: %s", job_id, res.stderr.strip())
-    return res is not None and res.returncode == 0
+    ok, err = scontrol_requeue(job_id)
+    if not ok:
+        log.warning("scontrol requeue %s: %s", job_id, err)
+    return ok
 
 
 def sbatch_test_only(script_path: str) -> tuple[bool, str]:

@@ -16,16 +16,19 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from launch.executor import build_executor, describe_resources, sbatch_script
+from launch.executor import build_executor, describe_environment, describe_resources, sbatch_script
 from launch.job import DEFAULT_ENTRY, TrainJob, check_entry
 from launch import scheduler  # module reference: tests patch scheduler.job_info
 from seer_pipeline.core import runlock
+from seer_pipeline.core.exit_codes import USAGE
 from seer_pipeline.core.io_utils import atomic_write_json
+from seer_pipeline.core.shard_check import local_shards_problem
 
 log = logging.getLogger(__name__)
 LAUNCH_RECORD = "launch.json"  # RUN/launch.json: the jobs submitted for this run, newest last
@@ -123,6 +126,7 @@ def _dry_run(cfg: Any, job: TrainJob, dependency: str = "") -> int:
     header = ["# seer-submit --dry-run: nothing was submitted. Resources:"]
     header += [f"#   {line}" for line in describe_resources(cfg.slurm).splitlines()]
     header += [f"#   each task runs {job.entry}({shlex.join(job.argv)})"]
+    header += [f"#   {line}" for line in describe_environment(cfg.slurm).splitlines()]
     # Comments after the shebang keep the whole output a valid sbatch script.
     print("\n".join([script[0], *header, *script[1:]]))
     return 0
@@ -136,15 +140,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg, job = build_job(args.config, args.overrides, args.entry)
     except (ValueError, OSError) as e:  # ConfigError is a ValueError
         print(f"seer-submit: {e}", file=sys.stderr)
-        return 2
+        return USAGE
+    # A training job that cannot start is not queued (the path as this host sees it); a dry run
+    # only warns, and another --entry may not read data.shards at all.
+    problem = local_shards_problem(str(cfg.data.shards or "")) if job.entry == DEFAULT_ENTRY else ""
+    if problem and args.dry_run:
+        print(f"seer-submit: warning: {problem}; the job would fail at start", file=sys.stderr)
+    elif problem:
+        print(f"seer-submit: {problem}", file=sys.stderr)
+        return USAGE
     if args.dry_run and args.local:
         print("seer-submit: --dry-run shows a SLURM script; drop --local", file=sys.stderr)
-        return 2
+        return USAGE
     try:
         dependency = holder_dependency(job.run_dir, args.after_holder, args.local) if cfg.run.lock else ""
     except (RunFolderBusy, runlock.RunLockError, OSError) as e:
         print(f"seer-submit: {e}", file=sys.stderr)
-        return 2
+        return USAGE
     if dependency:
         print(f"seer-submit: run.dir is in use; this job waits for it ({dependency})", file=sys.stderr)
     if args.dry_run:
@@ -155,11 +167,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             ex.update_parameters(slurm_dependency=dependency)
     except (ValueError, RuntimeError) as e:
         print(f"seer-submit: {e}", file=sys.stderr)
-        return 2
+        return USAGE
+    created = not Path(job.run_dir).exists()
     Path(job.run_dir).mkdir(parents=True, exist_ok=True)
     try:
         submitted = ex.submit(job)
     except Exception as e:  # submitit's FailedJobError carries sbatch's own message
+        if created:  # submitit wrote its job files into the folder; nothing was queued
+            shutil.rmtree(job.run_dir, ignore_errors=True)
         print(f"seer-submit: submission failed: {e}", file=sys.stderr)
         return 1
     job_id = str(submitted.job_id)

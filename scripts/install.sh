@@ -19,7 +19,7 @@ $PIP install -q --upgrade pip setuptools wheel >/dev/null 2>&1 || true
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
     echo "[install] CUDA driver found: installing torch from the default index"
-    $PIP install -q "torch>=2.6"
+    $PIP install -q "torch>=2.13,<2.15"  # the tested range (pyproject.toml)
   else
     echo "[install] no CUDA: installing the CPU wheel torch==$TORCH_CPU_VERSION"
     $PIP install -q "torch==$TORCH_CPU_VERSION"

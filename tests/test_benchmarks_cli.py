@@ -36,3 +36,25 @@ def test_loader_benchmark_candidate_resolves(photo_dir: Path, monkeypatch: pytes
     crops = transform(photo.read_bytes())
     assert [tuple(c.shape) for c in crops] == [(3, 224, 224)] * 2 + [(3, 96, 96)] * 6
     assert all(c.dtype == torch.float32 and torch.isfinite(c).all() for c in crops)
+
+
+def test_loader_benchmark_default_photos_fill_its_batches(photo_dir: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make bench`'s default (the 12 test photos) must not stop at "12 samples cannot fill one
+    batch of 16" (issue 26): the photos are repeated up to the images asked for."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    ns = runpy.run_path(str(REPO / "benchmarks" / "bench_loader.py"), run_name="benchmark_import_check")
+    rate = ns["loader_throughput"](photo_dir, 0, 12, 16, tmp_path)
+    assert rate > 0
+
+
+def test_make_bench_runs_every_benchmark_even_after_a_failure() -> None:
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("needs make")
+    out = subprocess.run(["make", "-n", "-B", "bench"], cwd=REPO, capture_output=True, text=True,
+                         timeout=60).stdout
+    for name in ("bench_shards", "bench_loader", "bench_codecs", "bench_trainer"):
+        assert f'{name} failed"; rc=1' in out, name

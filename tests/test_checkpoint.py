@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from seer_pipeline.checkpoint.checkpointer import (
-    Checkpointer, ckpt_config, find_resumable, list_checkpoints)
+from seer_pipeline.checkpoint.checkpointer import Checkpointer, ckpt_config
+from seer_pipeline.checkpoint.layout import find_resumable, list_checkpoints
 from seer_pipeline.config.base import ConfigError, to_container
 from seer_pipeline.train.metrics import MetricsLogger, read_metrics
-from seer_pipeline.train.provenance import requeue_job
+from seer_pipeline.core.requeue import requeue_job
 from seer_pipeline.train.signals import PreemptionFlag
 from seer_pipeline.config.train import check_resume_compatible, load_train_config
 
@@ -209,3 +209,259 @@ def test_presets_load_and_carry_the_seer_recipe() -> None:
     assert cfgs["seer_256gf"].model.hidden_dims == [8192, 8192] and cfgs["seer_256gf"].model.out_dim == 256
     tiny = cfgs["cpu_tiny"]
     assert list(tiny.data.size_crops) == [28, 16] and tiny.train.threads == 1 and tiny.train.precision == "fp32"
+
+
+# -- cost of a save and a resume at 496 ranks (issue #20) -------------------------------------------
+class _Loaderish:
+    """A per-rank component shaped like the loader: progress that differs per rank (summary keys)
+    and settings that do not."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank, self.got = rank, None
+
+    def state_dict(self) -> dict:
+        return {"rank": self.rank, "outputs": [self.rank, 2 * self.rank], "seed": 7, "big": [0] * 64}
+
+    def load_state_dict(self, states: list) -> None:
+        self.got = states
+
+
+def _lay_out(run: Path, world: int, step: int = 3) -> None:
+    """A `world`-rank checkpoint written as `world` real ranks would write it: DCP's save steps
+    (local plans, the coordinator's global plan, each rank's write, finish) run here per rank,
+    and rank 0's commit is the checkpointer's own."""
+    import time
+
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    from seer_pipeline.checkpoint import safe_dcp
+
+    tmp = run / "checkpoints" / f"step_{step:09d}.partial"
+    tmp.mkdir(parents=True)
+    cks = [Checkpointer(run, ckpt_config(every=1), rank=r, world_size=world, config_yaml="a: 1\n")
+           for r in range(world)]
+    for r, ck in enumerate(cks):
+        ck.register("train", _Counter())
+        ck.register("loader", _Loaderish(r), per_rank=True, summary=("rank", "outputs"))
+        ck.register("rng", _PerRank(r), per_rank=True)
+    summaries = [{"loader": {"rank": r, "outputs": [r, 2 * r]}} for r in range(world)]
+    planners, writers, plans = [], [], []
+    for r, ck in enumerate(cks):
+        state, mine = ck.collect()
+        sd = ck.full_state(state, mine, summaries if r == 0 else None)
+        sd[f"shard{r}"] = torch.full((2,), float(r))  # this rank's own shard of the model
+        pl, wr = DefaultSavePlanner(), safe_dcp.HashingFileSystemWriter(tmp)
+        pl.set_up_planner(state_dict=sd, storage_meta=wr.storage_meta(), is_coordinator=r == 0)
+        wr.set_up_storage_writer(r == 0, rank=r, use_collectives=True)
+        planners.append(pl)
+        writers.append(wr)
+        plans.append(wr.prepare_local_plan(pl.create_local_plan()))
+    global_plans, metadata = planners[0].create_global_plan(plans)
+    global_plans = writers[0].prepare_global_plan(global_plans)
+    results = [writers[r].write_data(planners[r].finish_plan(global_plans[r]), planners[r]).wait()
+               for r in range(world)]
+    writers[0].finish(metadata, results)
+    cks[0]._finalize(step, tmp, time.monotonic(), writers[0].files)
+
+
+class _Opens:
+    """Files opened under `root` while active (an audit hook: sees every open, Python or C)."""
+
+    active: list = []  # audit hooks cannot be removed: one, installed once, feeds the active counter
+    installed = False
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.paths = str(root), []
+        if not _Opens.installed:
+            import sys
+            sys.addaudithook(lambda ev, args: ev == "open" and _Opens.active and _Opens.active[-1]._see(args))
+            _Opens.installed = True
+
+    def _see(self, args: tuple) -> None:
+        if isinstance(args[0], (str, bytes, os.PathLike)) and os.fsdecode(args[0]).startswith(self.root):
+            self.paths.append(os.fsdecode(args[0]))
+
+    def __enter__(self) -> "_Opens":
+        _Opens.active.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _Opens.active.remove(self)
+
+
+WORLD_496 = 496  # SEER's largest run: 512 GPUs, of which the paper's 10B logs show 496 in use
+
+
+@pytest.fixture(scope="module")
+def ckpt_496(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("w496") / "run"
+    _lay_out(run, WORLD_496)
+    return run
+
+
+@pytest.mark.parametrize("rank", [0, 1, 255, 495])
+def test_resume_opens_per_rank_do_not_grow_with_world_size(ckpt_496: Path, rank: int) -> None:
+    ck = Checkpointer(ckpt_496, ckpt_config(every=1), rank=rank, world_size=WORLD_496)
+    c, loader, rng = _Counter(), _Loaderish(rank), _PerRank(-1)
+    ck.register("train", c)
+    ck.register("loader", loader, per_rank=True, summary=("rank", "outputs"))
+    ck.register("rng", rng, per_rank=True)
+    with _Opens(ckpt_496) as opens:
+        assert ck.restore() == 3
+    # `latest`, meta.json, its share of files to hash (497 over 496 ranks: 1 or 2), DCP's
+    # .metadata, its own file, rank 0's (per-rank entries, summaries) and the files DCP's dedup
+    # gave the replicated values to (here `train` and `config`: ranks 1 and 2). Before: 496+.
+    assert len(opens.paths) <= 9, " ".join(p.rsplit("/", 1)[1] for p in opens.paths)
+    # ... and every rank still gets what it needs of every rank: the loader's progress of all
+    # 496, its own state in full; other state of other ranks is not read.
+    assert [s["outputs"] for s in loader.got] == [[r, 2 * r] for r in range(WORLD_496)]
+    assert [s["rank"] for s in loader.got] == list(range(WORLD_496))
+    assert loader.got[rank]["big"] == [0] * 64 and loader.got[100]["seed"] == 7
+    assert rng.got[rank] == {"v": rank} and sum(s is not None for s in rng.got) == len({0, rank})
+
+
+def test_resume_on_another_world_size_reads_the_summaries(ckpt_496: Path) -> None:
+    ck = Checkpointer(ckpt_496, ckpt_config(every=1), rank=600, world_size=640)  # a rank that did not exist
+    loader, rng = _Loaderish(600), _PerRank(-1)
+    ck.register("loader", loader, per_rank=True, summary=("rank", "outputs"))
+    ck.register("rng", rng, per_rank=True)
+    with _Opens(ckpt_496) as opens:
+        assert ck.restore() == 3
+    assert len(opens.paths) <= 9, " ".join(p.rsplit("/", 1)[1] for p in opens.paths)
+    assert [s["outputs"] for s in loader.got] == [[r, 2 * r] for r in range(WORLD_496)]
+    assert rng.got[0] == {"v": 0} and all(s is None for s in rng.got[1:])
+
+
+def test_checkpoint_without_summaries_reads_every_rank(ckpt_496: Path, tmp_path: Path) -> None:
+    """Checkpoints saved before `rank_summaries` still load, the old way (one open per rank):
+    the figure docs/benchmarks.md gives for the code before this change."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(ckpt_496, run)
+    meta_p = run / "checkpoints" / "step_000000003" / "meta.json"
+    meta = json.loads(meta_p.read_text())
+    del meta["rank_summaries"]
+    meta_p.write_text(json.dumps(meta))
+    ck = Checkpointer(run, ckpt_config(every=1), rank=7, world_size=WORLD_496)
+    loader = _Loaderish(7)
+    ck.register("loader", loader, per_rank=True)
+    with _Opens(run) as opens:
+        assert ck.restore() == 3
+    assert len(opens.paths) >= WORLD_496
+    assert [s["big"] for s in loader.got] == [[0] * 64] * WORLD_496
+
+
+def test_rank0_commit_touches_no_rank_files(tmp_path: Path, monkeypatch) -> None:
+    """Each rank fsyncs its own files inside DCP's write (before the final collective); rank 0's
+    commit opens only meta.json, `latest` and the folders it fsyncs, whatever the world size."""
+    import time
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    ck = Checkpointer(tmp_path, ckpt_config(every=1), config_yaml="a: 1\n")
+    ck.register("train", _Counter())
+    t0 = time.monotonic()
+    state, mine = ck.collect()
+    from seer_pipeline.checkpoint import safe_dcp
+    import torch.distributed.checkpoint as dcp
+    tmp = tmp_path / "checkpoints" / "step_000000001.partial"
+    tmp.mkdir(parents=True)
+    writer = safe_dcp.HashingFileSystemWriter(tmp)
+    dcp.save(ck.full_state(state, mine, [{}]), checkpoint_id=str(tmp), storage_writer=writer, no_dist=True)
+    data = sorted(p.name for p in tmp.iterdir() if p.suffix == ".distcp")
+    assert data and all(any(s.endswith("/" + n) for s in synced) for n in data)  # fsynced while written
+    assert set(writer.files) == {*data, ".metadata"}  # sizes and hashes came with the results
+    big = {f"__{r}_0.distcp": (1, "0" * 64) for r in range(WORLD_496)}  # as if 496 ranks wrote
+    with _Opens(tmp_path) as opens:
+        ck._finalize(1, tmp, t0, {**writer.files, **big})
+    assert len(opens.paths) <= 6, " ".join(p.rsplit("/", 1)[1] for p in opens.paths)
+    meta = json.loads((tmp_path / "checkpoints" / "step_000000001" / "meta.json").read_text())
+    assert len(meta["files"]) == WORLD_496 + len(data) + 1 - len(set(data) & set(big))
+
+
+# -- purging never holds up a step or a preemption save; one policy owner --------------------------
+def test_purge_runs_in_the_background_and_never_in_a_preemption_save(tmp_path: Path, monkeypatch) -> None:
+    import shutil
+    import threading
+
+    from seer_pipeline.checkpoint import layout as mod
+
+    release, started = threading.Event(), threading.Event()
+    real_rmtree = shutil.rmtree
+
+    def slow_rmtree(path, *a, **kw) -> None:  # a purge of a 10B checkpoint on a slow filesystem
+        started.set()
+        assert release.wait(60)
+        real_rmtree(path, *a, **kw)
+
+    monkeypatch.setattr(mod.shutil, "rmtree", slow_rmtree)
+    ck = Checkpointer(tmp_path, ckpt_config(every=1, keep_latest=1), config_yaml="a: 1\n")
+    ck.register("train", _Counter())
+    ck.after_step(1, last=False, preempted=False)
+    ck.after_step(2, last=False, preempted=False)  # returns while step 1 is still being deleted
+    assert started.wait(30)
+    ckd = tmp_path / "checkpoints"
+    assert [s for s, _ in list_checkpoints(ckd)] == [2]  # step 1 moved aside at once
+    assert ck._purger is not None and ck._purger.is_alive()
+    ck.after_step(3, last=False, preempted=True)  # preemption save: nothing purged
+    assert [s for s, _ in list_checkpoints(ckd)] == [3, 2]
+    assert (ckd / "latest").read_text().strip() == "step_000000003"
+    release.set()
+    ck.join_purge()
+    assert not list(ckd.glob(".trash.*")) and [s for s, _ in list_checkpoints(ckd)] == [3, 2]
+
+
+def test_after_step_decides_periodic_final_and_preemption_saves(tmp_path: Path) -> None:
+    saved: list[tuple[int, bool]] = []
+    ck = Checkpointer(tmp_path, ckpt_config(every=3, keep_latest=5, save_final=True), config_yaml="")
+    ck.register("train", _Counter())
+    real = ck.save
+
+    def spy(step: int, *a, blocking: bool = True, **kw) -> float:
+        saved.append((step, blocking))
+        return real(step, *a, blocking=blocking, **kw)
+
+    ck.save = spy
+    for s in range(1, 8):
+        ck.after_step(s, last=s == 7, preempted=False)
+    assert saved == [(3, True), (6, True), (7, True)]  # every 3, and the final one
+    assert ck.after_step(7, last=True, preempted=False) == 0.0  # already saved: nothing new
+    assert ck.after_step(8, last=False, preempted=True) is not None
+    assert saved[-1] == (8, True) and [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [8, 7, 6, 3]
+    ck2 = Checkpointer(tmp_path / "b", ckpt_config(every=0, save_final=False), config_yaml="")
+    ck2.register("train", _Counter())
+    assert ck2.after_step(5, last=True, preempted=False) is None
+    assert list_checkpoints(tmp_path / "b" / "checkpoints") == []
+
+
+class _Tensors:
+    def __init__(self, w: torch.Tensor) -> None:
+        self.w = w
+
+    def state_dict(self) -> dict:
+        return {"w": self.w}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.w.copy_(sd["w"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned staging is the CUDA path")
+def test_async_saves_stage_into_the_same_pinned_buffers_on_cuda(tmp_path: Path) -> None:
+    w = torch.ones(1 << 16, device="cuda")
+    ck = Checkpointer(tmp_path, ckpt_config(every=1, keep_latest=3, **{"async": True}))
+    ck.register("model", _Tensors(w))
+    staged, real = [], ck._stager.stage
+    ck._stager.stage = lambda sd, **kw: staged.append(real(sd, **kw)) or staged[-1]
+    for step in (1, 2):
+        ck.save(step, blocking=False)
+        ck.wait()
+        w += 1
+    a, b = staged[0]["model"]["w"], staged[1]["model"]["w"]
+    assert a.device.type == "cpu" and a.is_pinned() and a.data_ptr() == b.data_ptr()
+    w.zero_()
+    assert ck.restore() == 2 and float(w[0]) == 2.0

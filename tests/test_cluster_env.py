@@ -53,3 +53,99 @@ def test_init_distributed_binds_local_rank_3_to_the_one_gpu_it_sees(
     assert [torch.device(d) if not isinstance(d, torch.device) else d for d in chosen] == \
         [torch.device("cuda", 0)]
     assert setup.default_backend() == "nccl"
+
+
+# ---- host memory: what each preset needs, asked for (#20) ----------------------------------
+GPU_PRESETS = ["seer_32gf", "seer_128gf", "seer_256gf", "seer_10b"]
+
+
+@pytest.mark.parametrize("preset", GPU_PRESETS)
+def test_gpu_presets_ask_for_the_host_memory_the_planner_states(preset: str) -> None:
+    """slurm.mem_gb=0 left host RAM to the site default; each SEER preset now asks for at least
+    what seer_pipeline.plan.host derives from its plan, and that reaches sbatch (--mem)."""
+    from launch.executor import executor_parameters
+    from seer_pipeline.config.train import load_train_config
+    from seer_pipeline.plan.host import describe, host_memory
+
+    cfg = load_train_config(preset, [])
+    need = host_memory(cfg)
+    assert cfg.slurm.mem_gb >= need["node_gb"] > 0, describe(cfg, need)
+    # Not wildly more than needed either: a request above the nodes' RAM never schedules.
+    assert cfg.slurm.mem_gb <= 1.25 * need["node_gb"], describe(cfg, need)
+    assert executor_parameters(cfg.slurm)["mem_gb"] == cfg.slurm.mem_gb
+    # The stated need adds up: runtime + the larger of the two phases, per rank.
+    per_rank = need["runtime"] + max(need["init_model"], need["async_staging"] + need["loader"])
+    assert need["per_rank"] == pytest.approx(per_rank)
+    if preset == "seer_10b":  # #20: 9.6 B fp32 parameters built on the host in every rank
+        assert need["init_model"] / 1e9 == pytest.approx(38.5, rel=0.01)
+        assert need["init_model"] > need["async_staging"] + need["loader"]
+
+
+def test_templates_ask_for_seer_32gf_host_memory() -> None:
+    """The sbatch templates are sized for seer_32gf (their examples); they ask for its RAM."""
+    import re
+    from pathlib import Path
+
+    from seer_pipeline.config.train import load_train_config
+
+    gb = load_train_config("seer_32gf", []).slurm.mem_gb
+    repo = Path(__file__).resolve().parent.parent
+    for name in ("single-node", "multi-node"):
+        text = (repo / "slurm" / f"{name}.sbatch").read_text()
+        assert re.findall(r"^#SBATCH --mem=(\d+)G$", text, re.M) == [str(gb)], name
+
+
+# ---- the wait before a preempted rank exits (dist.setup.wait_for_peers) ---------------------
+def _slow_rank0_then_wait(rank: int, world: int, delay_s: float) -> float:
+    import time
+
+    from seer_pipeline.dist.setup import wait_for_peers
+
+    if rank == 0:
+        time.sleep(delay_s)  # rank 0's commit + requeue
+    t0 = time.monotonic()
+    wait_for_peers()
+    return time.monotonic() - t0
+
+
+def test_no_rank_leaves_before_rank_0_arrives() -> None:
+    from seer_pipeline.dist.testing import run_distributed
+
+    waited = run_distributed(_slow_rank0_then_wait, 2, 3.0, timeout=180)
+    assert waited[1] >= 2.5, waited  # rank 1 waited out rank 0's 3 s commit
+
+
+def _rank0_dies_then_wait(rank: int, world: int, out: str) -> None:
+    import json
+    import os
+    import time
+
+    import torch.distributed as dist
+
+    from seer_pipeline.dist.setup import wait_for_peers
+
+    dist.barrier()
+    if rank == 0:
+        os._exit(1)  # killed mid-commit
+    t0 = time.monotonic()
+    try:
+        wait_for_peers()
+        err = ""
+    except Exception as e:  # noqa: BLE001 - the test reads what it was
+        err = type(e).__name__
+    with open(out, "w") as f:
+        json.dump({"elapsed": time.monotonic() - t0, "error": err}, f)
+
+
+def test_a_dead_rank_does_not_hold_its_peers_for_the_timeout(tmp_path) -> None:
+    """The wait ends in an error as soon as a peer is gone, not after dist.timeout_s (120 s
+    here); under srun, --kill-on-bad-exit ends the step even sooner."""
+    import json
+
+    from seer_pipeline.dist.testing import DistributedTestError, run_distributed
+
+    out = tmp_path / "rank1.json"
+    with pytest.raises(DistributedTestError, match="rank 0: no result"):
+        run_distributed(_rank0_dies_then_wait, 2, str(out), timeout=180, pg_timeout_s=120)
+    got = json.loads(out.read_text())
+    assert got["error"] and got["elapsed"] < 60, got

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from seer_pipeline.train.signals import INTERRUPTED, PREEMPTED
+from seer_pipeline.core.exit_codes import INTERRUPTED, PREEMPTED
 
 REPO = Path(__file__).resolve().parent.parent
 

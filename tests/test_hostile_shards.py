@@ -126,6 +126,20 @@ def test_fifo_in_a_resampled_pattern_is_skipped_and_named(tmp_path: Path, photo_
         one_epoch(str(only / "a.tar"), epoch_samples=8)
 
 
+def test_verify_and_stats_name_a_fifo_shard(tmp_path: Path, photo_dir: Path) -> None:
+    from data_prep.verify import stats
+
+    write_shards(tmp_path, photo_variants(photo_dir, 8, max_side=32), 4)
+    man = fmt.load_manifest(str(tmp_path))
+    fmt.write_manifest(str(tmp_path), dict(man, inputs_seen=8, skipped=0, duplicates=0))
+    (tmp_path / "shard-000001.tar").unlink()
+    os.mkfifo(tmp_path / "shard-000001.tar")
+    with deadline(120):
+        assert "shard-000001.tar: not a regular file" in verify(str(tmp_path), decode=False)
+        with pytest.raises(ValueError, match="shard-000001.tar: unreadable .*FIFO"):
+            stats(str(tmp_path))
+
+
 def test_eval_counts_a_fifo_shard(tmp_path: Path, photo_dir: Path) -> None:
     d = tmp_path / "sh"
     d.mkdir()
@@ -142,7 +156,8 @@ def test_eval_counts_a_fifo_shard(tmp_path: Path, photo_dir: Path) -> None:
 
 # ---------------------------------------------------------------- huge members
 def _good(photo_dir: Path, n: int) -> list[tuple[str, bytes, bytes]]:
-    return [(f"{i:08d}", img, json.dumps({"uid": i}).encode()) for i, img in enumerate(photo_variants(photo_dir, n, max_side=32))]
+    imgs = photo_variants(photo_dir, n, max_side=32)
+    return [(f"{i:08d}", img, json.dumps({"uid": i}).encode()) for i, img in enumerate(imgs)]
 
 
 @pytest.mark.parametrize("size", [SPARSE, 1 << 40], ids=["sparse-6GiB", "declared-1TiB"])

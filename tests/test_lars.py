@@ -168,3 +168,56 @@ def test_local_shard_norm_differs_from_full_norm() -> None:
     w = torch.arange(12.0).reshape(4, 3)
     assert not math.isclose(w[:2].norm().item(), w.norm().item())
     assert math.isclose(math.sqrt(w[:2].pow(2).sum() + w[2:].pow(2).sum()), w.norm().item(), rel_tol=1e-6)
+
+
+class _CountScalarReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts reads of a tensor value by the host (`.item()`, `float(t)`, `.tolist()`): each is a
+    device sync on CUDA."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _old_lars_step(params, grads, bufs, lr, m, wd, eta):
+    """The LARS of before issue 20: fp64 sum of squares per tensor, trust read as a Python float."""
+    for p, g, buf in zip(params, grads, bufs):
+        wn = float(p.double().pow(2).sum().sqrt())
+        gn = float(g.double().pow(2).sum().sqrt())
+        trust = eta * wn / (gn + wd * wn + 1e-8) if wn > 0 and gn > 0 else 1.0
+        d = g.add(p, alpha=wd).mul_(trust)
+        buf.mul_(m).add_(d)
+        p.add_(buf, alpha=-lr)
+
+
+def test_lars_step_reads_nothing_back_and_matches_the_old_step_bitwise() -> None:
+    """Issue 20: one host sync per parameter norm before; none now. fp32 results are bitwise the
+    old ones (norms now accumulate in fp64 in another order: ~1e-14 relative, below fp32's
+    rounding of the trust ratio)."""
+    torch.manual_seed(0)
+    shapes = [(64, 32, 3, 3), (64,), (128, 64), (128,), (10, 128), (5, 7)]
+    ps = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    ref = [p.detach().clone() for p in ps]
+    bufs = [torch.zeros_like(r) for r in ref]
+    opt = LARS(ps, lr=0.7, momentum=0.9, weight_decay=1e-4, trust=0.02)
+    reads = []
+    for step in range(5):
+        grads = [torch.randn(s) * (0.0 if (step == 0 and i == 5) else 1.0) for i, s in enumerate(shapes)]
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        with _CountScalarReads() as c:
+            opt.step()
+        reads.append(c.reads)
+        _old_lars_step(ref, grads, bufs, 0.7, 0.9, 1e-4, 0.02)
+        for i, (p, r) in enumerate(zip(ps, ref)):
+            assert torch.equal(p.detach(), r), f"step {step} param {i}: max diff {(p - r).abs().max()}"
+    assert reads == [0] * 5
+    # The counter does count host reads: the old step reads two per parameter.
+    with _CountScalarReads() as c:
+        _old_lars_step(ref, grads, bufs, 0.7, 0.9, 1e-4, 0.02)
+    assert c.reads == 2 * len(shapes)

@@ -19,12 +19,13 @@ import pytest
 import submitit
 
 from launch.executor import build_executor, describe_resources, executor_parameters
-from launch.job import (PREEMPTED_EXIT_CODE, NotRequeued, TrainingFailed, TrainJob, check_entry,
-                        read_requeues)
+from launch.job import NotRequeued, TrainingFailed, TrainJob, check_entry
 from launch.status import format_status, run_status
 from launch.status import main as status_main
-from seer_pipeline.dist.setup import resolve_env
 from seer_pipeline.config.slurm import SlurmConfig
+from seer_pipeline.core.exit_codes import PREEMPTED, USAGE
+from seer_pipeline.core.requeue import read_requeues
+from seer_pipeline.dist.setup import resolve_env
 
 TESTS = Path(__file__).resolve().parent
 
@@ -114,10 +115,34 @@ def test_check_entry_finds_modules_without_importing() -> None:
 
 def test_preempted_code_is_pinned() -> None:
     """75 (EX_TEMPFAIL) is part of the interface: SLURM scripts and the demo test for it."""
-    from seer_pipeline.core.exit_codes import PREEMPTED as CORE
-    from seer_pipeline.train.signals import PREEMPTED
+    assert PREEMPTED == 75 and USAGE == 2
 
-    assert PREEMPTED_EXIT_CODE == 75 and PREEMPTED == 75 and CORE == 75
+
+def test_exit_codes_and_requeue_have_one_home_each() -> None:
+    """#25: the codes live in core.exit_codes and nowhere else, `scontrol requeue` runs from
+    core.requeue only, and the CLIs return USAGE rather than a bare 2."""
+    import ast
+
+    REPO = TESTS.parent
+    mine = {REPO / "seer_pipeline/core/exit_codes.py", REPO / "seer_pipeline/core/requeue.py"}
+    for path in sorted([*REPO.glob("seer_pipeline/**/*.py"), *REPO.glob("launch/*.py"),
+                        *REPO.glob("data_prep/*.py")]):
+        if path in mine:
+            continue
+        src = path.read_text()
+        tree = ast.parse(src)
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Assign, ast.AnnAssign)):  # no second name for 75
+                val = node.value
+                assert not (isinstance(val, ast.Constant) and val.value == 75), f"{path}: 75 again"
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names = [t.id for t in targets if isinstance(t, ast.Name)]
+                assert not any("PREEMPT" in n for n in names), f"{path}: {names}"
+            if isinstance(node, ast.Return) and isinstance(node.value, ast.Constant):
+                assert node.value.value != 2, f"{path}:{node.lineno}: return 2 (use exit_codes.USAGE)"
+            if isinstance(node, ast.ImportFrom) and node.module == "seer_pipeline.train.signals":
+                assert "PREEMPTED" not in [a.name for a in node.names], path
+        assert '"scontrol", "requeue"' not in src, f"{path} runs scontrol requeue itself"
 
 
 # ---- the task callable ---------------------------------------------------------------------
@@ -158,10 +183,10 @@ def test_trainjob_preempted_without_requeue_is_an_error(tmp_path: Path, tests_on
     old = signal.getsignal(signal.SIGUSR2)
     try:
         with pytest.raises(NotRequeued, match="no SLURM requeue"):
-            _job(tmp_path, "entry_code", f"fake.rc={PREEMPTED_EXIT_CODE}")()
+            _job(tmp_path, "entry_code", f"fake.rc={PREEMPTED}")()
         (tmp_path / "requeues.json").write_text(json.dumps({"count": 2, "history": []}))
         with pytest.raises(NotRequeued, match=r"requeue cap reached \(2/2"):
-            _job(tmp_path, "entry_code", f"fake.rc={PREEMPTED_EXIT_CODE}")()
+            _job(tmp_path, "entry_code", f"fake.rc={PREEMPTED}")()
     finally:
         signal.signal(signal.SIGUSR2, old)
 
@@ -282,3 +307,31 @@ def test_build_job_pins_an_absolute_run_dir_and_keeps_overrides(
     assert executor_parameters(cfg.slurm)["slurm_additional_parameters"]["comment"] == "seer"
     with pytest.raises(ConfigError, match="slurm.nodes"):
         build_job("cpu_tiny", ["slurm.nodez=2"])
+
+
+# ---- what reaches the tasks (#20, clusters as they are) ------------------------------------
+def test_dry_run_says_which_variables_reach_the_tasks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from launch.submit import main as submit_main
+
+    for k in list(os.environ):
+        if k.startswith(("NCCL_", "GLOO_", "MASTER_")):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth1")
+    monkeypatch.setenv("NCCL_IB_HCA", "mlx5_0\n#SBATCH --nodes=999")  # must not become a line
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.9")
+    assert submit_main(["--config", "cpu_tiny", f"run.dir={tmp_path / 'run'}", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    comments = [ln for ln in out.splitlines() if ln.startswith("#   ")]
+    assert any("whole environment reaches every task (sbatch --export=ALL)" in ln for ln in comments)
+    passed = next(ln for ln in comments if "passed on:" in ln)
+    assert "GLOO_SOCKET_IFNAME=eth1" in passed and "MASTER_ADDR=10.0.0.9" in passed
+    assert "NCCL_IB_HCA='mlx5_0\\n#SBATCH --nodes=999'" in passed
+    assert "#SBATCH --nodes=999" not in out.splitlines()
+    assert any(ln.startswith("#   not set: NCCL_SOCKET_IFNAME ") for ln in comments), comments
+    assert any("MASTER_ADDR is set and overrides the rendezvous" in ln for ln in comments)
+    # A narrowed export is said so.
+    assert submit_main(["--config", "cpu_tiny", f"run.dir={tmp_path / 'run'}", "--dry-run",
+                        "slurm.additional_parameters.export=NONE"]) == 0
+    assert "only what --export=NONE names reaches the tasks" in capsys.readouterr().out

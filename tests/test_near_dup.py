@@ -151,3 +151,28 @@ def test_exact_default_is_unchanged(dump: Path, tmp_path: Path) -> None:
     assert all("phash" not in j for j in _jsons(tmp_path / "o"))
     man = fmt.load_manifest(str(tmp_path / "o"))
     assert "near" not in man and man["config"]["dedup"] is True
+
+
+def test_signature_is_imagehash_phash_on_the_whole_image() -> None:
+    """The batched pHash stays within a few bits of imagehash's, and unrelated photos stay far apart."""
+    import imagehash
+
+    from data_prep import near
+
+    sigs = []
+    for p in PHOTOS:
+        im = Image.open(p)
+        sigs.append(near.signature(im))
+        ref = int(str(imagehash.phash(im.convert("L"))), 16)
+        assert bin(ref ^ int(sigs[-1][:16], 16)).count("1") <= 4, p.name
+    assert near.pairs(sigs) == []  # the ten test photos are distinct pictures
+
+
+def test_store_merge_refuses_near_parts() -> None:
+    """The s3 merge copies shards server-side and knows only two-column skipped.tsv: one line, no damage."""
+    from data_prep.store_build import _combine
+
+    mans = [(f"s3://b/p{i}", {"part": [i, 2], "config": {"dedup": "near", "part": [i, 2]}, "shards": []})
+            for i in range(2)]
+    with pytest.raises(ValueError, match="merge into a local folder"):
+        _combine(mans, {p: "source\treason\tduplicate_of\n" for p, _ in mans})

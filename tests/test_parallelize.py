@@ -105,3 +105,97 @@ def test_bf16_fsdp_keeps_bn_and_prototypes_fp32() -> None:
         assert r["conv_in"] == ["torch.bfloat16"], r  # BN units hand bf16 back to the convs
         assert r["proto"] == ["torch.float32"] and r["scores"] == "torch.float32", r
         assert r["master"] == ["torch.float32"] and r["grads_ok"], r
+
+
+_COLLECTIVES = ("all_gather_single", "all_gather_into_tensor", "reduce_scatter_single",
+                "reduce_scatter_tensor", "all_reduce", "broadcast")
+
+
+def _collectives_worker(rank: int, world: int) -> dict:
+    """Collectives per step (2 resolutions, stage AC, bf16) and BN gradients, per BN layout."""
+    import collections
+
+    import torch.distributed as dist
+
+    from seer_pipeline.dist.parallelize import apply_fsdp, build_mesh
+
+    out: dict = {}
+    for layout in ("each", "shared"):
+        cfg = load_train_config("cpu_tiny")
+        torch.manual_seed(0)
+        model = parallelize(build_model(cfg), ParallelPlan(ac="stage"), None, torch.device("cpu"))
+        apply_fsdp(model, build_mesh(ParallelPlan(), "cpu", world, world), torch.bfloat16, bn_units=layout)
+        counts: collections.Counter = collections.Counter()
+        orig = {n: getattr(dist, n) for n in _COLLECTIVES if hasattr(dist, n)}
+
+        def counted(name: str):
+            def call(*a, **k):
+                counts[name] += 1
+                return orig[name](*a, **k)
+            return call
+
+        g = torch.Generator().manual_seed(rank)
+        views = [torch.randn(2, 3, s, s, generator=g) for s in (28, 28, 16, 16)]
+        per_step = []
+        for _ in range(2):
+            for n in orig:
+                setattr(dist, n, counted(n))
+            try:
+                _, scores = model(views)
+                scores.float().pow(2).mean().backward()
+            finally:
+                for n, f in orig.items():
+                    setattr(dist, n, f)
+            per_step.append(sum(counts.values()))
+            counts.clear()
+        bn = {n: p for n, p in model.named_parameters() if ".bn." in n}
+        out[layout] = {"per_step": per_step, "bn_dtypes": sorted({str(p.dtype) for p in bn.values()}),
+                       "grads": {n: p.grad.full_tensor().numpy().copy() for n, p in bn.items()}}
+    return out
+
+
+@pytest.mark.slow
+def test_shared_bn_unit_cuts_collectives_and_keeps_gradients() -> None:
+    """Issue 20: a unit per BN cost 102 all-gathers + 27 reduce-scatters per step on cpu_tiny
+    (19 BNs, 2 resolutions, stage AC); one shared fp32 BN unit: 28 + 9, same BN gradients."""
+    from seer_pipeline.dist.testing import run_distributed
+
+    for r in run_distributed(_collectives_worker, 2, timeout=400):
+        assert r["each"]["per_step"] == [129, 129], r["each"]["per_step"]
+        assert r["shared"]["per_step"] == [37, 37], r["shared"]["per_step"]
+        assert r["shared"]["bn_dtypes"] == ["torch.float32"]  # BN master weights and grads in fp32
+        for n, g in r["each"]["grads"].items():
+            assert (r["shared"]["grads"][n] == g).all(), n
+
+
+def test_torch_version_check_names_the_tested_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 20: `torch>=2.6` admitted releases whose FSDP2 + AC + two resolutions failed."""
+    from seer_pipeline.dist.parallelize import TESTED_TORCH, UNTESTED_TORCH_ENV, check_torch_version
+
+    monkeypatch.delenv(UNTESTED_TORCH_ENV, raising=False)
+    check_torch_version()  # the torch running these tests is in the tested range
+    for ok in ("2.13.0+cpu", "2.14.1+cu130", "2.14.0a0+gitabc"):
+        check_torch_version(ok)
+    for bad in ("2.6.0", "2.12.1+cu126", "2.15.0.dev20261201", "3.0.0"):
+        with pytest.raises(RuntimeError, match=r"outside the tested range >=2\.13,<2\.15") as e:
+            check_torch_version(bad)
+        assert "\n" not in str(e.value) and UNTESTED_TORCH_ENV in str(e.value)
+    monkeypatch.setenv(UNTESTED_TORCH_ENV, "1")
+    check_torch_version("2.6.0")  # the user's explicit opt-in
+    # pyproject pins the same range.
+    text = (REPO / "pyproject.toml").read_text()
+    (lo_maj, lo_min), (hi_maj, hi_min) = TESTED_TORCH
+    assert f'"torch>={lo_maj}.{lo_min},<{hi_maj}.{hi_min}"' in text
+
+
+def test_seer_train_refuses_an_untested_torch_in_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    from seer_pipeline.config.train import load_train_config
+    from seer_pipeline.dist.setup import resolve_env
+    from seer_pipeline.train import cli
+
+    monkeypatch.delenv("SEER_UNTESTED_TORCH", raising=False)
+    monkeypatch.setattr(torch, "__version__", "2.7.1+cu126")
+    assert cli.run_rank(load_train_config("cpu_tiny"), resolve_env()) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("seer-train: torch 2.7.1+cu126 is outside the tested range") and "\n" not in err

@@ -53,6 +53,11 @@ def test_cpu_tiny_at_8_ranks() -> None:
     assert s["fsdp_units"] == _units("cpu_tiny", mixed=False)
     assert s["crops"] == [[2, 28], [4, 16]] and s["batch_per_gpu"] == 16
     _check_against_plan(s)
+    # Init peak (issue 20): this rank's shard (the padded tracker figure bounds it), not the model.
+    init = s["init_gib"]
+    assert 0.8 * s["simulated_gib"]["Sharded Param"] <= init["param_shards"] <= s["simulated_gib"]["Sharded Param"]
+    assert s["init_peak_gib"] == pytest.approx(sum(init.values()))
+    assert s["init_peak_gib"] < 0.5 * s["init_whole_model_gib"]
 
 
 @pytest.mark.slow

@@ -236,7 +236,7 @@ def _fake_scontrol(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.mark.parametrize("content", ['{"count": 3, "hist', "[1, 2]", '{"count": "x"}'])
 def test_truncated_requeues_json_still_requeues(tmp_path: Path, monkeypatch, caplog, content: str) -> None:
-    from seer_pipeline.train.provenance import requeue_job
+    from seer_pipeline.core.requeue import requeue_job
 
     calls = _fake_scontrol(tmp_path, monkeypatch)
     (tmp_path / "requeues.json").write_text(content)
@@ -249,12 +249,12 @@ def test_truncated_requeues_json_still_requeues(tmp_path: Path, monkeypatch, cap
 
 
 def test_launcher_and_trainer_share_one_requeues_writer(tmp_path: Path, monkeypatch) -> None:
-    """launch.job books through seer_pipeline.train.provenance (one record shape, one writer)."""
+    """launch.job books through seer_pipeline.core.requeue (one record shape, one writer)."""
     import launch.job as job_mod
-    from seer_pipeline.train import provenance
+    from seer_pipeline.core import requeue
 
     booked = []
-    real = provenance.book_requeue
+    real = requeue.book_requeue
     monkeypatch.setattr(job_mod, "book_requeue", lambda *a, **k: booked.append(a) or real(*a, **k))
     (tmp_path / "requeues.json").write_text("{\"count\": 1,")  # truncated
     job = job_mod.TrainJob(argv=[], run_dir=str(tmp_path), max_requeues=5)

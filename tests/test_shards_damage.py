@@ -110,3 +110,23 @@ def test_damaged_jpeg_scan_is_refused_in_full_check_only() -> None:
     assert process_bytes(0, "a", bad, ProcessOptions(check="full")).reason == "corrupt"
     r = process_bytes(0, "a", bad, ProcessOptions(check="header"))
     assert r.reason is None and r.passthrough
+
+
+def test_strict_jpeg_decode_stores_what_pillow_stored(photo_dir: Path, monkeypatch) -> None:
+    # The resize/re-encode path decodes colour and grey JPEGs through simplejpeg (strict) instead
+    # of Pillow: the stored bytes must not change for an undamaged JPEG, at any scale.
+    import data_prep.images as images
+
+    pillow = lambda data, mode, *a: (None, images.jpeg_damage(data, mode))  # noqa: E731
+    n = 0
+    for p in sorted(photo_dir.glob("*.jpg")):
+        data = p.read_bytes()
+        for short, reencode in ((None, "always"), (32, "auto"), (100, "auto"), (333, "always")):
+            opts = ProcessOptions(resize_short_side=short, reencode=reencode)
+            ours = process_bytes(0, "x", data, opts)
+            with monkeypatch.context() as m:
+                m.setattr(images, "_jpeg_rgb", pillow)
+                ref = process_bytes(0, "x", data, opts)
+            assert ours.reason is None and ours.data == ref.data, (p.name, short)
+            n += 1
+    assert n >= 40

@@ -63,3 +63,78 @@ def test_an_interrupted_merge_is_finished_by_a_rerun(photo_dir: Path, tmp_path: 
     monkeypatch.undo()
     man = merge(args, str(tmp_path / "m"))
     assert man["written"] == 12 and verify(str(tmp_path / "m")) == []
+
+
+def _keys(out: Path) -> list[str]:
+    man = fmt.load_manifest(str(out))
+    return sorted(k for s in man["shards"] for k in fmt.shard_keys(str(out / s["name"])))
+
+
+def _dump_with_copies(photo_dir: Path, tmp_path: Path) -> Path:
+    d = tmp_path / "dump"
+    d.mkdir()
+    photos = sorted(photo_dir.iterdir())
+    for p in photos:
+        shutil.copy(p, d / p.name)
+    for j, p in enumerate(photos[:6]):  # the same bytes under other names: they fall in other parts
+        for c in range(3):
+            shutil.copy(p, d / f"copy{c}_{j}{p.suffix}")
+    return d
+
+
+def test_merged_parts_hold_every_distinct_image_once(photo_dir: Path, tmp_path: Path) -> None:
+    d = _dump_with_copies(photo_dir, tmp_path)
+    full = build_shards([str(d)], tmp_path / "full", maxcount=3)
+    parts = _parts(photo_dir, tmp_path, n=3, inputs=[str(d)])
+    per_part = sum(fmt.load_manifest(str(p))["duplicates"] for p in parts)
+    assert full["duplicates"] >= 12 and per_part < full["duplicates"]  # each part alone misses copies in others
+    man = merge([str(p) for p in parts], str(tmp_path / "m"))
+    assert _keys(tmp_path / "m") == _keys(tmp_path / "full")  # the single build's samples exactly
+    for k in ("inputs_seen", "written", "skipped", "duplicates", "reasons"):
+        assert man[k] == full[k], k
+    assert man["dedup_scope"] == "whole set"
+    assert sorted(fmt.read_skipped(str(tmp_path / "m" / fmt.SKIPPED))) == \
+        sorted(fmt.read_skipped(str(tmp_path / "full" / fmt.SKIPPED)))
+    assert verify(str(tmp_path / "m")) == []
+    assert merge([str(p) for p in parts], str(tmp_path / "m")) == man  # a rerun changes nothing
+
+
+def test_cross_part_dedup_is_resumable_and_off_with_no_dedup(photo_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    import data_prep.merge as mg
+
+    d = _dump_with_copies(photo_dir, tmp_path)
+    parts = _parts(photo_dir, tmp_path, n=3, inputs=[str(d)])
+    real = mg._filter
+    done = []
+
+    def die_after_one(src: str, dst: str, drop: set[str]) -> None:
+        if done:
+            raise KeyboardInterrupt
+        real(src, dst, drop)
+        done.append(dst)
+
+    monkeypatch.setattr(mg, "_filter", die_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        merge([str(p) for p in parts], str(tmp_path / "m"))
+    monkeypatch.undo()
+    man = merge([str(p) for p in parts], str(tmp_path / "m"))
+    full = build_shards([str(d)], tmp_path / "full", maxcount=3)
+    assert man["written"] == full["written"] and _keys(tmp_path / "m") == _keys(tmp_path / "full")
+    assert verify(str(tmp_path / "m")) == []
+    raw = [tmp_path / f"n{i}" for i in range(3)]
+    for i, p in enumerate(raw):
+        build_shards([str(d)], p, maxcount=3, part=(i, 3), dedup=False)
+    m2 = merge([str(p) for p in raw], str(tmp_path / "m2"))
+    assert m2["duplicates"] == 0 and m2["written"] == full["written"] + full["duplicates"]
+    assert m2["dedup_scope"] == "none"
+
+
+def test_parallel_bucket_dedup_gives_the_same_set(photo_dir: Path, tmp_path: Path) -> None:
+    d = _dump_with_copies(photo_dir, tmp_path)
+    parts = _parts(photo_dir, tmp_path, n=3, inputs=[str(d)])
+    for p in parts:  # a second copy of the parts: the merge moves the first copy's shards away
+        shutil.copytree(p, tmp_path / f"c{p.name}")
+    one = merge([str(p) for p in parts], str(tmp_path / "m1"))
+    two = merge([str(tmp_path / f"c{p.name}") for p in parts], str(tmp_path / "m2"), workers=2)
+    strip = lambda m: {k: v for k, v in m.items() if k != "config"}  # noqa: E731
+    assert strip(one) == strip(two) and one["duplicates"] >= 12

@@ -101,3 +101,20 @@ def test_parts_get_whole_archives_and_their_union_is_the_single_build(photo_dir:
         m = build_shards([str(dump)], tmp_path / f"q{i}", workers=1, part=(i, 4))
         assert m["part_by"] == "member"
     assert sorted(k for i in range(4) for k in _keys(tmp_path / f"q{i}")) == _keys(tmp_path / "full")
+
+
+def test_a_build_begun_with_the_old_numbering_is_not_resumed(photo_dir: Path, tmp_path: Path) -> None:
+    # Inputs were numbered by one flat counter before whole-archive parts: resuming such a scan
+    # with the new numbering would record every input twice, so it is refused in one line.
+    import sqlite3
+
+    import pytest
+
+    out = tmp_path / "o"
+    build_shards([str(photo_dir)], out, workers=1)
+    db = sqlite3.connect(out / ".seer-shards" / "index.sqlite")
+    db.execute("DELETE FROM meta WHERE k IN ('ordinals', 'scan_done')")
+    db.commit()
+    db.close()
+    with pytest.raises(ValueError, match="older seer-shards"):
+        build_shards([str(photo_dir)], out, workers=1)

@@ -16,13 +16,14 @@ from typing import Callable
 import pytest
 
 from launch.executor import build_executor
-from launch.job import TrainJob, read_requeues
+from launch.job import TrainJob
 from launch.scheduler import (JobInfo, cancel, job_info, requeue, sbatch_test_only,
                               sbatch_test_only_args, slurm_available)
 from launch.status import run_status
 from launch.submit import main as submit_main
 from launch.submit import record_submission
 from seer_pipeline.config.slurm import SlurmConfig
+from seer_pipeline.core.requeue import read_requeues
 from tests.faultinject import env as fault_env
 
 pytestmark = pytest.mark.slurm
@@ -107,11 +108,16 @@ def test_dry_run_is_a_valid_sbatch_script(tmp_path: Path, capsys: pytest.Capture
     assert submit_main(["--config", "seer_32gf", f"run.dir={run}", "--dry-run"]) == 0
     out = capsys.readouterr().out
     for flag in ("--nodes=64", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=10",
-                 "--time=4320", "--signal=USR2@120", "--requeue"):
+                 "--time=4320", "--signal=USR2@120", "--requeue", "--mem=128GB"):
         assert f"#SBATCH {flag}" in out, flag
     assert "-> 512 ranks" in out
     # sbatch's refusal reaches the user; nothing is recorded as submitted.
-    assert submit_main(["--config", "cpu_tiny", f"run.dir={run}", "slurm.partition=nosuchpart"]) == 1
+    shards = tmp_path / "shards"  # a readable shard set, so sbatch is what refuses (firsthour)
+    shards.mkdir()
+    (shards / "manifest.json").write_text('{"shards": [{"name": "s.tar", "count": 1}]}')
+    (shards / "s.tar").write_bytes(b"")
+    assert submit_main(["--config", "cpu_tiny", f"run.dir={run}", f"data.shards={shards}",
+                        "slurm.partition=nosuchpart"]) == 1
     assert "invalid partition" in capsys.readouterr().err.lower()
     assert not (run / "launch.json").exists()
     # Unknown keys fail before anything is built.
@@ -260,7 +266,7 @@ def test_usr2_timeout_signal_saves_requeues_and_resumes_exactly(
 def test_sbatch_templates_run_training_on_two_tasks(tmp_path: Path, tiny_shards: Path) -> None:
     """The templates for users without submitit: valid here once sized to this node, and the
     single-node one trains cpu_tiny on 2 srun tasks (ranks from SLURM variables)."""
-    fit = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0",
+    fit = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0", "--mem=1G",
            "--time=10", f"--output={tmp_path}/%j.out", f"--error={tmp_path}/%j.err"]
     for name in ("single-node", "multi-node"):
         ok, text = sbatch_test_only_args([*fit, str(REPO / "slurm" / f"{name}.sbatch")])
@@ -331,7 +337,7 @@ def test_template_usr2_with_slow_finalize_saves_requeues_and_resumes(
     """slurm/single-node.sbatch, 2 srun tasks, USR2 mid-run, rank 0's commit slower than
     KillWait: saved (exit 75 on every rank), requeued by rank 0, resumed exactly."""
     slow = _slow_finalize_s()
-    fit = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0",
+    fit = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0", "--mem=1G",
            "--time=20", f"--output={tmp_path}/%j.out", f"--error={tmp_path}/%j.err"]
     run = tmp_path / "run"
     env = fault_env(f"slow_finalize:{slow}", dict(os.environ, SEER_PYTHON=sys.executable))

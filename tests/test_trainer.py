@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from seer_pipeline.train.signals import PREEMPTED
+from seer_pipeline.core.exit_codes import PREEMPTED
 from tests import faultinject
 
 REPO = Path(__file__).resolve().parent.parent

@@ -129,3 +129,97 @@ def test_bit_flip_in_newest_falls_back_to_previous_with_a_warning(tmp_path: Path
     ws = load_weights(run)
     assert ws.trunk["stem.conv.weight"].shape[0] > 0
     assert "not usable" in caplog.text and "step_000000008" in caplog.text
+
+
+# -- every format: non-finite values and mis-shaped tensors are refused ---------------------------
+FORMATS = ["seer", "timm", "torchvision", "vissl", "vissl-sharded", "vissl-sliced"]
+
+
+def _trunk_sd() -> dict[str, torch.Tensor]:
+    from seer_pipeline.models import build_trunk
+
+    torch.manual_seed(1)
+    return {k: v.clone() for k, v in build_trunk("regnety_tiny").state_dict().items()}
+
+
+def _write(sd: dict[str, torch.Tensor], fmt: str, out: Path) -> Path:
+    """`sd` (our key names) written as `fmt` by the format's own writer, damage included."""
+    from seer_pipeline.weights import keys as K
+    from seer_pipeline.weights.vissl import consolidated, write_sharded, write_sliced
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "seer":
+        torch.save(sd, out)
+    elif fmt in ("timm", "torchvision"):
+        torch.save(K.trunk_from_ours(fmt, sd), out)
+    elif fmt == "vissl":
+        torch.save(consolidated(K.trunk_from_ours("vissl", sd), {}), out)
+    elif fmt == "vissl-sharded":
+        write_sharded(K.trunk_from_ours("vissl", sd), {}, out, 2)
+    else:
+        write_sliced(K.trunk_from_ours("vissl", sd), {}, out)
+    return out
+
+
+def _damage(kind: str) -> dict[str, torch.Tensor]:
+    sd = _trunk_sd()
+    if kind == "nan":
+        sd["stages.0.blocks.0.se.expand.weight"][0, 0] = float("nan")
+    elif kind == "inf-buffer":
+        sd["stages.1.blocks.0.b.bn.running_var"][3] = float("inf")
+    elif kind == "stem-5x5":  # arch.py reads only the stem's channel counts
+        w = sd["stem.conv.weight"]
+        sd["stem.conv.weight"] = torch.zeros(w.shape[0], w.shape[1], 5, 5)
+    elif kind == "bn-vector":
+        sd["stages.0.blocks.0.a.bn.weight"] = torch.ones(sd["stages.0.blocks.0.a.bn.weight"].numel() + 1)
+    return sd
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_clean_weights_still_import_in_every_format(tmp_path: Path, fmt: str) -> None:
+    from seer_pipeline.weights import load_trunk_state
+
+    sd = _trunk_sd()
+    got = load_trunk_state(_write(sd, fmt, tmp_path / "w.pt"), "regnety_tiny")
+    assert all(torch.equal(got[k], v) for k, v in sd.items() if not k.endswith("num_batches_tracked"))
+
+
+@pytest.mark.parametrize("kind,match", [("nan", "NaN or inf"), ("inf-buffer", "NaN or inf"),
+                                        ("stem-5x5", "stem.conv.weight"),
+                                        ("bn-vector", "a.bn.weight")])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_damaged_weights_are_refused_in_every_format(tmp_path: Path, capsys, fmt: str, kind: str,
+                                                     match: str) -> None:
+    from seer_pipeline.weights import WeightsFormatError, load_trunk_state
+
+    src = _write(_damage(kind), fmt, tmp_path / "w.pt")
+    with pytest.raises(WeightsFormatError, match=match):  # init.weights and seer-eval's reader
+        load_trunk_state(src, "regnety_tiny")
+    out = tmp_path / "exported.pt"
+    assert ckpt_main(["export", str(src), "--format", "timm", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert match.split()[0] in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_run_with_nan_weights_is_refused_by_export_and_eval(tmp_path: Path, capsys) -> None:
+    from seer_pipeline.eval import features
+
+    cfg = OmegaConf.merge(load_train_config(None, []), OmegaConf.create(CFG_YAML))
+    model = build_model(cfg)
+    with torch.no_grad():
+        model.trunk.stem.conv.weight[0, 0, 0, 0] = float("nan")
+    run = tmp_path / "run"
+    Checkpointer(run, every=1, config_yaml=CFG_YAML).save(4, {"model": model.state_dict()}, {})
+    (run / "config.yaml").write_text(CFG_YAML)
+    assert _export(run, tmp_path / "t.pt") == 1
+    assert "NaN or inf" in capsys.readouterr().err
+    with pytest.raises(features.CheckpointSpecError, match="NaN or inf"):
+        features.load_trunk(features.parse_checkpoint(str(run)))
+
+
+def test_eval_refuses_a_nan_trunk_file(tmp_path: Path) -> None:
+    from seer_pipeline.eval import features
+
+    path = _write(_damage("nan"), "seer", tmp_path / "nan.pt")
+    with pytest.raises(features.CheckpointSpecError, match="NaN or inf"):
+        features.load_trunk(features.parse_checkpoint(str(path), "regnety_tiny"))

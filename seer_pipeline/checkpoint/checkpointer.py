@@ -33,8 +33,6 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
-import re
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -44,9 +42,21 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.stateful import Stateful
 
 from seer_pipeline.checkpoint import integrity, safe_dcp
+from seer_pipeline.checkpoint.layout import (
+    TRASH,
+    CheckpointError,
+    candidate_order,
+    discard,
+    empty_trash,
+    list_checkpoints,
+    read_meta_only,
+    step_dir_name,
+    verify_share,
+)
 from seer_pipeline.checkpoint.safe_dcp import pack, unpack  # noqa: F401 - the payload format
 from seer_pipeline.config.train import CkptConfig
 from seer_pipeline.core.io_utils import atomic_write_json, atomic_write_text, fsync_dir
@@ -54,113 +64,7 @@ from seer_pipeline.dist.setup import collective_device
 
 log = logging.getLogger(__name__)
 
-_STEP_RE = re.compile(r"^step_(\d{9})$")
-_TRASH = ".trash."  # folders moved aside by a purge, deleted in the background
 _SUMMARIES = "rank_summaries"  # DCP entry (rank 0's) and meta.json flag: every rank's summary keys
-
-
-class CheckpointError(RuntimeError):
-    pass
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:09d}"
-
-
-def verify_step_dir(path: Path) -> dict[str, Any]:
-    """meta.json of a complete checkpoint, after checking every file's recorded size."""
-    meta_path = path / "meta.json"
-    if not meta_path.is_file():
-        raise CheckpointError(f"{path}: no meta.json (incomplete save)")
-    meta = integrity.read_meta(path)
-    for name, size in meta["files"].items():
-        f = path / name
-        if "/" in name or not f.is_file() or f.stat().st_size != size:
-            raise CheckpointError(f"{path}: {name} missing or truncated (expected {size} bytes)")
-    if not (path / ".metadata").is_file():
-        raise CheckpointError(f"{path}: no DCP .metadata")
-    return meta
-
-
-def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
-    """Complete-looking step dirs (by name), newest first."""
-    if not ckpt_dir.is_dir():
-        return []
-    out = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _STEP_RE.match(p.name))]
-    return sorted(out, reverse=True)
-
-
-def candidate_order(ckpt_dir: Path) -> list[Path]:
-    """Step dirs to try, best first, by name only (no file is opened or stat'ed): `latest`'s
-    target, then anything older."""
-    order = [p for _, p in list_checkpoints(ckpt_dir)]
-    name = integrity.read_latest(ckpt_dir)
-    if name:
-        target = ckpt_dir / name
-        if target in order:
-            order = order[order.index(target):]
-        else:
-            log.warning("checkpoints/latest names %r, which does not exist; scanning", name)
-    return order
-
-
-def find_resumable(ckpt_dir: Path) -> list[tuple[int, Path, dict[str, Any]]]:
-    """Verified checkpoints, best first (tools that inspect one run folder; training resumes
-    through `Checkpointer.restore`, which opens only what each rank needs).
-
-    Corrupt or incomplete ones are skipped with a warning in favour of the previous one.
-    """
-    good = []
-    for p in candidate_order(ckpt_dir):
-        try:
-            meta = verify_step_dir(p)
-        except (CheckpointError, ValueError, OSError) as e:
-            log.warning("skipping checkpoint %s: %s", p, e)
-            continue
-        good.append((int(meta["step"]), p, meta))
-    return good
-
-
-def _read_meta_only(path: Path) -> dict[str, Any]:
-    """meta.json of a step dir, without touching its data files (each rank checks its share)."""
-    if not (path / "meta.json").is_file():
-        raise CheckpointError(f"{path}: no meta.json (incomplete save)")
-    meta = integrity.read_meta(path)
-    if ".metadata" not in meta["files"] and not (path / ".metadata").is_file():
-        raise CheckpointError(f"{path}: no DCP .metadata")
-    return meta
-
-
-def verify_share(path: Path, meta: dict[str, Any], rank: int, world: int) -> None:
-    """This rank's share of a checkpoint's files (file i goes to rank i % world): size, then
-    content hash. Together the ranks check every file once; the load agreement spreads a
-    failure to all of them."""
-    for i, (name, size) in enumerate(sorted(meta["files"].items())):
-        if i % world != rank:
-            continue
-        f = path / name
-        if "/" in name or not f.is_file() or f.stat().st_size != size:
-            raise CheckpointError(f"{path}: {name} missing or truncated (expected {size} bytes)")
-    integrity.verify_hashes(path, meta, rank, world)
-
-
-def _discard(path: Path) -> None:
-    """Move a folder aside under a name no save or scan uses (one rename, not a deletion)."""
-    try:
-        os.replace(path, path.parent / f"{_TRASH}{path.name}.{time.time_ns()}")
-    except OSError as e:
-        log.warning("could not move %s aside for deletion: %s", path, e)
-
-
-def _empty_trash(ckpt_dir: Path) -> None:
-    """Background thread: delete what purges moved aside (a 10B checkpoint is hundreds of
-    files: on a parallel filesystem, seconds to minutes that no step or preemption waits for)."""
-    while trash := list(ckpt_dir.glob(_TRASH + "*")):
-        for p in trash:
-            shutil.rmtree(p, ignore_errors=True)
-            if p.exists():
-                log.warning("could not delete %s; left for the next purge", p)
-                return
 
 
 def _one_line(e: BaseException) -> str:
@@ -168,6 +72,19 @@ def _one_line(e: BaseException) -> str:
     if isinstance(e, CheckpointException) and e.failures:
         e = next(iter(e.failures.values()))[0]
     return f"{type(e).__name__}: {e}".replace("\n", " ")[:500]
+
+
+def pinned_stager() -> DefaultStager | None:
+    """On CUDA, the async save's staging copies into pinned CPU buffers kept from one save to
+    the next (keyed by the source storages, which FSDP2 shards and optimizer states keep for the
+    whole run), as torchtitan does, instead of a fresh pageable copy per save (9.6 GB per rank
+    every save for seer_10b, issue #20). The copy itself stays on the caller's thread, before
+    the next step may change the parameters. None on CPU: there DCP's default staging copy is a
+    plain memcpy with nothing to pin (docs/benchmarks.md measures what it blocks)."""
+    if not torch.cuda.is_available():
+        return None
+    return DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=False,
+                                        use_async_staging=False, use_non_blocking_copy=True))
 
 
 def ckpt_config(**values: Any) -> CkptConfig:
@@ -202,6 +119,7 @@ class Checkpointer:
             # async_save on the default group crashes if training collectives run during the
             # save (SIGABRT, size mismatch; torch 2.13 on gloo): the background save gets its own gloo group.
             self._group = dist.new_group(backend="gloo", timeout=_dt.timedelta(seconds=timeout_s))
+        self._stager = pinned_stager() if self.async_save else None
         self.last_save_s: float | None = None
         self.saved_step = -1
         self._global: dict[str, Stateful] = {}
@@ -289,10 +207,10 @@ class Checkpointer:
         if self._pending is None:  # no save of ours in flight: every .partial is a dead one
             victims += list(self.dir.glob("*.partial"))
         for p in victims:
-            _discard(p)
+            discard(p)
         self.join_purge(timeout=0.0)
-        if self._purger is None and any(self.dir.glob(_TRASH + "*")):
-            self._purger = threading.Thread(target=_empty_trash, args=(self.dir,), daemon=True,
+        if self._purger is None and any(self.dir.glob(TRASH + "*")):
+            self._purger = threading.Thread(target=empty_trash, args=(self.dir,), daemon=True,
                                             name="ckpt-purge")
             self._purger.start()
 
@@ -324,13 +242,14 @@ class Checkpointer:
         tmp = self.dir / (step_dir_name(step) + ".partial")
         if self.rank == 0:
             if tmp.exists():
-                _discard(tmp)  # a dead save of this step (kill -9): aside, deleted later
+                discard(tmp)  # a dead save of this step (kill -9): aside, deleted later
             tmp.mkdir(parents=True)
         full = self.full_state(state, per_rank, self._gather_summaries(per_rank))
         writer = safe_dcp.HashingFileSystemWriter(tmp)
         if not blocking:
             fut = dcp.async_save(full, checkpoint_id=str(tmp), process_group=self._group,
-                                 storage_writer=writer, no_dist=not dist.is_initialized())
+                                 storage_writer=writer, async_stager=self._stager,
+                                 no_dist=not dist.is_initialized())
             fut = getattr(fut, "upload_completion", fut)
             self._pending = (fut, step, tmp, t0, writer)
             return time.monotonic() - t0
@@ -387,7 +306,7 @@ class Checkpointer:
             atomic_write_json(tmp / "meta.json", meta)
             final = self.dir / step_dir_name(step)
             if final.exists():
-                _discard(final)
+                discard(final)
             os.replace(tmp, final)
             fsync_dir(self.dir)
             atomic_write_text(self.dir / "latest", final.name + "\n")
@@ -403,7 +322,7 @@ class Checkpointer:
         while order:
             p = order.pop(0)
             try:
-                meta = _read_meta_only(p)
+                meta = read_meta_only(p)
                 return int(meta["step"]), p.name, meta
             except (CheckpointError, ValueError, OSError) as e:
                 log.warning("skipping checkpoint %s: %s", p, e)

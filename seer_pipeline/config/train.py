@@ -21,6 +21,7 @@ from seer_pipeline.config.base import (
     ConfigError,
     diff_configs,
     load_config,
+    non_finite_errors,
     to_container,
 )
 from seer_pipeline.config.slurm import SlurmConfig, has_control, slurm_errors
@@ -201,7 +202,7 @@ def validate(cfg: DictConfig) -> None:
         errs.append("ckpt.keep_latest must be >= 1 (the checkpoint being resumed from)")
     if len(cfg.swav.crops_for_assign) < 1:
         errs.append("swav.crops_for_assign must name at least one crop")
-    errs += _range_errors(cfg) + _model_errors(cfg) + slurm_errors(cfg.slurm)
+    errs += non_finite_errors(cfg) + _range_errors(cfg) + _model_errors(cfg) + slurm_errors(cfg.slurm)
     if _has_control(str(cfg.run.dir)):
         errs.append("run.dir contains a control character (newline, tab, ...)")
     if errs:
@@ -289,13 +290,40 @@ def trunk_name(spec: str) -> str:
             f"{spec!r} is neither a trunk ({', '.join(list_trunks())}) nor a usable preset: {e}") from e
 
 
+def schedule_len(cfg: dict) -> int:
+    """The lr schedule's length: `optim.total_steps`, or `train.steps` when it is 0."""
+    return int(cfg["optim"].get("total_steps") or cfg["train"]["steps"])
+
+
+def extension_error(saved: dict, current: DictConfig | dict, run_dir: str = "RUN") -> str:
+    """'' when `current` continues `saved`'s lr schedule, else the one message that says how to
+    extend a run. A run is extended in one of two ways (docs/config.md):
+
+    - same schedule: raise `train.steps` and pin `optim.total_steps` to the saved schedule's
+      length; steps past its end keep its final lr (train.optim.lr_at). Resumes exactly.
+    - new schedule: a new `run.dir` with `init.weights=OLD_RUN` (trunk weights only: a fresh
+      optimizer, schedule, loader and queue), since a longer cosine changes every step's lr.
+    """
+    cur = to_container(current) if isinstance(current, DictConfig) else current
+    old, new = schedule_len(saved), schedule_len(cur)
+    if old == new:
+        return ""
+    return (f"{run_dir} was trained on a {old}-step lr schedule and this command's is {new} steps. "
+            f"To train longer on the same schedule add optim.total_steps={old} (the lr stays at "
+            f"its final value after step {old}); for a new schedule start a new run.dir with "
+            f"init.weights={run_dir} (weights only).")
+
+
 def check_resume_compatible(saved: dict, current: DictConfig) -> list[str]:
     """Refuse a resume whose config changed a key outside `RESUME_MUTABLE`.
 
-    Returns the list of (allowed) changed keys so the caller can log them.
+    Returns the list of (allowed) changed keys so the caller can log them. `optim.total_steps`
+    counts by its effect: 0 -> N where N was the saved schedule's length is no change.
     """
-    changed = diff_configs(saved, to_container(current))
-    bad = [k for k in changed if not any(k == p or k.startswith(p) for p in RESUME_MUTABLE)]
+    cur = to_container(current)
+    changed = diff_configs(saved, cur)
+    bad = [k for k in changed if k != "optim.total_steps"
+           and not any(k == p or k.startswith(p) for p in RESUME_MUTABLE)]
     if bad:
         raise ConfigError(
             "cannot resume: these config keys differ from the checkpoint's and would change the "
@@ -303,4 +331,7 @@ def check_resume_compatible(saved: dict, current: DictConfig) -> list[str]:
             f"{', '.join(RESUME_MUTABLE)}. Start a new run.dir, or use init.weights=FILE to "
             "warm-start from weights only."
         )
+    problem = extension_error(saved, cur, str(cur.get("run", {}).get("dir", "RUN")))
+    if problem:
+        raise ConfigError(f"cannot resume: {problem}")
     return changed

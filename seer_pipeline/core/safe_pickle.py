@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import pickle
+from dataclasses import dataclass
 from typing import IO, Any, Callable, Iterable, Mapping
 
 # module -> names that module may contribute. Everything else is refused.
@@ -21,6 +22,47 @@ Predicate = Callable[[str, str, Any], bool]
 
 class UnsafePickleError(pickle.UnpicklingError):
     """A pickle named a global outside the allow-list (nothing was executed)."""
+
+
+class PickleBoundsError(UnsafePickleError):
+    """A pickle larger, deeper or (counting shared references each time) bigger than allowed."""
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """What one pickle may hold. Memo references make a pickle a graph: 382 bytes of nested
+    lists, each holding its predecessor twice, unpickle in microseconds but describe 2**60
+    nodes, and printing them took 2.4 GB and 45 s before a MemoryError (issue #24). So the
+    object is walked as the tree every consumer (str, json, ==) sees, shared parts counted
+    each time they are reached, and the walk stops at the first limit."""
+
+    max_bytes: int  # the pickle itself
+    max_nodes: int  # containers and scalars, shared ones counted per reference
+    max_depth: int  # nesting of containers
+    max_chars: int  # characters of str/bytes, shared ones counted per reference
+
+
+def check_bounds(obj: Any, bounds: Bounds, what: str = "pickle") -> None:
+    """Raise PickleBoundsError if `obj`, seen as a tree, exceeds `bounds`; cost <= max_nodes."""
+    nodes = chars = 0
+    stack: list[tuple[Any, int]] = [(obj, 0)]
+    while stack:
+        cur, depth = stack.pop()
+        nodes += 1
+        if nodes > bounds.max_nodes:
+            raise PickleBoundsError(f"{what}: more than {bounds.max_nodes} objects (counting shared "
+                                    "references each time); not a record of ours - refused")
+        if depth > bounds.max_depth:
+            raise PickleBoundsError(f"{what}: nested deeper than {bounds.max_depth}; refused")
+        if isinstance(cur, (str, bytes, bytearray)):
+            chars += len(cur)
+            if chars > bounds.max_chars:
+                raise PickleBoundsError(f"{what}: more than {bounds.max_chars} characters of text "
+                                        "(counting shared references each time); refused")
+        elif isinstance(cur, dict):
+            stack.extend((x, depth + 1) for kv in cur.items() for x in kv)
+        elif isinstance(cur, (list, tuple, set, frozenset)):
+            stack.extend((x, depth + 1) for x in cur)
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -52,22 +94,34 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 def restricted_load(file: IO[bytes], allowed: Allowed, predicate: Predicate | None = None,
-         what: str = "pickle") -> Any:
-    """Unpickle one object from `file`, resolving only allow-listed globals."""
-    return RestrictedUnpickler(file, allowed, predicate, what).load()
+         what: str = "pickle", bounds: Bounds | None = None) -> Any:
+    """Unpickle one object from `file`, resolving only allow-listed globals (and, with
+    `bounds`, reading at most `max_bytes` and refusing an object over the bounds)."""
+    if bounds is None:
+        return RestrictedUnpickler(file, allowed, predicate, what).load()
+    data = file.read(bounds.max_bytes + 1)
+    if len(data) > bounds.max_bytes:
+        raise PickleBoundsError(f"{what}: larger than {bounds.max_bytes} bytes; refused")
+    obj = RestrictedUnpickler(io.BytesIO(data), allowed, predicate, what).load()
+    check_bounds(obj, bounds, what)
+    return obj
 
 
 def restricted_loads(data: bytes, allowed: Allowed, predicate: Predicate | None = None,
-          what: str = "pickle") -> Any:
+          what: str = "pickle", bounds: Bounds | None = None) -> Any:
     """`restricted_load` from bytes."""
-    return restricted_load(io.BytesIO(data), allowed, predicate, what)
+    return restricted_load(io.BytesIO(data), allowed, predicate, what, bounds)
 
 
 # submitit writes ("success", value) or ("error", traceback text); our TrainJob returns a dict
 # of str/int/bool, so a result file of ours needs no global at all.
 SUBMITIT_RESULT_ALLOWED: dict[str, tuple[str, ...]] = {}
+# Ours is a dict of a dozen fields, or a traceback of a few KB: these leave 100x headroom.
+SUBMITIT_RESULT_BOUNDS = Bounds(max_bytes=4 << 20, max_nodes=10_000, max_depth=16,
+                                max_chars=4 << 20)
 
 
 def load_submitit_result(file: IO[bytes]) -> Any:
-    """A submitit `*_result.pkl` of one of our jobs: plain containers only."""
-    return restricted_load(file, SUBMITIT_RESULT_ALLOWED, what="submitit result")
+    """A submitit `*_result.pkl` of one of our jobs: plain containers only, bounded."""
+    return restricted_load(file, SUBMITIT_RESULT_ALLOWED, what="submitit result",
+                           bounds=SUBMITIT_RESULT_BOUNDS)

@@ -4,7 +4,8 @@ One `EpochStream` is built per epoch by the loader and copied into each DataLoad
 batch carries a small `meta` dict (logical worker, shuffle outputs consumed, pad cursor, counters),
 so the main process can state exactly what the trainer consumed, whatever the workers prefetched.
 
-BAD-DATA POLICY: a sample that fails to decode, or that sits in a missing/truncated shard, is
+BAD-DATA POLICY: a sample that fails to decode, or that sits in a missing/truncated shard (or one
+that is not a regular file, or holds a member over MAX_MEMBER_BYTES: shards/format.py), is
 skipped and counted and the batch is filled from the worker's next samples. A worker that runs out
 of samples before its fixed batch count (because of such failures) refills the rest by re-reading
 its own slice from the start in the same order (new augmentations, counted as `samples_repeated`),

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from seer_pipeline.eval import fmnist
-from seer_pipeline.core.exit_codes import PREEMPTED
+from seer_pipeline.core.exit_codes import PREEMPTED, USAGE
 from seer_pipeline.core.io_utils import atomic_write_json
 from seer_pipeline.train.metrics import read_metrics
 from seer_pipeline.core.logging_utils import setup_logging
@@ -302,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prep = export_and_shard(s, out)
     except fmnist.FashionMNISTMissing as e:
         print(f"demo: {e}", file=sys.stderr)
-        return 2
+        return USAGE
     timings["data"] = time.monotonic() - t
     t = time.monotonic()
     pre = pretrain(s, out)

@@ -21,7 +21,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from seer_pipeline.checkpoint.checkpointer import CheckpointError
+from seer_pipeline.checkpoint.layout import CheckpointError
+from seer_pipeline.core.exit_codes import USAGE
 from seer_pipeline.core.io_utils import atomic_write_json
 from seer_pipeline.core.logging_utils import setup_logging
 from seer_pipeline.eval import features as feats
@@ -261,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"seer-eval: error: {msg}", file=sys.stderr)
-        return 2
+        return USAGE
     for m in ("linear", "linear_sgd", "knn"):
         if m in result:
             log.info("%s accuracy: %.2f%% (%s, %s)", m, result[m]["accuracy"], result["kind"], result["data"])

@@ -23,10 +23,11 @@ from torch import nn
 from tqdm import tqdm
 
 from seer_pipeline.weights.cli import consolidate
-from seer_pipeline.config.base import ConfigError
+from seer_pipeline.config.base import ConfigError, load_saved_config
 from seer_pipeline.config.train import trunk_name
 from seer_pipeline.models import build_trunk
 from seer_pipeline.weights import WeightsFormatError, load_trunk_state, load_weights
+from seer_pipeline.weights.check import check_finite
 from seer_pipeline.weights.convert import split_spec
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,11 @@ def parse_checkpoint(spec: str, trunk: str | None = None) -> TrunkSpec:
     run = _run_of(path)
     sidecar = Path(str(path) + ".json")  # written by seer-ckpt consolidate / export
     name = trunk or (json.loads(sidecar.read_text()).get("trunk", "") if sidecar.is_file() else "")
-    name = name or (str(OmegaConf.load(run / "config.yaml").model.trunk) if run else "")
+    if run and not name:
+        try:  # read back without resolving anything (a planted ${oc.env:...} is refused)
+            name = str(OmegaConf.select(load_saved_config(run / "config.yaml"), "model.trunk") or "")
+        except ConfigError as e:
+            raise CheckpointSpecError(str(e)) from e
     if path.is_file() and (declared or not name):
         try:  # a foreign file (timm, torchvision, VISSL): its format and trunk from keys and shapes
             name = name or load_weights(spec, name or None).preset or ""
@@ -146,6 +151,11 @@ def load_trunk(spec: TrunkSpec, seed: int = 0) -> nn.Module:
         trunk.load_state_dict(_match_state(trunk, saved, info["source"]))
         spec.step = int(info["step"])
         log.info("loaded %s (step %d)", info["source"], spec.step)
+    if spec.kind in ("file", "run"):  # NaN weights give NaN features and still an "accuracy"
+        try:
+            check_finite(trunk.state_dict(), str(spec.weights or spec.run_dir))
+        except WeightsFormatError as e:
+            raise CheckpointSpecError(str(e)) from e
     return trunk.eval()
 
 

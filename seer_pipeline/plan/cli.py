@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from seer_pipeline.config.base import ConfigError
 from seer_pipeline.config.train import load_train_config
+from seer_pipeline.core.exit_codes import USAGE
 from seer_pipeline.plan.analytic import (  # noqa: F401 - re-exported: the planner's public API
     CROPS,
     DTYPE_BYTES,
@@ -93,6 +94,11 @@ def render_simulation(s: dict[str, Any]) -> str:
     rows += [f"    {k:22s}{v:10.3f} GiB" for k, v in s["simulated_gib"].items() if v]
     rows.append(f"  simulated peak {s['simulated_peak_gib']:.3f} GiB, planned {s['memory_per_gpu_gib']:.3f} GiB "
                 f"(planned/simulated {s['planned_over_simulated']:.3f})")
+    if "init_peak_gib" in s:
+        i = {k: v * 1024 for k, v in s["init_gib"].items()}
+        rows.append(f"  init (meta build, then this rank's rows): peak {s['init_peak_gib'] * 1024:.1f} MiB = "
+                    f"shard {i['param_shards']:.1f} + buffers {i['buffers']:.1f} + staging "
+                    f"{i['largest_local_param']:.1f} MiB (the whole fp32 model: {s['init_whole_model_gib']:.2f} GiB)")
     return "\n".join(rows)
 
 
@@ -133,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      args.gpu_type or "v100", args.mfu, args.images, not args.no_head)
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"seer-plan: error: {e.args[0] if e.args else e}", file=sys.stderr)
-        return 2
+        return USAGE
     print(render(p))
     out: dict[str, Any] = p
     if args.simulate:

@@ -32,6 +32,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from seer_pipeline.dist.parallelize import ParallelPlan, build_mesh, parallelize
+from seer_pipeline.models.materialize import local_bytes
 from seer_pipeline.models.swav import build_model
 from seer_pipeline.plan.analytic import GIB, plan_config, preset_crops, preset_world
 from seer_pipeline.train import swav
@@ -113,6 +114,8 @@ def simulate(cfg: Any, world: int | None = None, local_world: int | None = None,
                              momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
                              trust=cfg.optim.lars_trust)
             units = sum(1 for m in model.modules() if type(m).__name__.startswith("FSDP"))
+            # What the trainer's meta build + per-rank materialization holds for this rank.
+            init = local_bytes(model)
             tracker = FSDPMemTracker(model, optimizer)
             with tracker:
                 _train_step(cfg, model, inner, optimizer, device)
@@ -133,6 +136,9 @@ def simulate(cfg: Any, world: int | None = None, local_world: int | None = None,
         "planned_over_simulated": planned / simulated if simulated else float("nan"),
         "simulated_gib": {k: v / GIB for k, v in peak.items()},
         "planned_gib": {k: v / GIB for k, v in analytic["memory_per_gpu_bytes"].items()},
+        "init_gib": {k: v / GIB for k, v in init.items()},
+        "init_peak_gib": sum(init.values()) / GIB,
+        "init_whole_model_gib": 4 * analytic["params"] / GIB,  # what every rank built until issue 20
         "wall_s": time.perf_counter() - t0,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }

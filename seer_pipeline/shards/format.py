@@ -42,6 +42,9 @@ MAX_MEMBER_BYTES = 256 << 20
 # Extended headers (pax, GNU long names) are read whole by tarfile before any member: a name or
 # a handful of pax records are bytes to kilobytes, so 1 MiB leaves room and bounds a hostile one.
 MAX_HEADER_BYTES = 1 << 20
+# manifest.json is read whole: an entry is ~150 bytes (name, count, bytes, sha256), so 1e9 images
+# at the default 10,000 a shard (1e5 shards) is ~15 MB; 64 MiB is 4x that and bounds a hostile one.
+MAX_MANIFEST_BYTES = 64 << 20
 _META_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
                tarfile.GNUTYPE_LONGLINK)
 
@@ -263,9 +266,10 @@ class _CappedInfo(tarfile.TarInfo):
     def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
         cap = MAX_HEADER_BYTES if self.type in _META_TYPES else MAX_MEMBER_BYTES
         if self.size > cap:
-            what = "extended header" if self.type in _META_TYPES else "member"
+            what, const = (("extended header", "MAX_HEADER_BYTES") if self.type in _META_TYPES
+                           else ("member", "MAX_MEMBER_BYTES"))
             raise MemberTooLarge(f"{what} {self.name!r} declares {self.size} bytes, over the "
-                                 f"{cap} byte cap (shards/format.py MAX_{'HEADER' if cap == MAX_HEADER_BYTES else 'MEMBER'}_BYTES)")
+                                 f"{cap} byte cap (shards/format.py {const})")
         return super()._proc_member(tarfile_)  # type: ignore[misc]
 
 
@@ -357,6 +361,8 @@ def load_manifest(shard_dir: str) -> dict:
     p = os.path.join(shard_dir, MANIFEST)
     if not os.path.isfile(p):
         raise FileNotFoundError(f"no {MANIFEST} in {shard_dir} (unfinished build? rerun the same command)")
+    if os.path.getsize(p) > MAX_MANIFEST_BYTES:
+        raise ValueError(f"{p}: {os.path.getsize(p)} bytes, over the {MAX_MANIFEST_BYTES} byte cap of a manifest")
     try:
         with open(p, "r", encoding="utf-8") as f:
             man = json.load(f)

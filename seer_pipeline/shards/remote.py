@@ -9,14 +9,17 @@ from __future__ import annotations
 import json
 from typing import Any, BinaryIO, Dict, List, Tuple
 
-from seer_pipeline.store.reader import open_remote, read_bytes
+from seer_pipeline.shards.format import MAX_MANIFEST_BYTES
+from seer_pipeline.store.reader import ObjectTooLarge, open_remote, read_bytes
 from seer_pipeline.store.url import Url, parse
 
 
 def load_manifest_remote(url: str | Url) -> Dict[str, Any]:
     u = parse(url) if isinstance(url, str) else url
     try:
-        return json.loads(read_bytes(u.join("manifest.json")))
+        return json.loads(read_bytes(u.join("manifest.json"), MAX_MANIFEST_BYTES))
+    except ObjectTooLarge as e:
+        raise ValueError(f"not a shard manifest: {e}") from e
     except FileNotFoundError:
         raise FileNotFoundError(f"no manifest.json under {u} (unfinished build? rerun the same command)") from None
     except ValueError as e:

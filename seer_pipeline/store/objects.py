@@ -40,14 +40,22 @@ def head(url: str | Url) -> Optional[Dict]:
     return {"size": int(r["ContentLength"]), "sha256": r.get("Metadata", {}).get(SHA_META)}
 
 
-def list_prefix(url: str | Url) -> Dict[str, int]:
-    """Every object under a prefix (as a folder: 'a/b' lists 'a/b/*'): relative name -> size."""
+def list_prefix(url: str | Url, max_keys: Optional[int] = None) -> Dict[str, int]:
+    """Every object under a prefix (as a folder: 'a/b' lists 'a/b/*'): relative name -> size.
+
+    ValueError past `max_keys` objects: a listing that never ends (a server that always answers
+    IsTruncated with a fresh token) would otherwise be read forever."""
     u = _s3(url)
     prefix = u.key.rstrip("/") + "/" if u.key else ""
     out: Dict[str, int] = {}
+    seen = 0  # entries answered, repeats included: a server may repeat keys under fresh tokens
     for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=u.host, Prefix=prefix):
         for o in page.get("Contents", []):
             out[o["Key"][len(prefix):]] = int(o["Size"])
+        seen += max(1, len(page.get("Contents", [])))  # an empty page counts: it can repeat too
+        if max_keys is not None and seen > max_keys:
+            raise ValueError(f"listing {u} passes {max_keys} objects: not a shard set's folder, "
+                             f"or a listing that never ends")
     return out
 
 

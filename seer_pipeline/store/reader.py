@@ -7,6 +7,12 @@ a long one starts a new GET. When a stream breaks (connection reset, idle cut, s
 Retry-After), and asks again from the first byte it has not handed out: the caller sees one
 seamless byte stream, so a retry can never skip or repeat a sample. After `attempts` failures
 without progress it raises `RemoteReadError` (an OSError: the loader's bad-data policy applies).
+
+Every GET after the first is pinned to the object the first one saw: its ETag goes out as
+If-Match, and an answer with another ETag, another total size (Content-Range) or a 412 raises
+`ObjectChanged`, never retried. Without the pin, an object replaced between two windows would be
+read as the old one's head followed by the new one's tail; with it the shard is a counted read
+failure, and a `Content-Range` total that grows on every answer cannot keep a reader going.
 """
 from __future__ import annotations
 
@@ -32,6 +38,14 @@ _RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 class RemoteReadError(OSError):
     """The object stayed unreadable after every retry."""
+
+
+class ObjectChanged(RemoteReadError):
+    """The object was replaced (ETag, size or a 412) between two GETs of one reader."""
+
+
+class ObjectTooLarge(RemoteReadError):
+    """`read_bytes` of an object over its caller's cap."""
 
 
 class _Retryable(Exception):
@@ -79,6 +93,10 @@ class RemoteFile(io.RawIOBase):
         self._spos = self._send = 0  # the open stream's next byte and end (exclusive)
         self._rng = random.Random()
         self.retries = 0
+        # The object's identity from the first answer: (ETag or None, Last-Modified or None).
+        self._etag: Optional[str] = None
+        self._modified: Optional[str] = None
+        self._pinned = False
 
     # -- io.RawIOBase ---------------------------------------------------------------------------
     def readable(self) -> bool:
@@ -128,7 +146,7 @@ class RemoteFile(io.RawIOBase):
                 if self._spos >= self._send:
                     self._drop()
                 return n
-            except (FileNotFoundError, PermissionError, RemoteReadError):
+            except (FileNotFoundError, PermissionError, RemoteReadError):  # ObjectChanged too
                 raise
             except Exception as e:  # noqa: BLE001 - classified below; unknown errors are not retried
                 retry_after = self._classify(e)
@@ -182,6 +200,10 @@ class RemoteFile(io.RawIOBase):
             status, headers, body = self._get_s3(rng)
         else:
             status, headers, body = self._get_http(rng)
+        if status == 412:  # If-Match failed: another object now lives under this key
+            _close(body)
+            raise ObjectChanged(f"{self.url}: replaced while being read (ETag {self._etag} no longer "
+                                f"matches at byte {start}); the read is abandoned, not mixed")
         if status == 416:  # range past the end: only an empty object answers this at byte 0
             _close(body)
             if start == 0:
@@ -189,6 +211,9 @@ class RemoteFile(io.RawIOBase):
                 return
             raise _Retryable(f"416 for {rng}")
         m = _RANGE.match(headers.get("content-range", "") or "")
+        if status in (200, 206):
+            self._pin(headers, body, int(m.group(3)) if status == 206 and m and m.group(3) != "*"
+                      else int(headers.get("content-length", -1)) if status == 200 else None)
         if status == 206 and m:
             first, last = int(m.group(1)), int(m.group(2))
             if m.group(3) != "*":
@@ -212,15 +237,41 @@ class RemoteFile(io.RawIOBase):
             _close(body)
             raise _Retryable(f"unexpected answer {status} to {rng}")
 
+    def _pin(self, headers: Dict[str, str], body: Any, total: Optional[int]) -> None:
+        """Remember the first answer's object; refuse any later answer from another object."""
+        etag, modified = headers.get("etag") or None, headers.get("last-modified") or None
+        if not self._pinned:
+            self._etag, self._modified, self._pinned = etag, modified, True
+            if self.size is not None and total is not None and total != self.size:
+                _close(body)
+                raise ObjectChanged(f"{self.url}: {total} bytes, {self.size} expected (listed or "
+                                    f"given): replaced since")
+            return
+        why = (f"ETag {self._etag} became {etag}" if etag != self._etag else
+               f"Last-Modified {self._modified} became {modified}" if modified != self._modified else
+               f"size {self.size} became {total}" if total is not None and self.size is not None
+               and total != self.size else "")
+        if why:
+            _close(body)
+            raise ObjectChanged(f"{self.url}: replaced while being read ({why}); the read is abandoned, not mixed")
+
+    def _conditions(self) -> Dict[str, str]:
+        # A weak ETag (W/"...") never satisfies If-Match (RFC 9110 13.1.1: strong comparison);
+        # such an object is still pinned by comparing each answer's ETag above.
+        return {"If-Match": self._etag} if self._etag and not self._etag.startswith("W/") else {}
+
     def _get_s3(self, rng: str) -> tuple[int, Dict[str, str], Any]:
         from botocore.exceptions import ClientError  # lazy: boto3/urllib3 load on the first remote access, not at import
 
+        extra = {"IfMatch": v} if (v := self._conditions().get("If-Match")) else {}
         try:
-            r = s3_client(streaming=True).get_object(Bucket=self.url.host, Key=self.url.key, Range=rng)
+            r = s3_client(streaming=True).get_object(Bucket=self.url.host, Key=self.url.key, Range=rng, **extra)
         except ClientError as e:
             meta = e.response.get("ResponseMetadata", {})
             status = int(meta.get("HTTPStatusCode", 0) or 0)
             code = e.response.get("Error", {}).get("Code", "")
+            if status == 412 or code == "PreconditionFailed":
+                return 412, {}, None
             if status == 416 or code == "InvalidRange":
                 return 416, {}, None
             _raise_status(self.url, status, f"{code or status}", meta.get("HTTPHeaders"))
@@ -229,9 +280,10 @@ class RemoteFile(io.RawIOBase):
         return int(r["ResponseMetadata"].get("HTTPStatusCode", 200)), headers, r["Body"]
 
     def _get_http(self, rng: str) -> tuple[int, Dict[str, str], Any]:
-        r = http_pool().request("GET", self.url.http_url, headers={"Range": rng}, preload_content=False)
+        r = http_pool().request("GET", self.url.http_url, headers={"Range": rng, **self._conditions()},
+                                preload_content=False)
         headers = {k.lower(): v for k, v in r.headers.items()}
-        if r.status not in (200, 206, 416):
+        if r.status not in (200, 206, 412, 416):
             r.release_conn()
             _raise_status(self.url, r.status, str(r.status), headers)
         return r.status, headers, r
@@ -271,7 +323,21 @@ def open_remote(url: str | Url, size: Optional[int] = None, buffer: int = 1 << 2
     return io.BufferedReader(RemoteFile(url, size=size), buffer_size=buffer)
 
 
-def read_bytes(url: str | Url) -> bytes:
-    """The whole object, with the reader's retries."""
+def read_bytes(url: str | Url, max_bytes: Optional[int] = None) -> bytes:
+    """The whole object, with the reader's retries; `ObjectTooLarge` past `max_bytes`.
+
+    The cap is checked against the declared size before a byte is kept, and against what was
+    read (a server that sends more than it declared, or declares nothing, is cut at the cap).
+    """
     with RemoteFile(url) as f:
-        return f.readall()
+        if max_bytes is None:
+            return f.readall()
+        out = bytearray()
+        while len(out) <= max_bytes:
+            if f.size is not None and f.size > max_bytes:  # known after the first GET (1 MiB read)
+                raise ObjectTooLarge(f"{f.url}: {f.size} bytes, over the {max_bytes} byte cap for this object")
+            chunk = f.read(min(1 << 20, max_bytes + 1 - len(out)))
+            if not chunk:
+                return bytes(out)
+            out += chunk
+        raise ObjectTooLarge(f"{f.url}: more than the {max_bytes} byte cap for this object")

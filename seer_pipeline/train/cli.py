@@ -3,9 +3,10 @@
 Under torchrun, SLURM (srun) or submitit the rank comes from the environment
 (seer_pipeline.dist.setup.resolve_env). Run alone with `dist.nproc=N > 1`, it spawns N local
 ranks (fresh processes with RANK/WORLD_SIZE/... set), forwards SIGUSR2/SIGTERM/SIGINT to them and
-fails if any rank fails, killing the rest. Exit codes: 0 done, signals.PREEMPTED (75) saved on a
-signal (re-run the same command to resume), 1 error, 2 bad config, runlock.LOCKED_EXIT (73)
-another job holds run.dir (seer_pipeline.core.runlock; nothing in the folder was touched).
+fails if any rank fails, killing the rest. Exit codes: 0 done, exit_codes.PREEMPTED (75) saved
+on a signal (re-run the same command to resume), 1 error, exit_codes.USAGE (2) bad config,
+runlock.LOCKED_EXIT (73) another job holds run.dir (seer_pipeline.core.runlock; nothing in the
+folder was touched).
 """
 from __future__ import annotations
 
@@ -19,11 +20,13 @@ import time
 from typing import Sequence
 
 from seer_pipeline.config.base import ConfigError
-from seer_pipeline.config.train import load_train_config
+from seer_pipeline.config.train import check_resume_compatible, load_train_config
 from seer_pipeline.core import runlock
+from seer_pipeline.core.exit_codes import INTERRUPTED, PREEMPTED, USAGE
 from seer_pipeline.core.runlock import TOKEN_ENV
+from seer_pipeline.core.shard_check import is_pattern, local_shards_problem
 from seer_pipeline.dist.setup import DistEnvError, free_port, resolve_env
-from seer_pipeline.train.signals import INTERRUPTED, PREEMPTED, forward_signals
+from seer_pipeline.train.signals import forward_signals
 
 log = logging.getLogger("seer_pipeline.train.cli")
 
@@ -110,6 +113,46 @@ def spawn_local(argv: list[str], nproc: int, threads: int, grace_s: float = 15.0
     return 1
 
 
+def shards_problem(spec: str) -> str:
+    """Why data.shards cannot be read ('' when it can), checked before anything is started or
+    created: a missing folder would otherwise surface seconds later, on every rank, as a
+    resampled-mode complaint. Remote sets (s3://, https://) are left to the loader."""
+    problem = local_shards_problem(spec)
+    if problem or "://" in spec or not is_pattern(spec):
+        return problem
+    from seer_pipeline.shards.reader import expand_pattern  # torch-free
+
+    try:
+        paths = [sh.path for sh in expand_pattern(spec)]
+    except ValueError as e:
+        return f"data.shards={spec}: {e}"
+    bad = [p for p in paths if not os.access(p, os.R_OK)]
+    if bad:
+        return (f"data.shards={spec}: {len(bad)} of {len(paths)} shard file(s) missing or "
+                f"unreadable, first: {bad[0]}")
+    return ""
+
+
+def resume_problem(cfg) -> str:  # noqa: ANN001 - DictConfig
+    """Why this command cannot continue the run in run.dir ('' when it can or there is none).
+
+    Read from RUN/config.yaml (written at each start) once RUN/checkpoints/latest exists, in the
+    launcher: one line instead of the same refusal as a traceback from every rank."""
+    from omegaconf import OmegaConf
+
+    saved = os.path.join(cfg.run.dir, "config.yaml")
+    if not (os.path.exists(os.path.join(cfg.run.dir, "checkpoints", "latest"))
+            and os.path.exists(saved)):
+        return ""
+    try:
+        check_resume_compatible(OmegaConf.to_container(OmegaConf.load(saved)), cfg)
+    except ConfigError as e:
+        return str(e)
+    except (OSError, ValueError, KeyError, TypeError):  # unreadable: the trainer's own check decides
+        return ""
+    return ""
+
+
 def _lock_run_dir(cfg, denv, device) -> str:  # noqa: ANN001 - DictConfig, DistEnv, device
     """Rank 0 takes (or joins its launcher's) run folder lock; every rank learns the outcome.
 
@@ -146,6 +189,13 @@ def run_rank(cfg, denv) -> int:  # noqa: ANN001 - DictConfig, DistEnv
     Imports torch and the trainer stack here: `seer-train`'s parent process only spawns ranks."""
     import torch
 
+    from seer_pipeline.dist.parallelize import check_torch_version
+
+    try:  # before any process group: every rank refuses alike, with one line
+        check_torch_version()
+    except RuntimeError as e:
+        print(f"seer-train: {e}", file=sys.stderr)
+        return 2
     torch.set_num_threads(cfg.train.threads)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -169,6 +219,9 @@ def run_rank(cfg, denv) -> int:  # noqa: ANN001 - DictConfig, DistEnv
         from seer_pipeline.train.trainer import Trainer
 
         return Trainer(cfg, denv, device).train()
+    except ConfigError as e:  # e.g. a resume the checkpoint refuses: the message is the story
+        log.error("rank %d: %s", denv.rank, e)
+        return USAGE
     except KeyboardInterrupt:  # Ctrl-C before the trainer's handlers were installed: one line
         print(f"seer-train: rank {denv.rank}: interrupted before training started; nothing "
               "saved", file=sys.stderr)
@@ -213,11 +266,15 @@ def _main(argv: Sequence[str] | None) -> int:
         denv = resolve_env()
     except (ConfigError, DistEnvError) as e:
         print(f"seer-train: {e}", file=sys.stderr)
-        return 2
+        return USAGE
     if not cfg.data.shards:
         print("seer-train: data.shards is empty: pass data.shards=DIR (a `seer-shards build` output "
               "folder) or a shard pattern", file=sys.stderr)
-        return 2
+        return USAGE
+    problem = shards_problem(cfg.data.shards) or resume_problem(cfg)
+    if problem:  # before the run folder, its lock or any rank exists
+        print(f"seer-train: {problem}", file=sys.stderr)
+        return USAGE
     if denv.source == "single" and cfg.dist.nproc > 1:
         token = ""
         if cfg.run.lock:  # the launcher holds the lock for its ranks, before any of them starts

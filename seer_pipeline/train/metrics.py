@@ -16,41 +16,37 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
+from seer_pipeline.core import metrics_file
 from seer_pipeline.core.io_utils import atomic_write_text
 
 log = logging.getLogger(__name__)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Parse metrics.jsonl, ignoring a torn last line (a kill -9 mid-write)."""
-    out = []
-    p = Path(path)
-    if not p.exists():
-        return out
-    lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
-    for i, line in enumerate(lines):
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            # The last line may be half-written (the trainer is appending, or was killed):
-            # expected, so silent. Anywhere else it is damage worth a warning.
-            if i != len(lines) - 1:
-                log.warning("ignoring an unreadable line in %s: %.80s", p, line)
-    return out
+    """Records of metrics.jsonl: objects with an integer `step`. A torn last line (a kill -9
+    mid-write) is ignored silently; any other bad line is skipped with one warning
+    (core.metrics_file says what counts as bad)."""
+    parsed = metrics_file.read_records(path)
+    if parsed.skipped:
+        log.warning("%s", parsed.summary(str(path)))
+    return parsed.rows
 
 
 def truncate_metrics(path: str | Path, last_step: int) -> int:
-    """Keep only lines with step <= last_step; returns how many lines were dropped."""
+    """Keep only records with step <= last_step; returns how many records were dropped.
+
+    Unreadable lines never stop a resume: they are dropped from the file with one warning."""
     p = Path(path)
-    if not p.exists():
-        return 0
-    rows = read_metrics(p)
-    keep = [r for r in rows if int(r.get("step", -1)) <= last_step]
-    dropped = len(rows) - len(keep)
+    parsed = metrics_file.read_records(p)
+    if parsed.raw is None and not parsed.skipped:
+        return 0  # no file yet
+    if parsed.skipped:
+        log.warning("%s; removing them so the run can resume", parsed.summary(str(p)))
+    keep = [r for r in parsed.rows if r["step"] <= last_step]
     text = "".join(json.dumps(r) + "\n" for r in keep)
-    if text != p.read_text():
+    if parsed.raw is None or text.encode() != parsed.raw:
         atomic_write_text(p, text)
-    return dropped
+    return len(parsed.rows) - len(keep)
 
 
 class Throughput:
@@ -87,6 +83,9 @@ class Throughput:
 def format_eta(seconds: float) -> str:
     s = int(round(seconds))
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+CONSOLE_KEYS = ("loss", "lr")  # besides step, img/s and ETA
 
 
 class MetricsLogger:
@@ -141,8 +140,9 @@ class MetricsLogger:
                 head += f" {row['img_s']:.1f} img/s"
             if isinstance(row.get("eta_s"), (int, float)):
                 head += f" ETA {format_eta(row['eta_s'])}"
-            shown = " ".join(_fmt(k, v) for k, v in row.items()
-                             if k not in ("step", "img_s", "eta_s"))
+            # The console keeps to what a person watches; every other value (timings, data
+            # counters, memory, SwAV statistics) is in metrics.jsonl and TensorBoard.
+            shown = " ".join(_fmt(k, row[k]) for k in CONSOLE_KEYS if k in row)
             log.info("%s %s", head, shown)
 
     def close(self) -> None:

@@ -5,9 +5,11 @@ it: per parameter, trust = eta * ||w|| / (||g|| + wd * ||w|| + eps), g <- (g + w
 then buf <- m * buf + g, w <- w - lr * buf.
 
 Under FSDP2 each rank holds a dim-0 shard (a DTensor), and `to_local().norm()` is the norm of the
-shard only (measured on 2 gloo ranks: 3.04 vs 4.24 for the whole tensor). We sum the squares of the local shards in float64
-for every parameter, all-reduce them in ONE collective over the mesh dimensions each parameter
-is sharded on, and take the square root: the trust ratio then equals the single-process one.
+shard only (measured on 2 gloo ranks: 3.04 vs 4.24 for the whole tensor). One foreach norm
+(fp64 accumulation) covers every local shard; their squares are all-reduced in ONE collective
+over the mesh dimensions each parameter is sharded on, and the square root taken: the trust ratio
+then equals the single-process one. The ratios are computed on the device, so a step reads
+nothing back to the host (it did once per parameter before issue 20).
 
 `set_state_dict` (DCP) initialises optimizer state by stepping with zero gradients and lr 0, so
 a zero parameter or gradient norm must not divide by zero: the trust ratio is then 1.
@@ -37,22 +39,27 @@ def _shard_groups(p: torch.Tensor) -> tuple[Any, ...]:
     return tuple(mesh.get_group(i) for i, pl in enumerate(p.placements) if isinstance(pl, Shard))
 
 
-def full_sq_norms(tensors: list[torch.Tensor], groups: list[tuple[Any, ...]]) -> torch.Tensor:
-    """float64 squared norms of whole (possibly sharded) tensors, one all-reduce per group set."""
-    # On the parameters' device, which is the one their mesh's groups serve (dist.setup's rule).
-    sq = torch.stack([_local(t).detach().double().pow(2).sum() for t in tensors]) if tensors \
-        else torch.zeros(0, dtype=torch.float64, device="cpu")  # nothing to reduce
+def full_norms(tensors: list[torch.Tensor], groups: list[tuple[Any, ...]]) -> torch.Tensor:
+    """float64 norms of whole (possibly sharded) tensors, as one tensor on their device.
+
+    One `_foreach_norm` over the local shards (fp64 accumulation, no fp64 copy of the shards on
+    CUDA's fused kernel), then one all-reduce of the squared local norms per set of groups.
+    Nothing is read back to the host.
+    """
+    if not tensors:
+        return torch.zeros(0, dtype=torch.float64)
+    local = torch.stack(torch._foreach_norm([_local(t).detach() for t in tensors], 2,
+                                            dtype=torch.float64))
     by_groups: dict[tuple[Any, ...], list[int]] = {}
     for i, g in enumerate(groups):
-        by_groups.setdefault(g, []).append(i)
+        if g:  # unsharded: the local norm is the norm
+            by_groups.setdefault(g, []).append(i)
     for gs, idx in by_groups.items():
-        if not gs:
-            continue
-        part = sq[idx].clone()
+        part = local[idx].pow(2)
         for g in gs:
             dist.all_reduce(part, op=dist.ReduceOp.SUM, group=g)
-        sq[idx] = part
-    return sq
+        local[idx] = part.sqrt()
+    return local
 
 
 class LARS(torch.optim.Optimizer):
@@ -94,15 +101,20 @@ class LARS(torch.optim.Optimizer):
             tensors += [p, p.grad]
             sg = _shard_groups(p)
             groups += [sg, sg]
-        sq = full_sq_norms(tensors, groups)
-        norms = sq.sqrt()
-        trust_of: dict[int, float] = {}
-        for i, (grp, p) in enumerate(lars_items):
-            w_norm, g_norm = float(norms[2 * i]), float(norms[2 * i + 1])
-            if w_norm > 0 and g_norm > 0:
-                trust_of[id(p)] = grp["trust"] * w_norm / (g_norm + grp["weight_decay"] * w_norm + _EPS)
-            else:
-                trust_of[id(p)] = 1.0  # apex: leave the gradient as is (0/0 guard)
+        norms = full_norms(tensors, groups)
+        # Trust ratios stay on the device: no host sync per parameter (the fp64 arithmetic is
+        # the same as with Python floats, and `mul_` rounds the ratio to the gradient's dtype
+        # exactly as it rounds a Python float).
+        trust_of: dict[int, torch.Tensor] = {}
+        if lars_items:
+            w_n, g_n = norms[0::2], norms[1::2]
+            eta = torch.tensor([grp["trust"] for grp, _ in lars_items], dtype=torch.float64, device=norms.device)
+            wd = torch.tensor([grp["weight_decay"] for grp, _ in lars_items], dtype=torch.float64,
+                              device=norms.device)
+            # apex's 0/0 guard: a zero weight or gradient norm leaves the gradient as is.
+            trust = torch.where((w_n > 0) & (g_n > 0), eta * w_n / (g_n + wd * w_n + _EPS),
+                                torch.ones_like(w_n))
+            trust_of = {id(p): t for (_, p), t in zip(lars_items, trust.unbind())}
         for grp, p in items:
             lr = float(grp["lr"])
             w, g = _local(p), _local(p.grad)

@@ -2,11 +2,23 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from seer_pipeline.train.metrics import read_metrics
+
+
+def _num(v: object) -> float | None:
+    """A plottable number, or None: lines of a run folder may hold anything (issue #24)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:  # a 400-digit integer
+        return None
+    return f if math.isfinite(f) else None
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -23,15 +35,15 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
     for ax, key, label in zip(axes, ("loss", "lr", "img_s"), ("SwAV loss", "learning rate", "images/s")):
-        pts = [(s, r[key]) for s, r in zip(steps, rows) if isinstance(r.get(key), (int, float))]
+        pts = [(s, v) for s, r in zip(steps, rows) if (v := _num(r.get(key))) is not None]
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     for r in rows:
-        if "resumed_from" in r:
+        if (at := _num(r.get("resumed_from"))) is not None:
             for ax in axes:
-                ax.axvline(r["resumed_from"], color="grey", ls="--", lw=0.8)
+                ax.axvline(at, color="grey", ls="--", lw=0.8)
     axes[-1].set_xlabel("step")
     axes[0].set_title(f"{Path(run_dir).name}: {len(rows)} steps (dashed: resumes)")
     fig.tight_layout()
@@ -47,6 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("run")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if not Path(args.run).is_dir():  # not "no rows to plot": there is no run at all
+        print(f"seer-plot: no such folder: {args.run}", file=sys.stderr)
+        return 1
     try:
         print(plot_run(args.run, args.out))
     except (OSError, ValueError) as e:

@@ -1,8 +1,7 @@
-"""What a run folder records about where it ran: provenance.json and requeues.json.
+"""What a run folder records about where it ran: RUN/provenance.json, one entry per start.
 
-This module is the one writer of RUN/requeues.json ({"count", "history"}): the trainer's own
-requeue after a preemption save and the launcher's requeue before training started
-(launch.job) both book through `book_requeue`. Torch-free at import (the launcher reads it).
+(RUN/requeues.json, the requeue book, lives with `scontrol requeue` in seer_pipeline.core.requeue.)
+Torch-free at import.
 """
 from __future__ import annotations
 
@@ -90,66 +89,3 @@ def record_start(run_dir: Path, world_size: int, threads: int, resumed_from: int
     data.setdefault("starts", []).append(entry)
     data.update({k: v for k, v in entry.items() if k != "resumed_from"})  # latest at top level
     atomic_write_json(path, data)
-
-
-REQUEUES = "requeues.json"
-
-
-def read_requeues(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """RUN/requeues.json as {"count": n, "history": [...]}; absent gives an empty record, and a
-    truncated or foreign one too, with one warning line (a preemption must still requeue)."""
-    path = Path(run_dir) / REQUEUES
-    empty: dict[str, Any] = {"count": 0, "history": []}
-    if not path.exists():
-        return empty
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        log.warning("%s unreadable (%s); counting requeues from 0", path, type(e).__name__)
-        return empty
-    if (not isinstance(data, dict) or not isinstance(data.get("count", 0), int)
-            or isinstance(data.get("count"), bool) or not isinstance(data.get("history", []), list)):
-        log.warning("%s is not a requeue record; counting requeues from 0", path)
-        return empty
-    data.setdefault("count", 0)
-    data.setdefault("history", [])
-    return data
-
-
-def book_requeue(run_dir: str | os.PathLike, entry: dict[str, Any], requeued: bool) -> dict[str, Any]:
-    """Append one requeue decision to RUN/requeues.json (atomically); count it if it requeued."""
-    data = read_requeues(run_dir)
-    data["history"].append({**entry, "requeued": bool(requeued)})
-    if requeued:
-        data["count"] += 1
-    atomic_write_json(Path(run_dir) / REQUEUES, data)
-    return data
-
-
-def requeue_job(run_dir: Path, max_requeues: int, step: int, reason: str) -> bool:
-    """Under SLURM, `scontrol requeue` this job unless `max_requeues` is used up.
-
-    Counts live in RUN/requeues.json ({"count", "history"}) so the cap survives requeues.
-    """
-    job = os.environ.get("SLURM_JOB_ID")
-    if not job:
-        log.info("not under SLURM: exiting after the save; re-run the same command to resume")
-        return False
-    count = read_requeues(run_dir)["count"]
-    entry = {"time": time.time(), "step": step, "reason": reason, "job_id": job}
-    if count >= max_requeues:
-        log.error("requeue cap reached (%d of slurm.max_requeues=%d): not requeueing job %s; "
-                  "resubmit by hand to continue from step %d", count, max_requeues, job, step)
-        book_requeue(run_dir, entry, requeued=False)
-        return False
-    try:
-        res = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
-        ok, err = res.returncode == 0, res.stderr.strip()
-    except (OSError, subprocess.SubprocessError) as e:
-        ok, err = False, str(e)
-    data = book_requeue(run_dir, entry, requeued=ok)
-    if ok:
-        log.warning("requeued SLURM job %s (%d of %d)", job, data["count"], max_requeues)
-    else:
-        log.error("scontrol requeue %s failed: %s", job, err)
-    return ok

@@ -16,14 +16,12 @@ import time
 from types import FrameType
 from typing import Any, Callable
 
-from seer_pipeline.core.exit_codes import PREEMPTED  # noqa: F401  (re-exported: the trainer's exit code)
-
+from seer_pipeline.core.exit_codes import INTERRUPTED
 log = logging.getLogger(__name__)
 
 HANDLED_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 # Ctrl-C is a preemption too (save at the next step, exit 75); a second one aborts at once.
 # 130 = 128 + SIGINT, what a shell reports for a process stopped by Ctrl-C.
-INTERRUPTED = 130
 
 
 class PreemptionFlag:

@@ -1,7 +1,7 @@
 """The SwAV pretraining loop: components are built here, policies live in the components.
 
 `Trainer(cfg, denv).train()` returns an exit code: 0 when `train.steps` are done, PREEMPTED
-(seer_pipeline.train.signals) after a signal-triggered save. Per step: lr from the precomputed
+(seer_pipeline.core.exit_codes) after a signal-triggered save. Per step: lr from the precomputed
 schedule (an index), prototypes normalised, multi-crop forward, SwAV loss, backward, one tiny
 all-reduce carrying [loss, non-finite flag, preemption flag], prototype freeze, LARS step,
 metrics, then the checkpointer decides whether to save.
@@ -29,7 +29,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from seer_pipeline.checkpoint.checkpointer import Checkpointer
-from seer_pipeline.config.base import save_config
+from seer_pipeline.config.base import parse_saved_config, save_config
+from seer_pipeline.core.exit_codes import PREEMPTED
+from seer_pipeline.core.requeue import requeue_job
 from seer_pipeline.config.train import check_resume_compatible
 from seer_pipeline.data.loader import build_loader
 from seer_pipeline.dist.parallelize import (
@@ -40,6 +42,7 @@ from seer_pipeline.dist.parallelize import (
     unwrap,
 )
 from seer_pipeline.dist.setup import DistEnv, wait_for_peers
+from seer_pipeline.models.materialize import load_full_state_, materialize
 from seer_pipeline.models.dino import build_dino_model
 from seer_pipeline.models.swav import build_model
 from seer_pipeline.train.objective import DINOObjective, SwAVObjective
@@ -51,8 +54,9 @@ from seer_pipeline.train.optim import (
     lr_schedule,
     peak_lr,
 )
-from seer_pipeline.train.provenance import record_start, requeue_job
-from seer_pipeline.train.signals import PREEMPTED, PreemptionFlag
+from seer_pipeline.train.provenance import record_start
+from seer_pipeline.train.signals import PreemptionFlag
+from seer_pipeline.train.speed import apply_cudnn, speed_switches
 from seer_pipeline.train.state import ModelState, OptimState, Progress, RNGState
 from seer_pipeline.weights import load_trunk_state
 
@@ -89,23 +93,27 @@ class Trainer:
         self.cfg, self.denv, self.device = cfg, denv, device
         self.rank, self.world = denv.rank, denv.world_size
         self.run_dir = Path(cfg.run.dir)
+        self.speed = speed_switches(device.type, bool(cfg.train.deterministic),
+                                    bool(cfg.model.channels_last), bool(cfg.data.pin_memory))
+        apply_cudnn(self.speed)
         plan = ParallelPlan.from_config(cfg.parallel, cfg.train.precision)
         mesh = build_mesh(plan, device.type, self.world, denv.local_world_size)
-        model = self._build(cfg)
-        self.model = parallelize(model, plan, mesh, device, denv.local_world_size)
+        model = self._meta_model(cfg)
+        self.model = self._place(model, plan, mesh, device)
         self.inner = unwrap(self.model)
         teacher = None
         if cfg.train.objective == "dino":
             # The same builder and seed: the teacher starts equal to the student (DINO's
             # initialisation), and is sharded into the same units so EMA works shard by shard.
-            teacher = self._build(cfg).requires_grad_(False)
-            teacher = parallelize(teacher, plan, mesh, device, denv.local_world_size)
+            teacher = self._place(self._meta_model(cfg).requires_grad_(False), plan, mesh, device)
         self.optimizer = LARS(
             build_param_groups(model, cfg.optim.lars_exclude_bn_bias), lr=0.0,
             momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay, trust=cfg.optim.lars_trust,
         )
         torch.manual_seed(cfg.run.seed + 1000 * self.rank + 1)  # per-rank stream from here on
-        self.loader = build_loader(OmegaConf.to_object(cfg.data), self.rank, self.world)
+        data_cfg = OmegaConf.to_object(cfg.data)
+        data_cfg.pin_memory = self.speed.pin_memory  # CUDA: async host-to-device copies
+        self.loader = build_loader(data_cfg, self.rank, self.world)
         self.global_batch = cfg.data.batch_size * self.world
         self.total = cfg.optim.total_steps or cfg.train.steps
         self.schedule = lr_schedule(
@@ -138,15 +146,30 @@ class Trainer:
         if teacher is not None:
             self.ckpt.before_save(lambda: average_bn_stats(teacher))
 
-    @staticmethod
-    def _build(cfg: DictConfig) -> nn.Module:
-        torch.manual_seed(cfg.run.seed)  # identical init on every rank (fully_shard does not broadcast)
-        model = build_dino_model(cfg) if cfg.train.objective == "dino" else build_model(cfg)
-        if cfg.init.weights:
-            sd = load_trunk_state(cfg.init.weights, cfg.model.trunk)  # any format, shape-checked
-            model.trunk.load_state_dict(sd, strict=True)
-            log.info("warm start: trunk weights from %s", cfg.init.weights)
+    def _meta_model(self, cfg: DictConfig) -> nn.Module:
+        """Built on the meta device, sharded, then each rank writes only its rows: no rank ever
+        holds the whole fp32 model (seer_10b: 37 GB). Values are those of the unsharded model
+        for the same seed at any world size (models.materialize)."""
+        with torch.device("meta"):
+            model = build_dino_model(cfg) if cfg.train.objective == "dino" else build_model(cfg)
+        model.channels_last = self.speed.channels_last
         return model
+
+    def _place(self, model: nn.Module, plan: ParallelPlan, mesh: Any, device: torch.device) -> nn.Module:
+        sharded = plan.fsdp != "none" and mesh is not None
+        if not sharded:  # DDP broadcasts real values at construction: materialize first
+            self._materialize(model, device)
+        out = parallelize(model, plan, mesh, device, self.denv.local_world_size)
+        if sharded:
+            self._materialize(model, device)
+        return out
+
+    def _materialize(self, model: nn.Module, device: torch.device) -> None:
+        materialize(model, device, int(self.cfg.run.seed))
+        if self.cfg.init.weights:
+            sd = load_trunk_state(self.cfg.init.weights, self.cfg.model.trunk)  # any format, shape-checked
+            load_full_state_(model.trunk, sd)  # each rank keeps its rows
+            log.info("warm start: trunk weights from %s", self.cfg.init.weights)
 
     @property
     def step(self) -> int:
@@ -158,7 +181,7 @@ class Trainer:
 
     # -- checkpoint state ---------------------------------------------------------------------
     def _check_config(self, meta: dict[str, Any]) -> None:
-        changed = check_resume_compatible(OmegaConf.to_container(OmegaConf.create(meta["config_yaml"])),
+        changed = check_resume_compatible(parse_saved_config(meta["config_yaml"], "checkpoint config"),
                                           self.cfg)
         if changed:
             log.info("config keys changed on resume (allowed): %s", ", ".join(changed))

@@ -12,6 +12,7 @@ import argparse
 import io
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -21,11 +22,12 @@ from omegaconf import OmegaConf
 from torch.distributed.checkpoint.api import CheckpointException
 
 from seer_pipeline.checkpoint import integrity, safe_dcp
-from seer_pipeline.checkpoint.checkpointer import (
+from seer_pipeline.checkpoint.layout import (
     CheckpointError,
     find_resumable,
     verify_step_dir,
 )
+from seer_pipeline.config.base import ConfigError, parse_saved_config
 from seer_pipeline.config.train import load_train_config
 from seer_pipeline.core.io_utils import atomic_write_bytes, atomic_write_json
 from seer_pipeline.core.safe_pickle import UnsafePickleError
@@ -54,7 +56,7 @@ def consolidate(run_or_step: str | Path, out: str | Path, step: int | None = Non
                                   + (f" for step {step}" if step is not None else ""))
     errors = []
     for _, path, meta in cands:  # newest first; a corrupt one falls back to the previous
-        saved = OmegaConf.to_container(OmegaConf.create(meta["config_yaml"]))
+        saved = parse_saved_config(meta["config_yaml"], f"{path}/meta.json config_yaml")
         cfg = OmegaConf.merge(load_train_config(None, []), saved)
         model, key = model_for(cfg, which)
         template = {key: model.state_dict()}
@@ -114,6 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--student", action="store_const", const="student", dest="which", default=None,
                        help="a DINO run's student instead of its teacher (the default)")
     args = ap.parse_args(argv)
+    src = args.src if args.cmd == "export" else args.run
+    if not os.path.exists(src):  # not "no complete checkpoint": there is nothing there at all
+        print(f"seer-ckpt {args.cmd}: no such folder or file: {src}", file=sys.stderr)
+        return 1
 
     try:
         if args.cmd == "export":
@@ -121,7 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                           args.vissl_layout, args.shards, args.which)
         else:
             info = consolidate(args.run, args.out, args.step, args.which)
-    except (CheckpointError, CheckpointException, WeightsFormatError, OSError, ValueError, KeyError) as e:
+    except (CheckpointError, CheckpointException, WeightsFormatError, ConfigError, OSError,
+            ValueError, KeyError) as e:
         print(f"seer-ckpt: {e}", file=sys.stderr)
         return 1
     print(json.dumps(info))

@@ -27,6 +27,7 @@ from seer_pipeline.weights.arch import (
     infer_arch,
     resolve_config,
 )
+from seer_pipeline.weights.check import check_finite, check_shapes
 from seer_pipeline.weights.keys import WeightsFormatError
 from seer_pipeline.weights.run import read_run
 from seer_pipeline.weights.vissl import (
@@ -204,9 +205,14 @@ def load_weights(src: str | Path, preset: Optional[str] = None, step: Optional[i
     cfg, name = resolve_config(arch, preset)
     if set(clf) - {"weight", "bias"}:
         raise WeightsFormatError(f"{src}: classifier keys {sorted(clf)}: expected weight, bias")
-    if clf and clf["weight"].shape[1] != arch.widths[-1]:
-        raise WeightsFormatError(f"{src}: classifier takes {clf['weight'].shape[1]} features, "
-                                 f"the trunk gives {arch.widths[-1]}")
+    if clf and (clf["weight"].dim() != 2 or clf["weight"].shape[1] != arch.widths[-1]
+                or tuple(clf.get("bias", clf["weight"][:, 0]).shape) != (clf["weight"].shape[0],)):
+        raise WeightsFormatError(f"{src}: classifier weight {tuple(clf['weight'].shape)} / bias "
+                                 f"{tuple(clf['bias'].shape) if 'bias' in clf else None} do not "
+                                 f"map the trunk's {arch.widths[-1]} features to classes")
+    check_shapes(trunk, cfg, str(src))  # every tensor, not only the kernels arch reads
+    for part, tensors in (("trunk", trunk), ("head", head), ("classifier", clf)):
+        check_finite(tensors, f"{src} ({part})")
     if skipped:
         notes.append(f"skipped {len(skipped)} VISSL head tensor(s) this project has no module for: "
                      f"{skipped[:4]}")

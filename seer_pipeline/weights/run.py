@@ -16,11 +16,12 @@ from omegaconf import OmegaConf
 from torch.distributed.checkpoint.api import CheckpointException
 
 from seer_pipeline.checkpoint import integrity, safe_dcp
-from seer_pipeline.checkpoint.checkpointer import (
+from seer_pipeline.checkpoint.layout import (
     CheckpointError,
     find_resumable,
     verify_step_dir,
 )
+from seer_pipeline.config.base import ConfigError, parse_saved_config
 from seer_pipeline.config.train import load_train_config
 from seer_pipeline.core.safe_pickle import UnsafePickleError
 from seer_pipeline.models.dino import build_dino_model
@@ -49,8 +50,8 @@ def model_for(cfg: Any, which: Optional[str] = None) -> tuple[torch.nn.Module, s
 
 
 def _read_one(path: Path, meta: dict[str, Any], which: Optional[str] = None) -> tuple[dict, dict, str]:
-    cfg = OmegaConf.merge(load_train_config(None, []),
-                          OmegaConf.to_container(OmegaConf.create(meta["config_yaml"])))
+    saved = parse_saved_config(meta["config_yaml"], f"{path}/meta.json config_yaml")
+    cfg = OmegaConf.merge(load_train_config(None, []), saved)
     with torch.device("meta"):
         model, key = model_for(cfg, which)
     model = model.to_empty(device="cpu")
@@ -82,6 +83,8 @@ def read_run(src: Path, step: Optional[int] = None, which: Optional[str] = None)
     for _, path, meta in cands:  # newest first
         try:
             return _read_one(path, meta, which)
+        except ConfigError:
+            raise  # a planted resolver: refuse outright rather than try older checkpoints
         except (integrity.IntegrityError, UnsafePickleError, CheckpointException, OSError,
                 RuntimeError, ValueError) as e:
             errors.append(f"{path}: {_one_line(e)}")

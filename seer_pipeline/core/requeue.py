@@ -1,0 +1,89 @@
+"""SLURM requeues, in one place: the requeue book RUN/requeues.json and `scontrol requeue`.
+
+The trainer's requeue after a preemption save (`requeue_job`, rank 0) and the launcher's
+requeue before training started (launch.job) both book through `book_requeue`, so the count
+that `slurm.max_requeues` caps survives requeues and has one record shape and one writer.
+`scontrol_requeue` is the only place the project runs `scontrol requeue`. In `core` so that
+both the trainer and the torch-free launcher can call it without crossing the layering
+(docs/architecture.md): train never imports launch, launch never imports train.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from seer_pipeline.core.io_utils import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+REQUEUES = "requeues.json"
+# `scontrol` talks to slurmctld; a hung controller must not hang a preemption save's exit.
+_SCONTROL_TIMEOUT_S = 60.0
+
+
+def read_requeues(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """RUN/requeues.json as {"count": n, "history": [...]}; absent gives an empty record, and a
+    truncated or foreign one too, with one warning line (a preemption must still requeue)."""
+    path = Path(run_dir) / REQUEUES
+    empty: dict[str, Any] = {"count": 0, "history": []}
+    if not path.exists():
+        return empty
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: `[[[[...` (issue #24)
+        log.warning("%s unreadable (%s); counting requeues from 0", path, type(e).__name__)
+        return empty
+    if (not isinstance(data, dict) or not isinstance(data.get("count", 0), int)
+            or isinstance(data.get("count"), bool) or not isinstance(data.get("history", []), list)):
+        log.warning("%s is not a requeue record; counting requeues from 0", path)
+        return empty
+    data.setdefault("count", 0)
+    data.setdefault("history", [])
+    return data
+
+
+def book_requeue(run_dir: str | os.PathLike, entry: dict[str, Any], requeued: bool) -> dict[str, Any]:
+    """Append one requeue decision to RUN/requeues.json (atomically); count it if it requeued."""
+    data = read_requeues(run_dir)
+    data["history"].append({**entry, "requeued": bool(requeued)})
+    if requeued:
+        data["count"] += 1
+    atomic_write_json(Path(run_dir) / REQUEUES, data)
+    return data
+
+
+def scontrol_requeue(job_id: str) -> tuple[bool, str]:
+    """`scontrol requeue JOB`: (accepted, slurmctld's message when not)."""
+    try:
+        res = subprocess.run(["scontrol", "requeue", str(job_id)], capture_output=True, text=True,
+                             timeout=_SCONTROL_TIMEOUT_S)
+    except (OSError, subprocess.SubprocessError) as e:
+        return False, str(e)
+    return res.returncode == 0, res.stderr.strip()
+
+
+def requeue_job(run_dir: str | os.PathLike, max_requeues: int, step: int, reason: str) -> bool:
+    """Under SLURM, `scontrol requeue` this job unless `max_requeues` is used up; booked either way."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        log.info("not under SLURM: exiting after the save; re-run the same command to resume")
+        return False
+    count = read_requeues(run_dir)["count"]
+    entry = {"time": time.time(), "step": step, "reason": reason, "job_id": job}
+    if count >= max_requeues:
+        log.error("requeue cap reached (%d of slurm.max_requeues=%d): not requeueing job %s; "
+                  "resubmit by hand to continue from step %d", count, max_requeues, job, step)
+        book_requeue(run_dir, entry, requeued=False)
+        return False
+    ok, err = scontrol_requeue(job)
+    data = book_requeue(run_dir, entry, requeued=ok)
+    if ok:
+        log.warning("requeued SLURM job %s (%d of %d)", job, data["count"], max_requeues)
+    else:
+        log.error("scontrol requeue %s failed: %s", job, err)
+    return ok
