@@ -64,8 +64,8 @@ class SwAVObjective:
             # full is read in the very first step after a resume.
             queue_scores = self.queue.scores(self.head.prototypes)
         loss, stats = swav.swav_loss(
-            scores.float(), len(views), c.crops_for_assign, c.temperature, c.epsilon, c.sinkhorn_iters,
-            queue_scores=queue_scores, compute_stats=log_now)
+            scores.float(), len(views), c.crops_for_assign, temperature=c.temperature, epsilon=c.epsilon,
+            n_iters=c.sinkhorn_iters, queue_scores=queue_scores, compute_stats=log_now)
         if self.queue is not None:
             b = views[0].shape[0]
             self.queue.push([emb[i * b:(i + 1) * b] for i in c.crops_for_assign], step)
