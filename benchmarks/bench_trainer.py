@@ -78,8 +78,8 @@ def bare_step(model, opt, views, cfg) -> torch.Tensor:
     """One SwAV step with no trainer around it (also gpu_check.py's timed step); the loss."""
     swav.normalize_prototypes(model.head)
     _, scores = model(views)
-    loss, _ = swav.swav_loss(scores, len(views), cfg.swav.crops_for_assign, cfg.swav.temperature,
-                             cfg.swav.epsilon, cfg.swav.sinkhorn_iters, compute_stats=False)
+    loss, _ = swav.swav_loss(scores, len(views), cfg.swav.crops_for_assign, temperature=cfg.swav.temperature,
+                             epsilon=cfg.swav.epsilon, n_iters=cfg.swav.sinkhorn_iters, compute_stats=False)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)

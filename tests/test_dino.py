@@ -111,7 +111,7 @@ def test_last_layer_is_weight_normalised_and_freezes() -> None:
     emb, logits = head(torch.randn(3, 8))
     assert emb.shape == (3, 4) and logits.shape == (3, 10) and logits.abs().max() <= 1 + 1e-5
     logits.sum().backward()
-    assert dino.cancel_last_layer_grads(head, 0, 5) and head.last_layer.weight.grad is None
+    assert dino.cancel_last_layer_grads(head, 0, 5) and head.prototypes.weight.grad is None
     assert head.projection[0].weight.grad is not None
     assert not dino.cancel_last_layer_grads(head, 5, 5)
 

@@ -63,6 +63,23 @@ class SwavConfig:
 
 
 @dataclass
+class DinoConfig:
+    # DINO (Caron et al. 2021) with DINOv2's options; used when train.objective=dino. The head
+    # reuses model.hidden_dims (MLP), model.out_dim (bottleneck) and model.n_prototypes (K).
+    centering: str = "sinkhorn"  # mean (DINO's EMA centre) | sinkhorn (DINOv2/v3: SwAV's Sinkhorn-Knopp)
+    global_crops: int = 2  # the first crops are global: the teacher sees only these (DINO: 2)
+    student_temperature: float = 0.1  # DINO
+    teacher_temperature: float = 0.07  # after warm-up (DINO appendix: 0.04 -> 0.07)
+    warmup_teacher_temperature: float = 0.04  # DINO
+    teacher_temperature_warmup_steps: int = 0  # linear warm-up length (DINO: 30 epochs)
+    center_momentum: float = 0.9  # mean centering's EMA (DINO)
+    sinkhorn_iters: int = 3  # DINOv2
+    teacher_momentum: float = 0.996  # EMA momentum at step 0, cosine to 1 (DINO)
+    freeze_last_layer_iters: int = 0  # last layer frozen this many steps (DINO: 1 epoch)
+    koleo_weight: float = 0.0  # KoLeo on the student's global-crop trunk features (DINOv2: 0.1)
+
+
+@dataclass
 class OptimConfig:
     base_lr: float = 0.3  # per 256 images; peak lr = base_lr * global_batch / 256 (SEER)
     warmup_steps: int = 8000  # SEER "warmup8k"
@@ -77,6 +94,7 @@ class OptimConfig:
 
 @dataclass
 class TrainLoopConfig:
+    objective: str = "swav"  # swav (SEER) | dino (self-distillation, section `dino`)
     steps: int = 1000  # optimizer steps of the run (may grow on resume)
     threads: int = 1  # torch intra-op threads per rank; changes results bitwise, so explicit
     # fp32 | bf16. bf16: FSDP2 bf16 parameters with fp32 reduction, BN and prototypes (autocast
@@ -131,6 +149,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     swav: SwavConfig = field(default_factory=SwavConfig)
+    dino: DinoConfig = field(default_factory=DinoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
@@ -147,6 +166,8 @@ RESUME_MUTABLE: tuple[str, ...] = (
     "train.threads",  # allowed, but the continuation is then not bitwise equal (warned)
 )
 _PRECISIONS = ("fp32", "bf16")
+_OBJECTIVES = ("swav", "dino")
+_CENTERINGS = ("mean", "sinkhorn")
 
 
 def _schema() -> DictConfig:
@@ -156,6 +177,14 @@ def _schema() -> DictConfig:
 def validate(cfg: DictConfig) -> None:
     """Reject values no component could use (cross-field checks included)."""
     errs = []
+    if cfg.train.objective not in _OBJECTIVES:
+        errs.append(f"train.objective must be one of {_OBJECTIVES}, got {cfg.train.objective!r}")
+    if cfg.dino.centering not in _CENTERINGS:
+        errs.append(f"dino.centering must be one of {_CENTERINGS}, got {cfg.dino.centering!r}")
+    n_crops = _n_crops(cfg)
+    if cfg.train.objective == "dino" and n_crops is not None and not 1 <= cfg.dino.global_crops < n_crops:
+        errs.append(f"dino.global_crops must be in 1..{n_crops - 1} (the crops the teacher sees), "
+                    f"got {cfg.dino.global_crops}")
     if cfg.train.precision not in _PRECISIONS:
         errs.append(f"train.precision must be one of {_PRECISIONS}, got {cfg.train.precision!r}"
                     + (" (fp16 is not supported: use bf16)" if cfg.train.precision == "fp16" else ""))
@@ -191,6 +220,10 @@ _BOUNDS: dict[str, tuple[float, bool]] = {
     "swav.epsilon": (0, False), "swav.temperature": (0, False), "swav.sinkhorn_iters": (1, True),
     "swav.freeze_prototypes_iters": (0, True), "swav.queue_length": (0, True),
     "swav.queue_start": (0, True), "model.out_dim": (1, True), "model.n_prototypes": (1, True),
+    "dino.student_temperature": (0, False), "dino.teacher_temperature": (0, False),
+    "dino.warmup_teacher_temperature": (0, False), "dino.teacher_temperature_warmup_steps": (0, True),
+    "dino.center_momentum": (0, True), "dino.sinkhorn_iters": (1, True), "dino.teacher_momentum": (0, True),
+    "dino.freeze_last_layer_iters": (0, True), "dino.koleo_weight": (0, True),
 }
 
 
@@ -204,6 +237,9 @@ def _range_errors(cfg: DictConfig) -> list[str]:
         errs.append(f"data.max_fail_fraction must be in [0, 1], got {cfg.data.max_fail_fraction}")
     if cfg.optim.momentum >= 1:
         errs.append(f"optim.momentum must be < 1, got {cfg.optim.momentum}")
+    for key in ("dino.center_momentum", "dino.teacher_momentum"):
+        if OmegaConf.select(cfg, key) > 1:
+            errs.append(f"{key} must be <= 1, got {OmegaConf.select(cfg, key)}")
     if any(h < 1 for h in cfg.model.hidden_dims):
         errs.append(f"model.hidden_dims must all be >= 1, got {list(cfg.model.hidden_dims)}")
     return errs

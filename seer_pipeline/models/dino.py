@@ -12,8 +12,11 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from omegaconf import DictConfig
 import torch.nn.functional as F
 from torch import nn
+
+from seer_pipeline.models.trunk import build_trunk
 
 
 class WeightNormLinear(nn.Module):
@@ -40,6 +43,9 @@ class WeightNormLinear(nn.Module):
 class DINOHead(nn.Module):
     """MLP (GELU) -> bottleneck -> L2 norm -> weight-normalised K-way layer.
 
+    The K-way layer (DINO's `last_layer`) is called `prototypes`, as in the SwAV head: it plays
+    the same part, and seer_pipeline.dist.parallelize keeps that unit in fp32 for both.
+
     dims=(in, hidden..., bottleneck). `forward` returns (the normalised bottleneck embeddings,
     float32 [N, bottleneck]; the logits, float32 [N, K]). Logits leave autocast: they feed a
     softmax at temperature 0.04, where bf16 rounding would dominate the teacher's targets.
@@ -56,7 +62,7 @@ class DINOHead(nn.Module):
             if i < len(dims) - 2:
                 layers.append(nn.GELU())
         self.projection = nn.Sequential(*layers)
-        self.last_layer = WeightNormLinear(dims[-1], n_prototypes)
+        self.prototypes = WeightNormLinear(dims[-1], n_prototypes)
         self.in_dim, self.out_dim, self.n_prototypes = dims[0], dims[-1], n_prototypes
         self.init_weights()
 
@@ -66,12 +72,12 @@ class DINOHead(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
-        self.last_layer.reset_parameters()
+        self.prototypes.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         emb = F.normalize(self.projection(x).float(), dim=1)
         with torch.autocast(emb.device.type, enabled=False):
-            return emb, self.last_layer(emb)
+            return emb, self.prototypes(emb)
 
 
 class DINOModel(nn.Module):
@@ -99,3 +105,11 @@ class DINOModel(nn.Module):
         f = torch.cat(feats)
         emb, logits = self.head(f)
         return f, emb, logits
+
+
+def build_dino_model(cfg: DictConfig) -> DINOModel:
+    """Student or teacher: the trunk, then model.hidden_dims -> model.out_dim (bottleneck) ->
+    model.n_prototypes outputs (DINO's 2048 -> 256 -> 65536 for ViTs; the presets say theirs)."""
+    trunk = build_trunk(cfg.model.trunk)
+    head = DINOHead([trunk.out_dim, *cfg.model.hidden_dims, cfg.model.out_dim], cfg.model.n_prototypes)
+    return DINOModel(trunk, head, cfg.model.channels_last)

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seer_pipeline.models.dino import WeightNormLinear
+
 _JUNK = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
 
 
@@ -36,6 +38,7 @@ def _local_and_offset(p: torch.Tensor) -> tuple[torch.Tensor, int]:
     """This rank's part of `p` and the global index of its first row (dim-0 sharding only)."""
     if not hasattr(p, "to_local"):  # a plain tensor: the rank holds all of it
         return p.data, 0
+    # Here only: a private torch module, loaded when a parameter really is a DTensor.
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
@@ -89,6 +92,9 @@ def _rules(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, Fill | float
             yield pre + "weight", m, "weight", _uniform(bound)
             if m.bias is not None:
                 yield pre + "bias", m, "bias", _uniform(bound)
+        elif isinstance(m, WeightNormLinear):  # DINO's last layer (models.dino): its rows are
+            # normalised in every forward, so only their direction matters; DINO draws N(0, 0.02).
+            yield pre + "weight", m, "weight", _normal(0.02)
         elif any(True for _ in m.parameters(recurse=False)):
             raise TypeError(f"no init rule for {type(m).__name__} at '{clean}'")
 

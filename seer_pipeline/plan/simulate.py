@@ -77,8 +77,8 @@ def _train_step(cfg: Any, model: Any, inner: Any, optimizer: Any, device: torch.
     swav.normalize_prototypes(inner.head)
     emb, scores = model(views)
     loss, _ = swav.swav_loss(
-        scores.float(), len(views), cfg.swav.crops_for_assign, cfg.swav.temperature,
-        cfg.swav.epsilon, cfg.swav.sinkhorn_iters, compute_stats=False)
+        scores.float(), len(views), cfg.swav.crops_for_assign, temperature=cfg.swav.temperature,
+        epsilon=cfg.swav.epsilon, n_iters=cfg.swav.sinkhorn_iters, compute_stats=False)
     loss.backward()
     with _ScalarReads():  # only where the trainer reads values: dispatch through it costs time
         packed = torch.tensor([float(loss.detach()), 0.0, 0.0], dtype=torch.float64, device=device)

@@ -124,7 +124,7 @@ def shards_problem(spec: str) -> str:
     problem = local_shards_problem(spec)
     if problem or "://" in spec or not is_pattern(spec):
         return problem
-    from seer_pipeline.shards.reader import expand_pattern  # torch-free
+    from seer_pipeline.shards.reader import expand_pattern  # torch-free; only for patterns
 
     try:
         paths = [sh.path for sh in expand_pattern(spec)]
@@ -142,7 +142,7 @@ def resume_problem(cfg) -> str:  # noqa: ANN001 - DictConfig
 
     Read from RUN/config.yaml (written at each start) once RUN/checkpoints/latest exists, in the
     launcher: one line instead of the same refusal as a traceback from every rank."""
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf  # loaded anyway by the config; kept with its only user here
 
     saved = os.path.join(cfg.run.dir, "config.yaml")
     if not (os.path.exists(os.path.join(cfg.run.dir, "checkpoints", "latest"))

@@ -185,7 +185,7 @@ def cancel_last_layer_grads(head: nn.Module, iteration: int, freeze_iters: int) 
     """Drop the last layer's gradients for the first iterations (DINO's freeze_last_layer)."""
     if iteration >= freeze_iters:
         return False
-    for p in head.last_layer.parameters():
+    for p in head.prototypes.parameters():
         p.grad = None
     return True
 

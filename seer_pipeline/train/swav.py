@@ -99,7 +99,7 @@ def _split_crops(scores: Union[torch.Tensor, Sequence[torch.Tensor]],
 
 def swav_loss(
     scores: Union[torch.Tensor, Sequence[torch.Tensor]], n_crops: int,
-    crops_for_assign: Sequence[int] = (0, 1), temperature: float = DEFAULT_TEMPERATURE,
+    crops_for_assign: Sequence[int] = (0, 1), *, temperature: float = DEFAULT_TEMPERATURE,
     epsilon: float = DEFAULT_EPSILON, n_iters: int = 3, group: Optional[ProcessGroup] = None,
     queue_scores: Optional[Sequence[Optional[torch.Tensor]]] = None, compute_stats: bool = True,
     queue: Optional["EmbeddingQueue"] = None, prototypes: Optional[nn.Module] = None,

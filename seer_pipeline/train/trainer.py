@@ -43,8 +43,9 @@ from seer_pipeline.dist.parallelize import (
 )
 from seer_pipeline.dist.setup import DistEnv, wait_for_peers
 from seer_pipeline.models.materialize import load_full_state_, materialize
-from seer_pipeline.models.swav import SwAVModel, build_model  # noqa: F401
-from seer_pipeline.train import swav
+from seer_pipeline.models.dino import build_dino_model
+from seer_pipeline.models.swav import build_model
+from seer_pipeline.train.objective import DINOObjective, SwAVObjective
 from seer_pipeline.train.metrics import MetricsLogger, Throughput
 from seer_pipeline.train.optim import (
     LARS,
@@ -92,25 +93,19 @@ class Trainer:
         self.cfg, self.denv, self.device = cfg, denv, device
         self.rank, self.world = denv.rank, denv.world_size
         self.run_dir = Path(cfg.run.dir)
-        torch.manual_seed(cfg.run.seed)
-        # Built on the meta device, sharded, then each rank writes only its rows: no rank ever
-        # holds the whole fp32 model (seer_10b: 37 GB). Values are those of the unsharded model
-        # for the same seed at any world size (models.materialize).
-        with torch.device("meta"):
-            model = build_model(cfg)
         self.speed = speed_switches(device.type, bool(cfg.train.deterministic),
                                     bool(cfg.model.channels_last), bool(cfg.data.pin_memory))
         apply_cudnn(self.speed)
-        model.channels_last = self.speed.channels_last
         plan = ParallelPlan.from_config(cfg.parallel, cfg.train.precision)
         mesh = build_mesh(plan, device.type, self.world, denv.local_world_size)
-        sharded = plan.fsdp != "none" and mesh is not None
-        if not sharded:  # DDP broadcasts real values at construction: materialize first
-            self._materialize(model, device)
-        self.model = parallelize(model, plan, mesh, device, denv.local_world_size)
-        if sharded:
-            self._materialize(model, device)
+        model = self._meta_model(cfg)
+        self.model = self._place(model, plan, mesh, device)
         self.inner = unwrap(self.model)
+        teacher = None
+        if cfg.train.objective == "dino":
+            # The same builder and seed: the teacher starts equal to the student (DINO's
+            # initialisation), and is sharded into the same units so EMA works shard by shard.
+            teacher = self._place(self._meta_model(cfg).requires_grad_(False), plan, mesh, device)
         self.optimizer = LARS(
             build_param_groups(model, cfg.optim.lars_exclude_bn_bias), lr=0.0,
             momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay, trust=cfg.optim.lars_trust,
@@ -124,11 +119,6 @@ class Trainer:
         self.schedule = lr_schedule(
             peak_lr(cfg.optim.base_lr, self.global_batch), self.total, cfg.optim.warmup_steps,
             cfg.optim.warmup_start_lr, cfg.optim.final_lr_ratio)
-        self.queue = None
-        if cfg.swav.queue_length > 0:
-            self.queue = swav.EmbeddingQueue(
-                cfg.swav.queue_length // self.world, cfg.model.out_dim,
-                len(cfg.swav.crops_for_assign), cfg.swav.queue_start).to(device)
         self.ckpt = Checkpointer(self.run_dir, cfg.ckpt, rank=self.rank, world_size=self.world,
                                  config_yaml=OmegaConf.to_yaml(cfg), timeout_s=cfg.dist.timeout_s)
         self.ckpt.before_save(lambda: average_bn_stats(self.model))
@@ -143,13 +133,36 @@ class Trainer:
         self.ckpt.register("loader", self.loader, per_rank=True,
                            summary=("rank", "outputs", "pads", "metrics"))
         self.ckpt.register("metrics", self.throughput, per_rank=True)
-        if self.queue is not None:
-            self.ckpt.register("queue", swav.QueueState(self.queue, self.rank, self.world), per_rank=True)
         self.flag = PreemptionFlag()
         # Sharded: FSDP2 casts per unit (parallelize). Unsharded: autocast does the same job.
         use_autocast = cfg.train.precision == "bf16" and not is_fsdp(self.model)
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_autocast
                          else nullcontext())
+        self.objective = (
+            DINOObjective(cfg, self.model, teacher, self.autocast, self.total, device)
+            if teacher is not None else
+            SwAVObjective(cfg, self.inner, self.autocast, self.rank, self.world, device))
+        self.objective.register(self.ckpt)
+        if teacher is not None:
+            self.ckpt.before_save(lambda: average_bn_stats(teacher))
+
+    def _meta_model(self, cfg: DictConfig) -> nn.Module:
+        """Built on the meta device, sharded, then each rank writes only its rows: no rank ever
+        holds the whole fp32 model (seer_10b: 37 GB). Values are those of the unsharded model
+        for the same seed at any world size (models.materialize)."""
+        with torch.device("meta"):
+            model = build_dino_model(cfg) if cfg.train.objective == "dino" else build_model(cfg)
+        model.channels_last = self.speed.channels_last
+        return model
+
+    def _place(self, model: nn.Module, plan: ParallelPlan, mesh: Any, device: torch.device) -> nn.Module:
+        sharded = plan.fsdp != "none" and mesh is not None
+        if not sharded:  # DDP broadcasts real values at construction: materialize first
+            self._materialize(model, device)
+        out = parallelize(model, plan, mesh, device, self.denv.local_world_size)
+        if sharded:
+            self._materialize(model, device)
+        return out
 
     def _materialize(self, model: nn.Module, device: torch.device) -> None:
         materialize(model, device, int(self.cfg.run.seed))
@@ -240,21 +253,8 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         views = [v.to(self.device, non_blocking=True) for v in views]
-        swav.normalize_prototypes(self.inner.head)
         log_now = (step + 1) % cfg.train.log_every == 0
-        with self.autocast:
-            emb, scores = self.model(views)
-        queue_scores = None
-        if self.queue is not None and self.queue.active(step):
-            # After the forward: FSDP2 must run the root first (lazy init), and a queue restored
-            # full is read in the very first step after a resume.
-            queue_scores = self.queue.scores(self.inner.head.prototypes)
-        loss, stats = swav.swav_loss(
-            scores.float(), len(views), cfg.swav.crops_for_assign, cfg.swav.temperature,
-            cfg.swav.epsilon, cfg.swav.sinkhorn_iters, queue_scores=queue_scores, compute_stats=log_now)
-        if self.queue is not None:
-            b = views[0].shape[0]
-            self.queue.push([emb[c * b:(c + 1) * b] for c in cfg.swav.crops_for_assign], step)
+        loss, stats, describe = self.objective.forward(self.model, views, step, log_now)
         loss.backward()
         # One collective per step, on the compute device (the group's): [sum of losses, ranks
         # with a non-finite loss, ranks signalled]. It is also how ranks agree on preemption.
@@ -266,21 +266,14 @@ class Trainer:
             dist.all_reduce(packed)
         loss_sum, n_bad, n_signalled = packed.tolist()  # the step's one host sync
         if n_bad > 0:
-            self._nonfinite(loss, scores, emb)
-        swav.cancel_prototype_grads(self.inner.head, step, cfg.swav.freeze_prototypes_iters)
+            raise NonFiniteLossError(
+                f"non-finite loss at step {self.step + 1} (local loss {float(loss.detach())} on rank "
+                f"{self.rank}; {describe()})")
+        self.objective.before_optimizer_step(step)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.objective.after_optimizer_step(step)
         values: dict[str, Any] = {"loss": loss_sum / self.world, "lr": lr}
         if log_now:
             values.update({k: float(v) for k, v in stats.items() if k != "loss"})
         return values, n_signalled > 0
-
-    def _nonfinite(self, loss: torch.Tensor, scores: torch.Tensor, emb: torch.Tensor) -> None:
-        s = scores.detach().float()
-        fin = s[torch.isfinite(s)]
-        desc = (f"scores min {fin.min():.4g} max {fin.max():.4g} mean {fin.mean():.4g}, "
-                f"{int((~torch.isfinite(s)).sum())} non-finite of {s.numel()}" if fin.numel()
-                else "all scores non-finite")
-        raise NonFiniteLossError(
-            f"non-finite loss at step {self.step + 1} (local loss {float(loss.detach())} on rank {self.rank}; "
-            f"{desc}; embedding norms {emb.detach().float().norm(dim=1).mean():.4g})")

@@ -31,14 +31,16 @@ from seer_pipeline.config.base import ConfigError, parse_saved_config
 from seer_pipeline.config.train import load_train_config
 from seer_pipeline.core.io_utils import atomic_write_bytes, atomic_write_json
 from seer_pipeline.core.safe_pickle import UnsafePickleError
-from seer_pipeline.models.swav import build_model
 from seer_pipeline.weights import WeightsFormatError, load_weights, save_weights
+from seer_pipeline.weights.run import model_for
 
 log = logging.getLogger(__name__)
 
 
-def consolidate(run_or_step: str | Path, out: str | Path, step: int | None = None) -> dict:
-    """Write the trunk weights of the newest loadable checkpoint (or `step`) to `out`."""
+def consolidate(run_or_step: str | Path, out: str | Path, step: int | None = None,
+                which: str | None = None) -> dict:
+    """Write the trunk weights of the newest loadable checkpoint (or `step`) to `out`; of a DINO
+    run, the teacher's unless `which="student"`."""
 
     src = Path(run_or_step)
     if src.is_file():  # a weights file in any format (timm, torchvision, VISSL): import it
@@ -56,8 +58,8 @@ def consolidate(run_or_step: str | Path, out: str | Path, step: int | None = Non
     for _, path, meta in cands:  # newest first; a corrupt one falls back to the previous
         saved = parse_saved_config(meta["config_yaml"], f"{path}/meta.json config_yaml")
         cfg = OmegaConf.merge(load_train_config(None, []), saved)
-        model = build_model(cfg)
-        template = {"model": model.state_dict()}
+        model, key = model_for(cfg, which)
+        template = {key: model.state_dict()}
         try:
             integrity.verify_hashes(path, meta)
             safe_dcp.load(template, path, no_dist=True)
@@ -68,13 +70,13 @@ def consolidate(run_or_step: str | Path, out: str | Path, step: int | None = Non
             log.warning("checkpoint %s not usable (%s); trying the previous one", path, e)
     else:
         raise CheckpointError("no loadable checkpoint: " + "; ".join(errors))
-    trunk = {k[len("trunk."):]: v.clone() for k, v in template["model"].items() if k.startswith("trunk.")}
+    trunk = {k[len("trunk."):]: v.clone() for k, v in template[key].items() if k.startswith("trunk.")}
     model.trunk.load_state_dict(trunk, strict=True)  # every key present and shaped right
 
     buf = io.BytesIO()
     torch.save(trunk, buf)
     atomic_write_bytes(out, buf.getvalue())
-    info = {"trunk": cfg.model.trunk, "step": int(meta["step"]), "source": str(path),
+    info = {"trunk": cfg.model.trunk, "step": int(meta["step"]), "source": str(path), "weights": key,
             "tensors": len(trunk), "params": sum(v.numel() for k, v in trunk.items()
                                                  if "running" not in k and "num_batches" not in k)}
     atomic_write_json(str(out) + ".json", info)
@@ -83,9 +85,9 @@ def consolidate(run_or_step: str | Path, out: str | Path, step: int | None = Non
 
 def export(src: str | Path, out: str | Path, fmt: str, preset: str | None = None,
            step: int | None = None, trunk_only: bool = False, vissl_layout: str = "consolidated",
-           shards: int = 1) -> dict:
+           shards: int = 1, which: str | None = None) -> dict:
     """Convert a run folder or a weights file in any format to `fmt` (see docs/weights.md)."""
-    ws = load_weights(src, preset, step)
+    ws = load_weights(src, preset, step, which)
     if trunk_only:
         ws.head, ws.classifier = {}, {}
     info = save_weights(ws, fmt, out, vissl_layout, shards)
@@ -110,6 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     x.add_argument("--trunk-only", action="store_true", help="drop the SwAV head and classifier")
     x.add_argument("--vissl-layout", default="consolidated", choices=("consolidated", "sharded", "sliced"))
     x.add_argument("--shards", type=int, default=1, help="shard files for --vissl-layout sharded")
+    for p in (c, x):  # DINO runs hold two models; DINO evaluates (and so exports) the teacher
+        p.add_argument("--student", action="store_const", const="student", dest="which", default=None,
+                       help="a DINO run's student instead of its teacher (the default)")
     args = ap.parse_args(argv)
     src = args.src if args.cmd == "export" else args.run
     if not os.path.exists(src):  # not "no complete checkpoint": there is nothing there at all
@@ -119,9 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.cmd == "export":
             info = export(args.src, args.out, args.format, args.trunk, args.step, args.trunk_only,
-                          args.vissl_layout, args.shards)
+                          args.vissl_layout, args.shards, args.which)
         else:
-            info = consolidate(args.run, args.out, args.step)
+            info = consolidate(args.run, args.out, args.step, args.which)
     except (CheckpointError, CheckpointException, WeightsFormatError, ConfigError, OSError,
             ValueError, KeyError) as e:
         print(f"seer-ckpt: {e}", file=sys.stderr)

@@ -169,13 +169,15 @@ def split_spec(src: str | Path) -> tuple[Optional[str], Path]:
     return None, Path(text)
 
 
-def load_weights(src: str | Path, preset: Optional[str] = None, step: Optional[int] = None) -> WeightSet:
-    """Weights from a run folder or a file in any format, checked against `preset` if given."""
+def load_weights(src: str | Path, preset: Optional[str] = None, step: Optional[int] = None,
+                 which: Optional[str] = None) -> WeightSet:
+    """Weights from a run folder or a file in any format, checked against `preset` if given.
+    `which`: teacher or student of a DINO run (default: the teacher)."""
     declared, src = split_spec(src)
     notes: list[str] = []
     skipped: list[str] = []
     if src.is_dir():
-        trunk, head, run_trunk = read_run(src, step)
+        trunk, head, run_trunk = read_run(src, step, which)
         fmt, clf = "run", {}
         preset = preset or run_trunk
     elif not src.is_file():

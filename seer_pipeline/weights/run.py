@@ -24,6 +24,7 @@ from seer_pipeline.checkpoint.layout import (
 from seer_pipeline.config.base import ConfigError, parse_saved_config
 from seer_pipeline.config.train import load_train_config
 from seer_pipeline.core.safe_pickle import UnsafePickleError
+from seer_pipeline.models.dino import build_dino_model
 from seer_pipeline.models.swav import build_model
 
 log = logging.getLogger(__name__)
@@ -36,22 +37,36 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}".replace("\n", " ")[:400]
 
 
-def _read_one(path: Path, meta: dict[str, Any]) -> tuple[dict, dict, str]:
+def model_for(cfg: Any, which: Optional[str] = None) -> tuple[torch.nn.Module, str]:
+    """(a model of the run's shape, the checkpoint entry holding its weights). A DINO run's
+    weights are its teacher's, as DINO evaluates them, or the student's on request."""
+    if which not in (None, "teacher", "student"):
+        raise ValueError(f"which must be teacher or student, got {which!r}")
+    if cfg.train.objective == "dino":
+        return build_dino_model(cfg), ("model" if which == "student" else "teacher")
+    if which == "teacher":
+        raise CheckpointError("a SwAV run has no teacher (train.objective=swav): leave out --teacher")
+    return build_model(cfg), "model"
+
+
+def _read_one(path: Path, meta: dict[str, Any], which: Optional[str] = None) -> tuple[dict, dict, str]:
     saved = parse_saved_config(meta["config_yaml"], f"{path}/meta.json config_yaml")
     cfg = OmegaConf.merge(load_train_config(None, []), saved)
     with torch.device("meta"):
-        model = build_model(cfg)
+        model, key = model_for(cfg, which)
     model = model.to_empty(device="cpu")
-    template = {"model": model.state_dict()}
+    template = {key: model.state_dict()}
     integrity.verify_hashes(path, meta)  # before DCP opens anything
     safe_dcp.load(template, path, no_dist=True)
-    sd = template["model"]
+    sd = template[key]
     trunk = {k[len("trunk."):]: v for k, v in sd.items() if k.startswith("trunk.")}
-    head = {k[len("head."):]: v for k, v in sd.items() if k.startswith("head.")}
+    # Only a SwAV head has a place in the export formats (VISSL's swav head); DINO's goes.
+    head = ({k[len("head."):]: v for k, v in sd.items() if k.startswith("head.")}
+            if cfg.train.objective == "swav" else {})
     return trunk, head, str(cfg.model.trunk)
 
 
-def read_run(src: Path, step: Optional[int] = None) -> tuple[dict, dict, str]:
+def read_run(src: Path, step: Optional[int] = None, which: Optional[str] = None) -> tuple[dict, dict, str]:
     """(trunk state, head state, trunk name) from a run folder or a step_XXXXXXXXX folder.
 
     A step folder that fails its checks is refused; in a run folder a checkpoint that fails
@@ -67,7 +82,7 @@ def read_run(src: Path, step: Optional[int] = None) -> tuple[dict, dict, str]:
     errors = []
     for _, path, meta in cands:  # newest first
         try:
-            return _read_one(path, meta)
+            return _read_one(path, meta, which)
         except ConfigError:
             raise  # a planted resolver: refuse outright rather than try older checkpoints
         except (integrity.IntegrityError, UnsafePickleError, CheckpointException, OSError,
