@@ -38,7 +38,7 @@ from seer_pipeline.eval import features  # noqa: E402
 from seer_pipeline.eval.knn import knn_topk  # noqa: E402
 from seer_pipeline.eval.linear_sgd import SGDConfig, train_sgd_linear  # noqa: E402
 from seer_pipeline.eval.sources import EvalTransform, open_source  # noqa: E402
-from seer_pipeline.eval.stream import extract_features, to_input  # noqa: E402
+from seer_pipeline.eval.feature_stream import extract_features, to_input  # noqa: E402
 
 
 def make_shards(out: Path, n: int, per_shard: int = 5000, side: int = 256, distinct: int = 500) -> str:

@@ -46,9 +46,9 @@ def measure(preset: str, world: int, mode: str, overrides: list[str], rank: int 
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from seer_pipeline.config.train import load_train_config
-    from seer_pipeline.dist.parallelize import ParallelPlan, build_mesh, parallelize
+    from seer_pipeline.distributed.parallelize import ParallelPlan, build_mesh, parallelize
     from seer_pipeline.models.materialize import local_bytes, materialize
-    from seer_pipeline.models.swav import build_model
+    from seer_pipeline.models.swav_head import build_model
 
     cfg = load_train_config(preset, overrides)
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)

@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from seer_pipeline.train import swav  # noqa: E402
 from seer_pipeline.train.optim import LARS  # noqa: E402
-from seer_pipeline.dist.testing import run_distributed  # noqa: E402
+from seer_pipeline.distributed.testing import run_distributed  # noqa: E402
 
 BIG = ("regnety_1.6gf", 128, 96, 4)  # trunk, big crop, small crop, per-rank batch
 TINY = ("cpu_tiny", 28, 16, 16)
@@ -87,9 +87,9 @@ def bare_step(model, opt, views, cfg) -> torch.Tensor:
 
 
 def bench_overhead(shards: str, threads: int, blocks: int, per_block: int) -> dict:
-    from seer_pipeline.dist.setup import DistEnv
+    from seer_pipeline.distributed.setup import DistEnv
     from seer_pipeline.train.metrics import MetricsLogger
-    from seer_pipeline.models.swav import build_model
+    from seer_pipeline.models.swav_head import build_model
     from seer_pipeline.train.trainer import Trainer
 
     torch.set_num_threads(threads)
@@ -129,8 +129,8 @@ def bench_overhead(shards: str, threads: int, blocks: int, per_block: int) -> di
 
 def _step_worker(rank: int, world: int, spec: tuple, fsdp: str, steps: int, warm: int,
                  reshard: bool = True, blocks_per_unit: int = 1) -> dict:
-    from seer_pipeline.dist.parallelize import ParallelPlan, build_mesh, parallelize
-    from seer_pipeline.models.swav import build_model
+    from seer_pipeline.distributed.parallelize import ParallelPlan, build_mesh, parallelize
+    from seer_pipeline.models.swav_head import build_model
 
     idle = _idle_mb()  # torch imported, process group up, no model yet
     trunk, big, small, batch = spec
@@ -188,8 +188,8 @@ def _async_worker(rank: int, world: int, spec: tuple, steps: int, tmp: str) -> d
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     from seer_pipeline.checkpoint.checkpointer import Checkpointer, ckpt_config
-    from seer_pipeline.dist.parallelize import ParallelPlan, build_mesh, parallelize
-    from seer_pipeline.models.swav import build_model
+    from seer_pipeline.distributed.parallelize import ParallelPlan, build_mesh, parallelize
+    from seer_pipeline.models.swav_head import build_model
 
     trunk, big, small, batch = spec
     cfg = _cfg(trunk, big, small, batch)

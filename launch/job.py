@@ -113,7 +113,7 @@ class TrainJob:
     _requeue_requested: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __call__(self) -> dict[str, Any]:
-        from seer_pipeline.dist.setup import resolve_env  # lazy: imports torch, only inside the task
+        from seer_pipeline.distributed.setup import resolve_env  # lazy: imports torch, only inside the task
 
         log = _logger()
         started = time.time()

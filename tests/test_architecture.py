@@ -262,7 +262,7 @@ def test_models_have_no_parallelism_and_no_loop() -> None:
     # torchtitan's shape: model files know nothing of FSDP, DCP or the loop.
     bad = [f"{i.path}:{i.line} {i.target}" for i in IMPORTS if package_of(i.src) == "models"
            and (i.target.startswith(("torch.distributed.fsdp", "torch.distributed.checkpoint"))
-                or package_of(i.target) in {"train", "data", "dist", "checkpoint"})]
+                or package_of(i.target) in {"train", "data", "distributed", "checkpoint"})]
     assert not bad, bad
 
 
@@ -275,12 +275,12 @@ def test_function_level_imports_say_why() -> None:
 
 def test_the_scanner_sees_function_level_and_relative_imports() -> None:
     # Guards the guard: a known function-level import and the package-root rule are visible.
-    assert any(i.path == "launch/job.py" and i.in_function and i.target.startswith("seer_pipeline.dist")
+    assert any(i.path == "launch/job.py" and i.in_function and i.target.startswith("seer_pipeline.distributed")
                for i in IMPORTS)
     assert package_of("seer_pipeline.data.loader") == "data" and package_of("launch.job") == "launch"
     assert not _allowed("models", "seer_pipeline.train.trainer")
     assert _allowed("config", "seer_pipeline.data.config") and not _allowed("config", "seer_pipeline.data.loader")
-    assert ("launch", "dist") in FUNCTION_LEVEL_ONLY and "core" in ALLOWED and not ALLOWED["core"]
+    assert ("launch", "distributed") in FUNCTION_LEVEL_ONLY and "core" in ALLOWED and not ALLOWED["core"]
 
 
 def test_reason_check_rejects_directives_and_one_word_comments() -> None:

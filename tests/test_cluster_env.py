@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seer_pipeline.dist import setup
-from seer_pipeline.dist.setup import DistEnv, init_distributed, local_cuda_device
+from seer_pipeline.distributed import setup
+from seer_pipeline.distributed.setup import DistEnv, init_distributed, local_cuda_device
 
 
 def _fake_cuda(monkeypatch: pytest.MonkeyPatch, count: int) -> list[object]:
@@ -99,7 +99,7 @@ def test_templates_ask_for_seer_32gf_host_memory() -> None:
 def _slow_rank0_then_wait(rank: int, world: int, delay_s: float) -> float:
     import time
 
-    from seer_pipeline.dist.setup import wait_for_peers
+    from seer_pipeline.distributed.setup import wait_for_peers
 
     if rank == 0:
         time.sleep(delay_s)  # rank 0's commit + requeue
@@ -109,7 +109,7 @@ def _slow_rank0_then_wait(rank: int, world: int, delay_s: float) -> float:
 
 
 def test_no_rank_leaves_before_rank_0_arrives() -> None:
-    from seer_pipeline.dist.testing import run_distributed
+    from seer_pipeline.distributed.testing import run_distributed
 
     waited = run_distributed(_slow_rank0_then_wait, 2, 3.0, timeout=180)
     assert waited[1] >= 2.5, waited  # rank 1 waited out rank 0's 3 s commit
@@ -122,7 +122,7 @@ def _rank0_dies_then_wait(rank: int, world: int, out: str) -> None:
 
     import torch.distributed as dist
 
-    from seer_pipeline.dist.setup import wait_for_peers
+    from seer_pipeline.distributed.setup import wait_for_peers
 
     dist.barrier()
     if rank == 0:
@@ -142,7 +142,7 @@ def test_a_dead_rank_does_not_hold_its_peers_for_the_timeout(tmp_path) -> None:
     here); under srun, --kill-on-bad-exit ends the step even sooner."""
     import json
 
-    from seer_pipeline.dist.testing import DistributedTestError, run_distributed
+    from seer_pipeline.distributed.testing import DistributedTestError, run_distributed
 
     out = tmp_path / "rank1.json"
     with pytest.raises(DistributedTestError, match="rank 0: no result"):

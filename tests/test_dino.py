@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from seer_pipeline.dist.testing import run_distributed
-from seer_pipeline.models.dino import DINOHead, WeightNormLinear
+from seer_pipeline.distributed.testing import run_distributed
+from seer_pipeline.models.dino_head import DINOHead, WeightNormLinear
 from seer_pipeline.train import dino
 
 N, K, D, CROPS, GLOBAL = 8, 12, 6, 4, 2  # global batch, outputs, embedding dim, crops

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from seer_pipeline.eval import cli as eval_cli
-from seer_pipeline.eval import stream
+from seer_pipeline.eval import feature_stream as stream
 from seer_pipeline.eval.sources import EvalTransform, open_source
 
 

@@ -19,7 +19,7 @@ from seer_pipeline.eval import cli, features
 from seer_pipeline.eval.compare import CompareError, run_compare
 from seer_pipeline.eval.datasets import DataSpecError
 from seer_pipeline.eval.sources import ArraySamples, EvalTransform, Source, open_source
-from seer_pipeline.eval.stream import extract_features, load_features
+from seer_pipeline.eval.feature_stream import extract_features, load_features
 from seer_pipeline.eval.supervised import save_trunk
 
 torch.set_num_threads(1)

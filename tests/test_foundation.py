@@ -10,9 +10,9 @@ import torch
 import torch.distributed as dist
 
 from seer_pipeline.config.base import ConfigError, load_config
-from seer_pipeline.dist.setup import DistEnvError, port_from_job_id, resolve_env
+from seer_pipeline.distributed.setup import DistEnvError, port_from_job_id, resolve_env
 from seer_pipeline.core.io_utils import atomic_write_json
-from seer_pipeline.dist.testing import DistributedTestError, run_distributed
+from seer_pipeline.distributed.testing import DistributedTestError, run_distributed
 from seer_pipeline.train.provenance import provenance
 
 

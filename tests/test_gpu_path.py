@@ -2,7 +2,7 @@
 absence and the rank-0 progress line. The bf16/FSDP layout, resharding and AC/compile through the
 real trainer are in test_gpu_trainer.py.
 
-The rule (seer_pipeline.dist.setup): a collective's tensors live on the device its group serves.
+The rule (seer_pipeline.distributed.setup): a collective's tensors live on the device its group serves.
 On a CPU machine every tensor is a CPU tensor, so a plain device check cannot fail. `HostBorn`
 makes it able to: it marks every tensor created during the loop on the *default* device (a
 factory call without `device=`, e.g. `torch.tensor([loss, flag])`) and everything computed from
@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_flatten
 
 from seer_pipeline.config.base import ConfigError
 from seer_pipeline.config.train import load_train_config
-from seer_pipeline.dist.setup import DistEnv, free_port, init_distributed
+from seer_pipeline.distributed.setup import DistEnv, free_port, init_distributed
 
 _FACTORIES = {torch.tensor, torch.zeros, torch.ones, torch.empty, torch.full, torch.arange,
               torch.as_tensor, torch.scalar_tensor, torch.from_numpy, torch.linspace, torch.eye,

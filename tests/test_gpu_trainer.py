@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from seer_pipeline.config.train import load_train_config
-from seer_pipeline.dist.testing import run_distributed
+from seer_pipeline.distributed.testing import run_distributed
 
 
 def _cfg(run: Path, shards: Path, *extra: str):
@@ -22,7 +22,7 @@ def _cfg(run: Path, shards: Path, *extra: str):
 
 
 def _trainer(rank: int, world: int, cfg):  # noqa: ANN001, ANN202
-    from seer_pipeline.dist.setup import DistEnv
+    from seer_pipeline.distributed.setup import DistEnv
     from seer_pipeline.train.trainer import Trainer
 
     return Trainer(cfg, DistEnv(rank, world, rank, world, "127.0.0.1", 0, "torchrun"),
@@ -96,7 +96,7 @@ def _bf16_worker(rank: int, world: int, run: Path, shards: Path) -> dict:
 
 @pytest.mark.slow
 def test_bf16_policy_through_the_trainer_on_2_ranks(tiny_shards: Path, tmp_path: Path) -> None:
-    from seer_pipeline.models.swav import build_model
+    from seer_pipeline.models.swav_head import build_model
 
     res = run_distributed(_bf16_worker, 2, tmp_path / "run", tiny_shards, timeout=600)
     for r in res:

@@ -23,7 +23,7 @@ from data_prep.verify import verify
 from seer_pipeline.data.config import DataConfig
 from seer_pipeline.data.loader import build_loader
 from seer_pipeline.eval.sources import EvalTransform, open_source
-from seer_pipeline.eval.stream import extract_features
+from seer_pipeline.eval.feature_stream import extract_features
 from seer_pipeline.shards import format as fmt
 from seer_pipeline.shards.synth import photo_variants, write_shards
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from seer_pipeline.train.optim import LARS, build_param_groups, lr_at, lr_schedule, peak_lr
-from seer_pipeline.dist.testing import run_distributed
+from seer_pipeline.distributed.testing import run_distributed
 
 
 def _manual_lars(w, g, buf, lr, m, wd, eta):
@@ -77,7 +77,7 @@ def _fp64_embed(self, x: torch.Tensor) -> torch.Tensor:
 def _model():
     from seer_pipeline.train import swav
     from seer_pipeline.config.train import load_train_config
-    from seer_pipeline.models.swav import build_model
+    from seer_pipeline.models.swav_head import build_model
 
     cfg = load_train_config("cpu_tiny", ["model.n_prototypes=20", "model.hidden_dims=[32]",
                                          "model.out_dim=16"])
@@ -112,7 +112,7 @@ PLANS = [("full", 0, "none"), ("hybrid", 2, "stage"), ("hybrid", 1, "block")]  #
 
 def _sharded_worker(rank: int, world: int) -> list[dict]:
     """All plans in one spawn (process start-up dominates the cost)."""
-    from seer_pipeline.dist.parallelize import ParallelPlan, build_mesh, parallelize
+    from seer_pipeline.distributed.parallelize import ParallelPlan, build_mesh, parallelize
 
     out = []
     for fsdp, shard, ac in PLANS:

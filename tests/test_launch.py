@@ -25,7 +25,7 @@ from launch.status import main as status_main
 from seer_pipeline.config.slurm import SlurmConfig
 from seer_pipeline.core.exit_codes import PREEMPTED, USAGE
 from seer_pipeline.core.requeue import read_requeues
-from seer_pipeline.dist.setup import resolve_env
+from seer_pipeline.distributed.setup import resolve_env
 
 TESTS = Path(__file__).resolve().parent
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seer_pipeline.dist.testing import run_distributed
+from seer_pipeline.distributed.testing import run_distributed
 from seer_pipeline.models.materialize import init_model_, load_full_state_, local_bytes, materialize
 
 OVERRIDES = ["model.trunk=regnety_tiny", "model.n_prototypes=10", "model.hidden_dims=[16]",
@@ -15,7 +15,7 @@ SEED = 7
 
 def _meta_model():
     from seer_pipeline.config.train import load_train_config
-    from seer_pipeline.models.swav import build_model
+    from seer_pipeline.models.swav_head import build_model
 
     cfg = load_train_config("cpu_tiny", OVERRIDES)
     with torch.device("meta"):
@@ -33,7 +33,7 @@ def _unsharded() -> dict:
 
 
 def _sharded_worker(rank: int, world: int, warm: dict | None) -> dict:
-    from seer_pipeline.dist.parallelize import ParallelPlan, build_mesh, parallelize
+    from seer_pipeline.distributed.parallelize import ParallelPlan, build_mesh, parallelize
 
     plan = ParallelPlan(fsdp="full")
     model = parallelize(_meta_model(), plan, build_mesh(plan, "cpu", world, world), torch.device("cpu"))

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from seer_pipeline.dist.parallelize import ParallelPlan, clean_fqn, parallelize
+from seer_pipeline.distributed.parallelize import ParallelPlan, clean_fqn, parallelize
 from seer_pipeline.config.train import load_train_config
-from seer_pipeline.models.swav import build_model
+from seer_pipeline.models.swav_head import build_model
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -63,7 +63,7 @@ def test_cpu_bf16_autocast_with_stage_ac_trains(tiny_shards: Path, tmp_path: Pat
 
 
 def _bf16_worker(rank: int, world: int) -> dict:
-    from seer_pipeline.dist.parallelize import apply_fsdp, build_mesh
+    from seer_pipeline.distributed.parallelize import apply_fsdp, build_mesh
 
     cfg = load_train_config("cpu_tiny")
     torch.manual_seed(0)
@@ -98,7 +98,7 @@ def _bf16_worker(rank: int, world: int) -> dict:
 def test_bf16_fsdp_keeps_bn_and_prototypes_fp32() -> None:
     """The GPU mixed-precision layout, exercised on CPU/gloo: bf16 convs, fp32 BN units and
     prototypes, fp32 master weights and gradients."""
-    from seer_pipeline.dist.testing import run_distributed
+    from seer_pipeline.distributed.testing import run_distributed
 
     for r in run_distributed(_bf16_worker, 2, timeout=240):
         assert r["bn"] == ["torch.float32"] and r["conv"] == ["torch.bfloat16"], r
@@ -117,7 +117,7 @@ def _collectives_worker(rank: int, world: int) -> dict:
 
     import torch.distributed as dist
 
-    from seer_pipeline.dist.parallelize import apply_fsdp, build_mesh
+    from seer_pipeline.distributed.parallelize import apply_fsdp, build_mesh
 
     out: dict = {}
     for layout in ("each", "shared"):
@@ -158,7 +158,7 @@ def _collectives_worker(rank: int, world: int) -> dict:
 def test_shared_bn_unit_cuts_collectives_and_keeps_gradients() -> None:
     """Issue 20: a unit per BN cost 102 all-gathers + 27 reduce-scatters per step on cpu_tiny
     (19 BNs, 2 resolutions, stage AC); one shared fp32 BN unit: 28 + 9, same BN gradients."""
-    from seer_pipeline.dist.testing import run_distributed
+    from seer_pipeline.distributed.testing import run_distributed
 
     for r in run_distributed(_collectives_worker, 2, timeout=400):
         assert r["each"]["per_step"] == [129, 129], r["each"]["per_step"]
@@ -170,7 +170,7 @@ def test_shared_bn_unit_cuts_collectives_and_keeps_gradients() -> None:
 
 def test_torch_version_check_names_the_tested_range(monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 20: `torch>=2.6` admitted releases whose FSDP2 + AC + two resolutions failed."""
-    from seer_pipeline.dist.parallelize import TESTED_TORCH, UNTESTED_TORCH_ENV, check_torch_version
+    from seer_pipeline.distributed.parallelize import TESTED_TORCH, UNTESTED_TORCH_ENV, check_torch_version
 
     monkeypatch.delenv(UNTESTED_TORCH_ENV, raising=False)
     check_torch_version()  # the torch running these tests is in the tested range
@@ -191,7 +191,7 @@ def test_torch_version_check_names_the_tested_range(monkeypatch: pytest.MonkeyPa
 def test_seer_train_refuses_an_untested_torch_in_one_line(monkeypatch: pytest.MonkeyPatch,
                                                           capsys: pytest.CaptureFixture) -> None:
     from seer_pipeline.config.train import load_train_config
-    from seer_pipeline.dist.setup import resolve_env
+    from seer_pipeline.distributed.setup import resolve_env
     from seer_pipeline.train import cli
 
     monkeypatch.delenv("SEER_UNTESTED_TORCH", raising=False)

@@ -32,7 +32,7 @@ def test_params_and_macs_match_independent_counts(seer: dict) -> None:
 def test_the_swav_head_is_counted(seer: dict) -> None:
     # The named trunk borrows the head of the preset that trains it (seer_256gf), built for real.
     from seer_pipeline.config.train import load_train_config
-    from seer_pipeline.models.swav import build_model
+    from seer_pipeline.models.swav_head import build_model
 
     assert seer["head_from"] == "seer_256gf"
     with torch.device("meta"):

@@ -29,7 +29,7 @@ def _units(preset: str, mixed: bool) -> int:
     from torch import nn
 
     from seer_pipeline.config.train import load_train_config
-    from seer_pipeline.models.swav import build_model
+    from seer_pipeline.models.swav_head import build_model
 
     with torch.device("meta"):
         m = build_model(load_train_config(preset))

@@ -34,7 +34,7 @@ def test_cpu_keeps_the_config_values_and_leaves_cudnn_alone(cl: bool, pin: bool,
 def test_cpu_trainer_uses_the_config_values(tiny_shards: Path, tmp_path: Path) -> None:
     """The CPU training path is the one before the switches: no pinning, NCHW unless configured."""
     from seer_pipeline.config.train import load_train_config
-    from seer_pipeline.dist.setup import DistEnv
+    from seer_pipeline.distributed.setup import DistEnv
     from seer_pipeline.train.trainer import Trainer
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,

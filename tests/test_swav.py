@@ -13,7 +13,7 @@ from seer_pipeline.train.swav import (
     EmbeddingQueue, SwAVHead, cancel_prototype_grads, collapse_metrics, normalize_prototypes,
     sinkhorn_knopp, swav_loss,
 )
-from seer_pipeline.dist.testing import run_distributed
+from seer_pipeline.distributed.testing import run_distributed
 
 
 def reference_sinkhorn(scores: torch.Tensor, eps: float, iters: int) -> torch.Tensor:

@@ -166,7 +166,7 @@ class _NaNLoader:
 
 @pytest.mark.slow
 def test_nonfinite_loss_stops_with_step_and_score_stats(tiny_shards: Path, tmp_path: Path) -> None:
-    from seer_pipeline.dist.setup import DistEnv
+    from seer_pipeline.distributed.setup import DistEnv
     from seer_pipeline.config.train import load_train_config
     from seer_pipeline.train.trainer import NonFiniteLossError, Trainer
 

@@ -17,7 +17,7 @@ from seer_pipeline.checkpoint import integrity
 from seer_pipeline.checkpoint.checkpointer import Checkpointer
 from seer_pipeline.weights.cli import main as ckpt_main
 from seer_pipeline.config.train import load_train_config
-from seer_pipeline.models.swav import build_model
+from seer_pipeline.models.swav_head import build_model
 
 CFG_YAML = "model: {trunk: regnety_tiny, hidden_dims: [], out_dim: 8, n_prototypes: 8}\n"
 

@@ -30,7 +30,7 @@ from seer_pipeline.eval.linear_sgd import (
     lr_at,
 )
 from seer_pipeline.eval.sources import Source, collate
-from seer_pipeline.eval.stream import to_input
+from seer_pipeline.eval.feature_stream import to_input
 
 log = logging.getLogger(__name__)
 

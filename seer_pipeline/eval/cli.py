@@ -2,7 +2,7 @@
 
 Prints progress bars on stderr, logs, and a JSON object as the last stdout line; the same
 object is written atomically to RUN/eval/<mode>-<data>-<kind>.json (or --out). Images stream
-through a DataLoader with workers; features go to memmapped files (seer_pipeline.eval.stream).
+through a DataLoader with workers; features go to memmapped files (seer_pipeline.eval.feature_stream).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from seer_pipeline.eval.linear import WD_SWEEP, linear_probe
 from seer_pipeline.eval.linear_sgd import SGDConfig, rows, train_sgd_linear
 from seer_pipeline.eval.lowshot import balanced_subset, parse_percents
 from seer_pipeline.eval.sources import EvalTransform, open_source
-from seer_pipeline.eval.stream import extract_features, pick_indices, recalibrate_bn
+from seer_pipeline.eval.feature_stream import extract_features, pick_indices, recalibrate_bn
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seer_pipeline.models.dino import WeightNormLinear
+from seer_pipeline.models.dino_head import WeightNormLinear
 
 _JUNK = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
 
@@ -92,7 +92,7 @@ def _rules(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, Fill | float
             yield pre + "weight", m, "weight", _uniform(bound)
             if m.bias is not None:
                 yield pre + "bias", m, "bias", _uniform(bound)
-        elif isinstance(m, WeightNormLinear):  # DINO's last layer (models.dino): its rows are
+        elif isinstance(m, WeightNormLinear):  # DINO's last layer (models.dino_head): its rows are
             # normalised in every forward, so only their direction matters; DINO draws N(0, 0.02).
             yield pre + "weight", m, "weight", _normal(0.02)
         elif any(True for _ in m.parameters(recurse=False)):

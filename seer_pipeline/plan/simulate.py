@@ -31,9 +31,9 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from seer_pipeline.dist.parallelize import ParallelPlan, build_mesh, parallelize
+from seer_pipeline.distributed.parallelize import ParallelPlan, build_mesh, parallelize
 from seer_pipeline.models.materialize import local_bytes
-from seer_pipeline.models.swav import build_model
+from seer_pipeline.models.swav_head import build_model
 from seer_pipeline.plan.analytic import GIB, plan_config, preset_crops, preset_world
 from seer_pipeline.train import swav
 from seer_pipeline.train.optim import LARS, build_param_groups

@@ -1,7 +1,7 @@
 """`seer-train --config PRESET [key=value ...]`: one entry for every launcher.
 
 Under torchrun, SLURM (srun) or submitit the rank comes from the environment
-(seer_pipeline.dist.setup.resolve_env). Run alone with `dist.nproc=N > 1`, it spawns N local
+(seer_pipeline.distributed.setup.resolve_env). Run alone with `dist.nproc=N > 1`, it spawns N local
 ranks (fresh processes with RANK/WORLD_SIZE/... set), forwards SIGUSR2/SIGTERM/SIGINT to them and
 fails if any rank fails, killing the rest. Exit codes: 0 done, exit_codes.PREEMPTED (75) saved
 on a signal (re-run the same command to resume), 1 error, exit_codes.USAGE (2) bad config,
@@ -25,7 +25,7 @@ from seer_pipeline.core import runlock
 from seer_pipeline.core.exit_codes import INTERRUPTED, PREEMPTED, USAGE
 from seer_pipeline.core.runlock import TOKEN_ENV
 from seer_pipeline.core.shard_check import is_pattern, local_shards_problem
-from seer_pipeline.dist.setup import DistEnvError, free_port, resolve_env
+from seer_pipeline.distributed.setup import DistEnvError, free_port, resolve_env
 from seer_pipeline.train.signals import forward_signals
 
 log = logging.getLogger("seer_pipeline.train.cli")
@@ -193,7 +193,7 @@ def run_rank(cfg, denv) -> int:  # noqa: ANN001 - DictConfig, DistEnv
     Imports torch and the trainer stack here: `seer-train`'s parent process only spawns ranks."""
     import torch
 
-    from seer_pipeline.dist.parallelize import check_torch_version
+    from seer_pipeline.distributed.parallelize import check_torch_version
 
     try:  # before any process group: every rank refuses alike, with one line
         check_torch_version()
@@ -205,7 +205,7 @@ def run_rank(cfg, denv) -> int:  # noqa: ANN001 - DictConfig, DistEnv
         torch.use_deterministic_algorithms(True, warn_only=True)
     from seer_pipeline.core.logging_utils import setup_logging
     from seer_pipeline.core.runlock import LOCKED_EXIT
-    from seer_pipeline.dist.setup import cleanup_distributed, init_distributed
+    from seer_pipeline.distributed.setup import cleanup_distributed, init_distributed
 
     logged = False
     try:

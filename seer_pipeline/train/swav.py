@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from seer_pipeline.models.swav import SwAVHead, _prototype_linear, normalize_prototypes  # noqa: F401
+from seer_pipeline.models.swav_head import SwAVHead, _prototype_linear, normalize_prototypes  # noqa: F401
 
 ProcessGroup = dist.ProcessGroup
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ SEER_FREEZE_PROTOTYPES_ITERS = 313
 def _all_reduce(t: torch.Tensor, group: Optional[ProcessGroup], op=None) -> torch.Tensor:
     """In-place all-reduce over `group` whenever a process group exists, world 1 included (so a
     one-GPU NCCL run exercises every collective). `t` is on the scores' device, the one the
-    group serves (seer_pipeline.dist.setup); the group's timeout bounds the call."""
+    group serves (seer_pipeline.distributed.setup); the group's timeout bounds the call."""
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=group)
     return t

@@ -12,7 +12,7 @@ change of world size, model/optimizer/BN statistics reshard exactly (DCP), the l
 redistributes the epoch, and the per-rank RNG streams and SwAV queue start afresh with a log line.
 Precision: FSDP2 casts (bf16 parameters, fp32 reduction, fp32 BN and prototypes) when the model
 is sharded; an unsharded model gets autocast instead. Every collective here uses tensors on the
-compute device, the one the process group serves (seer_pipeline.dist.setup).
+compute device, the one the process group serves (seer_pipeline.distributed.setup).
 """
 from __future__ import annotations
 
@@ -34,17 +34,17 @@ from seer_pipeline.core.exit_codes import PREEMPTED
 from seer_pipeline.core.requeue import requeue_job
 from seer_pipeline.config.train import check_resume_compatible
 from seer_pipeline.data.loader import build_loader
-from seer_pipeline.dist.parallelize import (
+from seer_pipeline.distributed.parallelize import (
     ParallelPlan,
     build_mesh,
     is_fsdp,
     parallelize,
     unwrap,
 )
-from seer_pipeline.dist.setup import DistEnv, wait_for_peers
+from seer_pipeline.distributed.setup import DistEnv, wait_for_peers
 from seer_pipeline.models.materialize import load_full_state_, materialize
-from seer_pipeline.models.dino import build_dino_model
-from seer_pipeline.models.swav import build_model
+from seer_pipeline.models.dino_head import build_dino_model
+from seer_pipeline.models.swav_head import build_model
 from seer_pipeline.train.objective import DINOObjective, SwAVObjective
 from seer_pipeline.train.metrics import MetricsLogger, Throughput
 from seer_pipeline.train.optim import (

@@ -24,8 +24,8 @@ from seer_pipeline.checkpoint.layout import (
 from seer_pipeline.config.base import ConfigError, parse_saved_config
 from seer_pipeline.config.train import load_train_config
 from seer_pipeline.core.safe_pickle import UnsafePickleError
-from seer_pipeline.models.dino import build_dino_model
-from seer_pipeline.models.swav import build_model
+from seer_pipeline.models.dino_head import build_dino_model
+from seer_pipeline.models.swav_head import build_model
 
 log = logging.getLogger(__name__)
 

@@ -98,7 +98,7 @@ def test_run_folder_export_carries_the_head(tmp_path: Path) -> None:
     from omegaconf import OmegaConf
 
     from seer_pipeline.config.train import load_train_config
-    from seer_pipeline.models.swav import build_model
+    from seer_pipeline.models.swav_head import build_model
 
     cfg = load_train_config(None, ["model.trunk=cpu_tiny", "model.n_prototypes=30"])
     torch.manual_seed(5)

@@ -44,7 +44,7 @@ class DINOHead(nn.Module):
     """MLP (GELU) -> bottleneck -> L2 norm -> weight-normalised K-way layer.
 
     The K-way layer (DINO's `last_layer`) is called `prototypes`, as in the SwAV head: it plays
-    the same part, and seer_pipeline.dist.parallelize keeps that unit in fp32 for both.
+    the same part, and seer_pipeline.distributed.parallelize keeps that unit in fp32 for both.
 
     dims=(in, hidden..., bottleneck). `forward` returns (the normalised bottleneck embeddings,
     float32 [N, bottleneck]; the logits, float32 [N, K]). Logits leave autocast: they feed a

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from seer_pipeline.dist.setup import free_port
+from seer_pipeline.distributed.setup import free_port
 
 
 class DistributedTestError(AssertionError):
