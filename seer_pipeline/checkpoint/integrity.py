@@ -2,8 +2,10 @@
 
 Sizes alone miss flipped bytes (4 KB overwritten inside a .distcp loaded silently, issue #13), so
 every file of a save gets a SHA-256. Each rank hashes the files it wrote itself, right after
-writing them (they are still in the page cache), and leaves `NAME.sha256` beside each; rank 0
-folds those into meta.json when it finalizes the save. On load every rank re-hashes a disjoint
+writing them (they are still in the page cache), and the hashes reach rank 0 inside DCP's write
+results (safe_dcp.HashingFileSystemWriter); rank 0 records them in meta.json when it commits the
+save. (`write_sidecars`/`collect_hashes`, NAME.sha256 files beside the data, serve tools and
+benchmarks that hash a folder outside a DCP save.) On load every rank re-hashes a disjoint
 share of the files (file i goes to rank i % world), so the cost is spread like the writing, and
 the load-agreement collective makes every rank skip a checkpoint one rank found corrupt.
 

@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 import signal
 
+from _lazy import when_imported  # this folder is on sys.path wherever a fault is armed
+
 
 def arm(value: str) -> None:
-    from seer_pipeline.checkpoint.checkpointer import Checkpointer
+    when_imported("seer_pipeline.checkpoint.checkpointer", lambda m: _patch(m.Checkpointer, int(value)))
 
-    target, original = int(value), Checkpointer._finalize
+
+def _patch(Checkpointer: type, target: int) -> None:  # noqa: N803 - the class itself
+    original = Checkpointer._finalize
 
     def _finalize(self, step, *args, **kwargs):  # noqa: ANN001, ANN202 - the seam's own signature
         if self.rank == 0 and step == target:
