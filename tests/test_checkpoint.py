@@ -148,8 +148,14 @@ def test_metrics_drop_lines_past_checkpoint(tmp_path: Path) -> None:
 
 def test_resume_config_policy() -> None:
     saved = to_container(load_train_config("cpu_tiny"))
-    ok = load_train_config("cpu_tiny", ["train.steps=99", "ckpt.every=3", "dist.nproc=4"])
-    assert set(check_resume_compatible(saved, ok)) == {"train.steps", "ckpt.every", "dist.nproc"}
+    # Longer on the same schedule: train.steps grows with optim.total_steps pinned to the saved one.
+    ok = load_train_config("cpu_tiny", ["train.steps=99", "optim.total_steps=30", "ckpt.every=3",
+                                        "dist.nproc=4"])
+    assert set(check_resume_compatible(saved, ok)) == {"train.steps", "optim.total_steps", "ckpt.every",
+                                                       "dist.nproc"}
+    longer = load_train_config("cpu_tiny", ["train.steps=99"])  # a 99-step cosine: another trajectory
+    with pytest.raises(ConfigError, match="optim.total_steps=30"):
+        check_resume_compatible(saved, longer)
     bad = load_train_config("cpu_tiny", ["model.n_prototypes=7", "data.batch_size=3"])
     with pytest.raises(ConfigError, match="model.n_prototypes.*data.batch_size|data.batch_size.*model"):
         check_resume_compatible(saved, bad)
