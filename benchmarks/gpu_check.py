@@ -17,7 +17,10 @@ seer_32gf preset). The process wrapper only observes: it times `Trainer.train` a
 3. Async checkpointing's stall: loop time with periodic async saves minus loop time without
    saves, as a share of the same difference with synchronous saves.
 
-Writes DIR/gpu_check.json and DIR/gpu_check.md (the table for docs/gpu.md). `--smoke` runs the
+Writes DIR/gpu_check.json, DIR/gpu_check.md (the table for docs/gpu.md) and DIR/train.log (every
+process's output) after every section, nothing else: run folders, probes and shards go to a
+temporary work folder (`work_dir` in the JSON). Core sections first (1.6GF resume without
+compile, 32GF throughput, save stall); 128GF and the compiled resume only while `--budget-s` lasts. `--smoke` runs the
 same code on CPU (cpu_tiny, gloo, 6 steps, compile off) so CI keeps it from rotting.
 """
 from __future__ import annotations
@@ -78,8 +81,10 @@ def _probe(out_json: str, argv: list[str]) -> int:
 class Check:
     """Builds the commands; `smoke` swaps the GPU settings for cpu_tiny on gloo."""
 
-    def __init__(self, out: Path, smoke: bool, shards: Path) -> None:
+    def __init__(self, out: Path, smoke: bool, shards: Path, work: Path | None = None) -> None:
+        # `out` gets the results only (at most 8 files); run folders, probes and shards go to `work`.
         self.out, self.smoke, self.shards = out, smoke, shards
+        self.work = work or out
         self.preset = "cpu_tiny" if smoke else "seer_32gf"
         self.backend = "gloo" if smoke else "nccl"
 
@@ -97,12 +102,14 @@ class Check:
               timeout: float = 600) -> tuple[int, dict[str, Any], list[dict[str, Any]], Path]:
         """One probed `seer-train` process; SIGUSR2 once `interrupt_after` steps are logged."""
         run = Path(next(a.split("=", 1)[1] for a in args if a.startswith("run.dir=")))
-        probe = self.out / f"{name}.probe.json"
+        probe = self.work / f"{name}.probe.json"
         cmd = [sys.executable, __file__, "--probe", str(probe), "--", *args]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))
                and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-        with open(self.out / f"{name}.log", "w") as log:
+        with open(self.out / "train.log", "a") as log:  # one log for every process, in order
+            log.write(f"\n===== {name}: {' '.join(cmd[4:])}\n")
+            log.flush()
             proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
             deadline = time.monotonic() + timeout
             sent = False
@@ -132,8 +139,8 @@ def resume_check(c: Check, compile_: bool, steps: int, at: int) -> dict[str, Any
     extra = [f"parallel.compile={str(compile_).lower()}", "train.deterministic=true", "ckpt.every=0"]
     if not c.smoke:  # a small trunk: compiling 32GF's blocks three times would not fit 8 minutes
         extra.append(f"model.trunk={RESUME_TRUNK}")
-    rc_ref, _, ref, _ = c.train(f"resume_{tag}_ref", c.base(c.out / f"resume_{tag}_ref", steps, *extra))
-    run = c.out / f"resume_{tag}_int"
+    rc_ref, _, ref, _ = c.train(f"resume_{tag}_ref", c.base(c.work / f"resume_{tag}_ref", steps, *extra))
+    run = c.work / f"resume_{tag}_int"
     rc_int, rec_int, first, _ = c.train(f"resume_{tag}_int", c.base(run, steps, *extra), interrupt_after=at)
     rc_res, _, rows, _ = c.train(f"resume_{tag}_resumed", c.base(run, steps, *extra))
     ref_loss = [r["loss"] for r in ref]
@@ -158,7 +165,7 @@ def throughput(c: Check, trunk: str, steps: int, warmup: int, sim: subprocess.Po
     """img/s, MFU and peak memory of one model; the plan and simulation of the same setting."""
     batch = 4 if c.smoke else 16
     name = f"speed_{trunk}"
-    args = c.base(c.out / name, steps, f"model.trunk={trunk}", f"data.batch_size={batch}", "ckpt.every=0",
+    args = c.base(c.work / name, steps, f"model.trunk={trunk}", f"data.batch_size={batch}", "ckpt.every=0",
                   "ckpt.save_final=false", "train.deterministic=false")
     rc, rec, rows, _ = c.train(name, args)
     timed = rows[warmup:] or rows
@@ -193,7 +200,7 @@ def ckpt_stall(c: Check, trunk: str, steps: int, every: int, no_save_loop_s: flo
     for mode, extra in (("sync", [f"ckpt.every={every}", "ckpt.async=false"]),
                         ("async", [f"ckpt.every={every}", "ckpt.async=true"])):
         name = f"stall_{mode}"
-        rc, rec, _, _ = c.train(name, c.base(c.out / name, steps, f"model.trunk={trunk}",
+        rc, rec, _, _ = c.train(name, c.base(c.work / name, steps, f"model.trunk={trunk}",
                                              "ckpt.save_final=false", "train.deterministic=false", *extra))
         if rc != 0 or "train_s" not in rec:
             return {"error": f"{name} exited {rc}"}
@@ -208,28 +215,45 @@ def render(res: dict[str, Any]) -> str:
     lines = [f"# gpu_check on {res['device']} ({'smoke, CPU' if res['smoke'] else 'GPU'}), "
              f"{res['wall_s']:.0f} s", "", "| resume check | exit codes | interrupted at | losses equal | max diff |",
              "|---|---|---|---|---|"]
-    for r in res["resume"]:
+    for r in res.get("resume", []):
         lines.append(f"| compile {'on' if r['compile'] else 'off'} | {r['exit_codes']} | {r['interrupted_at']} | "
                      f"{r['losses_equal']} | {r['max_abs_loss_diff']} |")
     lines += ["", "| trunk | img/s/GPU | MFU | data wait | peak alloc GiB | planned GiB | simulated GiB |",
               "|---|---|---|---|---|---|---|"]
     f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
-    for t in res["throughput"]:
+    for t in res.get("throughput", []):
         lines.append(f"| {t['trunk']} | {f(t.get('img_s_per_gpu'), 1)} | {f(t.get('mfu'), 3)} | "
                      f"{f(t.get('data_wait_share'))} | {f(t.get('cuda_max_allocated_gib'))} | "
                      f"{f(t.get('planned_gib'))} | {f(t.get('simulated_gib'))} |")
-    s = res["ckpt_stall"]
+    s = res.get("ckpt_stall", {"error": "not run"})
     if "error" not in s:
         lines += ["", f"Async checkpoint stall ({s['trunk']}, a save every {s['every']} of {s['steps']} steps): "
                   f"{s['async_stall_s']:.2f} s vs {s['sync_save_cost_s']:.2f} s for synchronous saves "
                   f"(share {f(s['async_stall_share'])})."]
+    if res.get("skipped"):
+        lines += ["", "Skipped for time: " + "; ".join(res["skipped"]) + "."]
     return "\n".join(lines) + "\n"
+
+
+#: Rough seconds each optional section needs on an H100 (guesses until measured: 30 steps of
+#: 128GF plus start-up; three 1.6GF runs with compile), compared with the budget left.
+EXTRA_S = {"128gf": 150, "compile": 240}
+BUDGET_S = 540  # one lent-machine command may run 600 s
+
+
+def _save(out: Path, res: dict[str, Any]) -> None:
+    for name, text in (("gpu_check.json", json.dumps(res, indent=1)), ("gpu_check.md", render(res))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="CPU: cpu_tiny on gloo, fewer steps, compile off")
     ap.add_argument("--out", default=None, help="output folder (default: a new temporary one)")
+    ap.add_argument("--budget-s", type=float, default=BUDGET_S,
+                    help="optional sections (128GF, compile) run only while this many seconds last")
     ap.add_argument("--probe", default=None, help=argparse.SUPPRESS)
     args, rest = ap.parse_known_args(argv)
     if args.probe:
@@ -245,9 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     out = Path(args.out or tempfile.mkdtemp(prefix="gpu_check_"))
     out.mkdir(parents=True, exist_ok=True)
-    shards = write_shards(out / "shards", photo_variants(PHOTOS, 64 if args.smoke else 512,
-                                                         max_side=64 if args.smoke else 320), 32)
-    c = Check(out, args.smoke, shards)
+    work = Path(tempfile.mkdtemp(prefix="gpu_check_work_"))
+    shards = write_shards(work / "shards", photo_variants(PHOTOS, 64 if args.smoke else 512,
+                                                          max_side=64 if args.smoke else 320), 32)
+    c = Check(out, args.smoke, shards, work)
     device = "cpu" if args.smoke else torch.cuda.get_device_name()
     key = None if args.smoke else gpu_key(device)
     peak = GPUS[key]["bf16"] if key else None
@@ -257,15 +282,39 @@ def main(argv: list[str] | None = None) -> int:
     sims = {t: subprocess.Popen(_plan_cmd(c, t, 4 if args.smoke else 16), cwd=REPO, env=env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) for t in trunks}
     steps, at = (6, 3) if args.smoke else (20, 10)
-    res: dict[str, Any] = {"device": device, "gpu_key": key, "smoke": args.smoke, "torch": torch.__version__}
-    res["resume"] = [resume_check(c, comp, steps, at) for comp in ((False,) if args.smoke else (False, True))]
-    res["throughput"] = [throughput(c, t, 6 if args.smoke else 30, 2 if args.smoke else 10, sims[t], peak)
-                         for t in trunks]
-    res["ckpt_stall"] = ckpt_stall(c, trunks[0], 6 if args.smoke else 30, 2 if args.smoke else 10,
-                                   res["throughput"][0].get("train_s"))
-    res["wall_s"] = time.perf_counter() - t0
-    (out / "gpu_check.json").write_text(json.dumps(res, indent=1))
-    (out / "gpu_check.md").write_text(render(res))
+    res: dict[str, Any] = {"device": device, "gpu_key": key, "smoke": args.smoke, "torch": torch.__version__,
+                           "work_dir": str(work), "sections_done": [], "skipped": []}
+
+    def section(name: str, fn: Any) -> None:
+        res[name] = fn()
+        res["sections_done"].append(name)
+        res["wall_s"] = time.perf_counter() - t0
+        _save(out, res)  # after every section: a command cut short keeps what it measured
+
+    # Core sections first (issue 20: within 8 minutes on one GPU), then the optional ones while
+    # the time budget lasts.
+    section("resume", lambda: [resume_check(c, False, steps, at)])
+    section("throughput", lambda: [throughput(c, trunks[0], 6 if args.smoke else 30,
+                                              2 if args.smoke else 10, sims[trunks[0]], peak)])
+    section("ckpt_stall", lambda: ckpt_stall(c, trunks[0], 6 if args.smoke else 30, 2 if args.smoke else 10,
+                                             res["throughput"][0].get("train_s")))
+    extras = [] if args.smoke else [("throughput", trunks[1], EXTRA_S["128gf"]), ("resume", "compile", EXTRA_S["compile"])]
+    for kind, what, need in extras:
+        left = args.budget_s - (time.perf_counter() - t0)
+        if left < need:
+            res["skipped"].append(f"{kind} {what}: {left:.0f} s left of --budget-s, needs ~{need} s")
+            _save(out, res)
+            continue
+        if kind == "throughput":
+            res["throughput"].append(throughput(c, what, 30, 10, sims[what], peak))
+        else:
+            res["resume"].append(resume_check(c, True, steps, at))
+        res["sections_done"].append(f"{kind} {what}")
+        res["wall_s"] = time.perf_counter() - t0
+        _save(out, res)
+    for p in sims.values():
+        if p.poll() is None:
+            p.kill()
     print(render(res))
     print(f"gpu_check: wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'}")
     good = all(r["steps_once_each"] and r["preempted"] for r in res["resume"]) and all(

@@ -39,5 +39,10 @@ def test_gpu_check_smoke(tmp_path: Path) -> None:
     assert set(s["loop_s"]) == {"none", "sync", "async"} and s["loop_s"]["none"] == t["train_s"]
     assert len(s["save_call_s"]["sync"]) == len(s["save_call_s"]["async"]) == 2  # steps 2 and 4
     assert all(not x for x in s["save_call_s"]["none"])
+    # Issue 20: results only in the output folder (run folders and probes elsewhere), the JSON
+    # rewritten after every section.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check.json", "gpu_check.md", "train.log"]
+    assert out["sections_done"] == ["resume", "throughput", "ckpt_stall"] and out["skipped"] == []
+    assert "===== speed_cpu_tiny" in (tmp_path / "train.log").read_text()
     md = (tmp_path / "gpu_check.md").read_text()
     assert "resume check" in md and "cpu_tiny" in md

@@ -38,7 +38,7 @@ def _local_and_offset(p: torch.Tensor) -> tuple[torch.Tensor, int]:
     """This rank's part of `p` and the global index of its first row (dim-0 sharding only)."""
     if not hasattr(p, "to_local"):  # a plain tensor: the rank holds all of it
         return p.data, 0
-    # Here only: a private torch module, loaded when a parameter really is a DTensor.
+    # Lazy: only DTensor (sharded) parameters need it, and models must import fast.
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
