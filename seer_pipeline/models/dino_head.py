@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 import torch.nn.functional as F
 from torch import nn
 
-from seer_pipeline.models.trunk import build_trunk
+from seer_pipeline.models.trunk import build_trunk, multicrop_features
 
 
 class WeightNormLinear(nn.Module):
@@ -92,17 +92,7 @@ class DINOModel(nn.Module):
         self.trunk, self.head, self.channels_last = trunk, head, channels_last
 
     def forward(self, crops: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        feats, start = [], 0
-        while start < len(crops):
-            end = start
-            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
-                end += 1
-            x = torch.cat(crops[start:end])
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            feats.append(self.trunk(x))
-            start = end
-        f = torch.cat(feats)
+        f = multicrop_features(self.trunk, crops, self.channels_last)
         emb, logits = self.head(f)
         return f, emb, logits
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from seer_pipeline.models.trunk import build_trunk
+from seer_pipeline.models.trunk import build_trunk, multicrop_features
 
 
 class SwAVHead(nn.Module):
@@ -90,17 +90,7 @@ class SwAVModel(nn.Module):
         self.trunk, self.head, self.channels_last = trunk, head, channels_last
 
     def forward(self, crops: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        feats, start = [], 0
-        while start < len(crops):
-            end = start
-            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
-                end += 1
-            x = torch.cat(crops[start:end])
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            feats.append(self.trunk(x))
-            start = end
-        return self.head(torch.cat(feats))
+        return self.head(multicrop_features(self.trunk, crops, self.channels_last))
 
 
 def build_model(cfg: DictConfig) -> SwAVModel:

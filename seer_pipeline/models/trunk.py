@@ -168,3 +168,19 @@ def build_trunk(spec: Union[str, RegNetConfig]) -> RegNetTrunk:
     if not isinstance(cfg, RegNetConfig):
         raise TypeError(f"build_trunk wants a trunk name or RegNetConfig, got {type(spec).__name__}")
     return RegNetTrunk(cfg)
+
+
+def multicrop_features(trunk: nn.Module, crops: list[torch.Tensor], channels_last: bool = False) -> torch.Tensor:
+    """Trunk features of every crop, crop-major: consecutive crops of equal resolution go
+    through the trunk as one batch (SwAV's multi-crop forward; one pass per resolution)."""
+    feats, start = [], 0
+    while start < len(crops):
+        end = start
+        while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
+            end += 1
+        x = torch.cat(crops[start:end])
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        feats.append(trunk(x))
+        start = end
+    return torch.cat(feats)
