@@ -70,10 +70,10 @@ def test_non_finite_numbers_are_refused(override: str) -> None:
 # -- the reading side: a run folder's planted config -----------------------------------------------
 def _run_with_planted_meta(tmp_path: Path) -> Path:
     from seer_pipeline.checkpoint import integrity
-    from seer_pipeline.checkpoint.checkpointer import Checkpointer
+    from seer_pipeline.checkpoint.checkpointer import Checkpointer, ckpt_config
 
     run = tmp_path / "run"
-    Checkpointer(run, every=1, config_yaml=PLANTED).save(3, {"model": {"w": torch.zeros(2)}}, {})
+    Checkpointer(run, ckpt_config(every=1), config_yaml=PLANTED).save(3, {"model": {"w": torch.zeros(2)}}, {})
     step = run / "checkpoints" / "step_000000003"
     meta = json.loads((step / "meta.json").read_text())
     assert meta["config_yaml"] == PLANTED and integrity.read_meta(step)

@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from seer_pipeline.checkpoint import integrity
-from seer_pipeline.checkpoint.checkpointer import Checkpointer
+from seer_pipeline.checkpoint.checkpointer import Checkpointer, ckpt_config
 from seer_pipeline.weights.cli import main as ckpt_main
 from seer_pipeline.config.train import load_train_config
 from seer_pipeline.models.swav_head import build_model
@@ -38,7 +38,7 @@ def _run(tmp_path: Path, steps=(4,)) -> Path:
     torch.manual_seed(0)
     model = build_model(cfg)
     run = tmp_path / "run"
-    ck = Checkpointer(run, every=1, keep_latest=3, config_yaml=CFG_YAML)
+    ck = Checkpointer(run, ckpt_config(every=1, keep_latest=3), config_yaml=CFG_YAML)
     for s in steps:
         ck.save(s, {"model": model.state_dict(), "train": {"step": s}}, {"x": s})
     return run
@@ -209,7 +209,7 @@ def test_run_with_nan_weights_is_refused_by_export_and_eval(tmp_path: Path, caps
     with torch.no_grad():
         model.trunk.stem.conv.weight[0, 0, 0, 0] = float("nan")
     run = tmp_path / "run"
-    Checkpointer(run, every=1, config_yaml=CFG_YAML).save(4, {"model": model.state_dict()}, {})
+    Checkpointer(run, ckpt_config(every=1), config_yaml=CFG_YAML).save(4, {"model": model.state_dict()}, {})
     (run / "config.yaml").write_text(CFG_YAML)
     assert _export(run, tmp_path / "t.pt") == 1
     assert "NaN or inf" in capsys.readouterr().err
@@ -225,7 +225,8 @@ def test_eval_refuses_a_nan_trunk_file(tmp_path: Path) -> None:
         features.load_trunk(features.parse_checkpoint(str(path), "regnety_tiny"))
 
 
-def test_seer_train_init_weights_refuses_a_planted_run(tmp_path: Path, capsys, caplog) -> None:
+def test_seer_train_init_weights_refuses_a_planted_run(tmp_path: Path, tiny_shards: Path, capsys,
+                                                       caplog) -> None:
     """End to end: seer-train stops before training, nothing executed, the reason logged."""
     from seer_pipeline.train.cli import main
 
@@ -234,7 +235,7 @@ def test_seer_train_init_weights_refuses_a_planted_run(tmp_path: Path, capsys, c
     (_step(src) / ".metadata").write_bytes(pickle.dumps(Planted(marker)))
     _rehash(_step(src))
     new = tmp_path / "new"
-    rc = main(["--config", "cpu_tiny", f"run.dir={new}", "data.shards=/nowhere", "dist.nproc=1",
+    rc = main(["--config", "cpu_tiny", f"run.dir={new}", f"data.shards={tiny_shards}", "dist.nproc=1",
                "model.trunk=regnety_tiny", "model.hidden_dims=[]", "model.out_dim=8",
                "model.n_prototypes=8", f"init.weights={src}", "train.tensorboard=false"])
     out = capsys.readouterr().err + caplog.text + "".join(
