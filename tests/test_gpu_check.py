@@ -46,3 +46,20 @@ def test_gpu_check_smoke(tmp_path: Path) -> None:
     assert "===== speed_cpu_tiny" in (tmp_path / "train.log").read_text()
     md = (tmp_path / "gpu_check.md").read_text()
     assert "resume check" in md and "cpu_tiny" in md
+
+
+def test_partial_results_are_written_and_rendered(tmp_path: Path) -> None:
+    """Issue 20: the JSON and table are rewritten after every section, so a command cut short
+    (a lent machine's 10-minute limit) keeps what it measured; later sections may be missing."""
+    import runpy
+
+    ns = runpy.run_path(str(REPO / "benchmarks" / "gpu_check.py"), run_name="gpu_check_partial")
+    res = {"device": "NVIDIA H100", "smoke": False, "wall_s": 200.0, "sections_done": ["resume"],
+           "skipped": ["throughput regnety_128gf: 100 s left of --budget-s, needs ~150 s"],
+           "resume": [{"compile": False, "exit_codes": [0, 75, 0], "interrupted_at": 10,
+                       "losses_equal": True, "max_abs_loss_diff": 0.0}]}
+    ns["_save"](tmp_path, res)
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["sections_done"] == ["resume"]
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "| compile off | [0, 75, 0] | 10 | True | 0.0 |" in md and "Skipped for time" in md
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check.json", "gpu_check.md"]
