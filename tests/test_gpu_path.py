@@ -191,14 +191,14 @@ def test_trainer_collectives_follow_the_device_rule(world1_gloo: None, tiny_shar
         tr = Trainer(_cfg(run, tiny_shards, "train.steps=6", *common), denv, torch.device("cpu"))
         with chk.active():
             assert tr.train() == 0
-        saved = {k: v.clone() for k, v in tr.queue.state_dict().items()}  # the final save's
+        saved = {k: v.clone() for k, v in tr.objective.queue.state_dict().items()}  # the final save's
         tr2 = Trainer(_cfg(run, tiny_shards, "train.steps=7", *common), denv, torch.device("cpu"))
         restored: dict = {}
         real_resume = tr2.resume
 
         def resume() -> int | None:
             step = real_resume()
-            restored.update({k: v.clone() for k, v in tr2.queue.state_dict().items()})
+            restored.update({k: v.clone() for k, v in tr2.objective.queue.state_dict().items()})
             return step
 
         tr2.resume = resume

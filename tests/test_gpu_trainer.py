@@ -145,7 +145,7 @@ def _reshard_worker(rank: int, world: int, run: Path, shards: Path, steps: int, 
     def resume() -> int | None:
         step = real_resume()
         out["resumed_step"], out["resumed"] = step, _full_state(tr)
-        out["queue_filled"] = int(tr.queue.filled)
+        out["queue_filled"] = int(tr.objective.queue.filled)
         return step
 
     tr.ckpt.save, tr.resume = save, resume
