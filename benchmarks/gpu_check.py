@@ -6,7 +6,7 @@
 Every run is `seer_pipeline.train.cli.main` (the `seer-train` entry) in a fresh process with
 `dist.backend=nccl` at world size 1, bf16, activation checkpointing and SyncBN (on CUDA, from the
 seer_32gf preset). The process wrapper only observes: it times `Trainer.train` and each
-`Trainer.save` call and reads `torch.cuda.max_memory_allocated` at exit.
+`Checkpointer.save` call and reads `torch.cuda.max_memory_allocated` at exit.
 
 1. Resume: 20 steps uninterrupted vs SIGUSR2 after step 10 + the same command again, with
    torch.compile off and on (`train.deterministic=true`, trunk regnety_1.6gf so that compiling
@@ -48,16 +48,19 @@ def _probe(out_json: str, argv: list[str]) -> int:
     """Run `seer-train` in this process, recording loop and save times and peak CUDA memory."""
     import torch
 
+    from seer_pipeline.checkpoint.checkpointer import Checkpointer
     from seer_pipeline.train import cli
     from seer_pipeline.train.trainer import Trainer
 
     rec: dict[str, Any] = {"saves": []}
-    save, train = Trainer.save, Trainer.train
+    save, train = Checkpointer.save, Trainer.train
 
-    def timed_save(self: Trainer, blocking: bool) -> float:
+    def timed_save(self: Checkpointer, step: int, *args: Any, **kwargs: Any) -> float:
+        # The checkpointer owns the save decision (after_step); every save goes through here.
         t0 = time.perf_counter()
-        out = save(self, blocking)
-        rec["saves"].append({"step": self.step, "blocking": blocking, "call_s": time.perf_counter() - t0})
+        out = save(self, step, *args, **kwargs)
+        blocking = kwargs.get("blocking", args[2] if len(args) > 2 else True)
+        rec["saves"].append({"step": step, "blocking": bool(blocking), "call_s": time.perf_counter() - t0})
         return out
 
     def timed_train(self: Trainer) -> int:
@@ -67,7 +70,7 @@ def _probe(out_json: str, argv: list[str]) -> int:
         finally:
             rec["train_s"] = time.perf_counter() - t0
 
-    Trainer.save, Trainer.train = timed_save, timed_train  # type: ignore[method-assign]
+    Checkpointer.save, Trainer.train = timed_save, timed_train  # type: ignore[method-assign]
     rc = cli.main(argv)
     if torch.cuda.is_available():
         rec["cuda_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
