@@ -14,11 +14,11 @@ import pytest
 from seer_pipeline.core import runlock
 
 
-def _train(run: Path, tmp_path: Path, capsys) -> tuple[int, str]:
+def _train(run: Path, shards: Path, capsys) -> tuple[int, str]:
     from seer_pipeline.train.cli import main
 
     # dist.nproc=2: the launcher takes the lock before any rank starts (nothing else runs)
-    rc = main(["--config", "cpu_tiny", f"run.dir={run}", f"data.shards={tmp_path / 'shards'}",
+    rc = main(["--config", "cpu_tiny", f"run.dir={run}", f"data.shards={shards}",
                "dist.nproc=2", "train.steps=1"])
     return rc, capsys.readouterr().err
 
@@ -42,13 +42,13 @@ def _in_thread(fn, timeout: float = 30.0):  # noqa: ANN001, ANN202
     return out.get("v")
 
 
-def test_symlink_lock_does_not_truncate_its_target(tmp_path: Path, capsys) -> None:
+def test_symlink_lock_does_not_truncate_its_target(tmp_path: Path, capsys, tiny_shards: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()
     victim = tmp_path / "precious.txt"
     victim.write_text("keep me\n")
     (run / ".lock").symlink_to(victim)
-    rc, err = _train(run, tmp_path, capsys)
+    rc, err = _train(run, tiny_shards, capsys)
     assert rc == runlock.LOCKED_EXIT
     assert victim.read_text() == "keep me\n"
     line = err.strip().splitlines()
@@ -56,25 +56,25 @@ def test_symlink_lock_does_not_truncate_its_target(tmp_path: Path, capsys) -> No
     assert "Traceback" not in err
 
 
-def test_dangling_symlink_lock_does_not_create_its_target(tmp_path: Path, capsys) -> None:
+def test_dangling_symlink_lock_does_not_create_its_target(tmp_path: Path, capsys, tiny_shards: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()
     target = tmp_path / "created_by_us"
     (run / ".lock").symlink_to(target)
-    rc, err = _train(run, tmp_path, capsys)
+    rc, err = _train(run, tiny_shards, capsys)
     assert rc == runlock.LOCKED_EXIT and "symbolic link" in err
     assert not target.exists() and not os.path.lexists(target)
 
 
 @pytest.mark.parametrize("kind", ["fifo", "directory"])
-def test_fifo_or_directory_lock_is_refused_in_one_line(tmp_path: Path, capsys, kind: str) -> None:
+def test_fifo_or_directory_lock_is_refused_in_one_line(tmp_path: Path, capsys, kind: str, tiny_shards: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()
     if kind == "fifo":
         os.mkfifo(run / ".lock")
     else:
         (run / ".lock").mkdir()
-    rc, err = _in_thread(lambda: _train(run, tmp_path, capsys))
+    rc, err = _in_thread(lambda: _train(run, tiny_shards, capsys))
     assert rc == runlock.LOCKED_EXIT
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert ("a FIFO" if kind == "fifo" else "a directory") in err
@@ -87,13 +87,13 @@ def test_fifo_or_directory_lock_is_refused_in_one_line(tmp_path: Path, capsys, k
     assert _in_thread(lambda: run_status(run))["lock_holder"] == ""
 
 
-def test_hard_linked_lock_does_not_truncate_the_other_name(tmp_path: Path, capsys) -> None:
+def test_hard_linked_lock_does_not_truncate_the_other_name(tmp_path: Path, capsys, tiny_shards: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()
     victim = tmp_path / "precious.txt"
     victim.write_text("keep me\n")
     os.link(victim, run / ".lock")
-    rc, err = _train(run, tmp_path, capsys)
+    rc, err = _train(run, tiny_shards, capsys)
     assert rc == runlock.LOCKED_EXIT and "hard link" in err
     assert victim.read_text() == "keep me\n"
 
