@@ -61,3 +61,18 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 from s3_server import s3_bucket, s3_endpoint, s3_server  # noqa: E402,F401 - the SeaweedFS S3 fixtures (tests/s3_server.py)
+
+
+@pytest.fixture(autouse=True)
+def _drop_seer_log_handlers():
+    """A test that runs a CLI in-process (`seer-train`'s main) leaves setup_logging's handlers on
+    the root logger, bound to that test's captured stdout and tmp folder; a later test's log
+    record would then hit a closed stream ("--- Logging error ---" on its stderr)."""
+    yield
+    import logging
+
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_seer", False):
+            root.removeHandler(h)
+            h.close()

@@ -106,7 +106,7 @@ def test_typo_suggests_the_closest_keys_first(typo, meant):
 def test_unknown_key_without_a_close_one_lists_its_section():
     with pytest.raises(ConfigError) as e:
         load_train_config("cpu_tiny", ["data.shards=x", "train.zzzzzz=1"])
-    assert "keys of `train`: train.steps" in str(e.value) and "data.batch_size" not in str(e.value)
+    assert "keys of `train`: train.objective, train.steps" in str(e.value) and "data.batch_size" not in str(e.value)
 
 
 def test_console_line_is_short(tmp_path, caplog):
