@@ -456,7 +456,7 @@ class _Tensors:
         self.w.copy_(sd["w"])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned staging is the CUDA path")
+@pytest.mark.gpu  # pinned staging is the CUDA path (conftest skips it on CPU, and CI allows that)
 def test_async_saves_stage_into_the_same_pinned_buffers_on_cuda(tmp_path: Path) -> None:
     w = torch.ones(1 << 16, device="cuda")
     ck = Checkpointer(tmp_path, ckpt_config(every=1, keep_latest=3, **{"async": True}))
