@@ -4,10 +4,8 @@ Sizes alone miss flipped bytes (4 KB overwritten inside a .distcp loaded silentl
 every file of a save gets a SHA-256. Each rank hashes the files it wrote itself, right after
 writing them (they are still in the page cache), and the hashes reach rank 0 inside DCP's write
 results (safe_dcp.HashingFileSystemWriter); rank 0 records them in meta.json when it commits the
-save. (`write_sidecars`/`collect_hashes`, NAME.sha256 files beside the data, serve tools and
-benchmarks that hash a folder outside a DCP save.) On load every rank re-hashes a disjoint
-share of the files (file i goes to rank i % world), so the cost is spread like the writing, and
-the load-agreement collective makes every rank skip a checkpoint one rank found corrupt.
+save. On load every rank re-hashes a disjoint share of the files (file i goes to rank i %
+world), so the cost is spread like the writing, and the load-agreement collective makes every rank skip a checkpoint one rank found corrupt.
 
 Torch-free: `seer-status` and the launcher read `latest` and meta.json through this module.
 """
@@ -19,14 +17,11 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable
-
-from seer_pipeline.core.io_utils import atomic_write_text
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 HASH = "sha256"
-SIDECAR = ".sha256"  # NAME.sha256 next to NAME while a save is in its .partial folder
 _CHUNK = 4 << 20
 _STEP_NAME = re.compile(r"^step_\d{9}$")
 # `latest` holds one step folder name; anything longer is not ours and is not read further.
@@ -50,27 +45,6 @@ def hash_file(path: str | os.PathLike) -> str:
         while n := f.readinto(buf):
             h.update(view[:n])
     return h.hexdigest()
-
-
-def write_sidecars(folder: str | os.PathLike, names: Iterable[str]) -> None:
-    """Writer side: hash each just-written file and leave NAME.sha256 beside it."""
-    for name in sorted(set(names)):
-        atomic_write_text(Path(folder) / (name + SIDECAR), hash_file(Path(folder) / name) + "\n")
-
-
-def collect_hashes(folder: str | os.PathLike) -> dict[str, str]:
-    """Rank 0 at finalize: {file: hash} of every data file, from the sidecars (hashing what has
-    none, e.g. DCP's .metadata), then drop the sidecars."""
-    folder = Path(folder)
-    out: dict[str, str] = {}
-    for p in sorted(folder.iterdir()):
-        if not p.is_file() or p.name.endswith(SIDECAR) or p.name == "meta.json":
-            continue
-        side = folder / (p.name + SIDECAR)
-        out[p.name] = side.read_text().strip() if side.is_file() else hash_file(p)
-    for p in folder.glob("*" + SIDECAR):
-        p.unlink()
-    return out
 
 
 def verify_hashes(folder: str | os.PathLike, meta: dict[str, Any], rank: int = 0,
