@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from seer_pipeline.checkpoint.checkpointer import Checkpointer
+from seer_pipeline.distributed.parallelize import unwrap
 from seer_pipeline.train import dino, swav
 from seer_pipeline.train.state import ModelState
 
@@ -104,7 +105,7 @@ class DINOObjective:
                  autocast: AbstractContextManager, total_steps: int, device: torch.device) -> None:
         self.cfg, self.autocast, self.total = cfg.dino, autocast, total_steps
         self.student, self.teacher = student, teacher
-        self.head = _inner(student).head
+        self.head = unwrap(student).head
         self.center = dino.MeanCenter(cfg.model.n_prototypes, cfg.dino.center_momentum).to(device)
 
     def register(self, ckpt: Checkpointer) -> None:
@@ -141,7 +142,3 @@ class DINOObjective:
     def after_optimizer_step(self, step: int) -> None:
         m = dino.teacher_momentum(step, self.total, self.cfg.teacher_momentum)
         dino.ema_update(self.teacher, self.student, m)
-
-
-def _inner(model: nn.Module) -> nn.Module:
-    return getattr(model, "_orig_mod", model)
