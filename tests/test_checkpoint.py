@@ -7,6 +7,7 @@ import os
 import signal
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -305,15 +306,22 @@ def ckpt_496(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
-@pytest.mark.parametrize("rank", [0, 1, 255, 495])
-def test_resume_opens_per_rank_do_not_grow_with_world_size(ckpt_496: Path, rank: int) -> None:
-    ck = Checkpointer(ckpt_496, ckpt_config(every=1), rank=rank, world_size=WORLD_496)
-    c, loader, rng = _Counter(), _Loaderish(rank), _PerRank(-1)
-    ck.register("train", c)
+def _restore_496(ckpt: Path, rank: int, world: int, *extra: tuple[str, Any]) -> tuple[Any, Any, Any]:
+    """Restore the 496-rank folder as rank `rank` of `world`: (loader, rng, files opened)."""
+    ck = Checkpointer(ckpt, ckpt_config(every=1), rank=rank, world_size=world)
+    loader, rng = _Loaderish(rank), _PerRank(-1)
+    for name, component in extra:
+        ck.register(name, component)
     ck.register("loader", loader, per_rank=True, summary=("rank", "outputs"))
     ck.register("rng", rng, per_rank=True)
-    with _Opens(ckpt_496) as opens:
+    with _Opens(ckpt) as opens:
         assert ck.restore() == 3
+    return loader, rng, opens
+
+
+@pytest.mark.parametrize("rank", [0, 1, 255, 495])
+def test_resume_opens_per_rank_do_not_grow_with_world_size(ckpt_496: Path, rank: int) -> None:
+    loader, rng, opens = _restore_496(ckpt_496, rank, WORLD_496, ("train", _Counter()))
     # `latest`, meta.json, its share of files to hash (497 over 496 ranks: 1 or 2), DCP's
     # .metadata, its own file, rank 0's (per-rank entries, summaries) and the files DCP's dedup
     # gave the replicated values to (here `train` and `config`: ranks 1 and 2). Before: 496+.
@@ -327,12 +335,7 @@ def test_resume_opens_per_rank_do_not_grow_with_world_size(ckpt_496: Path, rank:
 
 
 def test_resume_on_another_world_size_reads_the_summaries(ckpt_496: Path) -> None:
-    ck = Checkpointer(ckpt_496, ckpt_config(every=1), rank=600, world_size=640)  # a rank that did not exist
-    loader, rng = _Loaderish(600), _PerRank(-1)
-    ck.register("loader", loader, per_rank=True, summary=("rank", "outputs"))
-    ck.register("rng", rng, per_rank=True)
-    with _Opens(ckpt_496) as opens:
-        assert ck.restore() == 3
+    loader, rng, opens = _restore_496(ckpt_496, 600, 640)  # a rank that did not exist
     assert len(opens.paths) <= 9, " ".join(p.rsplit("/", 1)[1] for p in opens.paths)
     assert [s["outputs"] for s in loader.got] == [[r, 2 * r] for r in range(WORLD_496)]
     assert rng.got[0] == {"v": 0} and all(s is None for s in rng.got[1:])

@@ -17,15 +17,13 @@ import pytest
 
 from seer_pipeline.core.exit_codes import INTERRUPTED, PREEMPTED
 
+from tests.test_trainer import _env as clean_env
+
 REPO = Path(__file__).resolve().parent.parent
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "SUBMITIT_", "TORCHELASTIC")) and k not in
-           ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env["PYTHONPATH"] = str(REPO)
-    return env
+    return clean_env(PYTHONPATH=str(REPO))
 
 
 def _start_train(run: Path, shards: Path) -> subprocess.Popen:
@@ -50,6 +48,19 @@ def _wait_for_steps(proc: subprocess.Popen, run: Path, n: int, timeout: float = 
         time.sleep(0.1)
 
 
+def _signal_run(run: Path, shards: Path, steps: int, send) -> tuple[int, str]:  # noqa: ANN001
+    """Start a 2-rank run, call `send(proc)` once `steps` are logged, wait: (exit code, output)."""
+    proc = _start_train(run, shards)
+    try:
+        _wait_for_steps(proc, run, steps)
+        send(proc)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, out
+
+
 def _no_traceback(out: str) -> None:
     assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-4000:]
 
@@ -57,15 +68,8 @@ def _no_traceback(out: str) -> None:
 @pytest.mark.slow
 def test_ctrl_c_saves_and_exits_75(tiny_shards: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    proc = _start_train(run, tiny_shards)
-    try:
-        _wait_for_steps(proc, run, 3)
-        os.killpg(proc.pid, signal.SIGINT)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == PREEMPTED, out[-4000:]
+    rc, out = _signal_run(run, tiny_shards, 3, lambda p: os.killpg(p.pid, signal.SIGINT))
+    assert rc == PREEMPTED, out[-4000:]
     _no_traceback(out)
     k = _steps(run)
     assert k >= 3
@@ -132,15 +136,8 @@ def test_hangup_of_the_launcher_saves(tiny_shards: Path, tmp_path: Path) -> None
     """The ranks sit in their own process group, so a closed terminal (SIGHUP to the launcher)
     must reach them as a SIGTERM: save and exit 75, not orphans that train on."""
     run = tmp_path / "run"
-    proc = _start_train(run, tiny_shards)
-    try:
-        _wait_for_steps(proc, run, 2)
-        os.kill(proc.pid, signal.SIGHUP)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == PREEMPTED, out[-4000:]
+    rc, out = _signal_run(run, tiny_shards, 2, lambda p: os.kill(p.pid, signal.SIGHUP))
+    assert rc == PREEMPTED, out[-4000:]
     assert "SIGTERM received: saving at step" in out
     k = _steps(run)
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{k:09d}"

@@ -2,9 +2,6 @@
 teacher and student of an uninterrupted run, bit for bit; export takes the teacher by default."""
 from __future__ import annotations
 
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +9,7 @@ import torch
 
 from seer_pipeline.core.exit_codes import PREEMPTED
 from seer_pipeline.weights.cli import consolidate
-from tests.test_trainer import REPO, STEPS, _cmd, _env, _rows, _run
+from tests.test_trainer import STEPS, _cmd, _rows, _run, usr2_after
 
 
 def _dino(run: Path, shards: Path, *extra: str) -> list[str]:
@@ -34,16 +31,8 @@ def test_dino_sigusr2_resume_is_bitwise_exact(tiny_shards: Path, tmp_path: Path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
     run = tmp_path / "cut" / "run"
-    proc = subprocess.Popen(_dino(run, tiny_shards), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if (run / "metrics.jsonl").exists() and len(_rows(run)) >= 6:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGUSR2)
-    out, _ = proc.communicate(timeout=180)
-    assert proc.returncode == PREEMPTED, out[-3000:]
+    rc, out = usr2_after(_dino(run, tiny_shards), run, 6, wait_s=300, exit_s=180)
+    assert rc == PREEMPTED, out[-3000:]
     k = len(_rows(run))
     assert 6 <= k < STEPS
     res = _run(_dino(run, tiny_shards))

@@ -45,14 +45,15 @@ def test_failed_job_shows_the_task_error_and_only_existing_logs(tmp_path, monkey
     folder = run / "slurm" / "77"
     folder.mkdir(parents=True)
     (folder / "77_0_log.err").write_text("")
+    missing = tmp_path / "no-shards"
     (folder / "77_1_log.err").write_text(
-        "noise\nseer-train: data.shards=/shared/shards: no such folder or file\n")
+        f"noise\nseer-train: data.shards={missing}: no such folder or file\n")
     monkeypatch.setattr(status, "job_info", lambda j: status_info(j, "FAILED"))
     st = status.run_status(run)
     text = status.format_status(st)
     assert st["state"] == "FAILED"
     assert st["error_file"].endswith("77_1_log.err")
-    assert "  seer-train: data.shards=/shared/shards: no such folder or file" in text.splitlines()
+    assert f"  seer-train: data.shards={missing}: no such folder or file" in text.splitlines()
     assert f"logs:       {folder}" in text  # RUN/logs does not exist, so it is not named
     assert str(run / "logs") not in text
 

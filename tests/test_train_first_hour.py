@@ -3,7 +3,6 @@ and a finished run is extended the documented way (docs/config.md, "Extending a 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,15 +14,13 @@ from seer_pipeline.config.base import ConfigError
 from seer_pipeline.config.train import check_resume_compatible, load_train_config
 from seer_pipeline.train.cli import shards_problem
 
+from tests.test_trainer import _env as clean_env
+
 REPO = Path(__file__).resolve().parent.parent
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "SUBMITIT_", "TORCHELASTIC")) and k not in
-           ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env["PYTHONPATH"] = str(REPO)
-    return env
+    return clean_env(PYTHONPATH=str(REPO))
 
 
 def _train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -44,6 +44,22 @@ def _rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
 
 
+def usr2_after(cmd: list[str], run: Path, rows: int, wait_s: float = 200,
+               exit_s: float = 120) -> tuple[int, str]:
+    """Run `cmd`, send SIGUSR2 once `rows` steps are logged (or after `wait_s`), wait for it to
+    exit: (exit code, output)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if (run / "metrics.jsonl").exists() and len(_rows(run)) >= rows:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR2)
+    out, _ = proc.communicate(timeout=exit_s)
+    return proc.returncode, out
+
+
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory: pytest.TempPathFactory, tiny_shards: Path) -> Path:
     """An uninterrupted run (with async periodic saves, which must not change anything)."""
@@ -56,16 +72,8 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory, tiny_shards: Path) -
 @pytest.mark.slow
 def test_sigusr2_resume_is_bitwise_exact(reference_run: Path, tiny_shards: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    proc = subprocess.Popen(_cmd(run, tiny_shards), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 200
-    while time.monotonic() < deadline:  # interrupt once step 7 is logged: k = 7 or a little later
-        if (run / "metrics.jsonl").exists() and len(_rows(run)) >= 7:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGUSR2)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == PREEMPTED, out[-3000:]
+    rc, out = usr2_after(_cmd(run, tiny_shards), run, 7)  # once step 7 is logged: k = 7 or a little later
+    assert rc == PREEMPTED, out[-3000:]
     k = len(_rows(run))
     assert 7 <= k < STEPS, out[-2000:]
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{k:09d}"
