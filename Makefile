@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # `install` or `demo`.
 INTEROP_STAMP := .venv-interop/.installed
 
-.PHONY: install demo test test-fast test-interop test-slurm bench clean slurm-start slurm-stop
+.PHONY: install demo test test-fast test-interop test-slurm bench clean slurm-start slurm-stop gpu-bundle
 
 install: $(STAMP)
 	@echo "[install] done: the seer-* commands are in $(VENV)/bin; in each new shell run:  source $(VENV)/bin/activate"
@@ -55,6 +55,12 @@ bench: install
 test-slurm: install slurm-start
 	$(PY) -m pytest -q -m slurm tests
 
+# Wheels for benchmarks/gpu_run.sh on a GPU machine without network (docs/gpu.md); needs PyPI
+# here, not the venv. GPU_BUNDLE_PYTHONS=3.12 makes a smaller one for a known Python.
+GPU_BUNDLE_PYTHONS ?= 3.10,3.11,3.12,3.13
+gpu-bundle:
+	python3 scripts/gpu_bundle.py --out gpu-bundle --pythons $(GPU_BUNDLE_PYTHONS)
+
 slurm-start:
 	bash slurm/local-cluster/start.sh
 
@@ -62,4 +68,4 @@ slurm-stop:
 	bash slurm/local-cluster/stop.sh
 
 clean:
-	rm -rf $(VENV) .venv-interop runs .pytest_cache build *.egg-info
+	rm -rf $(VENV) .venv-interop runs .pytest_cache build *.egg-info gpu-bundle

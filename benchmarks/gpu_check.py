@@ -2,6 +2,10 @@
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/gpu_check.py [--out DIR]     # one CUDA GPU, ~8 min
     PYTHONPATH=$PWD .venv/bin/python benchmarks/gpu_check.py --smoke          # CPU, gloo, cpu_tiny
+    bash benchmarks/gpu_run.sh --out DIR    # a GPU machine without this project's dependencies
+
+`benchmarks/gpu_env.py` refuses first, in seconds, a Python it cannot run in (no torch, an
+untested one, a module missing) and records the environment (section 0).
 
 Every run is `seer_pipeline.train.cli.main` (the `seer-train` entry) in a fresh process with
 `dist.backend=nccl` at world size 1, bf16, activation checkpointing and SyncBN (on CUDA, from the
@@ -20,8 +24,9 @@ seer_32gf preset). The process wrapper only observes: it times `Trainer.train` a
 Writes DIR/gpu_check.json, DIR/gpu_check.md (the table for docs/gpu.md) and DIR/train.log (every
 process's output) after every section, nothing else: run folders, probes and shards go to a
 temporary work folder (`work_dir` in the JSON). Core sections first (1.6GF resume without
-compile, 32GF throughput, save stall); 128GF and the compiled resume only while `--budget-s` lasts. `--smoke` runs the
-same code on CPU (cpu_tiny, gloo, 6 steps, compile off) so CI keeps it from rotting.
+compile, 32GF throughput, save stall); 128GF and the compiled resume only while `--budget-s`
+lasts; no process outlives `--limit-s`. `--smoke` runs the same code on CPU (cpu_tiny, gloo,
+6 steps, compile off) so CI keeps it from rotting.
 """
 from __future__ import annotations
 
@@ -39,6 +44,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from benchmarks.gpu_report import passed, render, save  # noqa: E402  (the repository root is no package)
+
 PHOTOS = REPO / "tests" / "data" / "photos"
 RESUME_TRUNK = "regnety_1.6gf"
 PREEMPTED = 75  # seer_pipeline.train.signals.PREEMPTED (not imported: keeps --help torch-free)
@@ -84,10 +91,13 @@ def _probe(out_json: str, argv: list[str]) -> int:
 class Check:
     """Builds the commands; `smoke` swaps the GPU settings for cpu_tiny on gloo."""
 
-    def __init__(self, out: Path, smoke: bool, shards: Path, work: Path | None = None) -> None:
+    def __init__(self, out: Path, smoke: bool, shards: Path, work: Path | None = None,
+                 deadline: float | None = None) -> None:
         # `out` gets the results only (at most 8 files); run folders, probes and shards go to `work`.
         self.out, self.smoke, self.shards = out, smoke, shards
         self.work = work or out
+        # time.monotonic() by which every process must be gone: a lent machine's command limit.
+        self.deadline = deadline
         self.preset = "cpu_tiny" if smoke else "seer_32gf"
         self.backend = "gloo" if smoke else "nccl"
 
@@ -110,11 +120,14 @@ class Check:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))
                and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        deadline = time.monotonic() + timeout
+        if self.deadline is not None:
+            deadline = min(deadline, self.deadline)
+            timeout = max(0.0, deadline - time.monotonic())
         with open(self.out / "train.log", "a") as log:  # one log for every process, in order
             log.write(f"\n===== {name}: {' '.join(cmd[4:])}\n")
             log.flush()
             proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-            deadline = time.monotonic() + timeout
             sent = False
             while proc.poll() is None and time.monotonic() < deadline:
                 if interrupt_after and not sent and len(_rows(run)) >= interrupt_after:
@@ -181,7 +194,13 @@ def throughput(c: Check, trunk: str, steps: int, warmup: int, sim: subprocess.Po
     out["cuda_max_allocated_gib"] = rec.get("cuda_max_allocated_gib")
     out["cuda_max_reserved_gib"] = rec.get("cuda_max_reserved_gib")
     if sim is not None:
-        so, se = sim.communicate(timeout=900)
+        wait = 900.0 if c.deadline is None else max(1.0, c.deadline - time.monotonic())
+        try:
+            so, se = sim.communicate(timeout=wait)
+        except subprocess.TimeoutExpired:  # the training figures stand without it
+            sim.kill()
+            so, se = sim.communicate()
+            se = f"seer-plan --simulate did not finish in {wait:.0f} s\n" + se
         if sim.returncode == 0:
             s = json.loads(so.strip().splitlines()[-1])
             out["planned_gib"], out["simulated_gib"] = s["memory_per_gpu_gib"], s["simulated_peak_gib"]
@@ -214,41 +233,11 @@ def ckpt_stall(c: Check, trunk: str, steps: int, every: int, no_save_loop_s: flo
             "async_stall_share": stall / sync_cost if sync_cost > 0 else None}
 
 
-def render(res: dict[str, Any]) -> str:
-    lines = [f"# gpu_check on {res['device']} ({'smoke, CPU' if res['smoke'] else 'GPU'}), "
-             f"{res['wall_s']:.0f} s", "", "| resume check | exit codes | interrupted at | losses equal | max diff |",
-             "|---|---|---|---|---|"]
-    for r in res.get("resume", []):
-        lines.append(f"| compile {'on' if r['compile'] else 'off'} | {r['exit_codes']} | {r['interrupted_at']} | "
-                     f"{r['losses_equal']} | {r['max_abs_loss_diff']} |")
-    lines += ["", "| trunk | img/s/GPU | MFU | data wait | peak alloc GiB | planned GiB | simulated GiB |",
-              "|---|---|---|---|---|---|---|"]
-    f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
-    for t in res.get("throughput", []):
-        lines.append(f"| {t['trunk']} | {f(t.get('img_s_per_gpu'), 1)} | {f(t.get('mfu'), 3)} | "
-                     f"{f(t.get('data_wait_share'))} | {f(t.get('cuda_max_allocated_gib'))} | "
-                     f"{f(t.get('planned_gib'))} | {f(t.get('simulated_gib'))} |")
-    s = res.get("ckpt_stall", {"error": "not run"})
-    if "error" not in s:
-        lines += ["", f"Async checkpoint stall ({s['trunk']}, a save every {s['every']} of {s['steps']} steps): "
-                  f"{s['async_stall_s']:.2f} s vs {s['sync_save_cost_s']:.2f} s for synchronous saves "
-                  f"(share {f(s['async_stall_share'])})."]
-    if res.get("skipped"):
-        lines += ["", "Skipped for time: " + "; ".join(res["skipped"]) + "."]
-    return "\n".join(lines) + "\n"
-
-
 #: Rough seconds each optional section needs on an H100 (guesses until measured: 30 steps of
 #: 128GF plus start-up; three 1.6GF runs with compile), compared with the budget left.
 EXTRA_S = {"128gf": 150, "compile": 240}
-BUDGET_S = 540  # one lent-machine command may run 600 s
-
-
-def _save(out: Path, res: dict[str, Any]) -> None:
-    for name, text in (("gpu_check.json", json.dumps(res, indent=1)), ("gpu_check.md", render(res))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+BUDGET_S = 540  # one lent-machine command may run 600 s; benchmarks/gpu_run.sh's install comes first
+LIMIT_S = 570  # every process is gone by then, so the command ends with its JSON inside 600 s
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,11 +245,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="CPU: cpu_tiny on gloo, fewer steps, compile off")
     ap.add_argument("--out", default=None, help="output folder (default: a new temporary one)")
     ap.add_argument("--budget-s", type=float, default=BUDGET_S,
-                    help="optional sections (128GF, compile) run only while this many seconds last")
+                    help="optional sections (128GF, compile) start only while this many seconds last")
+    ap.add_argument("--limit-s", type=float, default=None,
+                    help=f"every process is stopped by then (default {LIMIT_S} on a GPU, none with --smoke)")
     ap.add_argument("--probe", default=None, help=argparse.SUPPRESS)
     args, rest = ap.parse_known_args(argv)
     if args.probe:
         return _probe(args.probe, [a for a in rest if a != "--"])
+    from benchmarks.gpu_env import environment, preflight  # after --probe: children need neither
+
+    why = preflight()
+    if why:
+        print(why, file=sys.stderr)
+        return 2
     import torch
 
     from seer_pipeline.plan.gpus import GPUS, gpu_key
@@ -270,12 +267,13 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_check: no CUDA device (use --smoke on CPU)", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
+    limit = args.limit_s if args.limit_s is not None else (None if args.smoke else LIMIT_S)
     out = Path(args.out or tempfile.mkdtemp(prefix="gpu_check_"))
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gpu_check_work_"))
     shards = write_shards(work / "shards", photo_variants(PHOTOS, 64 if args.smoke else 512,
                                                           max_side=64 if args.smoke else 320), 32)
-    c = Check(out, args.smoke, shards, work)
+    c = Check(out, args.smoke, shards, work, deadline=time.monotonic() + limit if limit else None)
     device = "cpu" if args.smoke else torch.cuda.get_device_name()
     key = None if args.smoke else gpu_key(device)
     peak = GPUS[key]["bf16"] if key else None
@@ -286,43 +284,52 @@ def main(argv: list[str] | None = None) -> int:
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) for t in trunks}
     steps, at = (6, 3) if args.smoke else (20, 10)
     res: dict[str, Any] = {"device": device, "gpu_key": key, "smoke": args.smoke, "torch": torch.__version__,
-                           "work_dir": str(work), "sections_done": [], "skipped": []}
+                           "work_dir": str(work), "limit_s": limit, "budget_s": args.budget_s,
+                           "sections_done": [], "skipped": [], "errors": {}, "wall_s": 0.0}
 
-    def section(name: str, fn: Any) -> None:
-        res[name] = fn()
-        res["sections_done"].append(name)
+    def section(name: str, fn: Any, label: str = "") -> None:
+        """Run one section; with a `label` (an optional one) its result joins the list `name`."""
+        try:
+            value = fn()
+        except Exception as e:  # a section cut short (time limit, crash): the others still run
+            res["errors"][label or name] = f"{type(e).__name__}: {e}"
+        else:
+            if label:
+                res[name].append(value)
+            else:
+                res[name] = value
+            res["sections_done"].append(label or name)
         res["wall_s"] = time.perf_counter() - t0
-        _save(out, res)  # after every section: a command cut short keeps what it measured
+        save(out, res)  # after every section: a command cut short keeps what it measured
 
     # Core sections first (issue 20: within 8 minutes on one GPU), then the optional ones while
     # the time budget lasts.
+    section("environment", environment)
     section("resume", lambda: [resume_check(c, False, steps, at)])
     section("throughput", lambda: [throughput(c, trunks[0], 6 if args.smoke else 30,
                                               2 if args.smoke else 10, sims[trunks[0]], peak)])
     section("ckpt_stall", lambda: ckpt_stall(c, trunks[0], 6 if args.smoke else 30, 2 if args.smoke else 10,
                                              res["throughput"][0].get("train_s")))
-    extras = [] if args.smoke else [("throughput", trunks[1], EXTRA_S["128gf"]), ("resume", "compile", EXTRA_S["compile"])]
+    extras = [] if args.smoke else [("throughput", trunks[1], EXTRA_S["128gf"]),
+                                    ("resume", "compile", EXTRA_S["compile"])]
     for kind, what, need in extras:
         left = args.budget_s - (time.perf_counter() - t0)
         if left < need:
             res["skipped"].append(f"{kind} {what}: {left:.0f} s left of --budget-s, needs ~{need} s")
-            _save(out, res)
+            save(out, res)
             continue
-        if kind == "throughput":
-            res["throughput"].append(throughput(c, what, 30, 10, sims[what], peak))
+        if kind not in res:  # its core section failed: nothing to add to
+            res["skipped"].append(f"{kind} {what}: the core {kind} section failed")
+        elif kind == "throughput":
+            section(kind, lambda: throughput(c, what, 30, 10, sims[what], peak), f"{kind} {what}")
         else:
-            res["resume"].append(resume_check(c, True, steps, at))
-        res["sections_done"].append(f"{kind} {what}")
-        res["wall_s"] = time.perf_counter() - t0
-        _save(out, res)
+            section(kind, lambda: resume_check(c, True, steps, at), f"{kind} {what}")
     for p in sims.values():
         if p.poll() is None:
             p.kill()
     print(render(res))
     print(f"gpu_check: wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'}")
-    good = all(r["steps_once_each"] and r["preempted"] for r in res["resume"]) and all(
-        t["exit_code"] == 0 for t in res["throughput"])
-    return 0 if good else 1
+    return 0 if passed(res) else 1
 
 
 if __name__ == "__main__":
