@@ -57,7 +57,7 @@ from seer_pipeline.checkpoint.layout import (
     step_dir_name,
     verify_share,
 )
-from seer_pipeline.checkpoint.safe_dcp import pack, unpack  # noqa: F401 - the payload format
+from seer_pipeline.checkpoint.safe_dcp import pack, unpack
 from seer_pipeline.config.train import CkptConfig
 from seer_pipeline.core.io_utils import atomic_write_json, atomic_write_text, fsync_dir
 from seer_pipeline.distributed.setup import collective_device

@@ -25,8 +25,8 @@ from seer_pipeline.config.base import (
     to_container,
 )
 from seer_pipeline.config.slurm import SlurmConfig, has_control, slurm_errors
-from seer_pipeline.data.config import DataConfig
-from seer_pipeline.data.crops import CROP_PRESETS
+from seer_pipeline.config.data import DataConfig
+from seer_pipeline.config.crops import CROP_PRESETS
 from seer_pipeline.models.regnet import list_trunks
 
 

@@ -18,8 +18,9 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 from torch.utils.data import DataLoader
 
-from seer_pipeline.data.config import DataConfig
-from seer_pipeline.data.augment import CROP_PRESETS, MultiCrop, pil_flavour
+from seer_pipeline.config.crops import CROP_PRESETS
+from seer_pipeline.config.data import DataConfig
+from seer_pipeline.data.augment import MultiCrop, pil_flavour
 from seer_pipeline.data.order import epoch_runs, remainder, runs_len, shuffle_order
 from seer_pipeline.shards.reader import resolve_shards
 from seer_pipeline.data.stream import EpochStream

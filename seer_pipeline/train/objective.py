@@ -19,6 +19,7 @@ from torch import nn
 
 from seer_pipeline.checkpoint.checkpointer import Checkpointer
 from seer_pipeline.distributed.parallelize import unwrap
+from seer_pipeline.models.swav_head import normalize_prototypes
 from seer_pipeline.train import dino, swav
 from seer_pipeline.train.state import ModelState
 
@@ -56,7 +57,7 @@ class SwAVObjective:
 
     def forward(self, model: nn.Module, views: list[torch.Tensor], step: int, log_now: bool) -> Forward:
         c = self.cfg
-        swav.normalize_prototypes(self.head)
+        normalize_prototypes(self.head)
         with self.autocast:
             emb, scores = model(views)
         queue_scores = None
