@@ -27,8 +27,11 @@ class DataSpecError(ValueError):
 
 @dataclass
 class LabelledData:
+    """Both splits of a labelled set: the images (`load_data`: uint8 [N, H, W, C] in memory) or
+    a frozen trunk's features of them (`feature_stream.extract_features`: float32 [N, D] memmaps).
+    One type for both, so a probe or `subset` takes either."""
     name: str
-    train_x: np.ndarray  # uint8 [N, H, W, C]
+    train_x: np.ndarray  # uint8 [N, H, W, C] images, or float32 [N, D] features
     train_y: np.ndarray  # int64 [N]
     test_x: np.ndarray
     test_y: np.ndarray
