@@ -32,7 +32,7 @@ from torch import nn
 from seer_pipeline.checkpoint.checkpointer import Checkpointer
 from seer_pipeline.config.base import parse_saved_config, save_config
 from seer_pipeline.core.exit_codes import PREEMPTED
-from seer_pipeline.core.requeue import requeue_job
+from seer_pipeline.core.requeue import OPERATOR_STOP, requeue_job
 from seer_pipeline.config.train import TrainConfig, check_resume_compatible, sections
 from seer_pipeline.data.loader import build_loader
 from seer_pipeline.distributed.parallelize import (
@@ -220,7 +220,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 views = next(it)
                 t_data = time.perf_counter() - t0
-                values, preempt = self.train_step(views)
+                values, stop = self.train_step(views)
                 self.step += 1
                 dt = time.perf_counter() - t0
                 self.throughput.update(self.global_batch, dt)
@@ -232,8 +232,8 @@ class Trainer:
                     values.update({f"data_{k}": v for k, v in self.loader.metrics().items()
                                    if isinstance(v, (int, float)) and not isinstance(v, bool)})
                 metrics.log_step(self.step, values)
-                if preempt:
-                    return self._preempted()
+                if stop:
+                    return self._preempted(stop)
                 self.ckpt.after_step(self.step, last=self.step >= loop.steps, preempted=False)
             if resumed is not None and resumed >= loop.steps:  # nothing left to train
                 self.ckpt.after_step(self.step, last=True, preempted=False)
@@ -245,20 +245,22 @@ class Trainer:
             metrics.close()
             self.flag.restore()
 
-    def _preempted(self) -> int:
-        log.warning("%s received: saving at step %d before exiting", self.flag.name(), self.step)
+    def _preempted(self, reason: str) -> int:
+        log.warning("%s received: saving at step %d before exiting", reason, self.step)
         t0 = time.monotonic()
         self.ckpt.after_step(self.step, last=False, preempted=True)
         secs = time.monotonic() - t0
         log.warning("preemption save took %.2fs", secs)
         if self.rank == 0:
             requeue_job(self.run_dir, max_requeues=self.c.slurm.max_requeues, step=self.step,
-                        reason=self.flag.name())
+                        reason=reason)
         # No rank exits before rank 0 committed the save and requeued (dist.setup.wait_for_peers).
         wait_for_peers()
         return PREEMPTED
 
-    def train_step(self, views: list[torch.Tensor]) -> tuple[dict[str, Any], bool]:
+    def train_step(self, views: list[torch.Tensor]) -> tuple[dict[str, Any], str]:
+        """One optimizer step: (logged values, '' or why every rank stops after it: the signal,
+        OPERATOR_STOP when any rank got Ctrl-C)."""
         step = self.step
         lr = lr_at(self.schedule, step)
         for g in self.optimizer.param_groups:
@@ -268,14 +270,16 @@ class Trainer:
         loss, stats, describe = self.objective.forward(self.model, views, step, log_now)
         loss.backward()
         # One collective per step, on the compute device (the group's): [sum of losses, ranks
-        # with a non-finite loss, ranks signalled]. It is also how ranks agree on preemption.
+        # with a non-finite loss, ranks signalled, ranks given Ctrl-C]. It is also how ranks
+        # agree on preemption, and on whether it is an operator's stop (never requeued).
         finite = torch.isfinite(loss.detach())
-        packed = torch.stack((torch.where(finite, loss.detach(), 0.0).double(), (~finite).double(),
-                              torch.full((), float(self.flag.local), dtype=torch.float64,
-                                         device=loss.device)))
+        flags = torch.tensor([float(self.flag.local), float(self.flag.name() == OPERATOR_STOP)],
+                             dtype=torch.float64, device=loss.device)
+        packed = torch.cat((torch.stack((torch.where(finite, loss.detach(), 0.0).double(),
+                                         (~finite).double())), flags))
         if dist.is_initialized():
             dist.all_reduce(packed)
-        loss_sum, n_bad, n_signalled = packed.tolist()  # the step's one host sync
+        loss_sum, n_bad, n_signalled, n_interrupted = packed.tolist()  # the step's one host sync
         if n_bad > 0:
             raise NonFiniteLossError(
                 f"non-finite loss at step {self.step + 1} (local loss {float(loss.detach())} on rank "
@@ -287,4 +291,5 @@ class Trainer:
         values: dict[str, Any] = {"loss": loss_sum / self.world, "lr": lr}
         if log_now:
             values.update({k: float(v) for k, v in stats.items() if k != "loss"})
-        return values, n_signalled > 0
+        stop = OPERATOR_STOP if n_interrupted > 0 else self.flag.name() if n_signalled > 0 else ""
+        return values, stop
