@@ -273,10 +273,11 @@ class Trainer:
         # with a non-finite loss, ranks signalled, ranks given Ctrl-C]. It is also how ranks
         # agree on preemption, and on whether it is an operator's stop (never requeued).
         finite = torch.isfinite(loss.detach())
-        flags = torch.tensor([float(self.flag.local), float(self.flag.name() == OPERATOR_STOP)],
-                             dtype=torch.float64, device=loss.device)
-        packed = torch.cat((torch.stack((torch.where(finite, loss.detach(), 0.0).double(),
-                                         (~finite).double())), flags))
+        # torch.full, not torch.tensor([...], device=): a fill kernel, no host-to-device copy
+        # (a blocking copy would sync with the backward before the all-reduce is queued).
+        flags = (float(self.flag.local), float(self.flag.name() == OPERATOR_STOP))
+        packed = torch.stack((torch.where(finite, loss.detach(), 0.0).double(), (~finite).double(),
+                              *(torch.full((), f, dtype=torch.float64, device=loss.device) for f in flags)))
         if dist.is_initialized():
             dist.all_reduce(packed)
         loss_sum, n_bad, n_signalled, n_interrupted = packed.tolist()  # the step's one host sync
