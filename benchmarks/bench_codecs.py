@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from data_prep import images  # noqa: E402
 from seer_pipeline.data import augment  # noqa: E402
-from seer_pipeline.data.crops import CROP_PRESETS  # noqa: E402
+from seer_pipeline.config.crops import CROP_PRESETS  # noqa: E402
 
 EXTS = (".jpg", ".jpeg", ".png", ".webp")
 

@@ -24,7 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from seer_pipeline.models import build_trunk  # noqa: E402
-from seer_pipeline.train.swav import SwAVHead, swav_loss  # noqa: E402
+from seer_pipeline.models.swav_head import SwAVHead  # noqa: E402
+from seer_pipeline.train.swav import swav_loss  # noqa: E402
 
 
 def main() -> None:

@@ -34,8 +34,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 from reference_multicrop import ReferenceMultiCrop  # noqa: E402
 from seer_pipeline.data.augment import pil_flavour, multicrop_factory  # noqa: E402
-from seer_pipeline.data.config import DataConfig  # noqa: E402
-from seer_pipeline.data.crops import CROP_PRESETS  # noqa: E402
+from seer_pipeline.config.data import DataConfig  # noqa: E402
+from seer_pipeline.config.crops import CROP_PRESETS  # noqa: E402
 from seer_pipeline.data.loader import build_loader  # noqa: E402
 from seer_pipeline.shards.synth import write_shards  # noqa: E402
 

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 from fault_proxy import FaultProxy, Faults  # noqa: E402
 from s3_server import start_server  # noqa: E402
-from seer_pipeline.data.config import DataConfig  # noqa: E402
+from seer_pipeline.config.data import DataConfig  # noqa: E402
 from seer_pipeline.data.loader import build_loader  # noqa: E402
 from seer_pipeline.shards.synth import photo_variants, write_shards  # noqa: E402
 from seer_pipeline.store import client, objects, reader  # noqa: E402

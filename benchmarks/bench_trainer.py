@@ -28,6 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from seer_pipeline.models.swav_head import normalize_prototypes  # noqa: E402
 from seer_pipeline.train import swav  # noqa: E402
 from seer_pipeline.train.optim import LARS  # noqa: E402
 from seer_pipeline.distributed.testing import run_distributed  # noqa: E402
@@ -76,7 +77,7 @@ def _views(cfg, seed: int = 0) -> list[torch.Tensor]:
 
 def bare_step(model, opt, views, cfg) -> torch.Tensor:
     """One SwAV step with no trainer around it (also gpu_check.py's timed step); the loss."""
-    swav.normalize_prototypes(model.head)
+    normalize_prototypes(model.head)
     _, scores = model(views)
     loss, _ = swav.swav_loss(scores, len(views), cfg.swav.crops_for_assign, temperature=cfg.swav.temperature,
                              epsilon=cfg.swav.epsilon, n_iters=cfg.swav.sinkhorn_iters, compute_stats=False)
@@ -144,7 +145,7 @@ def _step_worker(rank: int, world: int, spec: tuple, fsdp: str, steps: int, warm
     times = []
     for i in range(warm + steps):
         t0 = time.perf_counter()
-        swav.normalize_prototypes(inner.head)
+        normalize_prototypes(inner.head)
         _, scores = model(views)
         loss, _ = swav.swav_loss(scores, len(views), compute_stats=False)
         loss.backward()

@@ -26,7 +26,7 @@ import submitit
 from launch import scheduler  # module reference: tests patch scheduler.job_info
 from seer_pipeline.checkpoint.integrity import read_latest
 from seer_pipeline.core.exit_codes import PREEMPTED
-from seer_pipeline.core.requeue import book_requeue, read_requeues
+from seer_pipeline.core.requeue import OPERATOR_STOP, book_requeue, read_requeues
 
 DEFAULT_ENTRY = "seer_pipeline.train.cli:main"
 # How long a rank that saw PREEMPTED waits for rank 0's `scontrol requeue` to show in the job state.
@@ -154,7 +154,10 @@ class TrainJob:
                      denv.job_id)
             return {**result, "requeued": True}
         rq = read_requeues(self.run_dir)
-        why = (f"requeue cap reached ({rq['count']}/{self.max_requeues} requeues, slurm.max_requeues)"
+        last = rq["history"][-1] if rq["history"] and isinstance(rq["history"][-1], dict) else {}
+        why = ("stopped by Ctrl-C (SIGINT), an operator's stop, which is never requeued"
+               if last.get("reason") == OPERATOR_STOP and float(last.get("time", 0)) >= started
+               else f"requeue cap reached ({rq['count']}/{self.max_requeues} requeues, slurm.max_requeues)"
                if rq["count"] >= self.max_requeues else "no SLURM requeue followed the save")
         raise NotRequeued(
             f"training stopped on a preemption signal and saved {result['checkpoint'] or 'nothing'}"

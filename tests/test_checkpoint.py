@@ -182,7 +182,9 @@ def test_signal_only_sets_a_flag() -> None:
     assert signal.getsignal(signal.SIGUSR2) in (signal.SIG_DFL, None) or callable(signal.getsignal(signal.SIGUSR2))
 
 
-def test_requeue_counts_against_cap(tmp_path: Path, monkeypatch) -> None:
+@pytest.fixture
+def scontrol_calls(tmp_path: Path, monkeypatch) -> Path:
+    """Inside SLURM job 4242, with an `scontrol` that appends its arguments to the file returned."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     log = tmp_path / "calls"
@@ -191,6 +193,11 @@ def test_requeue_counts_against_cap(tmp_path: Path, monkeypatch) -> None:
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    return log
+
+
+def test_requeue_counts_against_cap(tmp_path: Path, monkeypatch, scontrol_calls: Path) -> None:
+    log = scontrol_calls
     assert requeue_job(tmp_path, 2, 10, "SIGUSR2") and requeue_job(tmp_path, 2, 20, "SIGTERM")
     assert not requeue_job(tmp_path, 2, 30, "SIGUSR2")  # over the cap: no third requeue
     assert log.read_text().splitlines() == ["requeue 4242", "requeue 4242"]
@@ -198,6 +205,15 @@ def test_requeue_counts_against_cap(tmp_path: Path, monkeypatch) -> None:
     assert data["count"] == 2 and [h["requeued"] for h in data["history"]] == [True, True, False]
     monkeypatch.delenv("SLURM_JOB_ID")
     assert not requeue_job(tmp_path, 2, 40, "SIGUSR2")  # not under SLURM: nothing to requeue
+
+
+def test_ctrl_c_under_slurm_is_an_operator_stop_not_requeued(tmp_path: Path, scontrol_calls: Path) -> None:
+    """Ctrl-C of an srun (or scancel --signal=INT) stops the run: saved, booked, not requeued."""
+    assert not requeue_job(tmp_path, 5, 10, "SIGINT")
+    assert not scontrol_calls.exists()  # scontrol never ran
+    data = json.loads((tmp_path / "requeues.json").read_text())
+    assert data["count"] == 0 and [(h["reason"], h["requeued"]) for h in data["history"]] == [("SIGINT", False)]
+    assert requeue_job(tmp_path, 5, 20, "SIGTERM")  # the scheduler's signal still requeues
 
 
 def test_presets_load_and_carry_the_seer_recipe() -> None:

@@ -149,3 +149,37 @@ def test_a_dead_rank_does_not_hold_its_peers_for_the_timeout(tmp_path) -> None:
         run_distributed(_rank0_dies_then_wait, 2, str(out), timeout=180, pg_timeout_s=120)
     got = json.loads(out.read_text())
     assert got["error"] and got["elapsed"] < 60, got
+
+
+# ---- what a survivor reads from a lost peer (dist.setup.peer_lost: seer-train's dead-rank line) --
+def _peer_stops_answering(rank: int, world: int, marker: str) -> str:
+    import os
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from seer_pipeline.distributed.setup import peer_lost
+
+    if rank == 1:  # alive with its sockets open, never joining: a hung rank or a lost node
+        deadline = time.monotonic() + 120
+        while not os.path.exists(marker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return ""
+    try:
+        dist.all_reduce(torch.ones(1))
+        got = "no error"
+    except Exception as e:  # noqa: BLE001 - the test reads what it was
+        got = f"{peer_lost(e)} {type(e).__name__}: {e}"
+    open(marker, "w").close()
+    return got
+
+
+def test_a_peer_that_stops_answering_reads_as_a_lost_peer(tmp_path) -> None:
+    """gloo reports a collective timeout as a plain RuntimeError ("Timed out waiting 2000ms for
+    recv operation"): seer-train must log it as the dead-rank line ("a collective failed ...
+    another rank probably died"), as it does a reset connection, not as this rank's own error."""
+    from seer_pipeline.distributed.testing import run_distributed
+
+    got = run_distributed(_peer_stops_answering, 2, str(tmp_path / "done"), timeout=180, pg_timeout_s=2)
+    assert got[0].startswith("True RuntimeError: ") and "Timed out" in got[0], got

@@ -77,7 +77,8 @@ def _webp_bytes() -> bytes:
 def test_other_libwebp_major_falls_back_to_pil(monkeypatch: pytest.MonkeyPatch) -> None:
     # A libwebp reporting 2.0.0 must not be driven through the 1.x struct layout: the binding
     # switches itself off and every caller decodes through PIL, with the same pixels.
-    from seer_pipeline.data.augment import CROP_PRESETS, MultiCrop
+    from seer_pipeline.config.crops import CROP_PRESETS
+    from seer_pipeline.data.augment import MultiCrop
     from data_prep.images import ProcessOptions, process_bytes
 
     data = _webp_bytes()

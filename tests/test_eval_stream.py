@@ -116,6 +116,18 @@ def test_wds_streams_with_workers_and_counts_skips(tmp_path: Path) -> None:
         open_source(f"wds:{tmp_path}/none-*.tar", EvalTransform())
 
 
+def test_wds_shard_named_but_missing_is_an_error(tmp_path: Path) -> None:
+    """A brace pattern names its shards: one that is not there stops the evaluation with its
+    name, instead of an evaluation on the rest that looks complete."""
+    pattern = _shards(tmp_path / "sh")  # s-000..002
+    wider = pattern.replace("{000..002}", "{000..004}")
+    with pytest.raises(DataSpecError, match=r"2 of the 5 shards .* do not exist, first: .*s-003\.tar"):
+        open_source(f"wds:{wider}", EvalTransform())
+    (tmp_path / "sh" / "s-003.tar").mkdir()
+    with pytest.raises(DataSpecError, match=r"folder\(s\), not shards, first: .*s-003\.tar"):
+        open_source(f"wds:{tmp_path}/sh/s-*.tar", EvalTransform())
+
+
 def test_acceptance_linear_on_real_photos(tmp_path: Path) -> None:
     """`seer-eval linear --weights FILE --data imagefolder:DIR` end to end: real photos of any size,
     VISSL's 256/224 transform, DataLoader workers, memmapped features, SGD + L-BFGS, top-1/top-5."""

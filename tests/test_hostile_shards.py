@@ -20,7 +20,7 @@ from typing import Iterator
 import pytest
 
 from data_prep.verify import verify
-from seer_pipeline.data.config import DataConfig
+from seer_pipeline.config.data import DataConfig
 from seer_pipeline.data.loader import build_loader
 from seer_pipeline.eval.sources import EvalTransform, open_source
 from seer_pipeline.eval.feature_stream import extract_features

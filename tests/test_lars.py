@@ -75,9 +75,8 @@ def _fp64_embed(self, x: torch.Tensor) -> torch.Tensor:
 
 
 def _model():
-    from seer_pipeline.train import swav
     from seer_pipeline.config.train import load_train_config
-    from seer_pipeline.models.swav_head import build_model
+    from seer_pipeline.models.swav_head import SwAVHead, build_model
 
     cfg = load_train_config("cpu_tiny", ["model.n_prototypes=20", "model.hidden_dims=[32]",
                                          "model.out_dim=16"])
@@ -88,7 +87,7 @@ def _model():
     # The head casts embeddings to float32 (right for bf16 training); this test runs in float64
     # throughout, so the same maths without the cast. Patched on this instance only: patching
     # the class leaked into every later test in the same pytest process.
-    assert isinstance(model.head, swav.SwAVHead)
+    assert isinstance(model.head, SwAVHead)
     model.head.embed = types.MethodType(_fp64_embed, model.head)
     return model
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from seer_pipeline.data.config import DataConfig
+from seer_pipeline.config.data import DataConfig
 from seer_pipeline.data.loader import build_loader
 from seer_pipeline.data.order import assign, epoch_runs, runs_len, shuffle_order, worker_batches
 from seer_pipeline.shards.synth import photo_variants, write_shards

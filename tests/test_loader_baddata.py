@@ -9,7 +9,7 @@ from typing import List
 
 import pytest
 
-from seer_pipeline.data.config import DataConfig
+from seer_pipeline.config.data import DataConfig
 from seer_pipeline.data.loader import build_loader
 from seer_pipeline.shards.synth import photo_variants, write_shards
 

@@ -58,7 +58,7 @@ def test_seer_list_and_lookup() -> None:
     assert get_config("RegNetY_32GF").stage_widths[-1] == 3712
     with pytest.raises(KeyError, match="known trunks"):
         build_trunk("regnety_33gf")
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="wants a trunk name or RegNetConfig, got int"):
         build_trunk(42)  # type: ignore[arg-type]
 
 
@@ -80,7 +80,7 @@ def test_generator_is_pure_pycls_maths() -> None:
     assert regnet_widths_depths(20, 232, 115.89, 2.53, group_width=232)[0] == [232, 696, 1392, 3712]
     # Group width clamps to the width, and widths round to a multiple of it.
     assert adjust_to_groups([24, 100], 48) == ([24, 96], [24, 48])
-    with pytest.raises(RegNetConfigError):
+    with pytest.raises(RegNetConfigError, match="w_m=1.0 .*need .*w_m > 1"):
         regnet_widths_depths(10, 32, 10, 1.0)  # w_m must exceed 1
 
 
@@ -107,7 +107,7 @@ def test_tiny_trunk_forward_and_structure() -> None:
     s0 = trunk.forward_features(x, stage=0, pool=False)
     assert s0.shape == (3, 8, 8, 8)  # 32 -> stem /2 -> stage0 /2
     assert torch.allclose(trunk.forward_features(x, 0), s0.mean((2, 3)))
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match="stage 2 out of range for a trunk with 2 stages"):
         trunk.forward_features(x, stage=2)
     out.sum().backward()
     assert all(p.grad is not None for p in trunk.parameters())

@@ -20,8 +20,9 @@ from PIL import Image, ImageEnhance, ImageFilter
 from reference_multicrop import ReferenceMultiCrop
 from reference_multicrop import sample_crop_box as ref_crop_box
 from seer_pipeline.data import blur, colour
-from seer_pipeline.data.augment import (CROP_PRESETS, MEAN, STD, MultiCrop, draft_factor,
-                                        multicrop_factory, sample_crop_box)
+from seer_pipeline.config.crops import CROP_PRESETS
+from seer_pipeline.data.augment import (MEAN, STD, MultiCrop, draft_factor, multicrop_factory,
+                                        sample_crop_box)
 from seer_pipeline.codecs.webp import available as webp_available
 from seer_pipeline.codecs.webp import decode_webp
 
@@ -261,7 +262,7 @@ def test_geometry_only_sharpness_matches_reference(photos: List[bytes], one_thre
 
 
 def test_distortion_knobs_come_from_the_data_config(photos: List[bytes]) -> None:
-    from seer_pipeline.data.config import DataConfig
+    from seer_pipeline.config.data import DataConfig
     from seer_pipeline.data.loader import build_multicrop
 
     cfg = DataConfig(crops="custom", size_crops=[32], nmb_crops=[2], min_scale_crops=[0.5],

@@ -199,3 +199,34 @@ def test_seer_train_refuses_an_untested_torch_in_one_line(monkeypatch: pytest.Mo
     assert cli.run_rank(load_train_config("cpu_tiny"), resolve_env()) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("seer-train: torch 2.7.1+cu126 is outside the tested range") and "\n" not in err
+
+
+def _units_worker(rank: int, world: int) -> dict:
+    import logging
+
+    from torch.distributed.fsdp import FSDPModule
+
+    from seer_pipeline.distributed.parallelize import build_mesh
+
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("seer_pipeline.distributed.parallelize").addHandler(handler)
+    logging.getLogger("seer_pipeline.distributed.parallelize").setLevel(logging.INFO)
+    plan = ParallelPlan(blocks_per_unit=2, precision="bf16")
+    model = build_model(load_train_config("cpu_tiny"))
+    parallelize(model, plan, build_mesh(plan, "cpu", world, world), torch.device("cpu"))
+    return {"lines": lines, "blocks": [len(s.blocks) for s in model.trunk.stages],
+            "fsdp_modules": sum(isinstance(m, FSDPModule) for m in model.modules())}
+
+
+def test_the_fsdp_log_line_counts_units_not_modules() -> None:
+    """Blocks in pairs and one shared fp32 BN unit (bf16): each pair and the BN group are one
+    unit (one all-gather) over several FSDPModules."""
+    from seer_pipeline.distributed.testing import run_distributed
+
+    r = run_distributed(_units_worker, 1, timeout=240)[0]
+    units = 1 + sum((b + 1) // 2 for b in r["blocks"]) + 3  # BN unit, block pairs, prototypes, head, root
+    assert r["fsdp_modules"] > units, r  # the case where the two counts differ
+    assert [ln for ln in r["lines"] if ln.startswith("FSDP2 applied")] == [
+        f"FSDP2 applied: full sharding, mesh (1,), {units} units, params torch.bfloat16, ac=none, compile=False"], r

@@ -17,8 +17,8 @@ from torch import nn
 
 from seer_pipeline.config.train import SwavConfig, load_train_config
 from seer_pipeline.data.augment import MEAN, STD, MultiCrop
-from seer_pipeline.data.config import DataConfig
-from seer_pipeline.data.crops import CROP_PRESETS, crop_counts
+from seer_pipeline.config.data import DataConfig
+from seer_pipeline.config.crops import CROP_PRESETS, crop_counts
 from seer_pipeline.data.stream import EpochStream
 from seer_pipeline.train import swav
 

@@ -302,6 +302,32 @@ def test_requeue_cap_stops_with_a_clear_message(
     assert read_requeues(run)["count"] == 0
 
 
+def test_ctrl_c_to_a_slurm_job_saves_and_is_not_requeued(tmp_path: Path, tiny_shards: Path) -> None:
+    """SIGINT to every task (srun's forward of a Ctrl-C, or scancel --signal=INT) is an operator
+    stopping the run: every rank saves at the next step, rank 0 books it and does not requeue."""
+    fit = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0", "--mem=1G",
+           "--time=10", f"--output={tmp_path}/%j.out", f"--error={tmp_path}/%j.err"]
+    run = tmp_path / "run"
+    res = subprocess.run(
+        ["sbatch", "--parsable", *fit, str(REPO / "slurm" / "single-node.sbatch"), "--config",
+         "cpu_tiny", *_train_args(tiny_shards), f"run.dir={run}"],
+        capture_output=True, text=True, timeout=60, env=dict(os.environ, SEER_PYTHON=sys.executable))
+    assert res.returncode == 0, res.stderr
+    jid = res.stdout.strip().split(";")[0]
+    _wait_step(run, jid, PREEMPT_AFTER)
+    assert cancel(jid, "INT")
+    info = wait_final(jid, 240)
+    err = (tmp_path / f"{jid}.err").read_text()
+    out = (tmp_path / f"{jid}.out").read_text()  # rank 0 logs to stdout
+    assert info.restarts == 0 and info.state != "COMPLETED", (info, err[-3000:])
+    _, recs = _losses(run)
+    saved = (run / "checkpoints" / "latest").read_text().strip()
+    assert saved == f"step_{recs[-1]['step']:09d}" and recs[-1]["step"] < STEPS, (saved, err[-3000:])
+    rq = read_requeues(run)
+    assert rq["count"] == 0 and [(h["reason"], h["requeued"]) for h in rq["history"]] == [("SIGINT", False)], rq
+    assert "SIGINT received: saving at step" in out and "not requeueing job" in out, out[-3000:]
+
+
 # ---- a preemption save on a slow filesystem (#20): rank 0's commit outlasts KillWait ---------
 def _kill_wait_s() -> int:
     out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30)

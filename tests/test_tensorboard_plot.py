@@ -53,7 +53,7 @@ def assert_plot_png(path: Path, size: tuple[int, int] = (800, 900), resumed: boo
     im = Image.open(path)
     assert im.format == "PNG" and im.size == size, (im.format, im.size)
     a = np.asarray(im.convert("RGB")).astype(int)
-    assert a.std() > 10 and len(np.unique(a.reshape(-1, 3), axis=0)) > 50
+    assert a.std() > 10 and len(np.unique(a.reshape(-1, 3), axis=0)) > 50, "a blank figure"
     line = (np.abs(a - LINE).sum(-1) < 30)
     rows = np.flatnonzero(line.any(1))
     assert line.sum() > 300, line.sum()
@@ -85,5 +85,5 @@ def test_plot_fails_clearly_without_metrics(tmp_path: Path) -> None:
 
 def test_blank_png_is_caught(tmp_path: Path) -> None:
     Image.new("RGB", (800, 900), "white").save(tmp_path / "blank.png")
-    with pytest.raises(AssertionError):
+    with pytest.raises(AssertionError, match="a blank figure"):
         assert_plot_png(tmp_path / "blank.png")

@@ -114,14 +114,17 @@ def test_kill9_during_save_then_resume_on_one_rank(tiny_shards: Path, tmp_path: 
 
 @pytest.mark.slow
 def test_dead_rank_fails_the_job_within_timeout(tiny_shards: Path, tmp_path: Path) -> None:
-    t0 = time.monotonic()
-    res = _run(_cmd(tmp_path / "run", tiny_shards), fault="kill_rank:1")
-    took = time.monotonic() - t0
+    """Rank 1 is SIGKILLed as step 3 starts. The bound is the configured one, kept by the
+    launcher, not a clock read here: after a death it gives the other ranks dist.timeout_s + 10 s
+    (20 + 10 here) to notice by themselves, then kills them, which shows as exit code -9. So rank
+    0 exiting 1 means its collective failed (or timed out) and it stopped within that bound; the
+    test's own timeout is far beyond it and would fail the test, never pass it."""
+    res = _run(_cmd(tmp_path / "run", tiny_shards), timeout=900, fault="kill_rank:1")
     out = res.stdout + res.stderr
-    assert res.returncode != 0
-    assert "rank 1 failed" in out  # the launcher names the dead rank
-    assert "collective failed" in out or "rank 0 failed" in out  # rank 0 noticed by itself
-    assert took < 20 + 60, took  # dist.timeout_s plus start-up
+    assert res.returncode == 1, out[-3000:]
+    assert "launcher: rank 1 failed (exit code -9); stopping the other ranks" in res.stderr, out[-3000:]
+    assert "rank 0: a collective failed" in res.stdout, out[-3000:]  # the dead-rank line, no traceback
+    assert "launcher: job failed: rank 1 exited with -9 (all exit codes: [1, -9])" in res.stderr, out[-3000:]
 
 
 @pytest.mark.slow

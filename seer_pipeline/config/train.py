@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Sequence
+from typing import Any, List, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -25,8 +25,8 @@ from seer_pipeline.config.base import (
     to_container,
 )
 from seer_pipeline.config.slurm import SlurmConfig, has_control, slurm_errors
-from seer_pipeline.data.config import DataConfig
-from seer_pipeline.data.crops import CROP_PRESETS
+from seer_pipeline.config.data import DataConfig
+from seer_pipeline.config.crops import CROP_PRESETS
 from seer_pipeline.models.regnet import list_trunks
 
 
@@ -105,11 +105,20 @@ class TrainLoopConfig:
     tensorboard: bool = True  # write RUN/tb event files
 
 
+def _ckpt_init(self: Any, **values: Any) -> None:
+    """Defaults, then `values` by name (`CkptConfig(**{"async": True})`)."""
+    for k, v in values.items():
+        if k not in type(self).__annotations__:
+            raise TypeError(f"CkptConfig has no field {k!r}")
+        setattr(self, k, v)
+
+
 # `ckpt.async` is a required key but `async` is a Python keyword, so this section is built
 # with type(): a dataclass without generated __init__/__repr__/__eq__ (which would spell
-# `self.async`). OmegaConf only reads its fields and defaults.
+# `self.async`), keyword arguments through `_ckpt_init` (what OmegaConf.to_object calls).
 CkptConfig = dataclass(init=False, repr=False, eq=False)(type("CkptConfig", (), {
     "__doc__": "Checkpoint policy.",
+    "__init__": _ckpt_init,
     "__annotations__": {"every": int, "keep_latest": int, "keep_every": int,
                         "save_final": bool, "async": bool},
     "every": 1000,  # steps between periodic saves (0: only on a signal and at the end)
@@ -172,6 +181,15 @@ _CENTERINGS = ("mean", "sinkhorn")
 
 def _schema() -> DictConfig:
     return OmegaConf.structured(TrainConfig)
+
+
+def sections(cfg: DictConfig) -> TrainConfig:
+    """A loaded config as its typed sections, the dataclasses above: what the components take
+    (the trainer resolves them once; the DictConfig stays what is saved and compared on resume)."""
+    typed = OmegaConf.to_object(cfg)
+    if not isinstance(typed, TrainConfig):
+        raise TypeError(f"not a training config: {type(typed).__name__}")
+    return typed
 
 
 def validate(cfg: DictConfig) -> None:

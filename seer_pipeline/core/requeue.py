@@ -22,6 +22,10 @@ from seer_pipeline.core.io_utils import atomic_write_json
 log = logging.getLogger(__name__)
 
 REQUEUES = "requeues.json"
+# Ctrl-C (SIGINT: a terminal's, srun's forward of one, `scancel --signal=INT`) is an operator
+# stopping the run: it saves and ends like a preemption, but is never requeued, which would start
+# it again behind the operator's back. SIGTERM and SIGUSR2 are the scheduler's: requeued.
+OPERATOR_STOP = "SIGINT"
 # `scontrol` talks to slurmctld; a hung controller must not hang a preemption save's exit.
 _SCONTROL_TIMEOUT_S = 60.0
 
@@ -68,13 +72,19 @@ def scontrol_requeue(job_id: str) -> tuple[bool, str]:
 
 
 def requeue_job(run_dir: str | os.PathLike, max_requeues: int, step: int, reason: str) -> bool:
-    """Under SLURM, `scontrol requeue` this job unless `max_requeues` is used up; booked either way."""
+    """Under SLURM, `scontrol requeue` this job unless `max_requeues` is used up or `reason` is
+    OPERATOR_STOP; booked either way."""
     job = os.environ.get("SLURM_JOB_ID")
     if not job:
         log.info("not under SLURM: exiting after the save; re-run the same command to resume")
         return False
     count = read_requeues(run_dir)["count"]
     entry = {"time": time.time(), "step": step, "reason": reason, "job_id": job}
+    if reason == OPERATOR_STOP:
+        log.warning("stopped by Ctrl-C (%s): saved at step %d, not requeueing job %s (an operator's "
+                    "stop); re-run the same command to resume", reason, step, job)
+        book_requeue(run_dir, entry, requeued=False)
+        return False
     if count >= max_requeues:
         log.error("requeue cap reached (%d of slurm.max_requeues=%d): not requeueing job %s; "
                   "resubmit by hand to continue from step %d", count, max_requeues, job, step)

@@ -30,7 +30,6 @@ import torch
 from PIL import Image
 
 from seer_pipeline.data.blur import gaussian_blur
-from seer_pipeline.data.crops import CROP_PRESETS  # noqa: F401  (re-exported)
 from seer_pipeline.data.blur import warm_up as warm_up_blur
 from seer_pipeline.data.colour import gray_inplace, jitter_inplace, normalise_into, warm_up
 from seer_pipeline.codecs.jpeg_scans import eighth_scale_scans

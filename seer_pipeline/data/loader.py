@@ -18,15 +18,15 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 from torch.utils.data import DataLoader
 
-from seer_pipeline.data.config import DataConfig
-from seer_pipeline.data.augment import CROP_PRESETS, MultiCrop, pil_flavour
+from seer_pipeline.config.crops import CROP_PRESETS
+from seer_pipeline.config.data import DataConfig
+from seer_pipeline.data.augment import MultiCrop, pil_flavour
 from seer_pipeline.data.order import epoch_runs, remainder, runs_len, shuffle_order
 from seer_pipeline.shards.reader import resolve_shards
-from seer_pipeline.data.stream import EpochStream
+from seer_pipeline.data.stream import COUNTERS, BatchMeta, EpochStream
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
-_COUNTERS = ("samples_ok", "decode_failures", "read_failures", "samples_repeated")
 
 
 def _workers_ignore_preemption(worker_id: int) -> None:
@@ -114,9 +114,9 @@ class MultiCropLoader:
         self._batches = 0  # consumed this epoch
         self._outputs = [0] * self.logical_workers
         self._pads = [0] * self.logical_workers
-        self._metrics: Dict[str, Any] = {k: 0 for k in _COUNTERS}
+        self._metrics: Dict[str, Any] = {k: 0 for k in COUNTERS}
         self._metrics.update(shards_failed=[], peak_buffered=0)
-        self._live: Dict[int, Dict] = {}
+        self._live: Dict[int, BatchMeta] = {}
         self.last_uids: List[int] = []  # manifest-order ids of the last batch (-1: resampled)
 
     # ---- iteration --------------------------------------------------------------------------
@@ -167,11 +167,11 @@ class MultiCropLoader:
                     source = None
             self._next_epoch()
 
-    def _consume(self, meta: Dict) -> None:
-        w = meta["w"]
-        self._outputs[w], self._pads[w] = meta["outputs"], meta["pads"]
+    def _consume(self, meta: BatchMeta) -> None:
+        w = meta.worker
+        self._outputs[w], self._pads[w] = meta.outputs, meta.pads
         self._live[w] = meta
-        self.last_uids = meta["uids"]
+        self.last_uids = meta.uids
         self._batches += 1
 
     def _next_epoch(self) -> None:
@@ -183,21 +183,21 @@ class MultiCropLoader:
 
     def _fold_live(self) -> None:
         for meta in self._live.values():
-            for k in _COUNTERS:
-                self._metrics[k] += meta[k]
-            self._metrics["peak_buffered"] = max(self._metrics["peak_buffered"], meta["peak_buffered"])
-            for s in meta["failed_shards"]:
+            for k in COUNTERS:
+                self._metrics[k] += getattr(meta, k)
+            self._metrics["peak_buffered"] = max(self._metrics["peak_buffered"], meta.peak_buffered)
+            for s in meta.failed_shards:
                 if s not in self._metrics["shards_failed"]:
                     self._metrics["shards_failed"].append(s)
         self._live = {}
 
     def metrics(self) -> Dict[str, Any]:
         """Counters of consumed data: samples_ok, decode_failures, read_failures, ..."""
-        out = {k: self._metrics[k] + sum(m[k] for m in self._live.values()) for k in _COUNTERS}
-        out["peak_buffered"] = max([self._metrics["peak_buffered"]] + [m["peak_buffered"] for m in self._live.values()])
+        out = {k: self._metrics[k] + sum(getattr(m, k) for m in self._live.values()) for k in COUNTERS}
+        out["peak_buffered"] = max([self._metrics["peak_buffered"]] + [m.peak_buffered for m in self._live.values()])
         failed = list(self._metrics["shards_failed"])
         for m in self._live.values():
-            failed += [s for s in m["failed_shards"] if s not in failed]
+            failed += [s for s in m.failed_shards if s not in failed]
         out["shards_failed"] = len(failed)
         out["failed_shard_names"] = failed
         out.update(epoch=self.epoch, batches_in_epoch=self._batches)
@@ -213,7 +213,7 @@ class MultiCropLoader:
                 "n_samples": self.n_samples, "batches": self._batches,
                 "plan": None if self._plan is None else [list(r) for r in self._plan],
                 "outputs": list(self._outputs), "pads": list(self._pads),
-                "metrics": {k: m[k] for k in _COUNTERS}}
+                "metrics": {k: m[k] for k in COUNTERS}}
 
     def load_state_dict(self, states: List[Dict[str, Any]]) -> None:
         """Restore from the states of ALL old ranks (call before iterating)."""
@@ -237,7 +237,7 @@ class MultiCropLoader:
         self.epoch = s0["epoch"]
         # Same world: each rank keeps its counters; otherwise rank 0 carries the old totals.
         same_world = s0["world_size"] == self.world
-        for k in _COUNTERS:
+        for k in COUNTERS:
             self._metrics[k] = (states[self.rank]["metrics"][k] if same_world
                                 else sum(s["metrics"][k] for s in states) if self.rank == 0 else 0)
         same = (s0["world_size"] == self.world and s0["workers"] == self.logical_workers

@@ -1,8 +1,8 @@
 """Worker side: read the worker's slice -> shuffle buffer -> decode + multi-crop -> batch.
 
 One `EpochStream` is built per epoch by the loader and copied into each DataLoader worker. Each
-batch carries a small `meta` dict (logical worker, shuffle outputs consumed, pad cursor, counters),
-so the main process can state exactly what the trainer consumed, whatever the workers prefetched.
+batch carries a `BatchMeta` (logical worker, shuffle outputs consumed, pad cursor, counters), so
+the main process can state exactly what the trainer consumed, whatever the workers prefetched.
 
 BAD-DATA POLICY: a sample that fails to decode, or that sits in a missing/truncated shard (or one
 that is not a regular file, or holds a member over MAX_MEMBER_BYTES: shards/format.py), is
@@ -15,7 +15,7 @@ worker's failures exceed `max_fail_fraction` of its slice, it raises an error na
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -29,6 +29,25 @@ from seer_pipeline.shards.reader import Shard, ShardReadError, image_bytes, iter
 log = logging.getLogger(__name__)
 
 FAIL = object()  # marker: the sample could not be read
+# BatchMeta's data counters, summed over workers by the loader (metrics, checkpointed).
+COUNTERS = ("samples_ok", "decode_failures", "read_failures", "samples_repeated")
+
+
+@dataclass
+class BatchMeta:
+    """What a batch tells the loader about its worker: the one record of the worker -> loader
+    protocol. A worker keeps one as its running state; each batch carries a snapshot."""
+
+    worker: int  # logical worker
+    outputs: int = 0  # exact mode: shuffle outputs consumed (a resume skips them undecoded)
+    pads: int = 0  # refill cursor past the slice's end (lap * n + t), after failed samples
+    samples_ok: int = 0
+    decode_failures: int = 0
+    read_failures: int = 0
+    samples_repeated: int = 0
+    peak_buffered: int = 0  # most samples held in the shuffle buffer at once
+    failed_shards: List[str] = field(default_factory=list)
+    uids: List[int] = field(default_factory=list)  # manifest-order ids of the batch (-1: resampled)
 
 
 @dataclass(kw_only=True)  # 15 fields: keywords only, so no call site can swap two ints
@@ -53,7 +72,7 @@ class EpochStream(IterableDataset):
     skip_pads: Sequence[int] = ()
     s3_endpoint: str = ""  # for s3:// shards; set in each worker (spawned workers start without it)
 
-    def __iter__(self) -> Iterator[Tuple[List[torch.Tensor], Dict]]:
+    def __iter__(self) -> Iterator[Tuple[List[torch.Tensor], BatchMeta]]:
         if self.s3_endpoint:
             from seer_pipeline.store.client import set_endpoint  # lazy: boto3 loads only for remote shards
 
@@ -66,7 +85,7 @@ class EpochStream(IterableDataset):
         return self._resampled(w)
 
     # ---- exact mode -------------------------------------------------------------------------
-    def _exact(self, w: int) -> Iterator[Tuple[List[torch.Tensor], Dict]]:
+    def _exact(self, w: int) -> Iterator[Tuple[List[torch.Tensor], BatchMeta]]:
         a = assign(self.plan, self.world, self.rank, self.workers, w, self.batch)
         uids = runs_to_uids(a.runs)
         n = len(uids)
@@ -74,23 +93,23 @@ class EpochStream(IterableDataset):
         todo = worker_batches(self.batches_per_rank, self.workers, w, self.start_batch)
         n0 = int(self.skip_outputs[w]) if len(self.skip_outputs) else 0
         p0 = int(self.skip_pads[w]) if len(self.skip_pads) else 0
-        st = _counters(w, n0, p0)
+        st = BatchMeta(worker=w, outputs=n0, pads=p0)
         limit = self.max_fail_fraction * max(1, n - n0)
         batch: List[Tuple[int, List[torch.Tensor]]] = []
         done = 0
         if todo == 0:
             return
         for t, sample in self._read_shuffled(a.runs, order, n0, st):
-            st["outputs"] = t + 1
+            st.outputs = t + 1
             uid = int(uids[order[t]])
             crops = self._decode(sample, (self.seed, self.epoch, uid, 0), st)
             if crops is None:
-                if st["decode_failures"] + st["read_failures"] > limit:
+                if st.decode_failures + st.read_failures > limit:
                     raise RuntimeError(
-                        f"rank {self.rank} worker {w}: {st['decode_failures']} undecodable and "
-                        f"{st['read_failures']} unreadable samples exceed max_fail_fraction="
+                        f"rank {self.rank} worker {w}: {st.decode_failures} undecodable and "
+                        f"{st.read_failures} unreadable samples exceed max_fail_fraction="
                         f"{self.max_fail_fraction} of {n - n0}; failed shards: "
-                        f"{st['failed_shards'] or 'none (decode errors only)'}")
+                        f"{st.failed_shards or 'none (decode errors only)'}")
                 continue
             batch.append((uid, crops))
             if len(batch) == self.batch:
@@ -102,15 +121,15 @@ class EpochStream(IterableDataset):
         while done < todo:
             lap, start = divmod(p, n)
             found = False
-            for t, sample in self._read_shuffled(a.runs, order, start, _counters(w, 0, 0)):
+            for t, sample in self._read_shuffled(a.runs, order, start, BatchMeta(worker=w)):
                 p = lap * n + t + 1
-                st["pads"] = p
+                st.pads = p
                 uid = int(uids[order[t]])
                 crops = self._decode(sample, (self.seed, self.epoch, uid, lap + 1), None)
                 if crops is None:
                     continue
                 found = True
-                st["samples_repeated"] += 1
+                st.samples_repeated += 1
                 batch.append((uid, crops))
                 if len(batch) == self.batch:
                     yield _collate(batch, st)
@@ -120,27 +139,28 @@ class EpochStream(IterableDataset):
             p = (lap + 1) * n
             if not found and start == 0:
                 raise RuntimeError(f"rank {self.rank} worker {w}: no decodable sample in its slice of "
-                                   f"epoch {self.epoch}; failed shards: {st['failed_shards']}")
+                                   f"epoch {self.epoch}; failed shards: {st.failed_shards}")
 
-    def _decode(self, sample: object, key: Tuple[int, ...], st: Optional[Dict]) -> Optional[List[torch.Tensor]]:
+    def _decode(self, sample: object, key: Tuple[int, ...],
+                st: Optional[BatchMeta]) -> Optional[List[torch.Tensor]]:
         """Multi-crop one sample with a generator seeded by `key`; None (counted) on failure."""
         if sample is FAIL or sample is None:
             if st is not None:
-                st["read_failures"] += 1
+                st.read_failures += 1
             return None
         try:
             crops = self.multicrop(image_bytes(sample), rng_for(*key))
         except Exception as e:  # noqa: BLE001 - any decoder error is a bad sample, counted
             if st is not None:
-                st["decode_failures"] += 1
+                st.decode_failures += 1
                 log.warning("undecodable sample %r: %s", sample.get("__key__"), e)
             return None
         if st is not None:
-            st["samples_ok"] += 1
+            st.samples_ok += 1
         return crops
 
     def _read_shuffled(self, runs: Sequence[Tuple[int, int]], order: np.ndarray, start: int,
-                       st: Dict) -> Iterator[Tuple[int, object]]:
+                       st: BatchMeta) -> Iterator[Tuple[int, object]]:
         """(t, sample) for shuffle outputs t >= start, holding only read-but-not-output samples."""
         needed = np.zeros(len(order), dtype=bool)
         needed[order[start:]] = True
@@ -152,11 +172,11 @@ class EpochStream(IterableDataset):
                 pos, sample = next(reader)
                 if needed[pos]:
                     pending[pos] = sample
-            st["peak_buffered"] = max(st["peak_buffered"], len(pending))
+            st.peak_buffered = max(st.peak_buffered, len(pending))
             yield t, pending.pop(p)
 
     def _read_positions(self, runs: Sequence[Tuple[int, int]], needed: np.ndarray,
-                        st: Dict) -> Iterator[Tuple[int, object]]:
+                        st: BatchMeta) -> Iterator[Tuple[int, object]]:
         """(position, sample | None | FAIL) in position order; payloads read only where needed."""
         umap = UidMap([s.count for s in self.shards])
         pos = 0
@@ -177,16 +197,16 @@ class EpochStream(IterableDataset):
             if got < pos:
                 log.warning("shard %s: samples %d-%d missing (file missing or truncated), skipped",
                             shard.path, i0 + got - base, i1 - 1)
-                if shard.path not in st["failed_shards"]:
-                    st["failed_shards"].append(shard.path)
+                if shard.path not in st.failed_shards:
+                    st.failed_shards.append(shard.path)
                 yield from ((q, FAIL if needed[q] else None) for q in range(got, pos))
 
     # ---- resampled mode ---------------------------------------------------------------------
-    def _resampled(self, w: int) -> Iterator[Tuple[List[torch.Tensor], Dict]]:
+    def _resampled(self, w: int) -> Iterator[Tuple[List[torch.Tensor], BatchMeta]]:
         """Shards drawn with replacement; the stream restarts deterministically at a resume point."""
         todo = worker_batches(self.batches_per_rank, self.workers, w, self.start_batch)
         rng = rng_for(self.seed, self.epoch, self.rank, w, self.start_batch, TAG_RESAMPLE)
-        st = _counters(w, 0, 0)
+        st = BatchMeta(worker=w)
         buf: List[Dict] = []
         batch: List[Tuple[int, List[torch.Tensor]]] = []
         done, draws, tries = 0, 0, 0
@@ -205,8 +225,8 @@ class EpochStream(IterableDataset):
                     key = (self.seed, self.epoch, self.rank, w, self.start_batch, draws, TAG_RESAMPLE)
                     crops = self._decode(s, key, st)
                     if crops is None:
-                        if st["decode_failures"] > max(10.0, self.max_fail_fraction * draws):
-                            raise RuntimeError(f"rank {self.rank} worker {w}: {st['decode_failures']} of "
+                        if st.decode_failures > max(10.0, self.max_fail_fraction * draws):
+                            raise RuntimeError(f"rank {self.rank} worker {w}: {st.decode_failures} of "
                                                f"{draws} samples undecodable (max_fail_fraction="
                                                f"{self.max_fail_fraction}); last shard {shard.path}")
                         continue
@@ -218,23 +238,19 @@ class EpochStream(IterableDataset):
                             return
             except ShardReadError as e:
                 log.warning("%s", e)
-                if shard.path not in st["failed_shards"]:
-                    st["failed_shards"].append(shard.path)
-                if len(st["failed_shards"]) == len(self.shards):
-                    raise RuntimeError(f"no readable shard among {len(self.shards)}: {st['failed_shards']}") from e
+                if shard.path not in st.failed_shards:
+                    st.failed_shards.append(shard.path)
+                if len(st.failed_shards) == len(self.shards):
+                    raise RuntimeError(f"no readable shard among {len(self.shards)}: {st.failed_shards}") from e
             if draws == 0 and tries > 10 * len(self.shards) + self.buffer:
                 raise RuntimeError(f"{tries} shard draws gave no sample: are the shards empty? "
                                    f"({self.shards[0].path}, ...)")
 
 
-def _counters(w: int, outputs: int, pads: int) -> Dict:
-    return {"w": w, "outputs": outputs, "pads": pads, "samples_ok": 0, "decode_failures": 0,
-            "read_failures": 0, "samples_repeated": 0, "peak_buffered": 0, "failed_shards": []}
-
-
-def _collate(batch: List[Tuple[int, List[torch.Tensor]]], st: Dict) -> Tuple[List[torch.Tensor], Dict]:
+def _collate(batch: List[Tuple[int, List[torch.Tensor]]],
+             st: BatchMeta) -> Tuple[List[torch.Tensor], BatchMeta]:
     """Stack per crop -> list of [B, 3, S, S]; empties `batch`; meta snapshots `st` + the uids."""
     views = [torch.stack([c[i] for _, c in batch]) for i in range(len(batch[0][1]))]
-    meta = dict(st, failed_shards=list(st["failed_shards"]), uids=[u for u, _ in batch])
+    meta = replace(st, failed_shards=list(st.failed_shards), uids=[u for u, _ in batch])
     batch.clear()
     return views, meta

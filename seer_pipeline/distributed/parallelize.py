@@ -25,6 +25,8 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+from seer_pipeline.config.train import ParallelConfig
+
 log = logging.getLogger(__name__)
 
 # fp16 is not offered: it needs a loss scaler whose inf check all ranks agree on, and bf16 (the
@@ -85,7 +87,7 @@ class ParallelPlan:
         return _DTYPES[self.reduce_precision]
 
     @classmethod
-    def from_config(cls, parallel: Any, precision: str) -> "ParallelPlan":
+    def from_config(cls, parallel: ParallelConfig, precision: str) -> "ParallelPlan":
         return cls(
             fsdp=parallel.fsdp, hybrid_shard_size=parallel.hybrid_shard_size,
             blocks_per_unit=parallel.blocks_per_unit, ac=parallel.ac, compile=parallel.compile,
@@ -199,10 +201,18 @@ def parallelize(
     param_dtype = plan.param_dtype
     apply_fsdp(model, mesh, param_dtype, plan.blocks_per_unit, plan.reshard_after_forward,
                plan.reduce_dtype)
-    n_units = sum(1 for m in model.modules() if isinstance(m, FSDPModule))
     log.info("FSDP2 applied: %s sharding, mesh %s, %d units, params %s, ac=%s, compile=%s",
-             plan.fsdp, tuple(mesh.shape), n_units, param_dtype, plan.ac, plan.compile)
+             plan.fsdp, tuple(mesh.shape), fsdp_units(model), param_dtype, plan.ac, plan.compile)
     return model
+
+
+def fsdp_units(model: nn.Module) -> int:
+    """FSDP units: parameter groups gathered and reduced together, one per `fully_shard` call
+    that holds parameters. Not the FSDPModule count: a call on a list of modules (a group of
+    blocks, the shared BN unit) makes each of them an FSDPModule around one group."""
+    groups = {id(g) for m in model.modules() if isinstance(m, FSDPModule)
+              for g in m._get_fsdp_state()._fsdp_param_groups}
+    return len(groups)
 
 
 def apply_fsdp(

@@ -232,6 +232,18 @@ def init_distributed(
     return device
 
 
+# How a collective reports a peer that died or hangs: gloo raises a plain RuntimeError with
+# "Connection reset by peer" / "Connection closed by peer" (a dead process) or "Timed out
+# waiting 20000ms for recv operation" (a peer that stopped answering: a hung rank, a lost node),
+# NCCL and torch's store a DistError subclass.
+_PEER_LOST = ("connection", "timed out", "timeout", "closed by peer", "reset by peer")
+
+
+def peer_lost(e: BaseException) -> bool:
+    """Whether a collective's exception says another rank died or stopped answering."""
+    return isinstance(e, dist.DistError) or any(k in str(e).lower() for k in _PEER_LOST)
+
+
 def wait_for_peers() -> None:
     """Block until every rank got here (a no-op alone); bounded by the group's `dist.timeout_s`.
 

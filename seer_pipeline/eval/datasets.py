@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from seer_pipeline.shards.reader import braceexpand
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -27,8 +29,11 @@ class DataSpecError(ValueError):
 
 @dataclass
 class LabelledData:
+    """Both splits of a labelled set: the images (`load_data`: uint8 [N, H, W, C] in memory) or
+    a frozen trunk's features of them (`feature_stream.extract_features`: float32 [N, D] memmaps).
+    One type for both, so a probe or `subset` takes either."""
     name: str
-    train_x: np.ndarray  # uint8 [N, H, W, C]
+    train_x: np.ndarray  # uint8 [N, H, W, C] images, or float32 [N, D] features
     train_y: np.ndarray  # int64 [N]
     test_x: np.ndarray
     test_y: np.ndarray
@@ -151,15 +156,33 @@ def load_imagefolder(path: str, size: int | None, test_fraction: float) -> Label
     return _split(items, test_fraction, f"imagefolder:{root}", classes, skipped)
 
 
+def wds_shards(pattern: str) -> list[str]:
+    """The shards a wds: pattern names. A glob lists what exists; a brace pattern or a name
+    lists what must exist, so a missing one is an error (an evaluation on part of the set would
+    otherwise look complete). A FIFO or device stays in: the reader refuses it
+    (shards/format.open_shard) and it is counted as a damaged shard, not dropped unseen."""
+    globbed = any(c in pattern for c in "*?[")
+    shards = sorted(glob.glob(pattern)) if globbed else braceexpand(pattern)
+    if not shards:
+        raise DataSpecError(f"wds: no shard matches {pattern}")
+    missing = [s for s in shards if not Path(s).exists()]
+    if missing:
+        raise DataSpecError(f"wds: {len(missing)} of the {len(shards)} shards {pattern} names do not "
+                            f"exist, first: {missing[0]}")
+    folders = [s for s in shards if Path(s).is_dir()]
+    if folders:
+        raise DataSpecError(f"wds: {pattern} names {len(folders)} folder(s), not shards, first: "
+                            f"{folders[0]}")
+    return shards
+
+
 def load_wds(pattern: str, size: int | None, test_fraction: float) -> LabelledData:
     """Shards (glob or brace pattern) whose samples carry an image and a `cls` integer label."""
     # webdataset (~0.3 s to import) only for wds: data
     import webdataset as wds
     from PIL import Image
 
-    urls = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else pattern
-    if isinstance(urls, list) and not urls:
-        raise DataSpecError(f"wds: no shard matches {pattern}")
+    urls = wds_shards(pattern)
     skipped: dict[str, int] = {}
     raw: list[tuple[str, np.ndarray, int]] = []
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -26,26 +25,12 @@ from seer_pipeline.core.io_utils import (
     atomic_write_bytes,
     atomic_write_json,
 )
-from seer_pipeline.eval.features import MEAN, STD
+from seer_pipeline.eval.datasets import LabelledData
+from seer_pipeline.eval.features import MEAN, STD, bn_layers, exact_bn_stats
 from seer_pipeline.eval.sources import ShardSamples, Source, collate
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "test")
-
-
-@dataclass
-class FeatureSet:
-    """Features of both splits: memmaps [N, D] float32 and int64 labels."""
-    train_x: np.ndarray
-    train_y: np.ndarray
-    test_x: np.ndarray
-    test_y: np.ndarray
-    classes: list[str]
-    skipped: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
 
 
 def to_input(x: torch.Tensor, device: str) -> torch.Tensor:
@@ -83,8 +68,7 @@ def recalibrate_bn(trunk: nn.Module, src: Source, n: int, batch_size: int, worke
                    device: str, seed: int = 0, progress: bool = True,
                    train_idx: np.ndarray | None = None) -> int:
     """Replace BN running stats by their exact average over `n` clean train images."""
-    bns = [m for m in trunk.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns or n <= 0:
+    if not bn_layers(trunk) or n <= 0:
         return 0
     if src.indexable():
         pool = train_idx if train_idx is not None else pick_indices(src, 0, None, np.random.default_rng())
@@ -94,26 +78,16 @@ def recalibrate_bn(trunk: nn.Module, src: Source, n: int, batch_size: int, worke
         d = src.dataset
         assert isinstance(d, ShardSamples)
         ds = ShardSamples(d.shards, d.test_fraction, d.tf, only_split=0)
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # None = cumulative moving average: the exact mean over batches
-    trunk.train()
     seen = 0
-    try:
-        with _progress(n, "bn stats", progress) as bar:
-            for x, _, _, _ in make_loader(ds, batch_size, workers, device):
-                x = x[: n - seen]
-                if len(x) > 1:  # BN in train mode needs more than one value per channel
-                    trunk(to_input(x, device))
-                    seen += len(x)
-                    bar.update(len(x))
-                if seen >= n:
-                    break
-    finally:
-        for m, mom in zip(bns, saved):
-            m.momentum = mom
-        trunk.eval()
+    with exact_bn_stats(trunk), _progress(n, "bn stats", progress) as bar:
+        for x, _, _, _ in make_loader(ds, batch_size, workers, device):
+            x = x[: n - seen]
+            if len(x) > 1:  # BN in train mode needs more than one value per channel
+                trunk(to_input(x, device))
+                seen += len(x)
+                bar.update(len(x))
+            if seen >= n:
+                break
     return seen
 
 
@@ -132,7 +106,7 @@ def extract_features(trunk: nn.Module | None, src: Source, out_dir: Path, stage:
                      batch_size: int = 256, workers: int = 2, device: str = "cpu",
                      indices: Iterable[int] | None = None, total: int | None = None,
                      limits: tuple[int | None, int | None] = (None, None),
-                     progress: bool = True) -> FeatureSet:
+                     progress: bool = True) -> LabelledData:
     """One pass over `src` (or its `indices`): pooled features of each split to OUT/<split>.f32."""
     out_dir.mkdir(parents=True, exist_ok=True)
     ds = Subset(src.dataset, list(indices)) if indices is not None else src.dataset
@@ -188,11 +162,11 @@ def extract_features(trunk: nn.Module | None, src: Source, out_dir: Path, stage:
     return load_features(out_dir)
 
 
-def load_features(out_dir: Path) -> FeatureSet:
+def load_features(out_dir: Path) -> LabelledData:
     """Memmap the features a finished `extract_features` left in `out_dir`."""
     meta = json.loads((out_dir / "meta.json").read_text())
     mm = {s: np.memmap(out_dir / f"{s}.f32", np.float32, "r", shape=(meta["rows"][s], meta["dim"]))
           for s in SPLITS}
     ys = {s: np.load(out_dir / f"{s}_labels.npy", allow_pickle=False) for s in SPLITS}
-    return FeatureSet(mm["train"], ys["train"], mm["test"], ys["test"], list(meta["classes"]),
-                      dict(meta["skipped"]))
+    return LabelledData(str(meta["source"]), mm["train"], ys["train"], mm["test"], ys["test"],
+                        list(meta["classes"]), dict(meta["skipped"]))

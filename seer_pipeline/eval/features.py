@@ -11,9 +11,10 @@ import json
 import logging
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -179,27 +180,40 @@ def _batches(n: int, bs: int, desc: str, progress: bool):
             bar.update(min(n, i + bs) - i)
 
 
-@torch.no_grad()
-def recalibrate_bn(trunk: nn.Module, images: np.ndarray, n: int = 4096, batch_size: int = 256,
-                   size: int | None = None, seed: int = 0, progress: bool = True) -> int:
-    """Replace BN running stats by their exact average over `n` clean train images."""
-    bns = [m for m in trunk.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return 0
-    idx = np.sort(np.random.default_rng(seed).permutation(len(images))[:n])
-    trunk.to(memory_format=torch.channels_last)
+def bn_layers(trunk: nn.Module) -> list[nn.Module]:
+    return [m for m in trunk.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@contextmanager
+def exact_bn_stats(trunk: nn.Module) -> Iterator[None]:
+    """Inside: the trunk in train mode with its BN running stats reset, so the forwards inside
+    set them to their exact average over the batches seen; after: momenta back, eval mode."""
+    bns = bn_layers(trunk)
     saved = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # None = cumulative moving average: the exact mean over batches
     trunk.train()
     try:
-        for sl in _batches(len(idx), batch_size, "bn stats", progress):
-            trunk(to_input(images[idx[sl]], size))
+        yield
     finally:
         for m, mom in zip(bns, saved):
             m.momentum = mom
         trunk.eval()
+
+
+@torch.no_grad()
+def recalibrate_bn(trunk: nn.Module, images: np.ndarray, n: int = 4096, batch_size: int = 256,
+                   size: int | None = None, seed: int = 0, progress: bool = True) -> int:
+    """Replace BN running stats by their exact average over `n` clean train images (in memory;
+    feature_stream.recalibrate_bn streams them from a Source)."""
+    if not bn_layers(trunk):
+        return 0
+    idx = np.sort(np.random.default_rng(seed).permutation(len(images))[:n])
+    trunk.to(memory_format=torch.channels_last)
+    with exact_bn_stats(trunk):
+        for sl in _batches(len(idx), batch_size, "bn stats", progress):
+            trunk(to_input(images[idx[sl]], size))
     return len(idx)
 
 

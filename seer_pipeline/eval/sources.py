@@ -12,7 +12,6 @@ eval_resnet_8gpu_transfer_in1k_linear.yaml) that the SEER paper's evaluations us
 """
 from __future__ import annotations
 
-import glob
 import io
 import logging
 from dataclasses import dataclass
@@ -30,8 +29,9 @@ from seer_pipeline.eval.datasets import (
     WDS_IMAGE_KEYS,
     DataSpecError,
     _is_test,
+    wds_shards,
 )
-from seer_pipeline.shards.reader import ShardReadError, braceexpand, iter_samples
+from seer_pipeline.shards.reader import ShardReadError, iter_samples
 
 log = logging.getLogger(__name__)
 
@@ -198,14 +198,7 @@ def open_source(spec: str, tf: EvalTransform, test_fraction: float = 0.2) -> Sou
                                 f"({int((sp == 0).sum())} train, {int((sp == 1).sum())} test)")
         return Source(f"imagefolder:{root}", FileSamples(files, np.asarray(labels), sp, tf), classes, sp)
     if kind == "wds" and arg:
-
-        shards = sorted(glob.glob(arg)) if any(c in arg for c in "*?[") else braceexpand(arg)
-        # A FIFO or device that matches stays in: the reader refuses it (shards/format.open_shard)
-        # and it is counted as a damaged shard, not dropped unseen.
-        shards = [s for s in shards if Path(s).exists() and not Path(s).is_dir()]
-        if not shards:
-            raise DataSpecError(f"wds: no shard matches {arg}")
-        return Source(f"wds:{arg}", ShardSamples(shards, test_fraction, tf), None, None)
+        return Source(f"wds:{arg}", ShardSamples(wds_shards(arg), test_fraction, tf), None, None)
     raise DataSpecError(f"bad --data {spec!r}; expected fashion-mnist[:DIR], imagefolder:PATH or wds:PATTERN")
 
 

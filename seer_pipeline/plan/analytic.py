@@ -20,11 +20,10 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from seer_pipeline.config.train import load_train_config, trunk_name
-from seer_pipeline.data.crops import CROP_PRESETS, crop_counts
+from seer_pipeline.config.crops import CROP_PRESETS, crop_counts
 from seer_pipeline.models import build_trunk, count_macs, list_trunks
 from seer_pipeline.models.swav_head import build_model
-from seer_pipeline.plan.activations import (  # noqa: F401 - part of the planner's API
-    ActProfile,
+from seer_pipeline.plan.activations import (
     activation_peak,
     activation_profile,
     gathered_peak,

@@ -33,7 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from seer_pipeline.distributed.parallelize import ParallelPlan, build_mesh, parallelize
 from seer_pipeline.models.materialize import local_bytes
-from seer_pipeline.models.swav_head import build_model
+from seer_pipeline.models.swav_head import build_model, normalize_prototypes
 from seer_pipeline.plan.analytic import GIB, plan_config, preset_crops, preset_world
 from seer_pipeline.train import swav
 from seer_pipeline.train.optim import LARS, build_param_groups
@@ -74,7 +74,7 @@ def _train_step(cfg: Any, model: Any, inner: Any, optimizer: Any, device: torch.
     step = int(cfg.swav.freeze_prototypes_iters)
     b = int(cfg.data.batch_size)
     views = [torch.randn(b, 3, r, r, device=device) for n, r in preset_crops(cfg) for _ in range(n)]
-    swav.normalize_prototypes(inner.head)
+    normalize_prototypes(inner.head)
     emb, scores = model(views)
     loss, _ = swav.swav_loss(
         scores.float(), len(views), cfg.swav.crops_for_assign, temperature=cfg.swav.temperature,

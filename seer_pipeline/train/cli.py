@@ -25,7 +25,7 @@ from seer_pipeline.core import runlock
 from seer_pipeline.core.exit_codes import INTERRUPTED, PREEMPTED, USAGE
 from seer_pipeline.core.runlock import TOKEN_ENV
 from seer_pipeline.core.shard_check import is_pattern, local_shards_problem
-from seer_pipeline.distributed.setup import DistEnvError, free_port, resolve_env
+from seer_pipeline.distributed.setup import DistEnvError, free_port, peer_lost, resolve_env
 from seer_pipeline.train.signals import forward_signals
 
 log = logging.getLogger("seer_pipeline.train.cli")
@@ -83,14 +83,16 @@ def spawn_local(argv: list[str], nproc: int, threads: int, grace_s: float = 15.0
     failed_at: float | None = None
     first_bad: tuple[int, int] | None = None
     try:
-        while any(p.poll() is None for p in procs):
-            for r, p in enumerate(procs):
-                rc = p.poll()
-                if interrupts >= 2:
-                    break
-                if rc not in (None, 0, PREEMPTED) and first_bad is None:
-                    first_bad, failed_at = (r, rc), time.monotonic()
-                    log.error("rank %d failed (exit code %s); stopping the other ranks", r, rc)
+        while True:
+            codes = [p.poll() for p in procs]
+            bad = [(r, rc) for r, rc in enumerate(codes) if rc not in (None, 0, PREEMPTED)]
+            if bad and first_bad is None and interrupts < 2:
+                # Two found dead in one poll: a rank killed by a signal is the cause, a rank that
+                # exited by itself (its collective failed) reacted to it.
+                first_bad, failed_at = min(bad, key=lambda b: (b[1] >= 0, b[0])), time.monotonic()
+                log.error("rank %d failed (exit code %s); stopping the other ranks", *first_bad)
+            if None not in codes:  # after the check: the last ranks may end within one poll
+                break
             if failed_at is not None and time.monotonic() - failed_at > grace_s:
                 for p in procs:
                     if p.poll() is None:
@@ -234,9 +236,7 @@ def run_rank(cfg, denv) -> int:  # noqa: ANN001 - DictConfig, DistEnv
         if not logged:  # failed before the run folder's logs were set up
             print(f"seer-train: rank {denv.rank}: {type(e).__name__}: {e}", file=sys.stderr)
             return 1
-        msg = f"{type(e).__name__}: {e}"
-        if torch.distributed.is_initialized() and any(
-                k in msg for k in ("Connection", "connection", "Timeout", "timed out", "closed", "peer")):
+        if torch.distributed.is_initialized() and peer_lost(e):
             log.error("rank %d: a collective failed (%s) - another rank probably died; see "
                       "%s/logs/rank*.log", denv.rank, e, cfg.run.dir)
         else:

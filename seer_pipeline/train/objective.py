@@ -14,11 +14,12 @@ from contextlib import AbstractContextManager
 from typing import Any, Callable
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
 from seer_pipeline.checkpoint.checkpointer import Checkpointer
+from seer_pipeline.config.train import DinoConfig, SwavConfig
 from seer_pipeline.distributed.parallelize import unwrap
+from seer_pipeline.models.swav_head import normalize_prototypes
 from seer_pipeline.train import dino, swav
 from seer_pipeline.train.state import ModelState
 
@@ -40,15 +41,16 @@ def _describe(scores: torch.Tensor, emb: torch.Tensor) -> Callable[[], str]:
 class SwAVObjective:
     """SEER's objective: swapped prediction of Sinkhorn codes, optional queue."""
 
-    def __init__(self, cfg: DictConfig, inner: nn.Module, autocast: AbstractContextManager,
-                 rank: int, world: int, device: torch.device) -> None:
-        self.cfg, self.head, self.autocast = cfg.swav, inner.head, autocast
+    def __init__(self, cfg: SwavConfig, inner: nn.Module, autocast: AbstractContextManager, *,
+                 out_dim: int, rank: int, world: int, device: torch.device) -> None:
+        """`cfg`: the `swav` section; `out_dim`: the embedding size (model.out_dim)."""
+        self.cfg, self.head, self.autocast = cfg, inner.head, autocast
         self.rank, self.world = rank, world
         self.queue = None
-        if cfg.swav.queue_length > 0:
+        if cfg.queue_length > 0:
             self.queue = swav.EmbeddingQueue(
-                cfg.swav.queue_length // world, cfg.model.out_dim,
-                len(cfg.swav.crops_for_assign), cfg.swav.queue_start).to(device)
+                length=cfg.queue_length // world, dim=out_dim,
+                n_assign_crops=len(cfg.crops_for_assign), start_iter=cfg.queue_start).to(device)
 
     def register(self, ckpt: Checkpointer) -> None:
         if self.queue is not None:
@@ -56,7 +58,7 @@ class SwAVObjective:
 
     def forward(self, model: nn.Module, views: list[torch.Tensor], step: int, log_now: bool) -> Forward:
         c = self.cfg
-        swav.normalize_prototypes(self.head)
+        normalize_prototypes(self.head)
         with self.autocast:
             emb, scores = model(views)
         queue_scores = None
@@ -101,12 +103,14 @@ class DINOObjective:
     resume, resharding on another world size and export work as for the student.
     """
 
-    def __init__(self, cfg: DictConfig, student: nn.Module, teacher: nn.Module,
-                 autocast: AbstractContextManager, total_steps: int, device: torch.device) -> None:
-        self.cfg, self.autocast, self.total = cfg.dino, autocast, total_steps
+    def __init__(self, cfg: DinoConfig, student: nn.Module, teacher: nn.Module,
+                 autocast: AbstractContextManager, *, n_prototypes: int, total_steps: int,
+                 device: torch.device) -> None:
+        """`cfg`: the `dino` section; `n_prototypes`: the head's K outputs (model.n_prototypes)."""
+        self.cfg, self.autocast, self.total = cfg, autocast, total_steps
         self.student, self.teacher = student, teacher
         self.head = unwrap(student).head
-        self.center = dino.MeanCenter(cfg.model.n_prototypes, cfg.dino.center_momentum).to(device)
+        self.center = dino.MeanCenter(n_prototypes, cfg.center_momentum).to(device)
 
     def register(self, ckpt: Checkpointer) -> None:
         ckpt.register("teacher", ModelState(self.teacher))

@@ -12,7 +12,7 @@ Trainer contract, per iteration:
     loss, stats = swav_loss(scores, n_crops, group=dp_group,
                             queue=queue, prototypes=head.prototypes)   # queue optional
     loss.backward(); cancel_prototype_grads(head, it, freeze_iters); opt.step()
-    normalize_prototypes(head)                     # works on an FSDP2 row-sharded weight
+    normalize_prototypes(head)                     # models.swav_head; works on an FSDP2 row-sharded weight
     queue.push([emb.detach().chunk(n_crops)[c] for c in crops_for_assign], it)
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from seer_pipeline.models.swav_head import SwAVHead, _prototype_linear, normalize_prototypes  # noqa: F401
+from seer_pipeline.models.swav_head import _prototype_linear
 
 ProcessGroup = dist.ProcessGroup
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """The SwAV pretraining loop: components are built here, policies live in the components.
 
-`Trainer(cfg, denv).train()` returns an exit code: 0 when `train.steps` are done, PREEMPTED
+`Trainer(cfg, denv, device).train()` returns an exit code: 0 when `train.steps` are done, PREEMPTED
 (seer_pipeline.core.exit_codes) after a signal-triggered save. Per step: lr from the precomputed
 schedule (an index), prototypes normalised, multi-crop forward, SwAV loss, backward, one tiny
 all-reduce carrying [loss, non-finite flag, preemption flag], prototype freeze, LARS step,
@@ -16,6 +16,7 @@ compute device, the one the process group serves (seer_pipeline.distributed.setu
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import resource
 import time
@@ -31,8 +32,8 @@ from torch import nn
 from seer_pipeline.checkpoint.checkpointer import Checkpointer
 from seer_pipeline.config.base import parse_saved_config, save_config
 from seer_pipeline.core.exit_codes import PREEMPTED
-from seer_pipeline.core.requeue import requeue_job
-from seer_pipeline.config.train import check_resume_compatible
+from seer_pipeline.core.requeue import OPERATOR_STOP, requeue_job
+from seer_pipeline.config.train import TrainConfig, check_resume_compatible, sections
 from seer_pipeline.data.loader import build_loader
 from seer_pipeline.distributed.parallelize import (
     ParallelPlan,
@@ -90,37 +91,42 @@ def average_bn_stats(model: nn.Module) -> None:
 
 class Trainer:
     def __init__(self, cfg: DictConfig, denv: DistEnv, device: torch.device) -> None:
+        # `cfg` is what config.yaml and the resume check see; `c`, its typed sections, is what
+        # the components take, each its own section (resolved once, here).
         self.cfg, self.denv, self.device = cfg, denv, device
+        c: TrainConfig = sections(cfg)
+        self.c = c
         self.rank, self.world = denv.rank, denv.world_size
-        self.run_dir = Path(cfg.run.dir)
-        self.speed = speed_switches(device.type, bool(cfg.train.deterministic),
-                                    bool(cfg.model.channels_last), bool(cfg.data.pin_memory))
+        self.run_dir = Path(c.run.dir)
+        self.speed = speed_switches(device.type, deterministic=c.train.deterministic,
+                                    channels_last=c.model.channels_last, pin_memory=c.data.pin_memory)
         apply_cudnn(self.speed)
-        plan = ParallelPlan.from_config(cfg.parallel, cfg.train.precision)
+        plan = ParallelPlan.from_config(c.parallel, c.train.precision)
         mesh = build_mesh(plan, device.type, self.world, denv.local_world_size)
-        model = self._meta_model(cfg)
+        model = self._meta_model()
         self.model = self._place(model, plan, mesh, device)
         self.inner = unwrap(self.model)
         teacher = None
-        if cfg.train.objective == "dino":
+        if c.train.objective == "dino":
             # The same builder and seed: the teacher starts equal to the student (DINO's
             # initialisation), and is sharded into the same units so EMA works shard by shard.
-            teacher = self._place(self._meta_model(cfg).requires_grad_(False), plan, mesh, device)
+            teacher = self._place(self._meta_model().requires_grad_(False), plan, mesh, device)
         self.optimizer = LARS(
-            build_param_groups(model, cfg.optim.lars_exclude_bn_bias), lr=0.0,
-            momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay, trust=cfg.optim.lars_trust,
+            build_param_groups(model, c.optim.lars_exclude_bn_bias), lr=0.0,
+            momentum=c.optim.momentum, weight_decay=c.optim.weight_decay, trust=c.optim.lars_trust,
         )
-        torch.manual_seed(cfg.run.seed + 1000 * self.rank + 1)  # per-rank stream from here on
-        data_cfg = OmegaConf.to_object(cfg.data)
-        data_cfg.pin_memory = self.speed.pin_memory  # CUDA: async host-to-device copies
-        self.loader = build_loader(data_cfg, self.rank, self.world)
-        self.global_batch = cfg.data.batch_size * self.world
-        self.total = cfg.optim.total_steps or cfg.train.steps
+        torch.manual_seed(c.run.seed + 1000 * self.rank + 1)  # per-rank stream from here on
+        # CUDA: pinned batches for async host-to-device copies (train.speed decides).
+        self.loader = build_loader(dataclasses.replace(c.data, pin_memory=self.speed.pin_memory),
+                                   self.rank, self.world)
+        self.global_batch = c.data.batch_size * self.world
+        self.total = c.optim.total_steps or c.train.steps
         self.schedule = lr_schedule(
-            peak_lr(cfg.optim.base_lr, self.global_batch), self.total, cfg.optim.warmup_steps,
-            cfg.optim.warmup_start_lr, cfg.optim.final_lr_ratio)
-        self.ckpt = Checkpointer(self.run_dir, cfg.ckpt, rank=self.rank, world_size=self.world,
-                                 config_yaml=OmegaConf.to_yaml(cfg), timeout_s=cfg.dist.timeout_s)
+            peak=peak_lr(c.optim.base_lr, self.global_batch), total_steps=self.total,
+            warmup_steps=c.optim.warmup_steps, warmup_start=c.optim.warmup_start_lr,
+            final_ratio=c.optim.final_lr_ratio)
+        self.ckpt = Checkpointer(self.run_dir, c.ckpt, rank=self.rank, world_size=self.world,
+                                 config_yaml=OmegaConf.to_yaml(cfg), timeout_s=c.dist.timeout_s)
         self.ckpt.before_save(lambda: average_bn_stats(self.model))
         self.progress = Progress(self.total, self.global_batch)
         self.throughput = Throughput()
@@ -135,23 +141,25 @@ class Trainer:
         self.ckpt.register("metrics", self.throughput, per_rank=True)
         self.flag = PreemptionFlag()
         # Sharded: FSDP2 casts per unit (parallelize). Unsharded: autocast does the same job.
-        use_autocast = cfg.train.precision == "bf16" and not is_fsdp(self.model)
+        use_autocast = c.train.precision == "bf16" and not is_fsdp(self.model)
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_autocast
                          else nullcontext())
         self.objective = (
-            DINOObjective(cfg, self.model, teacher, self.autocast, self.total, device)
+            DINOObjective(c.dino, self.model, teacher, self.autocast, n_prototypes=c.model.n_prototypes,
+                          total_steps=self.total, device=device)
             if teacher is not None else
-            SwAVObjective(cfg, self.inner, self.autocast, self.rank, self.world, device))
+            SwAVObjective(c.swav, self.inner, self.autocast, out_dim=c.model.out_dim, rank=self.rank,
+                          world=self.world, device=device))
         self.objective.register(self.ckpt)
         if teacher is not None:
             self.ckpt.before_save(lambda: average_bn_stats(teacher))
 
-    def _meta_model(self, cfg: DictConfig) -> nn.Module:
+    def _meta_model(self) -> nn.Module:
         """Built on the meta device, sharded, then each rank writes only its rows: no rank ever
         holds the whole fp32 model (seer_10b: 37 GB). Values are those of the unsharded model
         for the same seed at any world size (models.materialize)."""
         with torch.device("meta"):
-            model = build_dino_model(cfg) if cfg.train.objective == "dino" else build_model(cfg)
+            model = build_dino_model(self.cfg) if self.c.train.objective == "dino" else build_model(self.cfg)
         model.channels_last = self.speed.channels_last
         return model
 
@@ -165,11 +173,12 @@ class Trainer:
         return out
 
     def _materialize(self, model: nn.Module, device: torch.device) -> None:
-        materialize(model, device, int(self.cfg.run.seed))
-        if self.cfg.init.weights:
-            sd = load_trunk_state(self.cfg.init.weights, self.cfg.model.trunk)  # any format, shape-checked
+        c = self.c
+        materialize(model, device, c.run.seed)
+        if c.init.weights:
+            sd = load_trunk_state(c.init.weights, c.model.trunk)  # any format, shape-checked
             load_full_state_(model.trunk, sd)  # each rank keeps its rows
-            log.info("warm start: trunk weights from %s", self.cfg.init.weights)
+            log.info("warm start: trunk weights from %s", c.init.weights)
 
     @property
     def step(self) -> int:
@@ -194,38 +203,39 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
     def train(self) -> int:
-        cfg = self.cfg
+        loop = self.c.train
         resumed = self.resume()
         if self.rank == 0:
-            save_config(cfg, self.run_dir / "config.yaml")
-            record_start(self.run_dir, self.world, cfg.train.threads, resumed)
-        metrics = MetricsLogger(self.run_dir, self.rank, cfg.train.log_every, cfg.train.tensorboard,
-                                resumed_from=resumed, total_steps=cfg.train.steps)
+            save_config(self.cfg, self.run_dir / "config.yaml")
+            record_start(self.run_dir, world_size=self.world, threads=loop.threads, resumed_from=resumed)
+        metrics = MetricsLogger(self.run_dir, rank=self.rank, log_every=loop.log_every,
+                                tensorboard=loop.tensorboard, resumed_from=resumed,
+                                total_steps=loop.steps)
         self.flag.install()  # after submitit's own USR2 handler: ours must win
         it = iter(self.loader)
-        log.info("training steps %d..%d, global batch %d, %d rank(s)", self.step + 1, cfg.train.steps,
+        log.info("training steps %d..%d, global batch %d, %d rank(s)", self.step + 1, loop.steps,
                  self.global_batch, self.world)
         try:
-            while self.step < cfg.train.steps:
+            while self.step < loop.steps:
                 t0 = time.perf_counter()
                 views = next(it)
                 t_data = time.perf_counter() - t0
-                values, preempt = self.train_step(views)
+                values, stop = self.train_step(views)
                 self.step += 1
                 dt = time.perf_counter() - t0
                 self.throughput.update(self.global_batch, dt)
                 values.update(img_s=self.global_batch / dt, step_s=dt, data_wait=t_data / dt,
-                              eta_s=self.throughput.eta_s(cfg.train.steps - self.step),
+                              eta_s=self.throughput.eta_s(loop.steps - self.step),
                               images_seen=self.throughput.images,
                               rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
+                if self.step % loop.log_every == 0 or self.step == loop.steps:
                     values.update({f"data_{k}": v for k, v in self.loader.metrics().items()
                                    if isinstance(v, (int, float)) and not isinstance(v, bool)})
                 metrics.log_step(self.step, values)
-                if preempt:
-                    return self._preempted()
-                self.ckpt.after_step(self.step, last=self.step >= cfg.train.steps, preempted=False)
-            if resumed is not None and resumed >= cfg.train.steps:  # nothing left to train
+                if stop:
+                    return self._preempted(stop)
+                self.ckpt.after_step(self.step, last=self.step >= loop.steps, preempted=False)
+            if resumed is not None and resumed >= loop.steps:  # nothing left to train
                 self.ckpt.after_step(self.step, last=True, preempted=False)
             return 0
         except Exception:
@@ -235,36 +245,42 @@ class Trainer:
             metrics.close()
             self.flag.restore()
 
-    def _preempted(self) -> int:
-        log.warning("%s received: saving at step %d before exiting", self.flag.name(), self.step)
+    def _preempted(self, reason: str) -> int:
+        log.warning("%s received: saving at step %d before exiting", reason, self.step)
         t0 = time.monotonic()
         self.ckpt.after_step(self.step, last=False, preempted=True)
         secs = time.monotonic() - t0
         log.warning("preemption save took %.2fs", secs)
         if self.rank == 0:
-            requeue_job(self.run_dir, self.cfg.slurm.max_requeues, self.step, self.flag.name())
+            requeue_job(self.run_dir, max_requeues=self.c.slurm.max_requeues, step=self.step,
+                        reason=reason)
         # No rank exits before rank 0 committed the save and requeued (dist.setup.wait_for_peers).
         wait_for_peers()
         return PREEMPTED
 
-    def train_step(self, views: list[torch.Tensor]) -> tuple[dict[str, Any], bool]:
-        cfg, step = self.cfg, self.step
+    def train_step(self, views: list[torch.Tensor]) -> tuple[dict[str, Any], str]:
+        """One optimizer step: (logged values, '' or why every rank stops after it: the signal,
+        OPERATOR_STOP when any rank got Ctrl-C)."""
+        step = self.step
         lr = lr_at(self.schedule, step)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         views = [v.to(self.device, non_blocking=True) for v in views]
-        log_now = (step + 1) % cfg.train.log_every == 0
+        log_now = (step + 1) % self.c.train.log_every == 0
         loss, stats, describe = self.objective.forward(self.model, views, step, log_now)
         loss.backward()
         # One collective per step, on the compute device (the group's): [sum of losses, ranks
-        # with a non-finite loss, ranks signalled]. It is also how ranks agree on preemption.
+        # with a non-finite loss, ranks signalled, ranks given Ctrl-C]. It is also how ranks
+        # agree on preemption, and on whether it is an operator's stop (never requeued).
         finite = torch.isfinite(loss.detach())
+        # torch.full, not torch.tensor([...], device=): a fill kernel, no host-to-device copy
+        # (a blocking copy would sync with the backward before the all-reduce is queued).
+        flags = (float(self.flag.local), float(self.flag.name() == OPERATOR_STOP))
         packed = torch.stack((torch.where(finite, loss.detach(), 0.0).double(), (~finite).double(),
-                              torch.full((), float(self.flag.local), dtype=torch.float64,
-                                         device=loss.device)))
+                              *(torch.full((), f, dtype=torch.float64, device=loss.device) for f in flags)))
         if dist.is_initialized():
             dist.all_reduce(packed)
-        loss_sum, n_bad, n_signalled = packed.tolist()  # the step's one host sync
+        loss_sum, n_bad, n_signalled, n_interrupted = packed.tolist()  # the step's one host sync
         if n_bad > 0:
             raise NonFiniteLossError(
                 f"non-finite loss at step {self.step + 1} (local loss {float(loss.detach())} on rank "
@@ -276,4 +292,5 @@ class Trainer:
         values: dict[str, Any] = {"loss": loss_sum / self.world, "lr": lr}
         if log_now:
             values.update({k: float(v) for k, v in stats.items() if k != "loss"})
-        return values, n_signalled > 0
+        stop = OPERATOR_STOP if n_interrupted > 0 else self.flag.name() if n_signalled > 0 else ""
+        return values, stop

@@ -1,4 +1,5 @@
-"""The `data` section of the training config (no torch, numba or PIL: `seer-submit` reads it)."""
+"""The `data` section of the training config, read by the loader (seer_pipeline.data.loader);
+no torch, numba or PIL: `seer-submit` reads it."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
