@@ -125,11 +125,12 @@ def match_ours(sigs: list[str], pairs: list[tuple[int, int]]) -> list[bool]:
 
 
 def match_ours_scale(sigs: list[str], pairs: list[tuple[int, int]]) -> list[bool]:
-    flat, near.FLAT_MAX = near.FLAT_MAX, 0
+    flat, brute = near.FLAT_MAX, near.BRUTE_MAX
+    near.FLAT_MAX = near.BRUTE_MAX = 0
     try:
         return match_ours(sigs, pairs)
     finally:
-        near.FLAT_MAX = flat
+        near.FLAT_MAX, near.BRUTE_MAX = flat, brute
 
 
 def match_hash(codes: list[str], pairs: list[tuple[int, int]], thr: int = 10) -> list[bool]:

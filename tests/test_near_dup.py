@@ -176,3 +176,30 @@ def test_store_merge_refuses_near_parts() -> None:
             for i in range(2)]
     with pytest.raises(ValueError, match="merge into a local folder"):
         _combine(mans, {p: "source\treason\tduplicate_of\n" for p, _ in mans})
+
+
+def test_small_sets_search_without_faiss_and_find_the_same_pairs() -> None:
+    """numpy's brute force (small sets: no faiss import) and faiss's exact index agree pair for pair."""
+    import numpy as np
+
+    from data_prep import near
+
+    rng = np.random.default_rng(3)
+    base = rng.integers(0, 256, size=(300, near.PARTS * 8), dtype=np.uint8)
+    copies = base[:100].copy()
+    for k in range(100):  # 0-9 bits flipped in the whole-image hash: some within THRESHOLD, some not
+        for b in rng.choice(64, size=k % 10, replace=False):
+            copies[k, b // 8] ^= np.uint8(1 << (b % 8))
+    sigs = [r.tobytes().hex() for r in np.concatenate([base, copies])]
+    brute = near.pairs(sigs)
+    assert isinstance(near._index(near.codes(sigs)[0], len(sigs) * near.PARTS), near._Brute)
+    old = near.BRUTE_MAX
+    near.BRUTE_MAX = 0
+    try:
+        assert not isinstance(near._index(near.codes(sigs)[0], 1), near._Brute)
+        flat = near.pairs(sigs)
+        cross = near.pairs(sigs[:250], sigs[250:])
+    finally:
+        near.BRUTE_MAX = old
+    assert brute == flat and len(brute) >= 80  # the planted copies within 8 bits are found
+    assert near.pairs(sigs[:250], sigs[250:]) == cross
