@@ -137,8 +137,10 @@ def match_hash(codes: list[str], pairs: list[tuple[int, int]], thr: int = 10) ->
     return [bin(int(codes[a], 16) ^ int(codes[b], 16)).count("1") <= thr for a, b in pairs]
 
 
-def build_set(seeds: list[Path], d: Path, n: int) -> Path:
-    """n distinct pictures for the build timing: random 40-80% crops of the seeds, JPEG q90."""
+def build_set(seeds: list[Path], d: Path, n: int, long_side: int = 0) -> Path:
+    """n distinct pictures for the build timing: random 40-80% crops of the seeds, JPEG q90;
+    with `long_side`, each crop upscaled to it (photo-sized inputs: the build's own work grows
+    with the input, the signature's does not)."""
     import random
 
     rnd = random.Random(0)
@@ -149,7 +151,11 @@ def build_set(seeds: list[Path], d: Path, n: int) -> Path:
         fw, fh = rnd.uniform(0.4, 0.8), rnd.uniform(0.4, 0.8)
         x, y = rnd.uniform(0, 1 - fw), rnd.uniform(0, 1 - fh)
         box = (round(x * im.width), round(y * im.height), round((x + fw) * im.width), round((y + fh) * im.height))
-        im.crop(box).save(d / f"b{k:06d}.jpg", quality=90)
+        c = im.crop(box)
+        if long_side:
+            f = long_side / max(c.size)
+            c = c.resize((round(c.width * f), round(c.height * f)), Image.BICUBIC)
+        c.save(d / f"b{k:06d}.jpg", quality=90)
     return d
 
 
@@ -194,6 +200,7 @@ def main() -> None:
     ap.add_argument("--scale-queries", type=int, default=100000, help="sampled queries at --scale (timed, projected)")
     ap.add_argument("--build-repeats", type=int, default=3)
     ap.add_argument("--build-n", type=int, default=1000, help="inputs of the build timing")
+    ap.add_argument("--build-long-side", type=int, default=0, help="upscale the build inputs to this long side (0: as cropped)")
     a = ap.parse_args()
     dirs = [REPO / "tests" / "data" / "photos", *map(Path, a.photos)]
     if (REPO.parent / "shared" / "photos").is_dir():
@@ -235,7 +242,7 @@ def main() -> None:
             print(f"| {t} | " + " | ".join(f"{table[m]['recall'][t]:.2f}" for m in table) + " |")
         print("| false-positive pairs | " + " | ".join(str(table[m]["false_positive_pairs"]) for m in table) + " |")
         print("| images/s per core | " + " | ".join(f"{table[m]['images_per_s_per_core']:.0f}" for m in table) + " |")
-        bd = build_set(seeds, Path(td) / "build", a.build_n)
+        bd = build_set(seeds, Path(td) / "build", a.build_n, a.build_long_side)
         cpu_b: dict[str, list[float]] = {"exact": [], "near": []}
         for r in range(a.build_repeats):
             for mode in (("exact", "near") if r % 2 == 0 else ("near", "exact")):
