@@ -186,6 +186,44 @@ def _jpeg_has_eoi(data: bytes) -> bool:
 _SJ_SPACE = {"L": "GRAY", "CMYK": "CMYK"}
 
 
+_STANDALONE = frozenset(range(0xD0, 0xDA)) | {0x01}  # RSTn, SOI, EOI, TEM: markers without a length
+
+
+def jpeg_without_header_padding(data: bytes) -> Optional[bytes]:
+    """The JPEG without stray bytes between its header segments, or None when it has none.
+
+    libjpeg reads such bytes as "Corrupt JPEG data: N extraneous bytes before marker" and skips
+    them: the pixels are whole (some writers pad their APPn segments). A strict decode refuses
+    the file all the same, so the builder judges and stores the stream without them, which
+    every decoder reads without a warning (tests/test_shards_damage.py). Only the header is
+    walked, up to the first scan: stray bytes inside entropy-coded data are damage.
+    """
+    out, pos, cut, n = [data[:2]], 2, False, len(data)
+    while pos < n:
+        if data[pos] != 0xFF:  # stray bytes: up to the next 0xFF that starts a marker
+            nxt = data.find(b"\xff", pos)
+            while nxt != -1 and nxt + 1 < n and data[nxt + 1] in (0x00, 0xFF):
+                nxt = data.find(b"\xff", nxt + 1)
+            if nxt == -1 or nxt + 1 >= n:
+                return None
+            pos, cut = nxt, True
+            continue
+        m = pos
+        while m < n and data[m] == 0xFF:  # fill bytes before a marker are legal
+            m += 1
+        if m + 2 >= n or data[m] in _STANDALONE or data[m] == 0x00:
+            return None  # no header this walk understands: leave the verdict to the decoder
+        seg_end = m + 1 + int.from_bytes(data[m + 1:m + 3], "big")
+        if seg_end > n:
+            return None
+        if data[m] == 0xDA:  # start of scan: the rest is the decoder's
+            out.append(data[pos:])
+            return b"".join(out) if cut else None
+        out.append(data[pos:seg_end])
+        pos = seg_end
+    return None
+
+
 def _strict_decode(data: bytes, colorspace: str, min_w: int, min_h: int) -> tuple[Any, Optional[str]]:
     """(pixels, None) from simplejpeg's strict decode at the smallest scale >= (min_w, min_h),
     or (None, 'truncated' | 'corrupt')."""
@@ -254,6 +292,16 @@ def process_bytes(ordinal: int, source: str, data: bytes, opts: ProcessOptions,
     if res.sha256 in exclude:
         res.reason = "excluded"
         return res
+    r = _decode_or_reason(res, data, opts)
+    if r.reason == "corrupt" and data[:2] == b"\xff\xd8":
+        clean = jpeg_without_header_padding(data)
+        if clean is not None:  # padding between header segments only: judge the stream without it
+            fresh = Result(res.ordinal, res.source, size=res.size, sha256=res.sha256)
+            return _decode_or_reason(fresh, clean, opts)
+    return r
+
+
+def _decode_or_reason(res: Result, data: bytes, opts: ProcessOptions) -> Result:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

@@ -203,3 +203,24 @@ def test_small_sets_search_without_faiss_and_find_the_same_pairs() -> None:
         near.BRUTE_MAX = old
     assert brute == flat and len(brute) >= 80  # the planted copies within 8 bits are found
     assert near.pairs(sigs[:250], sigs[250:]) == cross
+
+
+def test_exclude_near_takes_one_path_and_leaves_later_inputs_to_the_build(dump: Path, tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    """`build --exclude-near E IN1 IN2` builds IN1 and IN2 (both were swallowed as evaluation
+    sets); `build IN0 --exclude-near E IN1` is a usage error naming IN1, not a silent drop."""
+    from data_prep.cli import _parser
+
+    ev, a, b = tmp_path / "eval", tmp_path / "a", tmp_path / "b"
+    for d in (ev, a, b):
+        d.mkdir()
+    (a / OTHERS[0].name).write_bytes(OTHERS[0].read_bytes())
+    (b / OTHERS[1].name).write_bytes(OTHERS[1].read_bytes())
+    Image.open(OTHERS[2]).save(ev / "val.png")
+    args = _parser().parse_args(["build", "--exclude-near", str(ev), "--exclude-near", str(dump), str(a), "--out", "o"])
+    assert args.inputs == [str(a)] and args.exclude_near == [str(ev), str(dump)]
+    assert main(["build", "--exclude-near", str(ev), str(a), str(b), "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+    assert fmt.load_manifest(str(tmp_path / "o"))["written"] == 2
+    with pytest.raises(SystemExit) as e:
+        main(["build", str(a), "--exclude-near", str(ev), str(b), "--out", str(tmp_path / "o2")])
+    assert e.value.code == 2 and f"unrecognized arguments: {b}" in capsys.readouterr().err
