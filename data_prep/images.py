@@ -321,6 +321,7 @@ def _decode_or_reason(res: Result, data: bytes, opts: ProcessOptions) -> Result:
 
 
 def _decode_and_encode(res: Result, data: bytes, opts: ProcessOptions) -> Result:
+    """Checks from the header, then the pass-through path or decode -> resize -> encode."""
     img = Image.open(io.BytesIO(data))  # parses the header only
     w, h = img.size
     if w * h > opts.max_pixels:
@@ -334,12 +335,7 @@ def _decode_and_encode(res: Result, data: bytes, opts: ProcessOptions) -> Result
         # partial pixels without an error (issue #22).
         Image.open(io.BytesIO(data)).verify()
         img.load()
-    try:
-        orient = int(img.getexif().get(0x0112, 1)) if img.format in ("JPEG", "TIFF", "WEBP", "PNG") else 1
-    except Exception:
-        orient = 1  # a broken EXIF block does not make the pixels unusable
-    if orient not in _ORIENT:
-        orient = 1
+    orient = _orientation(img)
     ow, oh = (h, w) if orient in (5, 6, 7, 8) else (w, h)
     res.orig_width, res.orig_height = ow, oh
     if min(ow, oh) < opts.min_side:
@@ -349,31 +345,56 @@ def _decode_and_encode(res: Result, data: bytes, opts: ProcessOptions) -> Result
     resize = (tw, th) != (ow, oh)
     # Grey JPEGs pass through as they are, like colour ones: every reader converts to RGB when
     # it decodes, and a one-component JPEG decodes faster than any colour form of it.
-    stored = None
-    if img.format == "JPEG" and opts.reencode != "always" and orient == 1 and not resize:
-        stored = data if img.mode in ("RGB", "L") else None
-    if stored is not None:
-        if opts.check == "full":
-            # The decoder is the judge of a damaged stream. Damage shows in the entropy-coded
-            # data, which libjpeg decodes in full even at 1/8 DCT scaling; the scaling only skips
-            # most of the inverse DCT and colour work we would throw away. Measured on the 121
-            # JPEGs of the benchmark photo set (docs/benchmarks.md): 35% less CPU, and the same verdict on 240 cut or
-            # byte-flipped copies of them.
-            if opts.signature:  # --dedup near: the check's decode also gives the signature
-                res.signature, reason = _checked_signature(data, w, h)
-            else:
-                reason = jpeg_damage(data, img.mode)
-            if reason is not None:
-                res.reason = reason
-                return res
-        elif not _jpeg_has_eoi(data):
-            res.reason = "truncated"
-            return res
-        res.data, res.passthrough = stored, True
-        res.width, res.height = w, h
-        return res
+    if img.format == "JPEG" and opts.reencode != "always" and orient == 1 and not resize \
+            and img.mode in ("RGB", "L"):
+        return _pass_through(res, data, img.mode, w, h, opts)
     # Work in the stored orientation and transpose at the end: resizing first is cheaper.
     sw, sh = (th, tw) if orient in (5, 6, 7, 8) else (tw, th)
+    rgb, reason = _decode_rgb(img, data, (sw, sh), resize)
+    del img  # the decoded image goes before the resize and encode: one less full-size copy
+    if rgb is None:
+        res.reason = reason
+        return res
+    return _encode(res, rgb, (sw, sh), orient, opts)
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1-8) of formats that carry one; 1 when absent or unreadable."""
+    try:
+        orient = int(img.getexif().get(0x0112, 1)) if img.format in ("JPEG", "TIFF", "WEBP", "PNG") else 1
+    except Exception:
+        orient = 1  # a broken EXIF block does not make the pixels unusable
+    return orient if orient in _ORIENT else 1
+
+
+def _pass_through(res: Result, data: bytes, mode: str, w: int, h: int, opts: ProcessOptions) -> Result:
+    """Store a JPEG byte for byte once it passes --check."""
+    if opts.check == "full":
+        # The decoder is the judge of a damaged stream. Damage shows in the entropy-coded
+        # data, which libjpeg decodes in full even at 1/8 DCT scaling; the scaling only skips
+        # most of the inverse DCT and colour work we would throw away. Measured on the 121
+        # JPEGs of the benchmark photo set (docs/benchmarks.md): 35% less CPU, and the same
+        # verdict on 240 cut or byte-flipped copies of them.
+        if opts.signature:  # --dedup near: the check's decode also gives the signature
+            res.signature, reason = _checked_signature(data, w, h)
+        else:
+            reason = jpeg_damage(data, mode)
+        if reason is not None:
+            res.reason = reason
+            return res
+    elif not _jpeg_has_eoi(data):
+        res.reason = "truncated"
+        return res
+    res.data, res.passthrough = data, True
+    res.width, res.height = w, h
+    return res
+
+
+def _decode_rgb(img: Image.Image, data: bytes, size: tuple[int, int],
+                resize: bool) -> tuple[Optional[Image.Image], Optional[str]]:
+    """(RGB pixels at `size` or at the nearest cheaper decode scale above it, None), or (None,
+    reason) for a JPEG the strict decode refuses."""
+    (w, h), (sw, sh) = img.size, size
     fast = None
     if img.format == "JPEG":
         # Pillow decodes through libjpeg's corrupt-data warnings and returns the damaged pixels,
@@ -382,8 +403,7 @@ def _decode_and_encode(res: Result, data: bytes, opts: ProcessOptions) -> Result
         # the same DCT scale: same libjpeg-turbo, checked on the test photos).
         fast, reason = _jpeg_rgb(data, img.mode, w, h, sw, sh)
         if reason is not None:
-            res.reason = reason
-            return res
+            return None, reason
         if fast is not None and "comment" in img.info:  # Pillow's save writes the source's COM
             fast.info["comment"] = img.info["comment"]  # segment: keep the stored bytes as before
         if fast is None and resize:  # CMYK and other modes: Pillow converts them
@@ -401,17 +421,19 @@ def _decode_and_encode(res: Result, data: bytes, opts: ProcessOptions) -> Result
     if img.format == "WEBP":
         fast = decode_webp(data, opaque_only=True, size=(sw, sh))
     if fast is not None:
-        rgb = fast
-    else:
-        if img.format == "GIF":
-            img.seek(0)
-        img.load()
-        rgb = _to_rgb(img)
-        del img  # the decoded image goes before the resize and encode: one less full-size copy
-    if rgb.size != (sw, sh):
+        return fast, None
+    if img.format == "GIF":
+        img.seek(0)
+    img.load()
+    return _to_rgb(img), None
+
+
+def _encode(res: Result, rgb: Image.Image, size: tuple[int, int], orient: int, opts: ProcessOptions) -> Result:
+    """Resize to `size` (stored orientation), undo the EXIF orientation, sign, encode."""
+    if rgb.size != size:
         # reducing_gap: a box reduction first, then bicubic; Pillow documents the result as
         # indistinguishable from plain bicubic at gap >= 2, and it is much faster on big shrinks.
-        rgb = rgb.resize((sw, sh), Image.Resampling.BICUBIC, reducing_gap=2.0)
+        rgb = rgb.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)
     if orient != 1:
         rgb = rgb.transpose(_ORIENT[orient])
     if opts.signature:  # --dedup near: from these pixels, not a second decode (data_prep.near)
