@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import io
 import logging
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -175,8 +175,10 @@ def _search(idx: Any, q: np.ndarray, threshold: int) -> tuple[np.ndarray, np.nda
 
 
 def pairs(a: Sequence[str], b: Optional[Sequence[str]] = None,
-          threshold: int = THRESHOLD) -> list[tuple[int, int, int]]:
-    """Near-duplicate pairs (i in a, j in b, distance): within `a` (i < j) when `b` is None."""
+          threshold: int = THRESHOLD, workers: int = 1) -> list[tuple[int, int, int]]:
+    """Near-duplicate pairs (i in a, j in b, distance): within `a` (i < j) when `b` is None.
+    Above FLAT_MAX codes, `workers` > 1 share the search out by hash-prefix buckets
+    (data_prep.near_buckets): the same pairs as the single index."""
     fa, qa = codes(a)
     same = b is None
     fb, qb = (fa, qa) if same else codes(b)
@@ -191,12 +193,23 @@ def pairs(a: Sequence[str], b: Optional[Sequence[str]] = None,
 
     # every hash of a against b's whole-image hashes; and every hash of b against a's (within
     # one set the first search already covers both directions)
-    for i, j, d in zip(*_search(_index(fb, len(qa)), qa, threshold)):
+    for i, j, d in _found(fb, qa, threshold, workers):
         note(int(i) // PARTS, int(j), int(d))
     if not same:
-        for j, i, d in zip(*_search(_index(fa, len(qb)), qb, threshold)):
+        for j, i, d in _found(fa, qb, threshold, workers):
             note(int(i), int(j) // PARTS, int(d))
     return sorted((i, j, d) for (i, j), d in best.items())
+
+
+def _found(full: np.ndarray, q: np.ndarray, threshold: int, workers: int) -> Iterator[tuple[Any, Any, Any]]:
+    """(query row, code row, distance) of every pair: one index, or hash-prefix buckets."""
+    if workers > 1 and len(full) > FLAT_MAX:
+        from data_prep import near_buckets  # the parallel search: merges of large sets only
+
+        for r, j, d in near_buckets.search(full, q, threshold, workers):
+            yield from zip(r, j, d)
+        return
+    yield from zip(*_search(_index(full, len(q)), q, threshold))
 
 
 def groups(n: int, edges: Iterable[tuple[int, int, int]]) -> list[list[int]]:
@@ -224,10 +237,10 @@ def keeper(members: Sequence[int], pixels: Sequence[int], sources: Sequence[str]
     return min(members, key=lambda k: (-pixels[k], sources[k], k))
 
 
-def dedup(sigs: Sequence[str], pixels: Sequence[int], sources: Sequence[str]) -> dict[int, int]:
+def dedup(sigs: Sequence[str], pixels: Sequence[int], sources: Sequence[str], workers: int = 1) -> dict[int, int]:
     """{dropped row: kept row} over one set of images."""
     drop: dict[int, int] = {}
-    for g in groups(len(sigs), pairs(sigs)):
+    for g in groups(len(sigs), pairs(sigs, workers=workers)):
         k = keeper(g, pixels, sources)
         drop.update({m: k for m in g if m != k})
     return drop

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -224,3 +225,44 @@ def test_exclude_near_takes_one_path_and_leaves_later_inputs_to_the_build(dump: 
     with pytest.raises(SystemExit) as e:
         main(["build", str(a), "--exclude-near", str(ev), str(b), "--out", str(tmp_path / "o2")])
     assert e.value.code == 2 and f"unrecognized arguments: {b}" in capsys.readouterr().err
+
+
+def test_bucketed_search_finds_the_single_index_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above FLAT_MAX, merge's `--workers` search by hash-prefix buckets (data_prep.near_buckets):
+    the same pairs, groups and kept images as faiss's one index, whatever the worker count."""
+    import numpy as np
+
+    from data_prep import near
+
+    monkeypatch.setattr(near, "FLAT_MAX", 1000)
+    monkeypatch.setattr(near, "BRUTE_MAX", 0)
+    rng = np.random.default_rng(5)
+    base = rng.integers(0, 256, size=(3000, near.PARTS * 8), dtype=np.uint8)
+    copies = base[:1500].copy()
+    for k in range(1500):  # 0-8 flips anywhere in the 48 bytes: in the whole-image hash or not
+        for b in rng.choice(near.PARTS * 64, size=k % 9, replace=False):
+            copies[k, b // 8] ^= np.uint8(1 << (b % 8))
+    sigs = [r.tobytes().hex() for r in np.concatenate([base, copies])]
+    single = near.pairs(sigs)
+    assert len(single) > 500
+    assert near.pairs(sigs, workers=2) == single
+    assert near.pairs(sigs, workers=3) == single
+    px, src = [int(x) for x in rng.integers(1, 100, len(sigs))], [f"s{i:05d}" for i in range(len(sigs))]
+    assert near.dedup(sigs, px, src, workers=2) == near.dedup(sigs, px, src)
+
+
+def test_near_merge_with_workers_equals_one_process(dump: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from data_prep import near
+
+    parts = [str(tmp_path / f"p{i}") for i in range(2)]
+    for i, p in enumerate(parts):
+        build_shards([str(dump)], p, dedup="near", part=(i, 2))
+    monkeypatch.setattr(near, "FLAT_MAX", 4)  # the scale path, where --workers share the search
+    monkeypatch.setattr(near, "BRUTE_MAX", 0)
+    for w in (1, 2):
+        copies = [str(tmp_path / f"w{w}-{p[-2:]}") for p in parts]
+        for p, c in zip(parts, copies):
+            shutil.copytree(p, c)
+        merge(copies, str(tmp_path / f"m{w}"), workers=w)
+    assert (tmp_path / "m1" / "skipped.tsv").read_text() == (tmp_path / "m2" / "skipped.tsv").read_text()
+    assert sorted(j["source"] for j in _jsons(tmp_path / "m1")) == sorted(j["source"] for j in _jsons(tmp_path / "m2"))
