@@ -126,7 +126,7 @@ def test_strict_jpeg_decode_stores_what_pillow_stored(photo_dir: Path, monkeypat
             opts = ProcessOptions(resize_short_side=short, reencode=reencode)
             ours = process_bytes(0, "x", data, opts)
             with monkeypatch.context() as m:
-                m.setattr(images, "_jpeg_rgb", pillow)
+                m.setattr(images, "jpeg_rgb", pillow)
                 ref = process_bytes(0, "x", data, opts)
             assert ours.reason is None and ours.data == ref.data, (p.name, short)
             n += 1
