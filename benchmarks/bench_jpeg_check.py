@@ -7,7 +7,7 @@ contenders interleaved; the best of the repeats is kept, the run least disturbed
 - pass-through `--check full`: before, Pillow decoding at 1/8 DCT scale (`draft` + `load`, which
   ignores libjpeg's warnings); now `data_prep.images.jpeg_damage` (simplejpeg, strict, 1/8);
 - resize to a short side of 256 (`process_bytes`): now (one strict simplejpeg decode gives the
-  verdict and the pixels) and before (Pillow's `draft` decode, no verdict: `_jpeg_rgb` bypassed);
+  verdict and the pixels) and before (Pillow's `draft` decode, no verdict: `jpeg_rgb` bypassed);
 - a progressive JPEG (the first photo, 4x upscaled) shrunk >= 8x, where Pillow read only the DC
   scans (seer_pipeline/codecs/jpeg_scans.py) and the verdict needs every scan.
 The last line of output is JSON.
@@ -52,17 +52,17 @@ def main() -> None:
     blobs = [p.read_bytes() for p in sorted(a.photo_dir.rglob("*")) if p.suffix.lower() in (".jpg", ".jpeg")]
     modes = [Image.open(io.BytesIO(b)).mode for b in blobs]
     opts = images.ProcessOptions(resize_short_side=256)
-    real, real_rgb = images.jpeg_damage, images._jpeg_rgb
+    real, real_rgb = images.jpeg_damage, images.jpeg_rgb
     runs: dict[str, list[float]] = {k: [] for k in ("pil_check", "strict_check", "resize", "resize_unchecked")}
     for _ in range(a.repeats):
         runs["pil_check"].append(_per_image(_pil_check, blobs))
         runs["strict_check"].append(_per_image(lambda b: real(b, modes[0]), blobs))
         runs["resize"].append(_per_image(lambda b: images.process_bytes(0, "x", b, opts), blobs))
-        images._jpeg_rgb = lambda *args: (None, None)
+        images.jpeg_rgb = lambda *args: (None, None)
         try:
             runs["resize_unchecked"].append(_per_image(lambda b: images.process_bytes(0, "x", b, opts), blobs))
         finally:
-            images._jpeg_rgb = real_rgb
+            images.jpeg_rgb = real_rgb
     # A progressive JPEG shrunk >= 8x: Pillow read only its DC scans (jpeg_scans); the verdict
     # needs every scan decoded.
     src = Image.open(io.BytesIO(blobs[0])).convert("RGB")
@@ -72,11 +72,11 @@ def main() -> None:
     runs["prog8"], runs["prog8_unchecked"] = [], []
     for _ in range(a.repeats):
         runs["prog8"].append(_per_image(lambda b: images.process_bytes(0, "x", b, popts), [prog] * 5))
-        images._jpeg_rgb = lambda *args: (None, None)
+        images.jpeg_rgb = lambda *args: (None, None)
         try:
             runs["prog8_unchecked"].append(_per_image(lambda b: images.process_bytes(0, "x", b, popts), [prog] * 5))
         finally:
-            images._jpeg_rgb = real_rgb
+            images.jpeg_rgb = real_rgb
     med = {k: min(v) for k, v in runs.items()}  # the least-disturbed run: the box is shared
     mp = statistics.mean(Image.open(io.BytesIO(b)).size[0] * Image.open(io.BytesIO(b)).size[1] for b in blobs) / 1e6
     print(f"{len(blobs)} JPEGs, mean {mp:.2f} MP; CPU ms per image (best of {a.repeats}):")

@@ -16,6 +16,9 @@ stubbed out there, the hashing code is imagededup's own. Throughput is one proce
 
 Build cost: CPU time of `seer-shards build --resize-short-side 256` with --dedup exact and
 --dedup near on the same inputs (median of --build-repeats, interleaved).
+Merge: --merge-scale N times only merge's near pass (near.dedup over N synthetic signatures, a
+tenth of them planted copies) at each --merge-workers, each in a fresh process: wall, CPU of the
+process tree, peak RSS, and a digest of the drop map (identical at every worker count).
 Scale: --scale synthetic whole-image hashes (uniform random) indexed by data_prep.near's index
 in a child process, queried with --scale-queries planted copies 0-3 bits away: index time,
 per-query time, peak RSS, planted copies found; a full grouping (PARTS queries per image) is
@@ -125,19 +128,22 @@ def match_ours(sigs: list[str], pairs: list[tuple[int, int]]) -> list[bool]:
 
 
 def match_ours_scale(sigs: list[str], pairs: list[tuple[int, int]]) -> list[bool]:
-    flat, near.FLAT_MAX = near.FLAT_MAX, 0
+    flat, brute = near.FLAT_MAX, near.BRUTE_MAX
+    near.FLAT_MAX = near.BRUTE_MAX = 0
     try:
         return match_ours(sigs, pairs)
     finally:
-        near.FLAT_MAX = flat
+        near.FLAT_MAX, near.BRUTE_MAX = flat, brute
 
 
 def match_hash(codes: list[str], pairs: list[tuple[int, int]], thr: int = 10) -> list[bool]:
     return [bin(int(codes[a], 16) ^ int(codes[b], 16)).count("1") <= thr for a, b in pairs]
 
 
-def build_set(seeds: list[Path], d: Path, n: int) -> Path:
-    """n distinct pictures for the build timing: random 40-80% crops of the seeds, JPEG q90."""
+def build_set(seeds: list[Path], d: Path, n: int, long_side: int = 0) -> Path:
+    """n distinct pictures for the build timing: random 40-80% crops of the seeds, JPEG q90;
+    with `long_side`, each crop upscaled to it (photo-sized inputs: the build's own work grows
+    with the input, the signature's does not)."""
     import random
 
     rnd = random.Random(0)
@@ -148,7 +154,11 @@ def build_set(seeds: list[Path], d: Path, n: int) -> Path:
         fw, fh = rnd.uniform(0.4, 0.8), rnd.uniform(0.4, 0.8)
         x, y = rnd.uniform(0, 1 - fw), rnd.uniform(0, 1 - fh)
         box = (round(x * im.width), round(y * im.height), round((x + fw) * im.width), round((y + fh) * im.height))
-        im.crop(box).save(d / f"b{k:06d}.jpg", quality=90)
+        c = im.crop(box)
+        if long_side:
+            f = long_side / max(c.size)
+            c = c.resize((round(c.width * f), round(c.height * f)), Image.BICUBIC)
+        c.save(d / f"b{k:06d}.jpg", quality=90)
     return d
 
 
@@ -185,6 +195,44 @@ print(json.dumps({"n": n, "index": type(idx).__name__, "add_s": t_add, "queries"
 """
 
 
+_MERGE = r"""
+import hashlib, json, resource, sys, time
+import numpy as np
+sys.path.insert(0, sys.argv[2])
+from data_prep import near
+n, workers = int(sys.argv[1]), int(sys.argv[3]); rng = np.random.default_rng(0)
+sig = rng.integers(0, 256, size=(n, near.PARTS * 8), dtype=np.uint8)  # uniform random signatures
+k = n // 10  # the last tenth: copies of the first tenth, 0-3 bits flipped in each hash
+sig[n - k:] = sig[:k]
+for b in range(3):
+    sel = np.nonzero(rng.integers(0, 4, size=k) > b)[0]
+    bit = rng.integers(0, near.PARTS * 64, size=len(sel))
+    sig[n - k + sel, bit // 8] ^= (1 << (bit % 8)).astype(np.uint8)
+sigs = [r.tobytes().hex() for r in sig]
+px = [1] * n; src = [f"{i:09d}" for i in range(n)]
+t, c = time.time(), time.process_time()
+drop = near.dedup(sigs, px, src, workers)
+ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({"n": n, "workers": workers, "wall_s": time.time() - t,
+                  "cpu_s": time.process_time() - c + ru.ru_utime + ru.ru_stime, "dropped": len(drop),
+                  "planted": k, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                  "worker_peak_rss_gib": ru.ru_maxrss / 2**20,
+                  "drop_sha1": hashlib.sha1(json.dumps(sorted(drop.items())).encode()).hexdigest()}))
+"""
+
+
+def merge_scale(n: int, workers: list[int]) -> list[dict]:
+    """merge's near pass (near.dedup) on n synthetic signatures at each worker count, each in a
+    fresh process; the drop maps must be identical (drop_sha1)."""
+    out = []
+    for w in workers:
+        p = subprocess.run([sys.executable, "-c", _MERGE, str(n), str(REPO), str(w)], capture_output=True, text=True)
+        out.append(json.loads(p.stdout.splitlines()[-1]) if p.returncode == 0 else {"n": n, "workers": w,
+                                                                                     "error": p.stderr[-500:]})
+        print("merge scale:", out[-1], flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--photos", action="append", default=[])
@@ -193,7 +241,14 @@ def main() -> None:
     ap.add_argument("--scale-queries", type=int, default=100000, help="sampled queries at --scale (timed, projected)")
     ap.add_argument("--build-repeats", type=int, default=3)
     ap.add_argument("--build-n", type=int, default=1000, help="inputs of the build timing")
+    ap.add_argument("--build-long-side", type=int, default=0, help="upscale the build inputs to this long side (0: as cropped)")
+    ap.add_argument("--merge-scale", type=int, default=0,
+                    help="only time merge's near pass on this many synthetic signatures (0: the full benchmark)")
+    ap.add_argument("--merge-workers", type=int, nargs="+", default=[1, 2])
     a = ap.parse_args()
+    if a.merge_scale:
+        print(json.dumps({"merge_scale": merge_scale(a.merge_scale, a.merge_workers)}))
+        return
     dirs = [REPO / "tests" / "data" / "photos", *map(Path, a.photos)]
     if (REPO.parent / "shared" / "photos").is_dir():
         dirs.append(REPO.parent / "shared" / "photos")
@@ -234,7 +289,7 @@ def main() -> None:
             print(f"| {t} | " + " | ".join(f"{table[m]['recall'][t]:.2f}" for m in table) + " |")
         print("| false-positive pairs | " + " | ".join(str(table[m]["false_positive_pairs"]) for m in table) + " |")
         print("| images/s per core | " + " | ".join(f"{table[m]['images_per_s_per_core']:.0f}" for m in table) + " |")
-        bd = build_set(seeds, Path(td) / "build", a.build_n)
+        bd = build_set(seeds, Path(td) / "build", a.build_n, a.build_long_side)
         cpu_b: dict[str, list[float]] = {"exact": [], "near": []}
         for r in range(a.build_repeats):
             for mode in (("exact", "near") if r % 2 == 0 else ("near", "exact")):

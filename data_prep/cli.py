@@ -68,8 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--dedup", choices=["exact", "near", "none"], default="exact",
                    help="exact: drop byte-identical copies (default); near: also drop resized, recompressed, "
                         "converted or slightly cropped copies (skipped.tsv names the kept one)")
-    b.add_argument("--exclude-near", nargs="+", action="extend", default=[], metavar="PATH",
-                   help="evaluation images (folders, archives, lists, shard sets): drop near-copies of them")
+    # One path per flag, like --exclude: with nargs="+", `build IN0 --exclude-near E IN1` took the
+    # input IN1 for an evaluation set and silently left it out of the build.
+    b.add_argument("--exclude-near", action="append", default=[], metavar="PATH",
+                   help="evaluation images (folder, archive, list or shard set): drop near-copies of them; repeatable")
     b.add_argument("--exclude", action="append", default=[], metavar="FILE_OR_DIR",
                    help="sha256 list or folder of images (e.g. an eval set) to keep out; repeatable")
     b.add_argument("--part", type=_part, default=(0, 1), metavar="I/N", help="build part I of N")

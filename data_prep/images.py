@@ -12,9 +12,9 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional
 
-import simplejpeg
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from data_prep.jpeg import checked_signature, jpeg_damage, jpeg_has_eoi, jpeg_rgb, jpeg_without_header_padding
 from seer_pipeline.codecs.jpeg_scans import eighth_scale_scans
 from seer_pipeline.codecs.webp import decode_webp
 
@@ -33,7 +33,6 @@ _ORIENT = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
-_JPEG_TAIL_PAD = b"\x00\r\n \t"
 
 
 @dataclass(frozen=True)
@@ -177,50 +176,6 @@ def _reason(msg: str) -> str:
     return "corrupt"
 
 
-def _jpeg_has_eoi(data: bytes) -> bool:
-    # Header check for pass-through: start-of-image and end-of-image markers. Trailing padding
-    # bytes some writers append are tolerated.
-    return data[:2] == b"\xff\xd8" and data.rstrip(_JPEG_TAIL_PAD)[-2:] == b"\xff\xd9"
-
-
-_SJ_SPACE = {"L": "GRAY", "CMYK": "CMYK"}
-
-
-def jpeg_damage(data: bytes, mode: str) -> Optional[str]:
-    """None for a JPEG that libjpeg decodes without complaint, else 'truncated' or 'corrupt'.
-
-    Pillow ignores libjpeg's warnings ("Corrupt JPEG data: N extraneous bytes", "Premature end
-    of JPEG file"), which is how a damaged scan used to pass through byte for byte (issue #24).
-    simplejpeg (libjpeg-turbo, already the loader's decoder) raises on them with strict=True.
-    Decoded at 1/8 scale: the entropy-coded data, where damage shows, is still decoded in full.
-    """
-    try:
-        simplejpeg.decode_jpeg(data, colorspace=_SJ_SPACE.get(mode, "RGB"), min_height=1, min_width=1,
-                               strict=True)
-    except (ValueError, RuntimeError) as e:
-        if "premature end of jpeg file" in str(e).lower() or not _jpeg_has_eoi(data):
-            return "truncated"
-        return "corrupt"
-    return None
-
-
-def _jpeg_rgb(data: bytes, mode: str, w: int, h: int, sw: int, sh: int) -> tuple[Optional[Image.Image], Optional[str]]:
-    """(RGB image at the DCT scale Pillow's draft() would pick for (sw, sh), None) for a colour
-    or grey JPEG; (None, reason) for a damaged one; (None, None) where Pillow must decode (CMYK)."""
-    if mode not in ("RGB", "L"):
-        reason = jpeg_damage(data, mode)
-        return None, reason
-    m = next(m for m in (8, 4, 2, 1) if min(w // max(sw, 1), h // max(sh, 1)) >= m)  # as JpegImagePlugin.draft
-    ow, oh = -(-w // m), -(-h // m)
-    try:
-        arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=ow, min_height=oh, strict=True)
-    except (ValueError, RuntimeError):
-        return None, jpeg_damage(data, mode) or "corrupt"
-    if arr.shape[:2] != (oh, ow):  # another scale than Pillow's: let Pillow decode, for the same pixels
-        return None, None
-    return Image.fromarray(arr), None
-
-
 def process_bytes(ordinal: int, source: str, data: bytes, opts: ProcessOptions,
                   exclude: frozenset[str] = frozenset()) -> Result:
     """Turn one input's bytes into a stored JPEG, or a skip reason."""
@@ -232,6 +187,16 @@ def process_bytes(ordinal: int, source: str, data: bytes, opts: ProcessOptions,
     if res.sha256 in exclude:
         res.reason = "excluded"
         return res
+    r = _decode_or_reason(res, data, opts)
+    if r.reason == "corrupt" and data[:2] == b"\xff\xd8":
+        clean = jpeg_without_header_padding(data)
+        if clean is not None:  # padding between header segments only: judge the stream without it
+            fresh = Result(res.ordinal, res.source, size=res.size, sha256=res.sha256)
+            return _decode_or_reason(fresh, clean, opts)
+    return r
+
+
+def _decode_or_reason(res: Result, data: bytes, opts: ProcessOptions) -> Result:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -251,6 +216,7 @@ def process_bytes(ordinal: int, source: str, data: bytes, opts: ProcessOptions,
 
 
 def _decode_and_encode(res: Result, data: bytes, opts: ProcessOptions) -> Result:
+    """Checks from the header, then the pass-through path or decode -> resize -> encode."""
     img = Image.open(io.BytesIO(data))  # parses the header only
     w, h = img.size
     if w * h > opts.max_pixels:
@@ -264,12 +230,7 @@ def _decode_and_encode(res: Result, data: bytes, opts: ProcessOptions) -> Result
         # partial pixels without an error (issue #22).
         Image.open(io.BytesIO(data)).verify()
         img.load()
-    try:
-        orient = int(img.getexif().get(0x0112, 1)) if img.format in ("JPEG", "TIFF", "WEBP", "PNG") else 1
-    except Exception:
-        orient = 1  # a broken EXIF block does not make the pixels unusable
-    if orient not in _ORIENT:
-        orient = 1
+    orient = _orientation(img)
     ow, oh = (h, w) if orient in (5, 6, 7, 8) else (w, h)
     res.orig_width, res.orig_height = ow, oh
     if min(ow, oh) < opts.min_side:
@@ -279,38 +240,65 @@ def _decode_and_encode(res: Result, data: bytes, opts: ProcessOptions) -> Result
     resize = (tw, th) != (ow, oh)
     # Grey JPEGs pass through as they are, like colour ones: every reader converts to RGB when
     # it decodes, and a one-component JPEG decodes faster than any colour form of it.
-    stored = None
-    if img.format == "JPEG" and opts.reencode != "always" and orient == 1 and not resize:
-        stored = data if img.mode in ("RGB", "L") else None
-    if stored is not None:
-        if opts.check == "full":
-            # The decoder is the judge of a damaged stream. Damage shows in the entropy-coded
-            # data, which libjpeg decodes in full even at 1/8 DCT scaling; the scaling only skips
-            # most of the inverse DCT and colour work we would throw away. Measured on the 121
-            # JPEGs of the benchmark photo set (docs/benchmarks.md): 35% less CPU, and the same verdict on 240 cut or
-            # byte-flipped copies of them.
-            reason = jpeg_damage(data, img.mode)
-            if reason is not None:
-                res.reason = reason
-                return res
-        elif not _jpeg_has_eoi(data):
-            res.reason = "truncated"
-            return res
-        res.data, res.passthrough = stored, True
-        res.width, res.height = w, h
-        return res
+    if img.format == "JPEG" and opts.reencode != "always" and orient == 1 and not resize \
+            and img.mode in ("RGB", "L"):
+        return _pass_through(res, data, img.mode, w, h, opts)
     # Work in the stored orientation and transpose at the end: resizing first is cheaper.
     sw, sh = (th, tw) if orient in (5, 6, 7, 8) else (tw, th)
+    rgb, reason = _decode_rgb(img, data, (sw, sh), resize)
+    del img  # the decoded image goes before the resize and encode: one less full-size copy
+    if rgb is None:
+        res.reason = reason
+        return res
+    return _encode(res, rgb, (sw, sh), orient, opts)
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1-8) of formats that carry one; 1 when absent or unreadable."""
+    try:
+        orient = int(img.getexif().get(0x0112, 1)) if img.format in ("JPEG", "TIFF", "WEBP", "PNG") else 1
+    except Exception:
+        orient = 1  # a broken EXIF block does not make the pixels unusable
+    return orient if orient in _ORIENT else 1
+
+
+def _pass_through(res: Result, data: bytes, mode: str, w: int, h: int, opts: ProcessOptions) -> Result:
+    """Store a JPEG byte for byte once it passes --check."""
+    if opts.check == "full":
+        # The decoder is the judge of a damaged stream. Damage shows in the entropy-coded
+        # data, which libjpeg decodes in full even at 1/8 DCT scaling; the scaling only skips
+        # most of the inverse DCT and colour work we would throw away. Measured on the 121
+        # JPEGs of the benchmark photo set (docs/benchmarks.md): 35% less CPU, and the same
+        # verdict on 240 cut or byte-flipped copies of them.
+        if opts.signature:  # --dedup near: the check's decode also gives the signature
+            res.signature, reason = checked_signature(data, w, h)
+        else:
+            reason = jpeg_damage(data, mode)
+        if reason is not None:
+            res.reason = reason
+            return res
+    elif not jpeg_has_eoi(data):
+        res.reason = "truncated"
+        return res
+    res.data, res.passthrough = data, True
+    res.width, res.height = w, h
+    return res
+
+
+def _decode_rgb(img: Image.Image, data: bytes, size: tuple[int, int],
+                resize: bool) -> tuple[Optional[Image.Image], Optional[str]]:
+    """(RGB pixels at `size` or at the nearest cheaper decode scale above it, None), or (None,
+    reason) for a JPEG the strict decode refuses."""
+    (w, h), (sw, sh) = img.size, size
     fast = None
     if img.format == "JPEG":
         # Pillow decodes through libjpeg's corrupt-data warnings and returns the damaged pixels,
         # which we would re-encode as a clean-looking sample. One strict simplejpeg decode both
         # judges the stream and gives the pixels (the same pixels as Pillow's draft() decode at
         # the same DCT scale: same libjpeg-turbo, checked on the test photos).
-        fast, reason = _jpeg_rgb(data, img.mode, w, h, sw, sh)
+        fast, reason = jpeg_rgb(data, img.mode, w, h, sw, sh)
         if reason is not None:
-            res.reason = reason
-            return res
+            return None, reason
         if fast is not None and "comment" in img.info:  # Pillow's save writes the source's COM
             fast.info["comment"] = img.info["comment"]  # segment: keep the stored bytes as before
         if fast is None and resize:  # CMYK and other modes: Pillow converts them
@@ -328,17 +316,19 @@ def _decode_and_encode(res: Result, data: bytes, opts: ProcessOptions) -> Result
     if img.format == "WEBP":
         fast = decode_webp(data, opaque_only=True, size=(sw, sh))
     if fast is not None:
-        rgb = fast
-    else:
-        if img.format == "GIF":
-            img.seek(0)
-        img.load()
-        rgb = _to_rgb(img)
-        del img  # the decoded image goes before the resize and encode: one less full-size copy
-    if rgb.size != (sw, sh):
+        return fast, None
+    if img.format == "GIF":
+        img.seek(0)
+    img.load()
+    return _to_rgb(img), None
+
+
+def _encode(res: Result, rgb: Image.Image, size: tuple[int, int], orient: int, opts: ProcessOptions) -> Result:
+    """Resize to `size` (stored orientation), undo the EXIF orientation, sign, encode."""
+    if rgb.size != size:
         # reducing_gap: a box reduction first, then bicubic; Pillow documents the result as
         # indistinguishable from plain bicubic at gap >= 2, and it is much faster on big shrinks.
-        rgb = rgb.resize((sw, sh), Image.Resampling.BICUBIC, reducing_gap=2.0)
+        rgb = rgb.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)
     if orient != 1:
         rgb = rgb.transpose(_ORIENT[orient])
     if opts.signature:  # --dedup near: from these pixels, not a second decode (data_prep.near)

@@ -125,7 +125,7 @@ def _merge(parts: Sequence[str], out: str, out_abs: str, force: bool, workers: i
         mans, base = _check_parts(parts)
         _clear_out(out, parts, force)
         # near-duplicates across parts: data_prep.near_build rewrites the shards that lose samples
-        nx = (near_build.merge_plan(mans, os.path.join(out, STATE)) if base.get("dedup") == "near"
+        nx = (near_build.merge_plan(mans, os.path.join(out, STATE), workers) if base.get("dedup") == "near"
               else None)
         plan = _make_plan(mans, base, out_abs, workers, nx)
         atomic_write_json(plan_path, plan)

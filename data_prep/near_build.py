@@ -114,7 +114,7 @@ def _shard_signatures(d: str, man: dict) -> Iterator[tuple[str, str, Optional[st
             yield e["name"], fmt.unescape_name(str(meta.get("source", key))), sig, meta
 
 
-def merge_plan(mans: Sequence[tuple[str, dict]], state: str) -> dict:
+def merge_plan(mans: Sequence[tuple[str, dict]], state: str, workers: int = 1) -> dict:
     """Near-duplicates across the parts of a `--dedup near` build, for data_prep.merge.
 
     Each part dropped its own copies; here every signature of every part is grouped once more
@@ -135,7 +135,7 @@ def merge_plan(mans: Sequence[tuple[str, dict]], state: str) -> dict:
             sigs.append(sig)
             px.append(int(meta.get("orig_width") or 0) * int(meta.get("orig_height") or 0))
             srcs.append(src)
-    drop = near.dedup(sigs, px, srcs)
+    drop = near.dedup(sigs, px, srcs, workers)  # workers: hash-prefix buckets (data_prep.near_buckets)
     by_shard: dict[tuple[str, str], set[str]] = {}
     for d in drop:
         by_shard.setdefault(where[d][:2], set()).add(where[d][2])

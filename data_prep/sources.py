@@ -151,7 +151,8 @@ def iter_inputs(inputs: Sequence[str], want: Want, max_bytes: Optional[int] = No
                 continue
             nxt = counter()
             yield from (it for it in iter_remote_input(inp, nxt, lambda o, src: mine(src) and want(o, src),
-                                                       functools.partial(_iter_tar, max_bytes=max_bytes), Item)
+                                                       functools.partial(_iter_tar, max_bytes=max_bytes), Item,
+                                                       max_bytes)
                         if mine(it.source))
             continue
         kind = input_kind(inp)
@@ -244,8 +245,23 @@ def unsafe_member(m: tarfile.TarInfo) -> bool:
     return name.startswith("/") or ".." in PurePosixPath(name).parts
 
 
+# Extended headers (pax, GNU long names) are read whole into memory by tarfile, at whatever size
+# their header declares: a gzip of a few MB can declare gigabytes. Real ones hold a path and a
+# few attributes (kilobytes); past this cap the archive is reported damaged (`_iter_tar`).
+MAX_META_BYTES = 1 << 20
+_META_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+               tarfile.SOLARIS_XHDTYPE)
+
+
 class _Info(tarfile.TarInfo):
-    """Notes why the header loop stopped: tarfile ends silently on a header cut in half."""
+    """Notes why the header loop stopped: tarfile ends silently on a header cut in half. Refuses
+    extended headers over `MAX_META_BYTES` before tarfile reads them."""
+
+    def _proc_member(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _META_TYPES and self.size > MAX_META_BYTES:
+            raise tarfile.ReadError(f"an extended (pax or GNU long-name) header of {self.size} bytes, "
+                                    f"over the {MAX_META_BYTES}-byte cap")
+        return super()._proc_member(tf)  # type: ignore[misc]
 
     @classmethod
     def fromtarfile(cls, tf: tarfile.TarFile) -> tarfile.TarInfo:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -176,3 +177,92 @@ def test_store_merge_refuses_near_parts() -> None:
             for i in range(2)]
     with pytest.raises(ValueError, match="merge into a local folder"):
         _combine(mans, {p: "source\treason\tduplicate_of\n" for p, _ in mans})
+
+
+def test_small_sets_search_without_faiss_and_find_the_same_pairs() -> None:
+    """numpy's brute force (small sets: no faiss import) and faiss's exact index agree pair for pair."""
+    import numpy as np
+
+    from data_prep import near
+
+    rng = np.random.default_rng(3)
+    base = rng.integers(0, 256, size=(300, near.PARTS * 8), dtype=np.uint8)
+    copies = base[:100].copy()
+    for k in range(100):  # 0-9 bits flipped in the whole-image hash: some within THRESHOLD, some not
+        for b in rng.choice(64, size=k % 10, replace=False):
+            copies[k, b // 8] ^= np.uint8(1 << (b % 8))
+    sigs = [r.tobytes().hex() for r in np.concatenate([base, copies])]
+    brute = near.pairs(sigs)
+    assert isinstance(near._index(near.codes(sigs)[0], len(sigs) * near.PARTS), near._Brute)
+    old = near.BRUTE_MAX
+    near.BRUTE_MAX = 0
+    try:
+        assert not isinstance(near._index(near.codes(sigs)[0], 1), near._Brute)
+        flat = near.pairs(sigs)
+        cross = near.pairs(sigs[:250], sigs[250:])
+    finally:
+        near.BRUTE_MAX = old
+    assert brute == flat and len(brute) >= 80  # the planted copies within 8 bits are found
+    assert near.pairs(sigs[:250], sigs[250:]) == cross
+
+
+def test_exclude_near_takes_one_path_and_leaves_later_inputs_to_the_build(dump: Path, tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    """`build --exclude-near E IN1 IN2` builds IN1 and IN2 (both were swallowed as evaluation
+    sets); `build IN0 --exclude-near E IN1` is a usage error naming IN1, not a silent drop."""
+    from data_prep.cli import _parser
+
+    ev, a, b = tmp_path / "eval", tmp_path / "a", tmp_path / "b"
+    for d in (ev, a, b):
+        d.mkdir()
+    (a / OTHERS[0].name).write_bytes(OTHERS[0].read_bytes())
+    (b / OTHERS[1].name).write_bytes(OTHERS[1].read_bytes())
+    Image.open(OTHERS[2]).save(ev / "val.png")
+    args = _parser().parse_args(["build", "--exclude-near", str(ev), "--exclude-near", str(dump), str(a), "--out", "o"])
+    assert args.inputs == [str(a)] and args.exclude_near == [str(ev), str(dump)]
+    assert main(["build", "--exclude-near", str(ev), str(a), str(b), "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+    assert fmt.load_manifest(str(tmp_path / "o"))["written"] == 2
+    with pytest.raises(SystemExit) as e:
+        main(["build", str(a), "--exclude-near", str(ev), str(b), "--out", str(tmp_path / "o2")])
+    assert e.value.code == 2 and f"unrecognized arguments: {b}" in capsys.readouterr().err
+
+
+def test_bucketed_search_finds_the_single_index_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above FLAT_MAX, merge's `--workers` search by hash-prefix buckets (data_prep.near_buckets):
+    the same pairs, groups and kept images as faiss's one index, whatever the worker count."""
+    import numpy as np
+
+    from data_prep import near
+
+    monkeypatch.setattr(near, "FLAT_MAX", 1000)
+    monkeypatch.setattr(near, "BRUTE_MAX", 0)
+    rng = np.random.default_rng(5)
+    base = rng.integers(0, 256, size=(3000, near.PARTS * 8), dtype=np.uint8)
+    copies = base[:1500].copy()
+    for k in range(1500):  # 0-8 flips anywhere in the 48 bytes: in the whole-image hash or not
+        for b in rng.choice(near.PARTS * 64, size=k % 9, replace=False):
+            copies[k, b // 8] ^= np.uint8(1 << (b % 8))
+    sigs = [r.tobytes().hex() for r in np.concatenate([base, copies])]
+    single = near.pairs(sigs)
+    assert len(single) > 500
+    assert near.pairs(sigs, workers=2) == single
+    assert near.pairs(sigs, workers=3) == single
+    px, src = [int(x) for x in rng.integers(1, 100, len(sigs))], [f"s{i:05d}" for i in range(len(sigs))]
+    assert near.dedup(sigs, px, src, workers=2) == near.dedup(sigs, px, src)
+
+
+def test_near_merge_with_workers_equals_one_process(dump: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from data_prep import near
+
+    parts = [str(tmp_path / f"p{i}") for i in range(2)]
+    for i, p in enumerate(parts):
+        build_shards([str(dump)], p, dedup="near", part=(i, 2))
+    monkeypatch.setattr(near, "FLAT_MAX", 4)  # the scale path, where --workers share the search
+    monkeypatch.setattr(near, "BRUTE_MAX", 0)
+    for w in (1, 2):
+        copies = [str(tmp_path / f"w{w}-{p[-2:]}") for p in parts]
+        for p, c in zip(parts, copies):
+            shutil.copytree(p, c)
+        merge(copies, str(tmp_path / f"m{w}"), workers=w)
+    assert (tmp_path / "m1" / "skipped.tsv").read_text() == (tmp_path / "m2" / "skipped.tsv").read_text()
+    assert sorted(j["source"] for j in _jsons(tmp_path / "m1")) == sorted(j["source"] for j in _jsons(tmp_path / "m2"))

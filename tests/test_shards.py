@@ -233,7 +233,7 @@ def test_big_progressive_jpeg_resized_from_its_dc_scans(photo_dir: Path,
         monkeypatch.setattr(images, "eighth_scale_scans", lambda d: calls.append(len(d)) or real(d))
         fast = images.process_bytes(0, "big.jpg", data, opts)
         monkeypatch.setattr(images, "eighth_scale_scans", lambda d: None)
-        monkeypatch.setattr(images, "_jpeg_rgb", lambda data, mode, *a: (None, images.jpeg_damage(data, mode)))
+        monkeypatch.setattr(images, "jpeg_rgb", lambda data, mode, *a: (None, images.jpeg_damage(data, mode)))
         slow = images.process_bytes(0, "big.jpg", data, opts)
         monkeypatch.undo()
         assert calls == ([len(data)] if mode == "CMYK" else []), mode

@@ -8,6 +8,7 @@ can refuse, so the tests damage the kinds of data each format can notice.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 
@@ -125,8 +126,31 @@ def test_strict_jpeg_decode_stores_what_pillow_stored(photo_dir: Path, monkeypat
             opts = ProcessOptions(resize_short_side=short, reencode=reencode)
             ours = process_bytes(0, "x", data, opts)
             with monkeypatch.context() as m:
-                m.setattr(images, "_jpeg_rgb", pillow)
+                m.setattr(images, "jpeg_rgb", pillow)
                 ref = process_bytes(0, "x", data, opts)
             assert ours.reason is None and ours.data == ref.data, (p.name, short)
             n += 1
     assert n >= 40
+
+
+def test_jpeg_padded_between_header_segments_is_stored_whole_and_clean(photo_dir: Path) -> None:
+    """libjpeg's "N extraneous bytes before marker" between header segments: the pixels are
+    whole (libjpeg skips the bytes), so the image is kept, stored without the stray bytes; the
+    same warning from inside a scan is damage and stays `corrupt`."""
+    data = (photo_dir / "opencv-doc__examples_data_home.jpg").read_bytes()
+    i = data.index(b"\xff\xdb")  # before the first quantisation table
+    padded = data[:i] + b"\x00\x12\x00" + data[i:]
+    with pytest.raises(ValueError, match="extraneous bytes before marker"):
+        simplejpeg.decode_jpeg(padded, strict=True)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(padded)).convert("RGB")),
+                          simplejpeg.decode_jpeg(data))  # what a tolerant decoder shows: the whole picture
+    r = process_bytes(0, "x", padded, ProcessOptions())
+    assert r.reason is None and r.passthrough and r.data == data
+    assert r.sha256 == hashlib.sha256(padded).hexdigest()  # exact dedup still sees the input
+    r = process_bytes(0, "x", padded, ProcessOptions(resize_short_side=100))
+    ref = process_bytes(0, "x", data, ProcessOptions(resize_short_side=100))
+    assert r.reason is None and r.data == ref.data
+    j = data.index(b"\xff\xda") + 300  # a marker inside the scan: damage, not padding
+    scan = data[:j] + b"\xff\xd3" + data[j + 2:]
+    assert process_bytes(0, "x", scan, ProcessOptions()).reason == "corrupt"
+    assert process_bytes(0, "x", scan[:i] + b"\x00" + scan[i:], ProcessOptions()).reason == "corrupt"

@@ -452,3 +452,34 @@ def test_read_source_cap_is_exact_and_the_read_is_sized_from_the_file(
     monkeypatch.setattr(os, "stat", lambda path, **kw: shrink(real_stat(path, **kw)))
     assert read_source(str(f), max_bytes=600) == (None, "too_large")
     assert read_source(str(f), max_bytes=1000) == (payload, None)
+
+
+def test_huge_pax_header_is_a_counted_skip_not_a_read(photo_dir: Path, tmp_path: Path) -> None:
+    """tarfile reads an extended header whole, at the size its header declares: a gzip of a few
+    hundred KB holding a 64 MiB pax record would be held in memory. Past the cap (1 MiB) the
+    archive is reported damaged and counted; the members before it are kept."""
+    from data_prep.sources import MAX_META_BYTES
+
+    photos = _photos(photo_dir)
+    path = tmp_path / "pax.tar.gz"
+    with tarfile.open(path, "w:gz", format=tarfile.PAX_FORMAT) as tf:
+        tf.addfile(_tarinfo("a.jpg", photos[0].read_bytes()), io.BytesIO(photos[0].read_bytes()))
+        ti = _tarinfo("b.jpg", photos[1].read_bytes())
+        ti.pax_headers = {"comment": "x" * (64 << 20)}  # a valid record, 64 MiB
+        tf.addfile(ti, io.BytesIO(photos[1].read_bytes()))
+    assert path.stat().st_size < 2 << 20 and 64 << 20 > MAX_META_BYTES
+    tracemalloc.start()
+    try:
+        man = build_shards([str(path)], tmp_path / "o", dedup=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert man["written"] == 1 and man["reasons"] == {"corrupt": 1}, man
+    assert dict(fmt.read_skipped(str(tmp_path / "o" / "skipped.tsv"))) == {f"{path}::<damaged>": "corrupt"}
+    assert peak < 32 << 20  # the 64 MiB record was never held
+
+
+def _tarinfo(name: str, data: bytes) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.size = len(data)
+    return ti

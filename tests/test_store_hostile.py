@@ -152,3 +152,21 @@ def test_endless_listing_is_refused(s3_endpoint: str, s3_bucket: str, tiny_shard
             client.set_endpoint(None)
             client.reset_clients()
     assert faults.counts["pages"] == 6, faults.counts
+
+
+def test_remote_inputs_keep_to_max_bytes(s3_endpoint: str, s3_bucket: str, photo_dir: Path, tmp_path: Path) -> None:
+    """An object over --max-bytes is `too_large` (as a local file is), refused from its declared
+    size after the first bounded read, never fetched whole; list entries likewise."""
+    from data_prep.build import build_shards
+    from seer_pipeline.shards import format as fmt
+
+    photo = sorted(photo_dir.glob("*.jpg"))[0].read_bytes()
+    objects.put_bytes(f"s3://{s3_bucket}/cap/a.jpg", photo)
+    objects.put_bytes(f"s3://{s3_bucket}/cap/big.jpg", photo + b"\0" * (3 << 20))  # a valid JPEG, padded
+    objects.put_bytes(f"s3://{s3_bucket}/caplist/list.txt", b"../cap/big.jpg\n../cap/a.jpg\n")
+    before = reader.COUNTERS["bytes"]
+    man = build_shards([f"s3://{s3_bucket}/cap/", f"s3://{s3_bucket}/caplist/list.txt"], tmp_path / "o",
+                       dedup=False, max_bytes=2 << 20)
+    assert man["written"] == 2 and man["reasons"] == {"too_large": 2}, man
+    assert {s.rsplit("/", 1)[-1] for s, _ in fmt.read_skipped(str(tmp_path / "o" / "skipped.tsv"))} == {"big.jpg"}
+    assert reader.COUNTERS["bytes"] - before < 2 * len(photo) + 2 * (2 << 20)  # at most a capped read each

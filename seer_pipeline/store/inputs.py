@@ -11,10 +11,10 @@ import concurrent.futures as cf
 import logging
 import posixpath
 from collections import deque
-from typing import Any, Callable, Iterator, List
+from typing import Any, Callable, Iterator, List, Optional
 
 from seer_pipeline.store.objects import head, list_prefix
-from seer_pipeline.store.reader import RemoteReadError, open_remote, read_bytes
+from seer_pipeline.store.reader import ObjectTooLarge, RemoteReadError, open_remote, read_bytes
 from seer_pipeline.store.url import Url, parse
 
 log = logging.getLogger(__name__)
@@ -24,8 +24,11 @@ FETCH_THREADS, WINDOW = 8, 64
 
 
 def iter_remote_input(spec: str, nxt: Callable[[], int], want: Callable[[int, str], bool],
-                      iter_tar: Callable[..., Iterator[Any]], item: type) -> Iterator[Any]:
-    """Items (data_prep.sources.Item) for one remote input, ordinals from `nxt`."""
+                      iter_tar: Callable[..., Iterator[Any]], item: type,
+                      max_bytes: Optional[int] = None) -> Iterator[Any]:
+    """Items (data_prep.sources.Item) for one remote input, ordinals from `nxt`; an object over
+    `max_bytes` is the item's reason `too_large`, refused from its declared size before it is
+    held (a bounded read: `read_bytes` stops at the cap when the size is not declared)."""
     u = parse(spec)
     low = u.key.lower()
     if low.endswith(_TAR):
@@ -34,15 +37,15 @@ def iter_remote_input(spec: str, nxt: Callable[[], int], want: Callable[[int, st
     if low.endswith(_LIST):
         lines = read_bytes(u).decode("utf-8", "surrogateescape").splitlines()
         urls = [_relative(u, x.strip()) for x in lines if x.strip() and not x.strip().startswith("#")]
-        yield from _fetch_in_order(urls, nxt, want, item)
+        yield from _fetch_in_order(urls, nxt, want, item, max_bytes)
         return
     if u.scheme == "s3" and (not u.key or u.key.endswith("/") or not _exists(u)):
         names = sorted(list_prefix(u))
         if not names:
             raise FileNotFoundError(f"input does not exist: {spec} (no object, no objects under it)")
-        yield from _fetch_in_order([str(u.join(n)) for n in names], nxt, want, item)
+        yield from _fetch_in_order([str(u.join(n)) for n in names], nxt, want, item, max_bytes)
         return
-    yield from _fetch_in_order([str(u)], nxt, want, item)
+    yield from _fetch_in_order([str(u)], nxt, want, item, max_bytes)
 
 
 def _relative(list_url: Url, entry: str) -> str:
@@ -60,18 +63,20 @@ def _exists(u: Url) -> bool:
     return head(u) is not None
 
 
-def _get(url: str) -> tuple:
+def _get(url: str, max_bytes: Optional[int] = None) -> tuple:
     try:
-        return read_bytes(url), None
+        return read_bytes(url, max_bytes), None
     except FileNotFoundError:
         return None, "missing"
+    except ObjectTooLarge:
+        return None, "too_large"
     except (RemoteReadError, PermissionError) as e:
         log.warning("%s: %s", url, e)
         return None, "unreadable"
 
 
 def _fetch_in_order(urls: List[str], nxt: Callable[[], int], want: Callable[[int, str], bool],
-                    item: type) -> Iterator[Any]:
+                    item: type, max_bytes: Optional[int] = None) -> Iterator[Any]:
     pending: deque = deque()
     with cf.ThreadPoolExecutor(FETCH_THREADS) as pool:
         def emit(entry: tuple) -> Any:
@@ -83,7 +88,7 @@ def _fetch_in_order(urls: List[str], nxt: Callable[[], int], want: Callable[[int
 
         for url in urls:
             o = nxt()
-            pending.append((o, url, pool.submit(_get, url) if want(o, url) else None))
+            pending.append((o, url, pool.submit(_get, url, max_bytes) if want(o, url) else None))
             while len(pending) > WINDOW:
                 yield emit(pending.popleft())
         while pending:
