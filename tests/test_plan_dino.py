@@ -113,6 +113,16 @@ def test_simulated_dino_step_agrees_with_the_plan_cpu_tiny() -> None:
 
 
 @pytest.mark.slow
+def test_simulated_dino_step_in_bf16_reshards_the_teacher() -> None:
+    """Mixed precision keeps the shared fp32 BN unit gathered after forward until its backward,
+    which the teacher never runs: without the reshard after its forward (DINOObjective), the
+    EMA met whole BN tensors where the student has shards ("not sharded alike")."""
+    s = _simulate("--config", "cpu_tiny_dino", "--gpus", "8", "train.precision=bf16")
+    assert s["precision"] == "bf16"
+    _check_dino_against_plan(s)
+
+
+@pytest.mark.slow
 def test_simulated_dino_step_agrees_with_the_plan_seer_32gf() -> None:
     s = _simulate("--config", "seer_32gf_dino")
     assert (s["world_size"], s["mesh"], s["precision"], s["ac"]) == (512, "hybrid 64x8", "bf16", "stage")
