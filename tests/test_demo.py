@@ -57,6 +57,7 @@ def test_missing_fashion_mnist_is_a_clear_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # two pretrainings and five evaluations: 15+ min at load 12 on the 2-core box
 def test_demo_smoke_on_a_subset(tmp_path: Path) -> None:
     """The real pipeline, small: dump -> shards -> 2-rank SwAV and DINO, each preempted and
     resumed -> evals -> plots -> report. ~4-5 minutes on a quiet 2-core machine."""
