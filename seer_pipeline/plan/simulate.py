@@ -159,6 +159,10 @@ def simulate(cfg: Any, world: int | None = None, local_world: int | None = None,
             units = sum(1 for m in model.modules() if type(m).__name__.startswith("FSDP"))
             # What the trainer's meta build + per-rank materialization holds for this rank.
             init = local_bytes(model)
+            if teacher is not None:  # the teacher is built the same way, next to the student
+                t_init = local_bytes(teacher)
+                init.update(param_shards=init["param_shards"] + t_init["param_shards"],
+                            buffers=init["buffers"] + t_init["buffers"])
             if teacher is None:
                 tracker = FSDPMemTracker(model, optimizer)
                 with tracker:
