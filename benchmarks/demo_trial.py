@@ -1,6 +1,6 @@
-"""One recipe trial of the demo: fixed-length SwAV pretraining, then linear + k-NN on a subset.
+"""One recipe trial of the demo: fixed-length SwAV (or DINO) pretraining, then linear + k-NN on a subset.
 
-    python benchmarks/demo_trial.py --steps 700 [KEY=VALUE ...]
+    python benchmarks/demo_trial.py --steps 700 [--objective dino] [KEY=VALUE ...]
 
 The demo's own command line (`seer_pipeline.demo.run.RECIPE` on the `cpu_tiny` preset, 2 ranks)
 plus your overrides, for a fixed number of steps instead of a time budget, so that trials on a
@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from seer_pipeline.demo.run import Settings, _cmd, _train_cmd  # noqa: E402
+from seer_pipeline.demo.run import OBJECTIVES, Settings, _cmd, _train_cmd  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=700)
     ap.add_argument("--shards", default=str(REPO / "runs" / "demo" / "shards"))
     ap.add_argument("--out", default=str(REPO / "runs" / "trials" / "trial"))
+    ap.add_argument("--objective", choices=[o.name for o in OBJECTIVES], default="swav",
+                    help="which demo row's recipe (DINO: the cpu_tiny_dino preset)")
     ap.add_argument("--limit-train", type=int, default=20000)
     ap.add_argument("--limit-test", type=int, default=5000)
     ap.add_argument("overrides", nargs="*", help="extra seer-train KEY=VALUE (win over the recipe)")
@@ -40,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     s = Settings(overrides=list(a.overrides))
     t0 = time.monotonic()
     subprocess.run(_train_cmd(s, run, Path(a.shards), [
-        f"train.steps={a.steps}", f"optim.total_steps={a.steps}", "ckpt.every=0", "train.log_every=100"]),
+        f"train.steps={a.steps}", f"optim.total_steps={a.steps}", "ckpt.every=0", "train.log_every=100"],
+        next(o for o in OBJECTIVES if o.name == a.objective)),
         check=True)
     t1 = time.monotonic()
     res = subprocess.run(_cmd("seer_pipeline.eval.cli") + [
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         "--low-shot", ""],
         check=True, stdout=subprocess.PIPE, text=True)
     ev = json.loads(res.stdout.strip().splitlines()[-1])
-    print(json.dumps({"overrides": a.overrides, "steps": a.steps, "train_s": round(t1 - t0, 1),
+    print(json.dumps({"objective": a.objective, "overrides": a.overrides, "steps": a.steps, "train_s": round(t1 - t0, 1),
                       "linear": ev["linear"]["accuracy"], "linear_sgd": ev["linear_sgd"]["accuracy"],
                       "knn": ev["knn"]["accuracy"],
                       "n_train": ev["n_train"], "n_test": ev["n_test"]}))

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run folder, trunk state_dict file, random:CONFIG, or raw (pixels)")
     p.add_argument("--data", required=True, help="fashion-mnist[:DIR] | imagefolder:PATH | wds:PATTERN")
     p.add_argument("--trunk", default=None, help="trunk name, if the checkpoint's run has no config")
+    # DINO evaluates its teacher (Caron et al. 2021, section 3.1), as seer-ckpt exports it.
+    p.add_argument("--student", action="store_const", const="student", dest="which", default=None,
+                   help="a DINO run folder: its student's trunk instead of the teacher's (the default)")
     p.add_argument("--stage", type=int, default=-1, help="which stage to pool (-1: last)")
     p.add_argument("--size", type=int, default=None,
                    help="centre-crop side (default: 224 for image files, native for fashion-mnist)")
@@ -186,6 +189,10 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     progress = not args.no_progress
     device = pick_device(args.device)
     spec = feats.parse_checkpoint(args.checkpoint, args.trunk)
+    if args.which and spec.kind != "run":
+        raise feats.CheckpointSpecError(f"--student picks a model of a run folder; {args.checkpoint} is a "
+                                        f"{spec.kind} spec (a consolidated file holds one trunk already)")
+    spec.which = args.which
     tf = EvalTransform.for_spec(args.data, args.size, args.resize)
     src = open_source(args.data, tf, args.test_fraction)
     if args.protocol == "sgd-aug" and (spec.kind == "raw" or not src.indexable()):
@@ -214,7 +221,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
             "trunk": spec.trunk_name or None, "data": src.name, "stage": args.stage,
             "n_train": len(ytr), "n_test": len(yte), "num_classes": fs.num_classes,
             "labels_digest": digest, "device": device, "image_size": args.size,
-            "checkpoint_step": spec.step, "feature_dim": int(fs.train_x.shape[1]), "bn_images": bn_n,
+            "checkpoint_step": spec.step, "weights_of": spec.weights_of, "feature_dim": int(fs.train_x.shape[1]), "bn_images": bn_n,
             "skipped": fs.skipped,
         }
         if fs.skipped:

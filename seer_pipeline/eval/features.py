@@ -49,6 +49,8 @@ class TrunkSpec:
     weights: Path | None
     run_dir: Path | None
     step: int | None = None  # training step of the loaded checkpoint, when known
+    which: str | None = None  # a DINO run's weights: None / "teacher" (DINO's choice) or "student"
+    weights_of: str | None = None  # the checkpoint entry the trunk came from ("teacher", "model")
 
 
 def trunk_name_from_config(config: str) -> str:
@@ -147,11 +149,11 @@ def load_trunk(spec: TrunkSpec, seed: int = 0) -> nn.Module:
         assert spec.run_dir is not None
         # The newest complete checkpoint, gathered from its shards in this one process.
         with tempfile.TemporaryDirectory() as tmp:
-            info = consolidate(spec.run_dir, Path(tmp) / "trunk.pt")
+            info = consolidate(spec.run_dir, Path(tmp) / "trunk.pt", which=spec.which)
             saved = torch.load(Path(tmp) / "trunk.pt", map_location="cpu", weights_only=True)
         trunk.load_state_dict(_match_state(trunk, saved, info["source"]))
-        spec.step = int(info["step"])
-        log.info("loaded %s (step %d)", info["source"], spec.step)
+        spec.step, spec.weights_of = int(info["step"]), str(info["weights"])
+        log.info("loaded %s (step %d, %s)", info["source"], spec.step, spec.weights_of)
     if spec.kind in ("file", "run"):  # NaN weights give NaN features and still an "accuracy"
         try:
             check_finite(trunk.state_dict(), str(spec.weights or spec.run_dir))

@@ -5,16 +5,20 @@ One meta-device forward in training mode records every tensor autograd saves for
 the stage/block running at the time, with the trainer's dtype policy applied (bf16/fp16 weights,
 fp32 BatchNorm units that cast their input up and their output back, as FSDP2's
 MixedPrecisionPolicy does). Two batch sizes give an exact per-image slope. AC policies and the
-multi-crop order of backward then give the bytes held at the peak. Nothing is allocated.
+multi-crop order of backward then give the bytes held at the peak. A forward without autograd
+(DINO's teacher) saves nothing: what it holds at its peak is measured the same way, by following
+every tensor until it dies (`forward_peak`). Nothing is allocated.
 """
 from __future__ import annotations
 
 import copy
+import weakref
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 @dataclass
@@ -172,3 +176,60 @@ def activation_profile(trunk: nn.Module, resolution: int, precision: str = "fp32
         resolution, slope(lambda w: w == "stem"), stages, [inp(f"s{i}") for i in range(n_st)],
         blocks, [inp(k) for k in bnames], float(max(n for n, _ in recs[1]["seen"])) / 2,
     )
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Bytes of the storages alive at each op, and their peak: every op output is followed
+    until its last tensor dies (a weakref finalizer; a storage counts once however many
+    views share it). Storages alive before the forward (parameters, the input) are not counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, list[int]] = {}  # storage -> [bytes, tensors alive]
+        self.now = self.peak = 0
+
+    def _drop(self, key: int) -> None:
+        entry = self.live[key]
+        entry[1] -= 1
+        if not entry[1]:
+            self.now -= entry[0]
+            del self.live[key]
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if not isinstance(t, torch.Tensor):
+                continue
+            st = t.untyped_storage()
+            key = st._cdata
+            entry = self.live.get(key)
+            if entry is None:
+                entry = self.live[key] = [st.nbytes(), 0]
+                self.now += entry[0]
+                self.peak = max(self.peak, self.now)
+            entry[1] += 1
+            weakref.finalize(t, self._drop, key)
+        return out
+
+
+def forward_peak(trunk: nn.Module, resolution: int, precision: str = "fp32") -> float:
+    """Per-image bytes alive at the peak of a forward under `no_grad` (a DINO teacher's: nothing
+    is saved for backward, each tensor lives until the next layers no longer read it), under
+    the dtype policy of `precision`: two meta forwards (batch 1 and 2), the slope."""
+    if precision != "fp32":
+        trunk = copy.deepcopy(trunk)
+    hooks = _apply_dtype_policy(trunk, precision)
+    trunk.train()  # DINO's teacher runs in training mode (batch statistics), as the student
+    peaks = []
+    try:
+        for b in (1, 2):
+            x = torch.empty(b, 3, resolution, resolution, device=next(trunk.parameters()).device,
+                            dtype=_TORCH_DTYPES[precision])
+            with torch.no_grad(), _LiveBytes() as live:
+                out = trunk(x)
+                del out
+            peaks.append(live.peak)
+    finally:
+        for h in hooks:
+            h.remove()
+    return float(peaks[1] - peaks[0])

@@ -4,7 +4,8 @@ Two ways in: a trunk and the run's shape on the command line (`--model --gpus --
 --crops ...`, full sharding), or a training preset (`--config seer_10b [key=value ...]`), whose
 world size (SLURM nodes x tasks), mesh, crops, batch, precision, FSDP units and AC are the ones
 `seer-train` would use. `--simulate` (with `--config`) also runs one real training step on fake
-tensors at that world size (seer_pipeline.plan.simulate) and prints its measured peak.
+tensors at that world size (seer_pipeline.plan.simulate) and prints its measured peak. A DINO
+preset (train.objective=dino) is planned with its teacher.
 """
 from __future__ import annotations
 
@@ -51,6 +52,18 @@ def _fmt_bytes(b: float) -> str:
     return f"{b / GIB:8.2f} GiB"
 
 
+def _teacher_rows(p: dict[str, Any]) -> list[str]:
+    """A DINO plan's teacher: its parameters and buffers, its forward, its targets."""
+    if "teacher" not in p:
+        return []
+    m, t = p["memory_per_gpu_bytes"], p["teacher"]
+    crops = "+".join(f"{n}x{r}" for n, r in t["crops"])
+    return [f"    teacher params (fp32)   {_fmt_bytes(m['teacher_params_sharded'])}  (no grads, no momentum)",
+            f"    teacher BN buffers      {_fmt_bytes(m['teacher_buffers'])}",
+            f"    {'teacher forward ' + crops:24s}{_fmt_bytes(m['teacher_forward'])}  (no_grad: nothing saved)",
+            f"    teacher targets         {_fmt_bytes(m['teacher_targets'])}"]
+
+
 def render(p: dict[str, Any]) -> str:
     m = p["memory_per_gpu_bytes"]
     crops = "+".join(f"{n}x{r}" for n, r in p["crops"])
@@ -60,7 +73,7 @@ def render(p: dict[str, Any]) -> str:
         f"seer-plan: {p['model']} on {p['gpus']} x {p['gpu_type'].upper()} (mesh {mesh}), "
         f"{p['batch_per_gpu']}/GPU (global {p['global_batch']}), crops {crops}, {p['precision']}, AC {p['ac']}",
         f"  parameters            {p['params'] / 1e6:10.1f} M  (trunk {p['trunk_params'] / 1e6:.1f} M, "
-        f"SwAV head {p['head_params'] / 1e6:.1f} M from {p['head_from']})",
+        f"{'DINO' if 'teacher' in p else 'SwAV'} head {p['head_params'] / 1e6:.1f} M from {p['head_from']})",
         "  multiply-adds / crop  " + ", ".join(f"{r}px {v / 1e9:.2f} G" for r, v in p["macs_per_crop"].items()),
         f"  FLOPs / image (all crops): forward {p['fwd_flops_per_image'] / 1e12:.3f} T, "
         f"forward+backward {p['flops_per_image'] / 1e12:.3f} T",
@@ -75,6 +88,7 @@ def render(p: dict[str, Any]) -> str:
         f"    activations, stage AC   {_fmt_bytes(m['activations_stage_ac'])}",
         f"    activations, block AC   {_fmt_bytes(m['activations_block_ac'])}",
         f"    backward transient      {_fmt_bytes(m['backward_transient'])}",
+        *_teacher_rows(p),
         f"    peak (AC {p['ac']:5s})         {_fmt_bytes(p['peak_memory_per_gpu_bytes'])}"
         f"  of {p['gpu_memory_gib']} GiB{'  (DOES NOT FIT)' if p['memory_per_gpu_gib'] > p['gpu_memory_gib'] else ''}",
         f"  at MFU {p['mfu']:.0%}: step {p['step_time_s'] * 1000:.0f} ms, {p['images_per_s']:.0f} images/s, "
@@ -122,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--gpu-type", choices=tuple(GPUS), default=None, help="default v100 (h100 with --config)")
     ap.add_argument("--mfu", type=float, default=0.25, help="assumed model-FLOPs utilisation")
     ap.add_argument("--images", type=float, default=1e9, help="images seen, for the days estimate")
-    ap.add_argument("--no-head", action="store_true", help="count the trunk only (no SwAV head)")
+    ap.add_argument("--no-head", action="store_true", help="count the trunk only (no SwAV/DINO head)")
     ap.add_argument("--json", action="store_true", help="also print the numbers as a JSON last line")
     args = ap.parse_args(argv)
     if (args.simulate or args.overrides) and not args.config:

@@ -8,7 +8,7 @@ module states the need from the planner's numbers (seer_pipeline.plan.analytic),
     init   = the fp32 model built on the host before it is sharded and moved to the device
              (Trainer builds the whole model in every rank: 4 bytes x parameters)
     steady = async checkpoint staging (a CPU copy of the rank's parameter and LARS shards and
-             the BN buffers, when ckpt.async) + the loader (per worker: an allowance for its
+             the BN buffers, and a DINO teacher's shards and buffers, when ckpt.async) + the loader (per worker: an allowance for its
              process, plus prefetched fp32 batches in the worker and their copy in the rank)
 
 The two phases do not overlap: the host copy of the model is freed once `parallelize` moved it
@@ -36,8 +36,10 @@ def host_memory(cfg: Any, plan: dict[str, Any] | None = None) -> dict[str, float
     mem = p["memory_per_gpu_bytes"]
     workers = int(cfg.data.workers)
     init = 4.0 * p["params"]
-    staging = (mem["params_sharded"] + mem["optimizer_sharded"] + mem["buffers"]
-               if bool(cfg.ckpt["async"]) else 0.0)
+    # A DINO run also saves its teacher (the same shards and buffers once more; 0 for SwAV).
+    saved = (mem["params_sharded"] + mem["optimizer_sharded"] + mem["buffers"]
+             + mem.get("teacher_params_sharded", 0) + mem.get("teacher_buffers", 0))
+    staging = saved if bool(cfg.ckpt["async"]) else 0.0
     batches = mem["inputs"] * int(cfg.data.prefetch_factor) * max(workers, 1)
     loader = workers * WORKER_GIB * GIB + 2 * batches  # in the workers, and received by the rank
     runtime = RUNTIME_GIB * GIB

@@ -15,16 +15,22 @@ Python float (`float(norm)`), which a fake tensor cannot give, so every scalar r
 (`compute_stats`, a data-dependent `bincount`) are off, as on all but every `log_every`-th step.
 The model lives on CPU fake tensors with the config's dtype policy (parallelize applies it on every device), so
 SyncBN (CUDA only) is plain BN here: the same parameters and saved tensors.
+
+A DINO preset (train.objective=dino) runs the trainer's `DINOObjective`: the teacher is built and
+sharded like the student (without gradients), sees the global crops under `no_grad`, and follows
+the student by EMA after the optimizer step; the tracker counts both models (`_PairTracker`).
 """
 from __future__ import annotations
 
 import dataclasses
 import resource
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -33,15 +39,26 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from seer_pipeline.distributed.parallelize import ParallelPlan, build_mesh, parallelize
 from seer_pipeline.models.materialize import local_bytes
-from seer_pipeline.models.swav_head import build_model, normalize_prototypes
-from seer_pipeline.plan.analytic import GIB, plan_config, preset_crops, preset_world
+from seer_pipeline.models.swav_head import normalize_prototypes
+from seer_pipeline.plan.analytic import GIB, build_for, plan_config, preset_crops, preset_world
 from seer_pipeline.train import swav
+from seer_pipeline.train.objective import DINOObjective
 from seer_pipeline.train.optim import LARS, build_param_groups
 from seer_pipeline.train.trainer import average_bn_stats
 
-#: The step simulated: the first one after the prototypes are unfrozen (the steady state; before
-#: it their gradients are dropped and LARS skips them).
-STEADY_STATE = "swav.freeze_prototypes_iters"
+#: The step simulated: the first one after the prototypes (DINO: the last layer) are unfrozen
+#: (the steady state; before it their gradients are dropped and LARS skips them).
+STEADY_STATE = {"swav": "swav.freeze_prototypes_iters", "dino": "dino.freeze_last_layer_iters"}
+
+
+class _PairTracker(FSDPMemTracker):
+    """FSDPMemTracker over the student and the teacher: it instruments the FSDP units it finds
+    under its root (`_root_mod`, read only there), so the root is a container of the two (each
+    stays its own FSDP root for FSDP itself)."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, optimizer: Any) -> None:
+        super().__init__(student, optimizer)
+        self._root_mod = nn.ModuleList([student, teacher])
 
 
 class _ScalarReads(TorchDispatchMode):
@@ -90,6 +107,25 @@ def _train_step(cfg: Any, model: Any, inner: Any, optimizer: Any, device: torch.
     get_state_dict(model, optimizer)
 
 
+def _dino_step(cfg: Any, model: Any, objective: DINOObjective, optimizer: Any, device: torch.device) -> None:
+    """The trainer's `train_step` with `DINOObjective` and fake crops (trainer.py order)."""
+    step = int(cfg.dino.freeze_last_layer_iters)
+    b = int(cfg.data.batch_size)
+    views = [torch.randn(b, 3, r, r, device=device) for n, r in preset_crops(cfg) for _ in range(n)]
+    loss, _, _ = objective.forward(model, views, step, False)
+    loss.backward()
+    with _ScalarReads():
+        packed = torch.tensor([float(loss.detach()), 0.0, 0.0], dtype=torch.float64, device=device)
+        dist.all_reduce(packed)
+        objective.before_optimizer_step(step)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    objective.after_optimizer_step(step)
+    average_bn_stats(model)
+    average_bn_stats(objective.teacher)
+    get_state_dict(model, optimizer)
+
+
 def simulate(cfg: Any, world: int | None = None, local_world: int | None = None,
              gpu_type: str = "h100", name: str | None = None) -> dict[str, Any]:
     """Run one fake training step of `cfg` at `world` ranks; the tracker's peak next to the plan."""
@@ -108,17 +144,35 @@ def simulate(cfg: Any, world: int | None = None, local_world: int | None = None,
         mesh = build_mesh(plan, device.type, world, node)  # outside the fake mode (it must be)
         with FakeTensorMode(allow_non_fake_inputs=True):
             torch.manual_seed(int(cfg.run.seed))
-            inner = build_model(cfg)
-            model = parallelize(inner, plan, mesh, device, node)
+            if cfg.train.objective == "dino":
+                # As the trainer does: built on meta, sharded, then this rank's rows made (fake
+                # here; DINO's trunc_normal_ init reads values, which fake tensors have none of).
+                with torch.device("meta"):
+                    inner, teacher = build_for(cfg), build_for(cfg).requires_grad_(False)
+                model = parallelize(inner, plan, mesh, device, node).to_empty(device=device)
+                teacher = parallelize(teacher, plan, mesh, device, node).to_empty(device=device)
+            else:
+                inner, teacher = build_for(cfg), None
+                model = parallelize(inner, plan, mesh, device, node)
             optimizer = LARS(build_param_groups(inner, cfg.optim.lars_exclude_bn_bias), lr=0.1,
                              momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
                              trust=cfg.optim.lars_trust)
             units = sum(1 for m in model.modules() if type(m).__name__.startswith("FSDP"))
             # What the trainer's meta build + per-rank materialization holds for this rank.
             init = local_bytes(model)
-            tracker = FSDPMemTracker(model, optimizer)
-            with tracker:
-                _train_step(cfg, model, inner, optimizer, device)
+            if teacher is not None:  # the teacher is built the same way, next to the student
+                t_init = local_bytes(teacher)
+                init.update(param_shards=init["param_shards"] + t_init["param_shards"],
+                            buffers=init["buffers"] + t_init["buffers"])
+            if teacher is None:
+                tracker = FSDPMemTracker(model, optimizer)
+                with tracker:
+                    _train_step(cfg, model, inner, optimizer, device)
+            else:
+                objective = DINOObjective(cfg, model, teacher, nullcontext(), int(cfg.train.steps), device)
+                tracker = _PairTracker(model, teacher, optimizer)
+                with tracker:
+                    _dino_step(cfg, model, objective, optimizer, device)
             peak = _category_bytes(tracker.get_tracker_snapshot("peak"))
     finally:
         dist.destroy_process_group()

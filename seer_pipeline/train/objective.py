@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from seer_pipeline.checkpoint.checkpointer import Checkpointer
 from seer_pipeline.config.train import DinoConfig, SwavConfig
@@ -123,6 +124,12 @@ class DINOObjective:
             feats, emb, s_logits = model(views)
         with torch.no_grad(), self.autocast:
             _, _, t_logits = self.teacher(views[:n_global])
+        # Units FSDP2 keeps gathered after forward until their backward (the root, the shared
+        # fp32 BN unit under mixed precision) get none in the teacher: reshard them, or the EMA
+        # would meet whole tensors where the student has shards (and they would stay gathered).
+        for m in self.teacher.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
         temp = dino.teacher_temperature(step, c.teacher_temperature_warmup_steps,
                                         c.warmup_teacher_temperature, c.teacher_temperature)
         targets = dino.teacher_targets(t_logits.float(), n_global, temp, c.centering,
