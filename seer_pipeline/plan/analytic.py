@@ -22,28 +22,22 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from seer_pipeline.config.train import load_train_config, trunk_name
-<<<<<<< HEAD
-from seer_pipeline.config.crops import CROP_PRESETS, crop_counts
-=======
-from seer_pipeline.data.crops import crop_counts
->>>>>>> s7-dinoplan
+from seer_pipeline.config.crops import crop_counts
 from seer_pipeline.models import build_trunk, count_macs, list_trunks
 from seer_pipeline.models.dino_head import WeightNormLinear, build_dino_model
 from seer_pipeline.models.swav_head import build_model
 from seer_pipeline.plan.activations import (
+    ActProfile,
     activation_peak,
     activation_profile,
     forward_peak,
     gathered_peak,
 )
 from seer_pipeline.plan.gpus import GPUS
-from seer_pipeline.plan.shape import (  # noqa: F401 - part of the planner's API
-    CROPS,
-    DTYPE_BYTES,
+from seer_pipeline.plan.shape import (
     GIB,
     RunShape,
     Teacher,
-    parse_crops,
     teacher_of,
 )
 

@@ -18,17 +18,9 @@ from typing import Any, Sequence
 from seer_pipeline.config.base import ConfigError
 from seer_pipeline.config.train import load_train_config
 from seer_pipeline.core.exit_codes import USAGE
-from seer_pipeline.plan.analytic import (
-    CROPS,
-    DTYPE_BYTES,
-    GIB,
-    activation_profile,
-    build_meta,
-    largest_unit,
-    parse_crops,
-    plan,
-    plan_config,
-)
+from seer_pipeline.plan.activations import activation_profile
+from seer_pipeline.plan.analytic import build_meta, largest_unit, plan, plan_config
+from seer_pipeline.plan.shape import CROPS, DTYPE_BYTES, GIB, parse_crops
 from seer_pipeline.plan.gpus import GPUS
 
 # The planner's public API is this module, on purpose: `seer-plan` and the functions behind its

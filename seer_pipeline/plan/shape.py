@@ -1,6 +1,6 @@
 """What a planned run is: its layout (`RunShape`, checked) and, for DINO, its teacher.
 
-Crop specs are a preset name of seer_pipeline.data.crops or 'NxR+NxR'. Bytes per element of
+Crop specs are a preset name of seer_pipeline.config.crops or 'NxR+NxR'. Bytes per element of
 each precision are those of the trainer's dtype policy (seer_pipeline.distributed.parallelize).
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from seer_pipeline.data.crops import CROP_PRESETS, crop_counts
+from seer_pipeline.config.crops import CROP_PRESETS, crop_counts
 from seer_pipeline.plan.gpus import GPUS
 
 GIB = 2**30
