@@ -18,7 +18,6 @@ The last line is JSON: per variant the median images/s and its ratio to `base` (
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import statistics

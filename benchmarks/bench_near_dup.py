@@ -28,7 +28,6 @@ The last line of output is JSON.
 from __future__ import annotations
 
 import argparse
-import io
 import itertools
 import json
 import os

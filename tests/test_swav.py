@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from seer_pipeline.models import build_trunk
+from seer_pipeline.models.swav_head import SwAVHead, normalize_prototypes
 from seer_pipeline.train.swav import (
-    EmbeddingQueue, SwAVHead, cancel_prototype_grads, collapse_metrics, normalize_prototypes,
-    sinkhorn_knopp, swav_loss,
+    EmbeddingQueue, cancel_prototype_grads, collapse_metrics, sinkhorn_knopp, swav_loss,
 )
 from seer_pipeline.distributed.testing import run_distributed
 
