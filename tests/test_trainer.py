@@ -90,6 +90,22 @@ def test_sigusr2_resume_is_bitwise_exact(reference_run: Path, tiny_shards: Path,
 
 
 @pytest.mark.slow
+def test_save_on_a_full_disk_fails_the_run_then_a_rerun_resumes_exactly(
+        reference_run: Path, tiny_shards: Path, tmp_path: Path) -> None:
+    """Found by the chaos soak (seed 2): every rank's write of a save failing (ENOSPC) raised
+    DCP's CheckpointException, and each rank then hung at exit on its own loader worker."""
+    run = tmp_path / "run"
+    res = _run(_cmd(run, tiny_shards), fault="save_enospc:10")  # hung before: TimeoutExpired
+    assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
+    ck = run / "checkpoints"
+    assert (ck / "latest").read_text().strip() == "step_000000005"
+    res = _run(_cmd(run, tiny_shards))  # space freed: the same command again
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert [r["loss"] for r in _rows(run)] == [r["loss"] for r in _rows(reference_run)]
+    assert not list(ck.glob("*.partial"))
+
+
+@pytest.mark.slow
 def test_kill9_during_save_then_resume_on_one_rank(tiny_shards: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     res = _run(_cmd(run, tiny_shards), fault="kill_in_save:10")
