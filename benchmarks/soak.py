@@ -35,7 +35,7 @@ from fault_proxy import FaultProxy, Faults  # noqa: E402
 from s3_server import start_server  # noqa: E402
 from soak_faults import KINDS, READ_TIMEOUT_S, Schedule  # noqa: E402
 
-from launch.scheduler import FINAL_STATES, cancel, job_info  # noqa: E402
+from launch.scheduler import FINAL_STATES, cancel, job_info, kill_wait_s  # noqa: E402
 from seer_pipeline.shards.synth import photo_variants, write_shards  # noqa: E402
 from seer_pipeline.store import objects  # noqa: E402
 
@@ -58,14 +58,6 @@ def train_args(bucket: str, steps: int) -> List[str]:
             f"train.steps={steps}", "ckpt.every=5", "ckpt.keep_latest=2", "train.threads=1",
             "train.tensorboard=false", "train.record_samples=true", "train.log_every=10",
             "dist.timeout_s=30"]
-
-
-def kill_wait_s() -> int:
-    out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30)
-    for line in out.stdout.splitlines():
-        if line.split("=")[0].strip() == "KillWait":
-            return int(line.split("=", 1)[1].split()[0])
-    raise RuntimeError("KillWait not in `scontrol show config`")
 
 
 def make_fs(path: Path) -> tuple[Optional[Path], str]:
