@@ -24,7 +24,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -56,8 +56,7 @@ def default_steps(minutes: float) -> int:
 def train_args(bucket: str, steps: int) -> List[str]:
     return [f"data.shards=s3://{bucket}/shards", "data.batch_size=4", "data.workers=1",
             f"train.steps={steps}", "ckpt.every=5", "ckpt.keep_latest=2", "train.threads=1",
-            "train.tensorboard=false", "train.record_samples=true", "train.log_every=10",
-            "dist.timeout_s=30"]
+            "train.tensorboard=false", "train.record_samples=true", "train.log_every=10"]
 
 
 def make_fs(path: Path) -> tuple[Optional[Path], str]:
@@ -141,12 +140,17 @@ class Soak:
         self.log(f"  -> {res}")
 
 
-def _recovered(soak: Soak, f: Optional[Dict[str, Any]]) -> bool:
-    """Whether the recovery the last fault expects has happened (SLURM's view, not the run's:
-    a step logged while the job still winds down must not count as training again)."""
-    if f is None or f["expect"] == "none" or soak.job_id != f["job"]:
+def _recovered(soak: Soak, f: Optional[Dict[str, Any]], state: str) -> bool:
+    """Whether the recovery the last fault expects has happened, in SLURM's view: the job (the
+    same one, requeued, or the resubmitted one) RUNNING again after it was seen not running.
+    Steps logged while the old tasks wind down then never count as the new execution's."""
+    if f is None or f["expect"] == "none":
         return True
-    return f["expect"] == "requeue" and soak.restarts.get(f["job"], 0) > f["restarts_before"]
+    if soak.job_id != f["job"] or state != "RUNNING":
+        f["down_seen"] = True
+    if not f.get("down_seen") or state != "RUNNING":
+        return False
+    return soak.job_id != f["job"] or soak.restarts.get(f["job"], 0) > f["restarts_before"]
 
 
 def drive(soak: Soak, steps: int, minutes: float, min_kinds: int = 0) -> float:
@@ -172,12 +176,12 @@ def drive(soak: Soak, steps: int, minutes: float, min_kinds: int = 0) -> float:
                 soak.log(f"UNEXPECTED: job {soak.job_id} ended {state}")
             soak.submit()
             continue
-        if recovered_at is None and _recovered(soak, last):
+        if recovered_at is None and _recovered(soak, last, state):
             recovered_at = time.time()
             if last is not None and last["expect"] != "none":
                 last["t_recovered"] = recovered_at
-        if (state == "RUNNING" and recovered_at is not None
-                and time.time() - max(t_last, recovered_at) > HANG_S):
+        quiet_since = max(t_last, recovered_at or (last["t1"] if last else t_start))
+        if state == "RUNNING" and time.time() - quiet_since > HANG_S:
             soak.unexpected.append(f"job {soak.job_id}: no step for {HANG_S:.0f} s while RUNNING")
             soak.log(f"UNEXPECTED: job {soak.job_id} hangs; cancelling it (SIGKILL)")
             cancel(soak.job_id, "KILL")
@@ -202,22 +206,6 @@ def drive(soak: Soak, steps: int, minutes: float, min_kinds: int = 0) -> float:
     window = (min(time.time(), max(deadline, window_end)) - t_start) / 60
     soak.log(f"run finished: {len(soak.jobs)} job(s), {len(soak.faults)} fault(s)")
     return window
-
-
-def losses_table(soak: Soak) -> List[Dict[str, Any]]:
-    execs = check.executions(soak.run)
-    rows: Dict[str, List[Dict[str, Any]]] = defaultdict(list)
-    for f in soak.faults:
-        rows[f["kind"]].append(check.time_lost(execs, f["t0"], f["t1"], f.get("t_recovered")))
-    table = []
-    for kind, costs in sorted(rows.items()):
-        lost = [c["lost_s"] for c in costs if c.get("lost_s") is not None]
-        table.append({"kind": kind, "n": len(costs),
-                      "restart_s": round(sum(c.get("restart_s", 0) for c in costs) / len(costs), 1),
-                      "redone_steps": round(sum(c.get("redone_steps", 0) for c in costs) / len(costs), 1),
-                      "lost_s_mean": round(sum(lost) / len(lost), 1) if lost else None,
-                      "lost_s_total": round(sum(lost), 1)})
-    return table
 
 
 def _stop(signum: int, frame: Any) -> None:
@@ -289,7 +277,7 @@ def report(soak: Soak, ref: Path, ref_rc: int, window: float, seed: int, steps: 
     req = sum(1 for f in soak.faults if f["expect"] == "requeue")
     resub = sum(1 for f in soak.faults if f["expect"] == "resubmit")
     restarts = sum(soak.restarts.values())
-    table = losses_table(soak)
+    table = check.lost_by_kind(soak.run, soak.faults)
     print(f"\n{'fault kind':18} {'n':>3} {'restart s':>9} {'redone steps':>12} {'lost s/fault':>12} {'lost s':>7}")
     for r in table:
         print(f"{r['kind']:18} {r['n']:3d} {r['restart_s']:9.1f} {r['redone_steps']:12.1f} "

@@ -152,6 +152,23 @@ def time_lost(execs: List[Tuple[float, int]], t0: float, t1: float,
             "restart_s": round(after[0][0] - t0, 2), "redone_steps": max(0, reached - after[0][1] + 1)}
 
 
+def lost_by_kind(run: Path, faults: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Per fault kind: count, mean restart seconds and redone steps, mean and total time lost."""
+    execs = executions(run)
+    rows: Dict[str, List[Dict[str, Any]]] = defaultdict(list)
+    for f in faults:
+        rows[f["kind"]].append(time_lost(execs, f["t0"], f["t1"], f.get("t_recovered")))
+    table = []
+    for kind, costs in sorted(rows.items()):
+        lost = [c["lost_s"] for c in costs if c.get("lost_s") is not None]
+        table.append({"kind": kind, "n": len(costs),
+                      "restart_s": round(sum(c.get("restart_s", 0) for c in costs) / len(costs), 1),
+                      "redone_steps": round(sum(c.get("redone_steps", 0) for c in costs) / len(costs), 1),
+                      "lost_s_mean": round(sum(lost) / len(lost), 1) if lost else None,
+                      "lost_s_total": round(sum(lost), 1)})
+    return table
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run", type=Path)

@@ -118,7 +118,9 @@ def kill_in_save(ctx: Context) -> Dict[str, Any]:
 
 
 def slow_finalize(ctx: Context) -> Dict[str, Any]:
-    """USR2, and rank 0's commit of that save takes KillWait + 15 s (as tests/test_slurm.py)."""
+    """USR2, and rank 0's next commit takes KillWait + 15 s (as tests/test_slurm.py): the USR2
+    save's, or a periodic save's already under way. cpu_tiny's dist.timeout_s (60 s) is above
+    it, as docs/slurm.md asks: the other rank waits in its next collective."""
     secs = ctx.kill_wait_s + 15
     _trigger(ctx, "slow_finalize", str(secs))
     ok = cancel(ctx.job_id, "USR2")
