@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # `install` or `demo`.
 INTEROP_STAMP := .venv-interop/.installed
 
-.PHONY: install demo test test-fast test-interop test-slurm bench clean slurm-start slurm-stop gpu-bundle
+.PHONY: install demo test test-fast test-interop test-slurm bench soak clean slurm-start slurm-stop gpu-bundle
 
 install: $(STAMP)
 	@echo "[install] done: the seer-* commands are in $(VENV)/bin; in each new shell run:  source $(VENV)/bin/activate"
@@ -50,6 +50,13 @@ bench: install
 	$(PY) benchmarks/bench_codecs.py $(PHOTOS) || { echo "[bench] bench_codecs failed"; rc=1; }; \
 	$(PY) benchmarks/bench_trainer.py || { echo "[bench] bench_trainer failed"; rc=1; }; \
 	exit $$rc
+
+# Chaos soak (docs/benchmarks.md): MINUTES of faults against a run under the local SLURM, then
+# bitwise against an uninterrupted run; needs root for its tmpfs. The last line is JSON.
+MINUTES ?= 3
+SEED ?= 1
+soak: install slurm-start
+	$(PY) benchmarks/soak.py --minutes $(MINUTES) --seed $(SEED)
 
 # Launcher tests against the local SLURM (starts it first; idempotent).
 test-slurm: install slurm-start

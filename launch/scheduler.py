@@ -97,6 +97,15 @@ def requeue(job_id: str) -> bool:
     return ok
 
 
+def kill_wait_s() -> int:
+    """The cluster's KillWait (`scontrol show config`): seconds between SIGTERM and SIGKILL."""
+    res = _run(["scontrol", "show", "config"])
+    for line in (res.stdout if res is not None else "").splitlines():
+        if line.split("=")[0].strip() == "KillWait":
+            return int(line.split("=", 1)[1].split()[0])
+    raise RuntimeError("KillWait not in `scontrol show config`")
+
+
 def sbatch_test_only(script_path: str) -> tuple[bool, str]:
     """`sbatch --test-only SCRIPT`: does the scheduler accept it (nothing is submitted)."""
     return sbatch_test_only_args([script_path])

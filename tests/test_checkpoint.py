@@ -200,7 +200,8 @@ def test_requeue_counts_against_cap(tmp_path: Path, monkeypatch, scontrol_calls:
     log = scontrol_calls
     assert requeue_job(tmp_path, 2, 10, "SIGUSR2") and requeue_job(tmp_path, 2, 20, "SIGTERM")
     assert not requeue_job(tmp_path, 2, 30, "SIGUSR2")  # over the cap: no third requeue
-    assert log.read_text().splitlines() == ["requeue 4242", "requeue 4242"]
+    calls = log.read_text().splitlines()  # besides `-o show job 4242`: was the job cancelled?
+    assert [c for c in calls if c.startswith("requeue")] == ["requeue 4242", "requeue 4242"]
     data = json.loads((tmp_path / "requeues.json").read_text())
     assert data["count"] == 2 and [h["requeued"] for h in data["history"]] == [True, True, False]
     monkeypatch.delenv("SLURM_JOB_ID")
@@ -214,6 +215,94 @@ def test_ctrl_c_under_slurm_is_an_operator_stop_not_requeued(tmp_path: Path, sco
     data = json.loads((tmp_path / "requeues.json").read_text())
     assert data["count"] == 0 and [(h["reason"], h["requeued"]) for h in data["history"]] == [("SIGINT", False)]
     assert requeue_job(tmp_path, 5, 20, "SIGTERM")  # the scheduler's signal still requeues
+
+
+@pytest.mark.parametrize("state,restarts,requeued", [
+    ("RUNNING", "0", True),  # a signal to a running job (USR2 before the time limit, TERM)
+    ("COMPLETING", "1", True),  # `scontrol requeue`: SLURM requeues it already (Restarts 0 -> 1)
+    ("COMPLETING", "0", False),  # `scancel`: the owner cancelled it; it must not come back
+])
+def test_requeue_refused_for_a_cancelled_job(tmp_path: Path, monkeypatch, state: str, restarts: str,
+                                             requeued: bool) -> None:
+    """Found by the chaos soak (seed 1): `scancel` sends the tasks the same SIGTERM as a
+    preemption, and the trainer requeued the job its owner had just cancelled."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls"
+    fake = bin_dir / "scontrol"  # `show job` answers as slurmctld did in the soak; calls recorded
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {log}\n"
+                    f"[ \"$2\" = show ] && echo 'JobId=4242 JobName=seer JobState={state} Reason=None "
+                    f"Requeue=1 Restarts={restarts} BatchFlag=1'\nexit 0\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)  # the job's first run
+    assert requeue_job(tmp_path, 5, 10, "SIGTERM") is requeued
+    assert ("requeue 4242" in log.read_text().splitlines()) is requeued
+    data = json.loads((tmp_path / "requeues.json").read_text())
+    assert data["count"] == int(requeued) and data["history"][0].get("cancelled", False) is not requeued
+
+
+def _bn_save_and_resume(rank: int, world: int, run_dir: str) -> dict[str, list[torch.Tensor]]:
+    """BN statistics on one rank: 6 steps uninterrupted; 6 steps with a save after step 3; the
+    last 3 steps again after a restore of that save. Each rank sees its own data."""
+    from seer_pipeline.train.state import ModelState, RankBNStats, bn_buffers
+    from seer_pipeline.train.trainer import average_bn_stats
+
+    data = [torch.randn(8, 3, generator=torch.Generator().manual_seed(100 * rank + i)) for i in range(6)]
+
+    def fresh() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).train()
+
+    def steps(model: torch.nn.Module, xs: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for x in xs:
+                model(x)  # training mode: updates the running statistics
+
+    def checkpointer(model: torch.nn.Module) -> tuple[Checkpointer, Any]:
+        bn = RankBNStats([model], rank, world)
+        ck = Checkpointer(run_dir, ckpt_config(every=0), rank=rank, world_size=world)
+        ck.register("model", ModelState(model))
+        ck.register("bn", bn, per_rank=True)
+        ck.before_save(lambda: bn.average(average_bn_stats))  # as the trainer wires it
+        return ck, bn
+
+    ref = fresh()
+    steps(ref, data)
+    cut = fresh()
+    ck, bn = checkpointer(cut)
+    steps(cut, data[:3])
+    own = [b.clone() for b in bn_buffers(cut)]
+    ck.save(3)  # a preemption save: a step the periodic saves skip
+    bn.restore_own()
+    steps(cut, data[3:])
+    again = fresh()
+    ck2, _ = checkpointer(again)
+    assert ck2.restore() == 3
+    steps(again, data[3:])
+    saved = fresh()  # the checkpoint's model: the mean over ranks (what export reads)
+    ck3 = Checkpointer(run_dir, ckpt_config(every=0), rank=rank, world_size=world)
+    ck3.register("model", ModelState(saved))
+    ck3.restore()
+    return {"ref": bn_buffers(ref), "cut": bn_buffers(cut), "again": bn_buffers(again),
+            "own3": own, "saved": [b.clone() for b in bn_buffers(saved)]}
+
+
+def test_a_save_does_not_change_bn_statistics_and_resume_restores_them(tmp_path: Path) -> None:
+    """Found by the chaos soak (seed 1): saves averaged the ranks' BN running statistics in
+    place, so a preemption save at a step the periodic saves skip gave a final model that an
+    uninterrupted run never has (losses equal, running_mean/var not)."""
+    from seer_pipeline.distributed.testing import run_distributed
+
+    out = run_distributed(_bn_save_and_resume, 2, str(tmp_path / "run"))
+    for r in out:
+        assert all(torch.equal(a, b) for a, b in zip(r["ref"], r["cut"])), "the save changed the run"
+        assert all(torch.equal(a, b) for a, b in zip(r["ref"], r["again"])), "the resume is not exact"
+    assert not all(torch.equal(a, b) for a, b in zip(out[0]["ref"], out[1]["ref"]))  # ranks differ
+    mean = [(a.double() + b.double()) / 2 for a, b in zip(out[0]["own3"], out[1]["own3"])]
+    for r in out:
+        assert all(torch.allclose(m.float(), s) for m, s in zip(mean, r["saved"]))
 
 
 def test_presets_load_and_carry_the_seer_recipe() -> None:

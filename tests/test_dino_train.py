@@ -31,11 +31,13 @@ def test_dino_sigusr2_resume_is_bitwise_exact(tiny_shards: Path, tmp_path: Path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
     run = tmp_path / "cut" / "run"
-    rc, out = usr2_after(_dino(run, tiny_shards), run, 6, wait_s=300, exit_s=180)
+    # No periodic saves in the cut run: its saves (at the signal, at the end) come at other steps
+    # than the reference's (every 5), which must not matter (the chaos soak found they did).
+    rc, out = usr2_after(_dino(run, tiny_shards, "ckpt.every=0"), run, 6, wait_s=300, exit_s=180)
     assert rc == PREEMPTED, out[-3000:]
     k = len(_rows(run))
     assert 6 <= k < STEPS
-    res = _run(_dino(run, tiny_shards))
+    res = _run(_dino(run, tiny_shards, "ckpt.every=0"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
     rows, want = _rows(run), _rows(ref)
@@ -44,13 +46,11 @@ def test_dino_sigusr2_resume_is_bitwise_exact(tiny_shards: Path, tmp_path: Path)
     for which in (None, "student"):
         a, b = _weights(run, tmp_path, which), _weights(ref, tmp_path, which)
         assert a.keys() == b.keys()
-        # Weights bit for bit. BN running statistics are averaged over the ranks at every save
-        # (average_bn_stats), and the interrupted run saved once more: the same mean, summed
-        # in another order, so equal to rounding only.
-        stats = {n for n in a if "running_" in n or "num_batches" in n}
-        differ = [n for n in a if n not in stats and not torch.equal(a[n], b[n])]
+        # Bit for bit, BN running statistics included: a save writes their mean over the ranks
+        # and leaves each rank's own in the run (train.state.RankBNStats).
+        differ = [n for n in a if not torch.equal(a[n], b[n])]
         assert not differ, (which, differ[:5])
-        assert all(torch.allclose(a[n].double(), b[n].double(), rtol=1e-5, atol=1e-6) for n in stats)
+        assert any("running_" in n for n in a)
     teacher, student = _weights(ref, tmp_path, None), _weights(ref, tmp_path, "student")
     assert any(not torch.equal(teacher[n], student[n]) for n in teacher)  # the EMA lags
     logged = [r for r in want if "kl_teacher_student" in r]

@@ -17,7 +17,7 @@ import pytest
 
 from launch.executor import build_executor
 from launch.job import TrainJob
-from launch.scheduler import (JobInfo, cancel, job_info, requeue, sbatch_test_only,
+from launch.scheduler import (JobInfo, cancel, job_info, kill_wait_s, requeue, sbatch_test_only,
                               sbatch_test_only_args, slurm_available)
 from launch.status import run_status
 from launch.submit import main as submit_main
@@ -329,18 +329,10 @@ def test_ctrl_c_to_a_slurm_job_saves_and_is_not_requeued(tmp_path: Path, tiny_sh
 
 
 # ---- a preemption save on a slow filesystem (#20): rank 0's commit outlasts KillWait ---------
-def _kill_wait_s() -> int:
-    out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30)
-    for line in out.stdout.splitlines():
-        if line.split("=")[0].strip() == "KillWait":
-            return int(line.split("=", 1)[1].split()[0])
-    raise AssertionError("KillWait not in `scontrol show config`")
-
-
 def _slow_finalize_s() -> int:
     """Rank 0's commit delay: 15 s past the cluster's KillWait (30 s in local-cluster), so a
     rank that leaves right after DCP's last collective gets rank 0 killed mid-commit."""
-    return _kill_wait_s() + 15
+    return kill_wait_s() + 15
 
 
 # No periodic or final save: the delay then hits the signal's save only (test time), and the

@@ -72,14 +72,15 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory, tiny_shards: Path) -
 @pytest.mark.slow
 def test_sigusr2_resume_is_bitwise_exact(reference_run: Path, tiny_shards: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    rc, out = usr2_after(_cmd(run, tiny_shards), run, 7)  # once step 7 is logged: k = 7 or a little later
+    cmd = _cmd(run, tiny_shards, "train.record_samples=true")
+    rc, out = usr2_after(cmd, run, 7)  # once step 7 is logged: k = 7 or a little later
     assert rc == PREEMPTED, out[-3000:]
     k = len(_rows(run))
     assert 7 <= k < STEPS, out[-2000:]
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{k:09d}"
     assert "preemption save took" in out
 
-    res = _run(_cmd(run, tiny_shards))  # the same command again
+    res = _run(cmd)  # the same command again
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rows, ref = _rows(run), _rows(reference_run)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # each step exactly once
@@ -87,6 +88,32 @@ def test_sigusr2_resume_is_bitwise_exact(reference_run: Path, tiny_shards: Path,
     assert rows[k]["step"] == k + 1 and rows[k]["resumed_from"] == k
     assert [r["loss"] for r in rows] == [r["loss"] for r in ref]  # ==, not approx
     assert len({r["loss"] for r in ref}) > 1
+    # train.record_samples: every step once per rank, and each epoch (3 steps of 2 x 2 images)
+    # consumed the 12 samples of tiny_shards once across the resume.
+    epochs: dict[int, list[int]] = {}
+    for rank in (0, 1):
+        recs = [json.loads(x) for x in (run / "samples" / f"rank{rank}.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in recs] == list(range(1, STEPS + 1))
+        for r in recs:
+            epochs.setdefault(r["epoch"], []).extend(r["uids"])
+    assert sorted(epochs) == [0, 1, 2, 3]
+    assert all(sorted(uids) == list(range(12)) for uids in epochs.values()), epochs
+
+
+@pytest.mark.slow
+def test_save_on_a_full_disk_fails_the_run_then_a_rerun_resumes_exactly(
+        reference_run: Path, tiny_shards: Path, tmp_path: Path) -> None:
+    """Found by the chaos soak (seed 2): every rank's write of a save failing (ENOSPC) raised
+    DCP's CheckpointException, and each rank then hung at exit on its own loader worker."""
+    run = tmp_path / "run"
+    res = _run(_cmd(run, tiny_shards), fault="save_enospc:10")  # hung before: TimeoutExpired
+    assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
+    ck = run / "checkpoints"
+    assert (ck / "latest").read_text().strip() == "step_000000005"
+    res = _run(_cmd(run, tiny_shards))  # space freed: the same command again
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert [r["loss"] for r in _rows(run)] == [r["loss"] for r in _rows(reference_run)]
+    assert not list(ck.glob("*.partial"))
 
 
 @pytest.mark.slow

@@ -103,6 +103,7 @@ class TrainLoopConfig:
     log_every: int = 10  # console/TensorBoard interval; metrics.jsonl has every step
     deterministic: bool = True  # torch.use_deterministic_algorithms where supported
     tensorboard: bool = True  # write RUN/tb event files
+    record_samples: bool = False  # append each step's sample ids to RUN/samples/rank{r}.jsonl
 
 
 def _ckpt_init(self: Any, **values: Any) -> None:
@@ -171,7 +172,7 @@ class TrainConfig:
 # Prefixes of keys that may differ between a checkpoint's config and the resuming run.
 RESUME_MUTABLE: tuple[str, ...] = (
     "run.dir", "run.lock", "train.steps", "train.log_every", "train.tensorboard", "ckpt.", "slurm.",
-    "dist.", "parallel.", "data.workers", "data.prefetch_factor", "data.shards", "data.s3_endpoint", "init.",
+    "train.record_samples", "dist.", "parallel.", "data.workers", "data.prefetch_factor", "data.shards", "data.s3_endpoint", "init.",
     "train.threads",  # allowed, but the continuation is then not bitwise equal (warned)
 )
 _PRECISIONS = ("fp32", "bf16")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -71,9 +72,27 @@ def scontrol_requeue(job_id: str) -> tuple[bool, str]:
     return res.returncode == 0, res.stderr.strip()
 
 
+def cancelled(job_id: str) -> bool:
+    """Whether `scancel` ended this job. Its tasks then get the SIGTERM a preemption sends
+    (`scontrol requeue` too), but the job has left RUNNING while its restart count is still the
+    one this run started with (SLURM_RESTART_COUNT): SLURM is not requeueing it. Requeueing it
+    would bring back a job its owner cancelled (found by the chaos soak, seed 1). No answer from
+    slurmctld counts as not cancelled: a preemption must still requeue."""
+    try:
+        res = subprocess.run(["scontrol", "-o", "show", "job", str(job_id)], capture_output=True,
+                             text=True, timeout=_SCONTROL_TIMEOUT_S)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    fields = dict(re.findall(r"(\w+)=(\S*)", res.stdout))
+    state = fields.get("JobState", "")
+    if res.returncode != 0 or not state or "Restarts" not in fields:
+        return False
+    return state != "RUNNING" and fields["Restarts"] == os.environ.get("SLURM_RESTART_COUNT", "0")
+
+
 def requeue_job(run_dir: str | os.PathLike, max_requeues: int, step: int, reason: str) -> bool:
-    """Under SLURM, `scontrol requeue` this job unless `max_requeues` is used up or `reason` is
-    OPERATOR_STOP; booked either way."""
+    """Under SLURM, `scontrol requeue` this job unless `max_requeues` is used up, `reason` is
+    OPERATOR_STOP or the job was cancelled; booked either way."""
     job = os.environ.get("SLURM_JOB_ID")
     if not job:
         log.info("not under SLURM: exiting after the save; re-run the same command to resume")
@@ -84,6 +103,11 @@ def requeue_job(run_dir: str | os.PathLike, max_requeues: int, step: int, reason
         log.warning("stopped by Ctrl-C (%s): saved at step %d, not requeueing job %s (an operator's "
                     "stop); re-run the same command to resume", reason, step, job)
         book_requeue(run_dir, entry, requeued=False)
+        return False
+    if cancelled(job):
+        log.warning("job %s was cancelled (scancel): saved step %d, not requeueing; submit again "
+                    "to continue", job, step)
+        book_requeue(run_dir, {**entry, "cancelled": True}, requeued=False)
         return False
     if count >= max_requeues:
         log.error("requeue cap reached (%d of slurm.max_requeues=%d): not requeueing job %s; "

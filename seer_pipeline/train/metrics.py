@@ -155,6 +155,30 @@ class MetricsLogger:
             self._tb = None
 
 
+class SampleLog:
+    """`train.record_samples`: RUN/samples/rank{r}.jsonl, one line per step this rank executed:
+    {"step", "epoch", "uids" (manifest-order sample ids, -1 in resampled mode), "time"}.
+
+    Append-only, every rank its own file: a step redone after a resume appears again, and the
+    last line of a step is the execution the final trajectory kept (the resume is exact, so it
+    consumed the same ids). Off by default; it is the evidence that every sample of an epoch was
+    consumed once (benchmarks/soak.py). A torn last line (kill -9) is the reader's to skip.
+    """
+
+    def __init__(self, run_dir: str | Path, rank: int) -> None:
+        path = Path(run_dir) / "samples" / f"rank{rank}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(path, "a", encoding="utf-8")
+
+    def log_step(self, step: int, epoch: int, uids: list[int], now: float) -> None:
+        self._fh.write(json.dumps({"step": step, "epoch": epoch, "uids": [int(u) for u in uids],
+                                   "time": now}) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
 def _plain(v: Any) -> Any:
     if hasattr(v, "item"):
         v = v.item()

@@ -1,14 +1,14 @@
 """The loop's own checkpoint components (each a `Stateful` the checkpointer collects).
 
 Global: `ModelState`, `OptimState` (DCP sharded state dicts: reshardable to any world size) and
-`Progress` (step and schedule). Per rank: `RNGState`; its `load_state_dict` gets every saved
-rank's state, the contract of per-rank components (seer_pipeline.checkpoint.checkpointer).
+`Progress` (step and schedule). Per rank: `RNGState`, `RankBNStats`; their `load_state_dict` gets
+every saved rank's state, the contract of per-rank components (seer_pipeline.checkpoint.checkpointer).
 """
 from __future__ import annotations
 
 import logging
 import random
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -98,3 +98,62 @@ class RNGState:
             log.warning("RNG: checkpoint saved by %d rank(s), resuming on %d: per-rank streams "
                         "are reseeded, so the run is no longer bitwise equal to an uninterrupted "
                         "one", len(states), self.world)
+
+
+def bn_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """BN running means, then running variances, in module order (both: one fixed order)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return ([m.running_mean for m in bns if m.running_mean is not None]
+            + [m.running_var for m in bns if m.running_var is not None])
+
+
+class RankBNStats:
+    """Each rank's own BN running statistics, kept out of the run's trajectory by saves.
+
+    Under FSDP2 they are per-rank buffers; a checkpoint's model holds their mean over the ranks
+    (`average` runs before each save), the one copy evaluation and export read. The mean used to
+    stay in the live buffers, so every save changed the run: a preemption save at a step the
+    periodic saves skip gave statistics an uninterrupted run never has (found by the chaos soak,
+    benchmarks/soak.py, seed 1). Now `average` keeps this rank's own values, which the save
+    stores as this per-rank component, and `restore_own` puts them back once the save has its
+    copy; a resume at the same world size loads them over the mean. On another world size there
+    is no rank to take them from: the mean stays (logged).
+    """
+
+    def __init__(self, models: list[nn.Module], rank: int, world: int) -> None:
+        self.models, self.rank, self.world = models, rank, world
+        self._own: list[torch.Tensor] | None = None
+
+    def _buffers(self) -> list[torch.Tensor]:
+        return [b for m in self.models for b in bn_buffers(m)]
+
+    def average(self, reduce: Callable[[torch.Tensor], None]) -> None:
+        """Keep this rank's values, then `reduce` (a collective mean) each model's in place."""
+        self._own = [b.detach().clone() for b in self._buffers()]
+        for m in self.models:
+            reduce(m)
+
+    def restore_own(self) -> None:
+        """After a save took its copy: this rank's own values back in the live buffers."""
+        if self._own is not None:
+            with torch.no_grad():
+                for b, own in zip(self._buffers(), self._own):
+                    b.copy_(own)
+            self._own = None
+
+    def state_dict(self) -> dict[str, Any]:
+        own = self._own if self._own is not None else self._buffers()
+        return {"buffers": [b.detach().cpu().clone() for b in own]}
+
+    def load_state_dict(self, states: list[dict[str, Any] | None]) -> None:
+        mine = states[self.rank] if len(states) == self.world else None
+        bufs = self._buffers()
+        if mine is None or len(mine["buffers"]) != len(bufs):
+            if bufs:
+                log.warning("BN statistics: the checkpoint has no copy of this rank's own (another "
+                            "world size, or saved before they were kept): every rank starts from "
+                            "their mean, so the run is not bitwise equal to an uninterrupted one")
+            return
+        with torch.no_grad():
+            for b, saved in zip(bufs, mine["buffers"]):
+                b.copy_(saved.to(b.device))

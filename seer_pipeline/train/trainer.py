@@ -47,7 +47,7 @@ from seer_pipeline.models.materialize import load_full_state_, materialize
 from seer_pipeline.models.dino_head import build_dino_model
 from seer_pipeline.models.swav_head import build_model
 from seer_pipeline.train.objective import DINOObjective, SwAVObjective
-from seer_pipeline.train.metrics import MetricsLogger, Throughput
+from seer_pipeline.train.metrics import MetricsLogger, SampleLog, Throughput
 from seer_pipeline.train.optim import (
     LARS,
     build_param_groups,
@@ -58,7 +58,7 @@ from seer_pipeline.train.optim import (
 from seer_pipeline.train.provenance import record_start
 from seer_pipeline.train.signals import PreemptionFlag
 from seer_pipeline.train.speed import apply_cudnn, speed_switches
-from seer_pipeline.train.state import ModelState, OptimState, Progress, RNGState
+from seer_pipeline.train.state import ModelState, OptimState, Progress, RankBNStats, RNGState, bn_buffers
 from seer_pipeline.weights import load_trunk_state
 
 log = logging.getLogger(__name__)
@@ -70,14 +70,12 @@ class NonFiniteLossError(FloatingPointError):
 
 @torch.no_grad()
 def average_bn_stats(model: nn.Module) -> None:
-    """BN running stats are plain per-rank buffers under FSDP2: average them before a save so
-    the one copy DCP keeps is the mean over ranks (training-mode BN does not read them)."""
+    """BN running stats are plain per-rank buffers under FSDP2: their mean over ranks, in place,
+    for the one copy DCP keeps (training-mode BN does not read them). The trainer puts each
+    rank's own values back after the save (state.RankBNStats)."""
     if not dist.is_initialized():  # world 1 too: one GPU checks the NCCL path
         return
-    bufs = [m.running_mean for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            and m.running_mean is not None]
-    bufs += [m.running_var for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-             and m.running_var is not None]
+    bufs = bn_buffers(model)
     if not bufs:
         return
     flat = torch.cat([b.reshape(-1).double() for b in bufs])
@@ -127,7 +125,10 @@ class Trainer:
             final_ratio=c.optim.final_lr_ratio)
         self.ckpt = Checkpointer(self.run_dir, c.ckpt, rank=self.rank, world_size=self.world,
                                  config_yaml=OmegaConf.to_yaml(cfg), timeout_s=c.dist.timeout_s)
-        self.ckpt.before_save(lambda: average_bn_stats(self.model))
+        # Saves hold the BN statistics' mean over ranks; each rank trains on with its own.
+        self.bn = RankBNStats([self.model] + ([teacher] if teacher is not None else []),
+                              self.rank, self.world)
+        self.ckpt.before_save(lambda: self.bn.average(average_bn_stats))
         self.progress = Progress(self.total, self.global_batch)
         self.throughput = Throughput()
         # Everything a checkpoint holds: one line per component.
@@ -139,6 +140,7 @@ class Trainer:
         self.ckpt.register("loader", self.loader, per_rank=True,
                            summary=("rank", "outputs", "pads", "metrics"))
         self.ckpt.register("metrics", self.throughput, per_rank=True)
+        self.ckpt.register("bn", self.bn, per_rank=True)
         self.flag = PreemptionFlag()
         # Sharded: FSDP2 casts per unit (parallelize). Unsharded: autocast does the same job.
         use_autocast = c.train.precision == "bf16" and not is_fsdp(self.model)
@@ -151,8 +153,6 @@ class Trainer:
             SwAVObjective(c.swav, self.inner, self.autocast, out_dim=c.model.out_dim, rank=self.rank,
                           world=self.world, device=device))
         self.objective.register(self.ckpt)
-        if teacher is not None:
-            self.ckpt.before_save(lambda: average_bn_stats(teacher))
 
     def _meta_model(self) -> nn.Module:
         """Built on the meta device, sharded, then each rank writes only its rows: no rank ever
@@ -211,6 +211,7 @@ class Trainer:
         metrics = MetricsLogger(self.run_dir, rank=self.rank, log_every=loop.log_every,
                                 tensorboard=loop.tensorboard, resumed_from=resumed,
                                 total_steps=loop.steps)
+        samples = SampleLog(self.run_dir, self.rank) if loop.record_samples else None
         self.flag.install()  # after submitit's own USR2 handler: ours must win
         it = iter(self.loader)
         log.info("training steps %d..%d, global batch %d, %d rank(s)", self.step + 1, loop.steps,
@@ -232,9 +233,12 @@ class Trainer:
                     values.update({f"data_{k}": v for k, v in self.loader.metrics().items()
                                    if isinstance(v, (int, float)) and not isinstance(v, bool)})
                 metrics.log_step(self.step, values)
+                if samples is not None:  # the batch's epoch: the loader moves on at the next batch
+                    samples.log_step(self.step, self.loader.epoch, self.loader.last_uids, time.time())
                 if stop:
                     return self._preempted(stop)
                 self.ckpt.after_step(self.step, last=self.step >= loop.steps, preempted=False)
+                self.bn.restore_own()
             if resumed is not None and resumed >= loop.steps:  # nothing left to train
                 self.ckpt.after_step(self.step, last=True, preempted=False)
             return 0
@@ -242,13 +246,21 @@ class Trainer:
             log.error("rank %d stopped in step %d", self.rank, self.step + 1)
             raise
         finally:
+            # Stop the loader's workers now, whatever ended the loop. They ignore SIGTERM, so
+            # an iterator kept alive by the exception's traceback (DCP's CheckpointException, a
+            # BaseException, e.g. a save on a full disk) left them to multiprocessing's exit
+            # hook, which terminates and joins them: the rank hung for good (found by the soak).
+            it.close()
             metrics.close()
+            if samples is not None:
+                samples.close()
             self.flag.restore()
 
     def _preempted(self, reason: str) -> int:
         log.warning("%s received: saving at step %d before exiting", reason, self.step)
         t0 = time.monotonic()
         self.ckpt.after_step(self.step, last=False, preempted=True)
+        self.bn.restore_own()
         secs = time.monotonic() - t0
         log.warning("preemption save took %.2fs", secs)
         if self.rank == 0:
