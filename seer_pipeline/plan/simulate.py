@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from seer_pipeline.config.train import sections
 from seer_pipeline.distributed.parallelize import ParallelPlan, build_mesh, parallelize
 from seer_pipeline.models.materialize import local_bytes
 from seer_pipeline.models.swav_head import normalize_prototypes
@@ -169,7 +170,10 @@ def simulate(cfg: Any, world: int | None = None, local_world: int | None = None,
                 with tracker:
                     _train_step(cfg, model, inner, optimizer, device)
             else:
-                objective = DINOObjective(cfg, model, teacher, nullcontext(), int(cfg.train.steps), device)
+                typed = sections(cfg)  # the trainer's own typed sections: the same objective it builds
+                objective = DINOObjective(typed.dino, model, teacher, nullcontext(),
+                                          n_prototypes=typed.model.n_prototypes,
+                                          total_steps=int(cfg.train.steps), device=device)
                 tracker = _PairTracker(model, teacher, optimizer)
                 with tracker:
                     _dino_step(cfg, model, objective, optimizer, device)
