@@ -48,9 +48,9 @@ KEYS = {"AWS_ACCESS_KEY_ID": "seer-soak", "AWS_SECRET_ACCESS_KEY": "seer-soak-se
 
 def default_steps(minutes: float) -> int:
     """Enough steps that the faulted run is still training when the fault window closes (a run
-    that finishes early ends the window): on the 2-core dev VM a step takes 0.4-1 s depending on
-    the load (docs/benchmarks.md, chaos soak) and a fault costs 20-90 s of restart."""
-    return int(120 + 45 * max(0.0, minutes - 3))
+    that finishes early ends the window). The 60-minute soak on the 2-core dev VM advanced
+    45-60 steps a minute under its faults (docs/benchmarks.md, chaos soak); 3 minutes: 120."""
+    return int(120 + 60 * max(0.0, minutes - 3))
 
 
 def train_args(bucket: str, steps: int) -> List[str]:
