@@ -180,6 +180,10 @@ def drive(soak: Soak, steps: int, minutes: float, min_kinds: int = 0) -> float:
             recovered_at = time.time()
             if last is not None and last["expect"] != "none":
                 last["t_recovered"] = recovered_at
+            for trigger in ("slow_finalize", "kill_in_save"):  # unclaimed: must not fire later
+                if (soak.ctrl / trigger).exists() and last is not None:
+                    (soak.ctrl / trigger).unlink()
+                    last["trigger_unclaimed"] = trigger
         quiet_since = max(t_last, recovered_at or (last["t1"] if last else t_start))
         if state == "RUNNING" and time.time() - quiet_since > HANG_S:
             soak.unexpected.append(f"job {soak.job_id}: no step for {HANG_S:.0f} s while RUNNING")
@@ -194,7 +198,8 @@ def drive(soak: Soak, steps: int, minutes: float, min_kinds: int = 0) -> float:
             trained_since = time.time()
         now = time.time()
         kinds = len({f["kind"] for f in soak.faults if not f.get("not_a_fault")})
-        open_ = now < deadline or (kinds < min_kinds and now < deadline + 600)
+        # Not once the last step ran: the job is finishing and a signal would find no run to stop.
+        open_ = s_last < steps and (now < deadline or (kinds < min_kinds and now < deadline + 600))
         if open_ and trained_since is not None and now >= trained_since + gap:
             soak.inject(soak.schedule.kind())
             gap, recovered_at, trained_since = soak.schedule.gap(), None, None
