@@ -48,9 +48,9 @@ KEYS = {"AWS_ACCESS_KEY_ID": "seer-soak", "AWS_SECRET_ACCESS_KEY": "seer-soak-se
 
 def default_steps(minutes: float) -> int:
     """Enough steps that the faulted run is still training when the fault window closes (a run
-    that finishes early ends the window): on the 2-core dev VM a step takes 0.4-1 s depending on
-    the load (docs/benchmarks.md, chaos soak) and a fault costs 20-90 s of restart."""
-    return int(120 + 45 * max(0.0, minutes - 3))
+    that finishes early ends the window). The 60-minute soak on the 2-core dev VM advanced
+    45-60 steps a minute under its faults (docs/benchmarks.md, chaos soak); 3 minutes: 120."""
+    return int(120 + 60 * max(0.0, minutes - 3))
 
 
 def train_args(bucket: str, steps: int) -> List[str]:
@@ -180,6 +180,10 @@ def drive(soak: Soak, steps: int, minutes: float, min_kinds: int = 0) -> float:
             recovered_at = time.time()
             if last is not None and last["expect"] != "none":
                 last["t_recovered"] = recovered_at
+            for trigger in ("slow_finalize", "kill_in_save"):  # unclaimed: must not fire later
+                if (soak.ctrl / trigger).exists() and last is not None:
+                    (soak.ctrl / trigger).unlink()
+                    last["trigger_unclaimed"] = trigger
         quiet_since = max(t_last, recovered_at or (last["t1"] if last else t_start))
         if state == "RUNNING" and time.time() - quiet_since > HANG_S:
             soak.unexpected.append(f"job {soak.job_id}: no step for {HANG_S:.0f} s while RUNNING")
@@ -194,7 +198,8 @@ def drive(soak: Soak, steps: int, minutes: float, min_kinds: int = 0) -> float:
             trained_since = time.time()
         now = time.time()
         kinds = len({f["kind"] for f in soak.faults if not f.get("not_a_fault")})
-        open_ = now < deadline or (kinds < min_kinds and now < deadline + 600)
+        # Not once the last step ran: the job is finishing and a signal would find no run to stop.
+        open_ = s_last < steps and (now < deadline or (kinds < min_kinds and now < deadline + 600))
         if open_ and trained_since is not None and now >= trained_since + gap:
             soak.inject(soak.schedule.kind())
             gap, recovered_at, trained_since = soak.schedule.gap(), None, None
