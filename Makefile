@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # `install` or `demo`.
 INTEROP_STAMP := .venv-interop/.installed
 
-.PHONY: install demo test test-fast test-interop test-slurm bench soak clean slurm-start slurm-stop gpu-bundle
+.PHONY: install demo test test-scale test-fast test-interop test-slurm bench soak clean slurm-start slurm-stop gpu-bundle
 
 install: $(STAMP)
 	@echo "[install] done: the seer-* commands are in $(VENV)/bin; in each new shell run:  source $(VENV)/bin/activate"
@@ -23,13 +23,18 @@ $(INTEROP_STAMP): scripts/install_interop.sh
 demo: install
 	$(PY) -m seer_pipeline.demo
 
-# The full suite: what CI runs. Starts the local SLURM for the launcher tests when it can.
+# The suite but its long scale runs. Starts the local SLURM for the launcher tests when it can.
 test: install $(INTEROP_STAMP)
-	PY=$(PY) bash scripts/run_tests.sh -q tests
+	PY=$(PY) bash scripts/run_tests.sh -q -m "not scale" tests
+
+# The long scale runs (~13 min: the 3-minute chaos soak, the 512-rank SwAV and DINO
+# simulations). CI runs `make test` and then this.
+test-scale: install slurm-start
+	$(PY) -m pytest -q -m scale tests
 
 # Inner loop: no multi-process / end-to-end tests.
 test-fast: install
-	$(PY) -m pytest -q -m "not slow and not slurm" --ignore=tests/interop tests
+	$(PY) -m pytest -q -m "not slow and not slurm and not scale" --ignore=tests/interop tests
 
 # Weight import/export against timm and torchvision, in their own venv (see docs/weights.md).
 test-interop: install $(INTEROP_STAMP)

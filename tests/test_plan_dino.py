@@ -123,6 +123,7 @@ def test_simulated_dino_step_in_bf16_reshards_the_teacher() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.scale
 def test_simulated_dino_step_agrees_with_the_plan_seer_32gf() -> None:
     s = _simulate("--config", "seer_32gf_dino")
     assert (s["world_size"], s["mesh"], s["precision"], s["ac"]) == (512, "hybrid 64x8", "bf16", "stage")

@@ -61,6 +61,7 @@ def test_cpu_tiny_at_8_ranks() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.scale
 def test_seer_32gf_at_512_ranks_hybrid_bf16() -> None:
     s = _simulate("--config", "seer_32gf")
     assert (s["world_size"], s["mesh"], s["shard_size"]) == (512, "hybrid 64x8", 8)

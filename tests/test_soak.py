@@ -15,7 +15,7 @@ import pytest
 
 from launch.scheduler import slurm_available
 
-pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.scale]
 REPO = Path(__file__).resolve().parent.parent
 SEED = 7  # any seed must pass; this one is the one CI runs (its schedule: soak_faults.py --seed 7)
 
