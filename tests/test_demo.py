@@ -30,8 +30,10 @@ def test_settings_from_env_and_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: 
                     *demo.RECIPE, "optim.base_lr=1.0"]
     dino = demo._train_cmd(s, Path("r"), Path("sh"), [], demo.DINO)[3:]
     assert dino[:2] == ["--config", "cpu_tiny_dino"] and dino[-1] == "optim.base_lr=1.0"
-    assert dino[2:] == [o for o in swav[2:] if not o.startswith(demo.SWAV_ONLY)]
-    assert demo._override(s, "dino.freeze_last_layer_iters", "x", demo.DINO) == "5"  # the preset's
+    shared = [o for o in swav[2:-1] if not o.startswith(demo.SWAV_ONLY)]
+    assert dino[2:] == [*shared, *demo.DINO_ONLY, "optim.base_lr=1.0"]
+    assert demo._override(s, "dino.freeze_last_layer_iters", "x", demo.DINO) == "30"  # the recipe's
+    assert demo._override(s, "dino.centering", "x", demo.DINO) == "sinkhorn"  # the preset's
     with pytest.raises(SystemExit):
         demo.parse_settings(["--preempt-at", "1.5"])
     with pytest.raises(SystemExit):
@@ -65,7 +67,8 @@ def test_demo_smoke_on_a_subset(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "seer_pipeline.demo", "--out", str(out), "--subset", "1500",
            "--test-subset", "500", "--train-steps", "60", "--sup-steps", "30",
            "--bn-images", "500",
-           "swav.freeze_prototypes_iters=2", "optim.warmup_steps=3", "data.batch_size=32"]
+           "swav.freeze_prototypes_iters=2", "dino.freeze_last_layer_iters=2", "optim.warmup_steps=3",
+           "data.batch_size=32"]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=2400)  # a hang guard only
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"report in {out / 'report.md'}" in res.stdout

@@ -110,6 +110,10 @@ def test_save_on_a_full_disk_fails_the_run_then_a_rerun_resumes_exactly(
     assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
     ck = run / "checkpoints"
     assert (ck / "latest").read_text().strip() == "step_000000005"
+    # DCP's CheckpointException is a BaseException: it must still reach each rank's log.
+    for r in (0, 1):
+        text = (run / "logs" / f"rank{r}.log").read_text()
+        assert f"rank {r} failed" in text and "No space left on device" in text, text[-2000:]
     res = _run(_cmd(run, tiny_shards))  # space freed: the same command again
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert [r["loss"] for r in _rows(run)] == [r["loss"] for r in _rows(reference_run)]

@@ -194,6 +194,7 @@ def run_rank(cfg, denv) -> int:  # noqa: ANN001 - DictConfig, DistEnv
 
     Imports torch and the trainer stack here: `seer-train`'s parent process only spawns ranks."""
     import torch
+    from torch.distributed.checkpoint.api import CheckpointException
 
     from seer_pipeline.distributed.parallelize import check_torch_version
 
@@ -232,7 +233,7 @@ def run_rank(cfg, denv) -> int:  # noqa: ANN001 - DictConfig, DistEnv
         print(f"seer-train: rank {denv.rank}: interrupted before training started; nothing "
               "saved", file=sys.stderr)
         return INTERRUPTED
-    except Exception as e:
+    except (Exception, CheckpointException) as e:  # DCP's is a BaseException
         if not logged:  # failed before the run folder's logs were set up
             print(f"seer-train: rank {denv.rank}: {type(e).__name__}: {e}", file=sys.stderr)
             return 1
