@@ -26,13 +26,23 @@ def _env() -> dict[str, str]:
     return clean_env(PYTHONPATH=str(REPO))
 
 
+def _as_from_a_terminal() -> None:
+    """A terminal's Ctrl-C and hang-up reach a program whose SIGINT and SIGHUP are at their
+    defaults. A test runner started in the background by a script (or under nohup) passes them
+    on ignored, and a program must keep ignoring what it inherits ignored (that is how the shell
+    shields background jobs from Ctrl-C), so these tests restore the defaults in the child."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def _start_train(run: Path, shards: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "seer_pipeline.train.cli", "--config", "cpu_tiny", "dist.nproc=2",
            "train.steps=500", "ckpt.every=1000", f"run.dir={run}", f"data.shards={shards}",
            "data.batch_size=2", "data.workers=1", "dist.timeout_s=30", "train.tensorboard=false"]
     # Its own session = its own process group, as a shell job has: killpg reaches all of it.
     return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=_as_from_a_terminal)
 
 
 def _steps(run: Path) -> int:
@@ -115,7 +125,8 @@ def test_ctrl_c_during_shard_build_is_one_line(photo_dir: Path, tmp_path: Path) 
     proc = subprocess.Popen(
         [sys.executable, "-m", "data_prep.cli", "build", str(lst), "--out", str(out_dir),
          "--workers", "2", "--resize-short-side", "64"], cwd=REPO, env=_env(),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=_as_from_a_terminal)
     try:
         time.sleep(4)
         assert proc.poll() is None, "the build finished before it could be interrupted"
