@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from seer_pipeline.demo.run import OBJECTIVES, Settings, _cmd, _train_cmd  # noqa: E402
-from seer_pipeline.eval.fmnist import load_split  # noqa: E402
+from seer_pipeline.eval.fmnist import _write_png, load_split  # noqa: E402
 
 VALIDATION = (50_000, 55_000, 60_000)  # train images: probe fit [a, b), probe score [b, c)
 
@@ -35,14 +35,13 @@ def validation_folder(root: Path) -> Path:
     done = root / ".complete"
     if done.exists():
         return root
-    from PIL import Image
     shutil.rmtree(root, ignore_errors=True)
     images, labels = load_split("train")
     a, b, c = VALIDATION
     for i in range(a, c):
         d = root / ("train" if i < b else "test") / f"c{labels[i]}"
         d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(images[i], mode="L").save(d / f"{i}.png")
+        _write_png(d / f"{i}.png", images[i])
     done.touch()
     return root
 
