@@ -116,6 +116,29 @@ def test_wds_streams_with_workers_and_counts_skips(tmp_path: Path) -> None:
         open_source(f"wds:{tmp_path}/none-*.tar", EvalTransform())
 
 
+def test_wds_split_survives_moving_the_shards(tmp_path: Path) -> None:
+    # The split hashes the shard's name and the key, not its folder: a copy of the set on another
+    # mount (or under another pytest tmp dir) evaluates on the same test images.
+    import shutil
+
+    from seer_pipeline.eval.datasets import load_wds
+
+    _shards(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "elsewhere" / "b")
+    got = []
+    for d in ("a", "elsewhere/b"):
+        src = open_source(f"wds:{tmp_path}/{d}/s-*.tar", EvalTransform(None, 24), test_fraction=0.3)
+        fs = extract_features(None, src, tmp_path / d / "f", batch_size=7, workers=0, progress=False)
+        mem = load_wds(f"{tmp_path}/{d}/s-*.tar", 24, 0.3)
+        # One split rule for both loaders: the same images, in shard order, on the test side.
+        # Each image is one flat grey (6 i + s), and standardising keeps the order of greys.
+        assert len(mem.test_y) == len(fs.test_y)
+        assert np.array_equal(mem.test_x[:, 0, 0, 0].argsort(), fs.test_x[:, 0].argsort())
+        got.append((fs.test_x, fs.test_y))
+    assert 0 < len(got[0][0]) < 60
+    assert np.array_equal(got[0][0], got[1][0]) and np.array_equal(got[0][1], got[1][1])
+
+
 def test_wds_shard_named_but_missing_is_an_error(tmp_path: Path) -> None:
     """A brace pattern names its shards: one that is not there stops the evaluation with its
     name, instead of an evaluation on the rest that looks complete."""

@@ -65,6 +65,13 @@ def _is_test(key: str, test_fraction: float) -> bool:
     return (h / 2**64) < test_fraction
 
 
+def wds_split_key(shard: str, key: str) -> str:
+    """What a shard sample's split hashes: the shard's file name and the key, never its folder,
+    so the split survives moving the set (another mount, a copy to S3); the name is kept because
+    keys may repeat across shards."""
+    return f"{shard.rsplit('/', 1)[-1]}/{key}"
+
+
 def _to_array(img: "object", size: int | None) -> np.ndarray:
     # PIL only for the data kinds that decode images: seer-eval's start-up time
     from PIL import Image
@@ -194,7 +201,7 @@ def load_wds(pattern: str, size: int | None, test_fraction: float) -> LabelledDa
         try:
             label = int(sample["cls"].decode().strip())
             with Image.open(io.BytesIO(sample[img_key])) as im:
-                raw.append((f"{sample.get('__url__', '')}/{key}", _to_array(im, size), label))
+                raw.append((wds_split_key(sample.get("__url__", ""), key), _to_array(im, size), label))
         except Exception as e:  # noqa: BLE001
             skipped["undecodable"] = skipped.get("undecodable", 0) + 1
             log.warning("skipping %s: %s", key, e)

@@ -30,6 +30,7 @@ from seer_pipeline.eval.datasets import (
     DataSpecError,
     _is_test,
     wds_shards,
+    wds_split_key,
 )
 from seer_pipeline.shards.reader import ShardReadError, iter_samples
 
@@ -126,7 +127,7 @@ class ShardSamples(IterableDataset):
             try:
                 for _, s in iter_samples(path, lambda i: True):
                     assert s is not None
-                    key = f"{path}/{s['__key__'].decode()}"
+                    key = wds_split_key(path, s["__key__"].decode())
                     split = int(_is_test(key, self.test_fraction))
                     if self.only_split is not None and split != self.only_split:
                         continue
@@ -138,7 +139,7 @@ class ShardSamples(IterableDataset):
                         label = int(s["cls"].decode().strip())
                         yield _decode(img, self.tf), label, split
                     except Exception as e:  # noqa: BLE001
-                        log.warning("skipping %s: %s", key, e)
+                        log.warning("skipping %s in %s: %s", s["__key__"].decode(), path, e)
                         yield ("skip", "undecodable")
             except ShardReadError as e:  # what was readable is kept; the rest is counted
                 log.warning("%s", e)
