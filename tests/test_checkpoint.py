@@ -265,7 +265,7 @@ def _bn_save_and_resume(rank: int, world: int, run_dir: str) -> dict[str, list[t
         ck = Checkpointer(run_dir, ckpt_config(every=0), rank=rank, world_size=world)
         ck.register("model", ModelState(model))
         ck.register("bn", bn, per_rank=True)
-        ck.before_save(lambda: bn.average(average_bn_stats))  # as the trainer wires it
+        ck.before_save(lambda: bn.average(average_bn_stats), after=bn.restore_own)  # as the trainer
         return ck, bn
 
     ref = fresh()
@@ -275,7 +275,6 @@ def _bn_save_and_resume(rank: int, world: int, run_dir: str) -> dict[str, list[t
     steps(cut, data[:3])
     own = [b.clone() for b in bn_buffers(cut)]
     ck.save(3)  # a preemption save: a step the periodic saves skip
-    bn.restore_own()
     steps(cut, data[3:])
     again = fresh()
     ck2, _ = checkpointer(again)

@@ -119,7 +119,7 @@ class Checkpointer:
         self._global: dict[str, Stateful] = {}
         self._ranked: dict[str, Stateful] = {}
         self._summary: dict[str, tuple[str, ...]] = {}
-        self._prepare: list[Callable[[], None]] = []
+        self._prepare: list[tuple[Callable[[], None], Callable[[], None] | None]] = []
         self._purger: threading.Thread | None = None
 
     # -- components ---------------------------------------------------------------------------
@@ -137,9 +137,11 @@ class Checkpointer:
         if summary:
             self._summary[name] = tuple(summary)
 
-    def before_save(self, fn: Callable[[], None]) -> None:
-        """Run `fn` (collective, e.g. averaging BN statistics) on every rank before each save."""
-        self._prepare.append(fn)
+    def before_save(self, fn: Callable[[], None], after: Callable[[], None] | None = None) -> None:
+        """Run `fn` (collective, e.g. averaging BN statistics) on every rank before each save,
+        and `after` once the save holds its copy (written, or staged when asynchronous), also
+        when the save failed: what `fn` changed for the save never outlives it."""
+        self._prepare.append((fn, after))
 
     def collect(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """(global state for DCP, this rank's per-rank state) from the registered components."""
@@ -226,8 +228,19 @@ class Checkpointer:
             return 0.0
         t0 = time.monotonic()
         self.wait()  # one save in flight at a time
-        for fn in self._prepare:
-            fn()
+        undo = []
+        try:
+            for fn, after in self._prepare:
+                fn()
+                if after is not None:
+                    undo.append(after)
+            return self._save(step, state, per_rank, blocking, purge, t0)
+        finally:
+            for after in undo:
+                after()
+
+    def _save(self, step: int, state: dict[str, Any] | None, per_rank: dict[str, Any] | None,
+              blocking: bool, purge: bool, t0: float) -> float:
         if state is None:
             state, mine = self.collect()
             per_rank = mine if per_rank is None else per_rank

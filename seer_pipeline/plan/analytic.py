@@ -24,8 +24,8 @@ from torch import nn
 from seer_pipeline.config.train import load_train_config, trunk_name
 from seer_pipeline.config.crops import crop_counts
 from seer_pipeline.models import build_trunk, count_macs, list_trunks
-from seer_pipeline.models.dino_head import WeightNormLinear, build_dino_model
-from seer_pipeline.models.swav_head import build_model
+from seer_pipeline.models.build import build_for
+from seer_pipeline.models.dino_head import WeightNormLinear
 from seer_pipeline.plan.activations import (
     ActProfile,
     activation_peak,
@@ -42,11 +42,6 @@ from seer_pipeline.plan.shape import (
 )
 
 SEER_MS_PER_ITER = 6125.0  # SEER 2021 paper, section 3.2 (512 V100-32GB, RegNetY-256GF)
-
-
-def build_for(cfg: Any) -> nn.Module:
-    """The model a training config trains (SwAV's or DINO's), on the current device."""
-    return build_dino_model(cfg) if cfg.train.objective == "dino" else build_model(cfg)
 
 
 def _meta_model(model: Any, with_head: bool) -> tuple[nn.Module, nn.Module | None, str, Any]:

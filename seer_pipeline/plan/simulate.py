@@ -3,8 +3,8 @@
 Nothing is allocated and nothing is sent: parameters and activations are `FakeTensor`s (shapes,
 dtypes and devices only) and the process group is PyTorch's "fake" backend, which answers every
 collective at any world size from one process. What runs is the product's own code: the
-preset's model (`build_model`), `parallelize()` with the preset's mesh (full or hybrid), FSDP units,
-AC and dtype policy, the multi-crop forward, `swav_loss` with its Sinkhorn all-reduces, backward,
+preset's model (`models.build.build_for`), `parallelize()` with the preset's mesh (full or hybrid), FSDP units,
+AC and dtype policy, the multi-crop forward, the objective's loss (SwAV's `swav_loss` with its Sinkhorn all-reduces), backward,
 the trainer's flag all-reduce, `LARS.step` with its norm all-reduces, and the checkpoint state dict
 (`average_bn_stats` + `get_state_dict`). `FSDPMemTracker` (the tool torchtitan's memory estimator
 uses) counts the bytes alive per category at the peak.
@@ -16,7 +16,7 @@ Python float (`float(norm)`), which a fake tensor cannot give, so every scalar r
 The model lives on CPU fake tensors with the config's dtype policy (parallelize applies it on every device), so
 SyncBN (CUDA only) is plain BN here: the same parameters and saved tensors.
 
-A DINO preset (train.objective=dino) runs the trainer's `DINOObjective`: the teacher is built and
+Both objectives run through the trainer's `build_objective`; a DINO preset's `DINOObjective`: the teacher is built and
 sharded like the student (without gradients), sees the global crops under `no_grad`, and follows
 the student by EMA after the optimizer step; the tracker counts both models (`_PairTracker`).
 """
@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
@@ -39,11 +40,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from seer_pipeline.config.train import sections
 from seer_pipeline.distributed.parallelize import ParallelPlan, build_mesh, parallelize
+from seer_pipeline.models.build import build_for
 from seer_pipeline.models.materialize import local_bytes
-from seer_pipeline.models.swav_head import normalize_prototypes
-from seer_pipeline.plan.analytic import GIB, build_for, plan_config, preset_crops, preset_world
-from seer_pipeline.train import swav
-from seer_pipeline.train.objective import DINOObjective
+from seer_pipeline.plan.analytic import GIB, plan_config, preset_crops, preset_world
+from seer_pipeline.train.objective import build_objective
 from seer_pipeline.train.optim import LARS, build_param_groups
 from seer_pipeline.train.trainer import average_bn_stats
 
@@ -86,44 +86,23 @@ def _category_bytes(snapshot: dict[Any, dict[Any, int]]) -> dict[str, int]:
     return out
 
 
-def _train_step(cfg: Any, model: Any, inner: Any, optimizer: Any, device: torch.device) -> None:
+def _train_step(cfg: Any, model: Any, objective: Any, optimizer: Any, device: torch.device,
+                teacher: Any) -> None:
     """The trainer's `train_step` with the loader replaced by fake crops (trainer.py order)."""
-
-    step = int(cfg.swav.freeze_prototypes_iters)
-    b = int(cfg.data.batch_size)
-    views = [torch.randn(b, 3, r, r, device=device) for n, r in preset_crops(cfg) for _ in range(n)]
-    normalize_prototypes(inner.head)
-    emb, scores = model(views)
-    loss, _ = swav.swav_loss(
-        scores.float(), len(views), cfg.swav.crops_for_assign, temperature=cfg.swav.temperature,
-        epsilon=cfg.swav.epsilon, n_iters=cfg.swav.sinkhorn_iters, compute_stats=False)
-    loss.backward()
-    with _ScalarReads():  # only where the trainer reads values: dispatch through it costs time
-        packed = torch.tensor([float(loss.detach()), 0.0, 0.0], dtype=torch.float64, device=device)
-        dist.all_reduce(packed)
-        swav.cancel_prototype_grads(inner.head, step, cfg.swav.freeze_prototypes_iters)
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    average_bn_stats(model)
-    get_state_dict(model, optimizer)
-
-
-def _dino_step(cfg: Any, model: Any, objective: DINOObjective, optimizer: Any, device: torch.device) -> None:
-    """The trainer's `train_step` with `DINOObjective` and fake crops (trainer.py order)."""
-    step = int(cfg.dino.freeze_last_layer_iters)
+    step = int(OmegaConf.select(cfg, STEADY_STATE[str(cfg.train.objective)]))
     b = int(cfg.data.batch_size)
     views = [torch.randn(b, 3, r, r, device=device) for n, r in preset_crops(cfg) for _ in range(n)]
     loss, _, _ = objective.forward(model, views, step, False)
     loss.backward()
-    with _ScalarReads():
+    with _ScalarReads():  # only where the trainer reads values: dispatch through it costs time
         packed = torch.tensor([float(loss.detach()), 0.0, 0.0], dtype=torch.float64, device=device)
         dist.all_reduce(packed)
         objective.before_optimizer_step(step)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     objective.after_optimizer_step(step)
-    average_bn_stats(model)
-    average_bn_stats(objective.teacher)
+    for m in (model, teacher) if teacher is not None else (model,):
+        average_bn_stats(m)
     get_state_dict(model, optimizer)
 
 
@@ -165,18 +144,13 @@ def simulate(cfg: Any, world: int | None = None, local_world: int | None = None,
                 t_init = local_bytes(teacher)
                 init.update(param_shards=init["param_shards"] + t_init["param_shards"],
                             buffers=init["buffers"] + t_init["buffers"])
-            if teacher is None:
-                tracker = FSDPMemTracker(model, optimizer)
-                with tracker:
-                    _train_step(cfg, model, inner, optimizer, device)
-            else:
-                typed = sections(cfg)  # the trainer's own typed sections: the same objective it builds
-                objective = DINOObjective(typed.dino, model, teacher, nullcontext(),
-                                          n_prototypes=typed.model.n_prototypes,
-                                          total_steps=int(cfg.train.steps), device=device)
-                tracker = _PairTracker(model, teacher, optimizer)
-                with tracker:
-                    _dino_step(cfg, model, objective, optimizer, device)
+            # The trainer's own typed sections and builder: the same objective it runs.
+            objective = build_objective(sections(cfg), model, teacher, nullcontext(), rank=0,
+                                        world=world, device=device)
+            tracker = (FSDPMemTracker(model, optimizer) if teacher is None
+                       else _PairTracker(model, teacher, optimizer))
+            with tracker:
+                _train_step(cfg, model, objective, optimizer, device, teacher)
             peak = _category_bytes(tracker.get_tracker_snapshot("peak"))
     finally:
         dist.destroy_process_group()

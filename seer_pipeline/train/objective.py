@@ -18,7 +18,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 from seer_pipeline.checkpoint.checkpointer import Checkpointer
-from seer_pipeline.config.train import DinoConfig, SwavConfig
+from seer_pipeline.config.train import DinoConfig, SwavConfig, TrainConfig
 from seer_pipeline.distributed.parallelize import unwrap
 from seer_pipeline.models.swav_head import normalize_prototypes
 from seer_pipeline.train import dino, swav
@@ -153,3 +153,17 @@ class DINOObjective:
     def after_optimizer_step(self, step: int) -> None:
         m = dino.teacher_momentum(step, self.total, self.cfg.teacher_momentum)
         dino.ema_update(self.teacher, self.student, m)
+
+
+def build_objective(c: TrainConfig, model: nn.Module, teacher: nn.Module | None,
+                    autocast: AbstractContextManager, *, rank: int, world: int,
+                    device: torch.device) -> SwAVObjective | DINOObjective:
+    """The objective `train.objective` names, as the trainer and `seer-plan --simulate` both run
+    it. `model`: the parallelized student; `teacher`: DINO's (built like it), None for SwAV."""
+    if c.train.objective == "dino":
+        if teacher is None:
+            raise ValueError("train.objective=dino needs its teacher")
+        return DINOObjective(c.dino, model, teacher, autocast, n_prototypes=c.model.n_prototypes,
+                             total_steps=c.optim.total_steps or c.train.steps, device=device)
+    return SwAVObjective(c.swav, unwrap(model), autocast, out_dim=c.model.out_dim, rank=rank,
+                         world=world, device=device)

@@ -44,9 +44,8 @@ from seer_pipeline.distributed.parallelize import (
 )
 from seer_pipeline.distributed.setup import DistEnv, wait_for_peers
 from seer_pipeline.models.materialize import load_full_state_, materialize
-from seer_pipeline.models.dino_head import build_dino_model
-from seer_pipeline.models.swav_head import build_model
-from seer_pipeline.train.objective import DINOObjective, SwAVObjective
+from seer_pipeline.models.build import build_for
+from seer_pipeline.train.objective import build_objective
 from seer_pipeline.train.metrics import MetricsLogger, SampleLog, Throughput
 from seer_pipeline.train.optim import (
     LARS,
@@ -128,7 +127,7 @@ class Trainer:
         # Saves hold the BN statistics' mean over ranks; each rank trains on with its own.
         self.bn = RankBNStats([self.model] + ([teacher] if teacher is not None else []),
                               self.rank, self.world)
-        self.ckpt.before_save(lambda: self.bn.average(average_bn_stats))
+        self.ckpt.before_save(lambda: self.bn.average(average_bn_stats), after=self.bn.restore_own)
         self.progress = Progress(self.total, self.global_batch)
         self.throughput = Throughput()
         # Everything a checkpoint holds: one line per component.
@@ -146,12 +145,8 @@ class Trainer:
         use_autocast = c.train.precision == "bf16" and not is_fsdp(self.model)
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_autocast
                          else nullcontext())
-        self.objective = (
-            DINOObjective(c.dino, self.model, teacher, self.autocast, n_prototypes=c.model.n_prototypes,
-                          total_steps=self.total, device=device)
-            if teacher is not None else
-            SwAVObjective(c.swav, self.inner, self.autocast, out_dim=c.model.out_dim, rank=self.rank,
-                          world=self.world, device=device))
+        self.objective = build_objective(c, self.model, teacher, self.autocast, rank=self.rank,
+                                         world=self.world, device=device)
         self.objective.register(self.ckpt)
 
     def _meta_model(self) -> nn.Module:
@@ -159,7 +154,7 @@ class Trainer:
         holds the whole fp32 model (seer_10b: 37 GB). Values are those of the unsharded model
         for the same seed at any world size (models.materialize)."""
         with torch.device("meta"):
-            model = build_dino_model(self.cfg) if self.c.train.objective == "dino" else build_model(self.cfg)
+            model = build_for(self.cfg)
         model.channels_last = self.speed.channels_last
         return model
 
@@ -238,7 +233,6 @@ class Trainer:
                 if stop:
                     return self._preempted(stop)
                 self.ckpt.after_step(self.step, last=self.step >= loop.steps, preempted=False)
-                self.bn.restore_own()
             if resumed is not None and resumed >= loop.steps:  # nothing left to train
                 self.ckpt.after_step(self.step, last=True, preempted=False)
             return 0
@@ -260,7 +254,6 @@ class Trainer:
         log.warning("%s received: saving at step %d before exiting", reason, self.step)
         t0 = time.monotonic()
         self.ckpt.after_step(self.step, last=False, preempted=True)
-        self.bn.restore_own()
         secs = time.monotonic() - t0
         log.warning("preemption save took %.2fs", secs)
         if self.rank == 0:

@@ -24,8 +24,7 @@ from seer_pipeline.checkpoint.layout import (
 from seer_pipeline.config.base import ConfigError, parse_saved_config
 from seer_pipeline.config.train import load_train_config
 from seer_pipeline.core.safe_pickle import UnsafePickleError
-from seer_pipeline.models.dino_head import build_dino_model
-from seer_pipeline.models.swav_head import build_model
+from seer_pipeline.models.build import build_for
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +41,10 @@ def model_for(cfg: Any, which: Optional[str] = None) -> tuple[torch.nn.Module, s
     weights are its teacher's, as DINO evaluates them, or the student's on request."""
     if which not in (None, "teacher", "student"):
         raise ValueError(f"which must be teacher or student, got {which!r}")
-    if cfg.train.objective == "dino":
-        return build_dino_model(cfg), ("model" if which == "student" else "teacher")
-    if which == "teacher":
+    if cfg.train.objective == "swav" and which == "teacher":
         raise CheckpointError("a SwAV run has no teacher (train.objective=swav): leave out --teacher")
-    return build_model(cfg), "model"
+    key = "teacher" if cfg.train.objective == "dino" and which != "student" else "model"
+    return build_for(cfg), key
 
 
 def _read_one(path: Path, meta: dict[str, Any], which: Optional[str] = None) -> tuple[dict, dict, str]:
