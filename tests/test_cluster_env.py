@@ -183,3 +183,33 @@ def test_a_peer_that_stops_answering_reads_as_a_lost_peer(tmp_path) -> None:
 
     got = run_distributed(_peer_stops_answering, 2, str(tmp_path / "done"), timeout=180, pg_timeout_s=2)
     assert got[0].startswith("True RuntimeError: ") and "Timed out" in got[0], got
+
+
+def test_this_ranks_own_io_error_is_not_a_lost_peer() -> None:
+    """An S3 or filesystem error says "connection" or "timed out" too; it is this rank's failure
+    (logged with its traceback), not a dead peer's."""
+    import socket
+
+    from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError
+
+    from seer_pipeline.distributed.setup import peer_lost
+
+    assert peer_lost(RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.0.0.2]:4711"))
+    assert peer_lost(RuntimeError("Connection reset by peer"))
+    assert peer_lost(RuntimeError("Timed out waiting 2000ms for recv operation to complete"))
+    for own in (ConnectionResetError(104, "Connection reset by peer"), socket.timeout("timed out"),
+                TimeoutError("read timed out"), OSError(110, "Connection timed out"),
+                EndpointConnectionError(endpoint_url="http://s3.local:8333"),
+                ConnectTimeoutError(endpoint_url="http://s3.local:8333"),
+                RuntimeError("shard s3://b/shard-000001.tar: read timeout after 3 attempts"),
+                ValueError("bad connection string")):
+        assert not peer_lost(own), own
+    from seer_pipeline.shards.format import ShardReadError
+
+    try:  # a shard read wraps the socket's error, message and all
+        try:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        except OSError as io:
+            raise ShardReadError(f"cannot open shard s3://b/shard-000001.tar: {io}") from io
+    except ShardReadError as e:
+        assert "reset by peer" in str(e) and not peer_lost(e)

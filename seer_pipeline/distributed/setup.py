@@ -235,13 +235,32 @@ def init_distributed(
 # How a collective reports a peer that died or hangs: gloo raises a plain RuntimeError with
 # "Connection reset by peer" / "Connection closed by peer" (a dead process) or "Timed out
 # waiting 20000ms for recv operation" (a peer that stopped answering: a hung rank, a lost node),
-# NCCL and torch's store a DistError subclass.
-_PEER_LOST = ("connection", "timed out", "timeout", "closed by peer", "reset by peer")
+# NCCL and torch's store a DistError subclass. Only those: an OSError (ConnectionError,
+# TimeoutError) comes from this rank's own I/O - an S3 read, a shard on a flaky mount - and
+# must be logged as this rank's failure with its traceback, not blamed on a peer.
+_PEER_LOST = ("closed by peer", "reset by peer", "timed out waiting", "connection refused",
+              "pair closure", "broken pipe")
 
 
 def peer_lost(e: BaseException) -> bool:
     """Whether a collective's exception says another rank died or stopped answering."""
-    return isinstance(e, dist.DistError) or any(k in str(e).lower() for k in _PEER_LOST)
+    if isinstance(e, dist.DistError):
+        return True
+    return (isinstance(e, RuntimeError) and not _io_in_chain(e)
+            and any(k in str(e).lower() for k in _PEER_LOST))
+
+
+def _io_in_chain(e: BaseException) -> bool:
+    # gloo raises from C++ with nothing chained; a shard read that wraps an S3 or socket error
+    # (ShardReadError "... from e") carries that OSError along.
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, OSError):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False
 
 
 def wait_for_peers() -> None:
