@@ -578,3 +578,24 @@ def test_async_saves_stage_into_the_same_pinned_buffers_on_cuda(tmp_path: Path) 
     assert a.device.type == "cpu" and a.is_pinned() and a.data_ptr() == b.data_ptr()
     w.zero_()
     assert ck.restore() == 2 and float(w[0]) == 2.0
+
+
+def test_before_save_changes_are_undone_in_reverse_even_when_the_save_fails(tmp_path: Path) -> None:
+    """What a before-save hook changes for the save (BN means) never outlives it: the `after`s
+    run last-registered first, also when writing the checkpoint raised."""
+    class Boom:
+        def state_dict(self) -> dict:
+            raise OSError(28, "No space left on device")
+
+        def load_state_dict(self, sd: dict) -> None:
+            pass
+
+    calls: list[str] = []
+    ck = Checkpointer(tmp_path / "run", ckpt_config(every=0), rank=0, world_size=1)
+    ck.register("boom", Boom())
+    ck.before_save(lambda: calls.append("a"), after=lambda: calls.append("undo a"))
+    ck.before_save(lambda: calls.append("b"), after=lambda: calls.append("undo b"))
+    with pytest.raises(OSError, match="No space"):
+        ck.save(1)
+    assert calls == ["a", "b", "undo b", "undo a"]
+    assert list_checkpoints(tmp_path / "run") == []

@@ -135,12 +135,12 @@ def _reshard_worker(rank: int, world: int, run: Path, shards: Path, steps: int, 
     extra += ["ckpt.every=4", "ckpt.save_final=false"] if mode == "save" else ["ckpt.every=0"]
     tr = _trainer(rank, world, _cfg(run, shards, *extra))
     out: dict[str, Any] = {}
-    real_save, real_resume = tr.ckpt.save, tr.resume
+    real_resume = tr.resume
 
-    def save(step: int, *args: Any, **kwargs: Any) -> float:  # the checkpointer's one save path
-        t = real_save(step, *args, **kwargs)
+    def saved() -> None:  # inside the save, before the trainer's own values come back
         out["saved_step"], out["saved"] = tr.step, _full_state(tr)
-        return t
+
+    tr.ckpt.before_save(lambda: None, after=saved)
 
     def resume() -> int | None:
         step = real_resume()
@@ -148,7 +148,7 @@ def _reshard_worker(rank: int, world: int, run: Path, shards: Path, steps: int, 
         out["queue_filled"] = int(tr.objective.queue.filled)
         return step
 
-    tr.ckpt.save, tr.resume = save, resume
+    tr.resume = resume
     assert tr.train() == 0
     out["log"] = records
     return out if rank == 0 else {}

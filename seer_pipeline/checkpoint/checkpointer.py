@@ -140,7 +140,8 @@ class Checkpointer:
     def before_save(self, fn: Callable[[], None], after: Callable[[], None] | None = None) -> None:
         """Run `fn` (collective, e.g. averaging BN statistics) on every rank before each save,
         and `after` once the save holds its copy (written, or staged when asynchronous), also
-        when the save failed: what `fn` changed for the save never outlives it."""
+        when the save failed: what `fn` changed for the save never outlives it. The `after`s
+        run in reverse order of registration, so each sees the state its own `fn` left."""
         self._prepare.append((fn, after))
 
     def collect(self) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -236,7 +237,7 @@ class Checkpointer:
                     undo.append(after)
             return self._save(step, state, per_rank, blocking, purge, t0)
         finally:
-            for after in undo:
+            for after in reversed(undo):  # nested: the last change made is the first undone
                 after()
 
     def _save(self, step: int, state: dict[str, Any] | None, per_rank: dict[str, Any] | None,
