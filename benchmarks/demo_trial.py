@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from seer_pipeline.demo.run import OBJECTIVES, Settings, _cmd, _train_cmd  # noqa: E402
-from seer_pipeline.eval.fmnist import _write_png, load_split  # noqa: E402
+from seer_pipeline.eval.fmnist import load_split, write_png  # noqa: E402
 
 VALIDATION = (50_000, 55_000, 60_000)  # train images: probe fit [a, b), probe score [b, c)
 
@@ -41,7 +41,7 @@ def validation_folder(root: Path) -> Path:
     for i in range(a, c):
         d = root / ("train" if i < b else "test") / f"c{labels[i]}"
         d.mkdir(parents=True, exist_ok=True)
-        _write_png(d / f"{i}.png", images[i])
+        write_png(d / f"{i}.png", images[i])
     done.touch()
     return root
 

@@ -85,7 +85,8 @@ def load_split(split: str, root: str | os.PathLike | None = None) -> tuple[np.nd
     return images, labels
 
 
-def _write_png(path: Path, img: np.ndarray) -> None:
+def write_png(path: Path, img: np.ndarray) -> None:
+    """One greyscale image as a PNG, atomically (a killed export leaves no half-written file)."""
     tmp = path.with_name(f".{path.name}.tmp")
     Image.fromarray(img, mode="L").save(tmp, format="PNG")
     os.replace(tmp, path)
@@ -115,7 +116,7 @@ def export_pngs(
         total=len(images), initial=len(images) - len(todo), desc="export png",
         unit="img", disable=not progress,
     ) as bar:
-        for _ in pool.map(lambda t: _write_png(*t), todo, chunksize=256):
+        for _ in pool.map(lambda t: write_png(*t), todo, chunksize=256):
             bar.update(1)
     log.info("exported %d %s images to %s (%d new)", len(images), split, out, len(todo))
     return len(images)

@@ -3,8 +3,9 @@
 Nothing is allocated and nothing is sent: parameters and activations are `FakeTensor`s (shapes,
 dtypes and devices only) and the process group is PyTorch's "fake" backend, which answers every
 collective at any world size from one process. What runs is the product's own code: the
-preset's model (`models.build.build_for`), `parallelize()` with the preset's mesh (full or hybrid), FSDP units,
-AC and dtype policy, the multi-crop forward, the objective's loss (SwAV's `swav_loss` with its Sinkhorn all-reduces), backward,
+preset's model (`models.build.build_for`), `parallelize()` with the preset's mesh (full or
+hybrid), FSDP units, AC and dtype policy, the multi-crop forward, the objective the trainer builds
+(`train.objective.build_objective`; SwAV's loss with its Sinkhorn all-reduces), backward,
 the trainer's flag all-reduce, `LARS.step` with its norm all-reduces, and the checkpoint state dict
 (`average_bn_stats` + `get_state_dict`). `FSDPMemTracker` (the tool torchtitan's memory estimator
 uses) counts the bytes alive per category at the peak.
@@ -16,7 +17,7 @@ Python float (`float(norm)`), which a fake tensor cannot give, so every scalar r
 The model lives on CPU fake tensors with the config's dtype policy (parallelize applies it on every device), so
 SyncBN (CUDA only) is plain BN here: the same parameters and saved tensors.
 
-Both objectives run through the trainer's `build_objective`; a DINO preset's `DINOObjective`: the teacher is built and
+For a DINO preset (train.objective=dino) that is `DINOObjective`: the teacher is built and
 sharded like the student (without gradients), sees the global crops under `no_grad`, and follows
 the student by EMA after the optimizer step; the tracker counts both models (`_PairTracker`).
 """
@@ -38,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from seer_pipeline.config.train import sections
+from seer_pipeline.config.train import schedule_len, sections
 from seer_pipeline.distributed.parallelize import ParallelPlan, build_mesh, parallelize
 from seer_pipeline.models.build import build_for
 from seer_pipeline.models.materialize import local_bytes
@@ -145,8 +146,9 @@ def simulate(cfg: Any, world: int | None = None, local_world: int | None = None,
                 init.update(param_shards=init["param_shards"] + t_init["param_shards"],
                             buffers=init["buffers"] + t_init["buffers"])
             # The trainer's own typed sections and builder: the same objective it runs.
-            objective = build_objective(sections(cfg), model, teacher, nullcontext(), rank=0,
-                                        world=world, device=device)
+            objective = build_objective(sections(cfg), model, teacher, nullcontext(),
+                                        total_steps=schedule_len(cfg), rank=0, world=world,
+                                        device=device)
             tracker = (FSDPMemTracker(model, optimizer) if teacher is None
                        else _PairTracker(model, teacher, optimizer))
             with tracker:

@@ -156,14 +156,16 @@ class DINOObjective:
 
 
 def build_objective(c: TrainConfig, model: nn.Module, teacher: nn.Module | None,
-                    autocast: AbstractContextManager, *, rank: int, world: int,
+                    autocast: AbstractContextManager, *, total_steps: int, rank: int, world: int,
                     device: torch.device) -> SwAVObjective | DINOObjective:
     """The objective `train.objective` names, as the trainer and `seer-plan --simulate` both run
-    it. `model`: the parallelized student; `teacher`: DINO's (built like it), None for SwAV."""
+    it. `model`: the parallelized student; `teacher`: DINO's (built like it), None for SwAV;
+    `total_steps`: the lr schedule's length (config.train.schedule_len), which DINO's momentum
+    schedule follows."""
     if c.train.objective == "dino":
         if teacher is None:
             raise ValueError("train.objective=dino needs its teacher")
         return DINOObjective(c.dino, model, teacher, autocast, n_prototypes=c.model.n_prototypes,
-                             total_steps=c.optim.total_steps or c.train.steps, device=device)
+                             total_steps=total_steps, device=device)
     return SwAVObjective(c.swav, unwrap(model), autocast, out_dim=c.model.out_dim, rank=rank,
                          world=world, device=device)

@@ -33,7 +33,7 @@ from seer_pipeline.checkpoint.checkpointer import Checkpointer
 from seer_pipeline.config.base import parse_saved_config, save_config
 from seer_pipeline.core.exit_codes import PREEMPTED
 from seer_pipeline.core.requeue import OPERATOR_STOP, requeue_job
-from seer_pipeline.config.train import TrainConfig, check_resume_compatible, sections
+from seer_pipeline.config.train import TrainConfig, check_resume_compatible, schedule_len, sections
 from seer_pipeline.data.loader import build_loader
 from seer_pipeline.distributed.parallelize import (
     ParallelPlan,
@@ -117,7 +117,7 @@ class Trainer:
         self.loader = build_loader(dataclasses.replace(c.data, pin_memory=self.speed.pin_memory),
                                    self.rank, self.world)
         self.global_batch = c.data.batch_size * self.world
-        self.total = c.optim.total_steps or c.train.steps
+        self.total = schedule_len(cfg)
         self.schedule = lr_schedule(
             peak=peak_lr(c.optim.base_lr, self.global_batch), total_steps=self.total,
             warmup_steps=c.optim.warmup_steps, warmup_start=c.optim.warmup_start_lr,
@@ -145,8 +145,8 @@ class Trainer:
         use_autocast = c.train.precision == "bf16" and not is_fsdp(self.model)
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_autocast
                          else nullcontext())
-        self.objective = build_objective(c, self.model, teacher, self.autocast, rank=self.rank,
-                                         world=self.world, device=device)
+        self.objective = build_objective(c, self.model, teacher, self.autocast, total_steps=self.total,
+                                         rank=self.rank, world=self.world, device=device)
         self.objective.register(self.ckpt)
 
     def _meta_model(self) -> nn.Module:
