@@ -217,13 +217,15 @@ def test_ctrl_c_under_slurm_is_an_operator_stop_not_requeued(tmp_path: Path, sco
     assert requeue_job(tmp_path, 5, 20, "SIGTERM")  # the scheduler's signal still requeues
 
 
-@pytest.mark.parametrize("state,restarts,requeued", [
-    ("RUNNING", "0", True),  # a signal to a running job (USR2 before the time limit, TERM)
-    ("COMPLETING", "1", True),  # `scontrol requeue`: SLURM requeues it already (Restarts 0 -> 1)
-    ("COMPLETING", "0", False),  # `scancel`: the owner cancelled it; it must not come back
+@pytest.mark.parametrize("state,restarts,requeued,runs_scontrol", [
+    ("RUNNING", "0", True, True),  # a signal to a running job (USR2 before the time limit, TERM)
+    # `scontrol requeue` or a preemption: SLURM requeues it already (Restarts 0 -> 1); a second
+    # `scontrol requeue` would fail ("Job is pending execution") and was logged as an error.
+    ("COMPLETING", "1", True, False),
+    ("COMPLETING", "0", False, False),  # `scancel`: the owner cancelled it; it must not come back
 ])
 def test_requeue_refused_for_a_cancelled_job(tmp_path: Path, monkeypatch, state: str, restarts: str,
-                                             requeued: bool) -> None:
+                                             requeued: bool, runs_scontrol: bool) -> None:
     """Found by the chaos soak (seed 1): `scancel` sends the tasks the same SIGTERM as a
     preemption, and the trainer requeued the job its owner had just cancelled."""
     bin_dir = tmp_path / "bin"
@@ -238,9 +240,10 @@ def test_requeue_refused_for_a_cancelled_job(tmp_path: Path, monkeypatch, state:
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)  # the job's first run
     assert requeue_job(tmp_path, 5, 10, "SIGTERM") is requeued
-    assert ("requeue 4242" in log.read_text().splitlines()) is requeued
+    assert ("requeue 4242" in log.read_text().splitlines()) is runs_scontrol
     data = json.loads((tmp_path / "requeues.json").read_text())
     assert data["count"] == int(requeued) and data["history"][0].get("cancelled", False) is not requeued
+    assert data["history"][0].get("by_scheduler", False) is (requeued and not runs_scontrol)
 
 
 def _bn_save_and_resume(rank: int, world: int, run_dir: str) -> dict[str, list[torch.Tensor]]:

@@ -1,7 +1,9 @@
 """The streaming loader: split, once-per-epoch, determinism, exact resume, reshaped resume."""
 from __future__ import annotations
 
+import os
 import random
+import signal
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -250,3 +252,46 @@ def test_brace_patterns() -> None:
     assert braceexpand("s-{008..010}.tar") == ["s-008.tar", "s-009.tar", "s-010.tar"]
     assert braceexpand("{a,b}-{1..2}") == ["a-1", "a-2", "b-1", "b-2"]
     assert [s.path for s in expand_pattern("d/{0..1}.tar, e/x.tar")] == ["d/0.tar", "d/1.tar", "e/x.tar"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR2, signal.SIGINT])
+def test_a_worker_signalled_while_it_starts_survives(shards: str, monkeypatch: pytest.MonkeyPatch,
+                                                     signum: int) -> None:
+    """SLURM's preemption signals every process of a task, loader workers included. A worker hit
+    after torch installed its own SIGTERM handler (which kills the worker unless the parent sent
+    it) and before worker_init_fn ignored the signals died, the rank failed without its save and
+    the requeued job resumed from the save before (CI, test_slurm, seed-free). The loader starts
+    a worker at each epoch, so a run meets this window once per epoch per worker; here the
+    window is held open and the signal sent inside it."""
+    import multiprocessing as mp
+    import threading
+    import time
+
+    from seer_pipeline.train.signals import PreemptionFlag
+
+    in_window = mp.Event()
+
+    def slow_thread_name(name: str) -> None:  # the worker's next call after torch's handlers
+        in_window.set()
+        time.sleep(1.0)
+
+    monkeypatch.setattr(torch.multiprocessing, "_set_thread_name", slow_thread_name)
+    sent: list[int] = []
+
+    def scheduler() -> None:
+        if in_window.wait(60):
+            for child in mp.active_children():
+                os.kill(child.pid, signum)
+                sent.append(child.pid)
+
+    flag = PreemptionFlag()
+    flag.install()  # as in the trainer: the rank's own process records the signal
+    try:
+        killer = threading.Thread(target=scheduler)
+        killer.start()
+        got = take(build_loader(cfg(shards, workers=1), 0, 1), 2)
+        killer.join()
+    finally:
+        flag.restore()
+    assert sent, "the worker never reached the window"
+    assert len(got) == 2 and not flag.local  # the worker's signal is not the rank's

@@ -242,6 +242,8 @@ def test_scontrol_requeue_saves_requeues_and_resumes_exactly(
     _assert_resumed_bitwise(run, reference_losses)
     st = run_status(run)
     assert st["state"] == "COMPLETED" and st["checkpoint_step"] == STEPS and st["slurm_restarts"] == 1
+    rq = read_requeues(run)  # SLURM requeued it: booked as the scheduler's, no second scontrol
+    assert rq["count"] == 1 and rq["history"][-1]["by_scheduler"] is True, rq
 
 
 def test_usr2_timeout_signal_saves_requeues_and_resumes_exactly(

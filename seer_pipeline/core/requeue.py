@@ -72,27 +72,35 @@ def scontrol_requeue(job_id: str) -> tuple[bool, str]:
     return res.returncode == 0, res.stderr.strip()
 
 
-def cancelled(job_id: str) -> bool:
-    """Whether `scancel` ended this job. Its tasks then get the SIGTERM a preemption sends
-    (`scontrol requeue` too), but the job has left RUNNING while its restart count is still the
-    one this run started with (SLURM_RESTART_COUNT): SLURM is not requeueing it. Requeueing it
-    would bring back a job its owner cancelled (found by the chaos soak, seed 1). No answer from
-    slurmctld counts as not cancelled: a preemption must still requeue."""
+def slurm_fate(job_id: str) -> str:
+    """What SLURM is doing with this job, seen from one of its tasks after a SIGTERM.
+
+    "cancelled": `scancel` ended it. Its tasks get the SIGTERM a preemption sends, but the job
+    left RUNNING while its restart count is still the one this run started with
+    (SLURM_RESTART_COUNT): SLURM is not requeueing it, and requeueing it would bring back a job
+    its owner cancelled (found by the chaos soak, seed 1).
+    "requeued": the scheduler requeues it already (preemption, `scontrol requeue`): it left
+    RUNNING and its restart count moved on (measured on the local SLURM: COMPLETING, Restarts
+    0 -> 1). A second `scontrol requeue` then fails with "Job is pending execution".
+    "": running, or no answer from slurmctld: a preemption must still requeue."""
     try:
         res = subprocess.run(["scontrol", "-o", "show", "job", str(job_id)], capture_output=True,
                              text=True, timeout=_SCONTROL_TIMEOUT_S)
     except (OSError, subprocess.SubprocessError):
-        return False
+        return ""
     fields = dict(re.findall(r"(\w+)=(\S*)", res.stdout))
-    state = fields.get("JobState", "")
-    if res.returncode != 0 or not state or "Restarts" not in fields:
-        return False
-    return state != "RUNNING" and fields["Restarts"] == os.environ.get("SLURM_RESTART_COUNT", "0")
+    state, restarts = fields.get("JobState", ""), fields.get("Restarts", "")
+    if res.returncode != 0 or not state or not restarts.isdigit() or state == "RUNNING":
+        return ""
+    own = os.environ.get("SLURM_RESTART_COUNT", "0")
+    if restarts == own:
+        return "cancelled"
+    return "requeued" if own.isdigit() and int(restarts) > int(own) else ""
 
 
 def requeue_job(run_dir: str | os.PathLike, max_requeues: int, step: int, reason: str) -> bool:
     """Under SLURM, `scontrol requeue` this job unless `max_requeues` is used up, `reason` is
-    OPERATOR_STOP or the job was cancelled; booked either way."""
+    OPERATOR_STOP, the job was cancelled or SLURM requeues it already; booked either way."""
     job = os.environ.get("SLURM_JOB_ID")
     if not job:
         log.info("not under SLURM: exiting after the save; re-run the same command to resume")
@@ -104,11 +112,17 @@ def requeue_job(run_dir: str | os.PathLike, max_requeues: int, step: int, reason
                     "stop); re-run the same command to resume", reason, step, job)
         book_requeue(run_dir, entry, requeued=False)
         return False
-    if cancelled(job):
+    fate = slurm_fate(job)
+    if fate == "cancelled":
         log.warning("job %s was cancelled (scancel): saved step %d, not requeueing; submit again "
                     "to continue", job, step)
         book_requeue(run_dir, {**entry, "cancelled": True}, requeued=False)
         return False
+    if fate == "requeued":  # counted: the cap is on timeouts and preemptions alike
+        data = book_requeue(run_dir, {**entry, "by_scheduler": True}, requeued=True)
+        log.warning("saved step %d; SLURM is requeueing job %s itself (%d of %d)", step, job,
+                    data["count"], max_requeues)
+        return True
     if count >= max_requeues:
         log.error("requeue cap reached (%d of slurm.max_requeues=%d): not requeueing job %s; "
                   "resubmit by hand to continue from step %d", count, max_requeues, job, step)

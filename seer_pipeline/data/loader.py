@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Optional
 
 import torch
@@ -29,13 +30,33 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 
 
+# SLURM signals every process of a task on preemption (SIGTERM on `scontrol requeue`, SIGUSR2
+# from --signal, SIGINT from a forwarded Ctrl-C). The rank's main process saves and stops; a worker
+# killed by one would fail the rank before it could save, so workers ignore them.
+_PREEMPTION_SIGNALS = frozenset({signal.SIGTERM, signal.SIGUSR2, signal.SIGINT})
+
+
+@contextmanager
+def _workers_born_deaf() -> Iterator[None]:
+    """Start DataLoader workers with the preemption signals blocked: a child inherits the mask.
+
+    Ignoring them in worker_init_fn alone left a window: torch installs its own SIGTERM handler
+    first (it kills the worker unless its parent sent the signal), and a preemption landing
+    between the two killed the worker, the rank failed without its save and the requeued job
+    resumed from the save before (a 2-rank SLURM test in CI; tests/test_loader.py holds the
+    window open). Blocked, the signal stays pending until worker_init_fn ignores it. The
+    parent's own signal waits out the workers' start (milliseconds) and is delivered after."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _PREEMPTION_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _workers_ignore_preemption(worker_id: int) -> None:
-    """SLURM signals every process of a task on preemption (SIGTERM on `scontrol requeue`, SIGUSR2
-    from --signal). The rank's main process saves and stops; a worker killed by the signal would
-    crash the rank before it could save, so workers ignore both (added by the launch engineer)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the main process saves (train.signals)
+    for s in _PREEMPTION_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _PREEMPTION_SIGNALS)  # a pending one is dropped
 
 
 def _shutdown(source: Any) -> None:
@@ -148,10 +169,12 @@ class MultiCropLoader:
                 if self.cfg.workers == 0:
                     source: Any = iter(ds)
                 else:
-                    source = iter(DataLoader(ds, batch_size=None, num_workers=self.cfg.workers,
-                                             prefetch_factor=self.cfg.prefetch_factor,
-                                             pin_memory=self.cfg.pin_memory, timeout=self.cfg.timeout_s,
-                                             worker_init_fn=_workers_ignore_preemption))
+                    with _workers_born_deaf():
+                        source = iter(DataLoader(ds, batch_size=None, num_workers=self.cfg.workers,
+                                                 prefetch_factor=self.cfg.prefetch_factor,
+                                                 pin_memory=self.cfg.pin_memory,
+                                                 timeout=self.cfg.timeout_s,
+                                                 worker_init_fn=_workers_ignore_preemption))
                 try:
                     for _ in range(left):
                         try:
