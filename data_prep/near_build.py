@@ -128,10 +128,11 @@ def merge_plan(mans: Sequence[tuple[str, dict]], state: str, workers: int = 1) -
 
     where, sigs, px, srcs = [], [], [], []
     for p, man in mans:
+        part = os.path.abspath(p)  # one string per part, not one per sample (10^7 of them)
         for shard, src, sig, meta in _shard_signatures(p, man):
             if sig is None:  # undecodable sample: kept, never compared (verify reports it)
                 continue
-            where.append((os.path.abspath(p), shard, meta["key"]))
+            where.append((part, shard, meta["key"]))
             sigs.append(sig)
             px.append(int(meta.get("orig_width") or 0) * int(meta.get("orig_height") or 0))
             srcs.append(src)

@@ -266,3 +266,38 @@ def test_near_merge_with_workers_equals_one_process(dump: Path, tmp_path: Path, 
         merge(copies, str(tmp_path / f"m{w}"), workers=w)
     assert (tmp_path / "m1" / "skipped.tsv").read_text() == (tmp_path / "m2" / "skipped.tsv").read_text()
     assert sorted(j["source"] for j in _jsons(tmp_path / "m1")) == sorted(j["source"] for j in _jsons(tmp_path / "m2"))
+
+
+def test_groups_are_the_connected_components_in_order() -> None:
+    """groups() keeps only images that have an edge; against a breadth-first search over the
+    whole graph (every image a node): same components, ordered by smallest member."""
+    import random
+    from collections import deque
+
+    from data_prep import near
+
+    rng = random.Random(7)
+    for _ in range(200):
+        n = rng.randint(1, 80)
+        edges = [(rng.randrange(n), rng.randrange(n), rng.randrange(9)) for _ in range(rng.randint(0, 2 * n))]
+        adj: dict[int, set[int]] = {x: set() for x in range(n)}
+        for i, j, _ in edges:
+            adj[i].add(j)
+            adj[j].add(i)
+        seen, want = set(), []
+        for x in range(n):
+            if x in seen:
+                continue
+            comp, todo = [], deque([x])
+            seen.add(x)
+            while todo:
+                y = todo.popleft()
+                comp.append(y)
+                for z in adj[y] - seen:
+                    seen.add(z)
+                    todo.append(z)
+            if len(comp) > 1:
+                want.append(sorted(comp))
+        assert near.groups(n, edges) == want
+    with pytest.raises(IndexError):
+        near.groups(3, [(0, 3, 1)])
