@@ -23,8 +23,6 @@ Scale: --scale synthetic whole-image hashes (uniform random) indexed by data_pre
 in a child process, queried with --scale-queries planted copies 0-3 bits away: index time,
 per-query time, peak RSS, planted copies found; a full grouping (PARTS queries per image) is
 projected from the per-query time.
-Grouping: --groups-scale N times only the union-find (near.groups) over N images of which a
-hundredth are pairs of copies, in a fresh process: wall and peak RSS (the search is not run).
 The last line of output is JSON.
 """
 from __future__ import annotations
@@ -222,27 +220,6 @@ print(json.dumps({"n": n, "workers": workers, "wall_s": time.time() - t,
 """
 
 
-_GROUPS = r"""
-import json, resource, sys, time
-sys.path.insert(0, sys.argv[2])
-from data_prep import near
-n = int(sys.argv[1])
-edges = [(i, i + 1, 1) for i in range(0, n // 50 * 2, 2)]  # n/100 pairs: a 1% copy rate
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-t = time.time()
-found = near.groups(n, edges)
-print(json.dumps({"n": n, "edges": len(edges), "groups": len(found), "wall_s": time.time() - t,
-                  "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                  "rss_before_gib": base / 2**20}))
-"""
-
-
-def groups_scale(n: int) -> dict:
-    """near.groups over n images with n/100 copy pairs, in a fresh process."""
-    p = subprocess.run([sys.executable, "-c", _GROUPS, str(n), str(REPO)], capture_output=True, text=True)
-    return json.loads(p.stdout.splitlines()[-1]) if p.returncode == 0 else {"n": n, "error": p.stderr[-500:]}
-
-
 def merge_scale(n: int, workers: list[int]) -> list[dict]:
     """merge's near pass (near.dedup) on n synthetic signatures at each worker count, each in a
     fresh process; the drop maps must be identical (drop_sha1)."""
@@ -267,12 +244,7 @@ def main() -> None:
     ap.add_argument("--merge-scale", type=int, default=0,
                     help="only time merge's near pass on this many synthetic signatures (0: the full benchmark)")
     ap.add_argument("--merge-workers", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--groups-scale", type=int, default=0,
-                    help="only time the union-find over this many images (0: the full benchmark)")
     a = ap.parse_args()
-    if a.groups_scale:
-        print(json.dumps({"groups_scale": groups_scale(a.groups_scale)}))
-        return
     if a.merge_scale:
         print(json.dumps({"merge_scale": merge_scale(a.merge_scale, a.merge_workers)}))
         return

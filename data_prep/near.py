@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import io
 import logging
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -110,9 +110,18 @@ def signature_of_bytes(data: bytes) -> Optional[str]:
         return None
 
 
-def codes(sigs: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(whole, all): uint8 arrays of shape (n, 8) and (n * PARTS, 8) from hex signatures."""
-    raw = np.frombuffer(bytes.fromhex("".join(sigs)), dtype=np.uint8) if sigs else np.zeros(0, np.uint8)
+Signatures = Union[Sequence[str], np.ndarray]  # hex strings, or their bytes as uint8 rows
+
+
+def codes(sigs: Signatures) -> tuple[np.ndarray, np.ndarray]:
+    """(whole, all): uint8 arrays of shape (n, 8) and (n * PARTS, 8) from hex signatures, or
+    from an (n, PARTS * 8) uint8 array of their bytes (a merge's millions of signatures)."""
+    if isinstance(sigs, np.ndarray):
+        if sigs.dtype != np.uint8 or sigs.ndim != 2 or sigs.shape[1] != PARTS * 8:
+            raise ValueError(f"signature rows must be uint8 of width {PARTS * 8}, not {sigs.dtype} {sigs.shape}")
+        raw = sigs
+    else:
+        raw = np.frombuffer(bytes.fromhex("".join(sigs)), dtype=np.uint8) if sigs else np.zeros(0, np.uint8)
     raw = raw.reshape(-1, PARTS, 8)
     return np.ascontiguousarray(raw[:, 0]), np.ascontiguousarray(raw.reshape(-1, 8))
 
@@ -174,7 +183,7 @@ def _search(idx: Any, q: np.ndarray, threshold: int) -> tuple[np.ndarray, np.nda
     return rows, ids.astype(np.int64), dist.astype(np.int64)
 
 
-def pairs(a: Sequence[str], b: Optional[Sequence[str]] = None,
+def pairs(a: Signatures, b: Optional[Signatures] = None,
           threshold: int = THRESHOLD, workers: int = 1) -> list[tuple[int, int, int]]:
     """Near-duplicate pairs (i in a, j in b, distance): within `a` (i < j) when `b` is None.
     Above FLAT_MAX codes, `workers` > 1 share the search out by hash-prefix buckets
@@ -249,7 +258,7 @@ def keeper(members: Sequence[int], pixels: Sequence[int], sources: Sequence[str]
     return min(members, key=lambda k: (-pixels[k], sources[k], k))
 
 
-def dedup(sigs: Sequence[str], pixels: Sequence[int], sources: Sequence[str], workers: int = 1) -> dict[int, int]:
+def dedup(sigs: Signatures, pixels: Sequence[int], sources: Sequence[str], workers: int = 1) -> dict[int, int]:
     """{dropped row: kept row} over one set of images."""
     drop: dict[int, int] = {}
     for g in groups(len(sigs), pairs(sigs, workers=workers)):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from array import array
 from typing import Any, Iterator, Optional, Sequence
 
 from data_prep.images import read_source
@@ -92,26 +93,31 @@ def manifest_entry() -> dict:
 def shard_set_signatures(d: str) -> Iterator[tuple[str, Optional[str], dict]]:
     """(source, signature, sample json) per sample of a shard set; the signature comes from the
     json (built with --dedup near) or, for older sets, from decoding the stored JPEG."""
-    for _, src, sig, meta in _shard_signatures(d, fmt.load_manifest(d)):
+    for _, _, src, sig, meta in _shard_signatures(d, fmt.load_manifest(d)):
         yield src, sig, meta
 
 
-def _shard_signatures(d: str, man: dict) -> Iterator[tuple[str, str, Optional[str], dict]]:
-    """(shard name, source, signature, json with `key`) per sample, in the manifest's order."""
+def _shard_signatures(d: str, man: dict) -> Iterator[tuple[str, int, str, Optional[str], dict]]:
+    """(shard name, index in the shard, source, signature, json with `key`) per sample, in the
+    manifest's order."""
     from data_prep import near  # numpy and faiss: loaded only by near-duplicate builds
 
     for e in man["shards"]:
-        for _, key, s in fmt.read_samples(os.path.join(d, e["name"])):
+        for i, key, s in fmt.read_samples(os.path.join(d, e["name"])):
             try:
                 meta = json.loads((s or {}).get("json", b"{}"))
             except ValueError:
                 meta = {}
             meta = meta if isinstance(meta, dict) else {}
             meta.setdefault("key", key)
-            sig = meta.get("phash") if isinstance(meta.get("phash"), str) and len(meta["phash"]) == 16 * near.PARTS else None
-            if sig is None:
+            sig = meta.get("phash")
+            if not _is_signature(sig, 16 * near.PARTS):  # absent (older sets) or damaged: recompute
                 sig = near.signature_of_bytes((s or {}).get("jpg", b""))
-            yield e["name"], fmt.unescape_name(str(meta.get("source", key))), sig, meta
+            yield e["name"], i, fmt.unescape_name(str(meta.get("source", key))), sig, meta
+
+
+def _is_signature(sig: Any, length: int) -> bool:
+    return isinstance(sig, str) and len(sig) == length and all(c in "0123456789abcdefABCDEF" for c in sig)
 
 
 def merge_plan(mans: Sequence[tuple[str, dict]], state: str, workers: int = 1) -> dict:
@@ -124,26 +130,37 @@ def merge_plan(mans: Sequence[tuple[str, dict]], state: str, workers: int = 1) -
     {"replace": {"<part>/<shard>": {path, count, bytes, sha256}}, "skipped": [[source, reason,
     duplicate_of]], "dropped": n}. Rerunning it gives the same files: the rule is a pure function.
     """
+    import numpy as np  # numpy: loaded only by near-duplicate merges, like data_prep.near
+
     from data_prep import near  # numpy and faiss: loaded only by near-duplicate builds
 
-    where, sigs, px, srcs = [], [], [], []
+    # Per sample, columns rather than Python objects (a merge holds every part's samples): the
+    # signature's 48 bytes, its shard (an index into `shards`), its index in that shard, its
+    # pixel count; only the source stays a string (the keeper rule and the report need it).
+    shards: list[tuple[str, str]] = []  # (absolute part folder, shard name)
+    raw, shard_of, index, px = bytearray(), array("l"), array("l"), array("q")
+    srcs: list[str] = []
     for p, man in mans:
-        part = os.path.abspath(p)  # one string per part, not one per sample (10^7 of them)
-        for shard, src, sig, meta in _shard_signatures(p, man):
+        part = os.path.abspath(p)
+        for shard, i, src, sig, meta in _shard_signatures(p, man):
             if sig is None:  # undecodable sample: kept, never compared (verify reports it)
                 continue
-            where.append((part, shard, meta["key"]))
-            sigs.append(sig)
+            if not shards or shards[-1] != (part, shard):
+                shards.append((part, shard))
+            raw += bytes.fromhex(sig)
+            shard_of.append(len(shards) - 1)
+            index.append(i)
             px.append(int(meta.get("orig_width") or 0) * int(meta.get("orig_height") or 0))
             srcs.append(src)
-    drop = near.dedup(sigs, px, srcs, workers)  # workers: hash-prefix buckets (data_prep.near_buckets)
-    by_shard: dict[tuple[str, str], set[str]] = {}
+    codes = np.frombuffer(raw, dtype=np.uint8).reshape(len(srcs), near.PARTS * 8)  # no copy
+    drop = near.dedup(codes, px, srcs, workers)  # workers: hash-prefix buckets (data_prep.near_buckets)
+    by_shard: dict[tuple[str, str], set[int]] = {}
     for d in drop:
-        by_shard.setdefault(where[d][:2], set()).add(where[d][2])
+        by_shard.setdefault(shards[shard_of[d]], set()).add(index[d])
     replace = {}
-    for (p, shard), keys in sorted(by_shard.items()):
+    for (p, shard), gone in sorted(by_shard.items()):
         dst = os.path.join(state, f"near-{len(replace):06d}.tar")
-        kept = ((k, s["jpg"], s["json"]) for _, k, s in fmt.read_samples(os.path.join(p, shard)) if k not in keys)
+        kept = ((k, s["jpg"], s["json"]) for i, k, s in fmt.read_samples(os.path.join(p, shard)) if i not in gone)
         count, nbytes, sha = fmt.write_shard(dst, kept)
         replace[f"{p}/{shard}"] = {"path": dst, "count": count, "bytes": nbytes, "sha256": sha}
     skipped = [[srcs[d], "near_duplicate", srcs[k]] for d, k in sorted(drop.items(), key=lambda dk: srcs[dk[0]])]

@@ -118,9 +118,11 @@ def test_second_ctrl_c_aborts_at_once(tiny_shards: Path, tmp_path: Path) -> None
 def test_ctrl_c_during_shard_build_is_one_line(photo_dir: Path, tmp_path: Path) -> None:
     photos = sorted(p for p in photo_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     # The same photos listed many times: every line is read, hashed and decoded (the duplicates
-    # are found after that), so the build runs long enough to be interrupted.
+    # are found after that), so the build runs long enough to be interrupted: 4,800 lines took
+    # 3.3 s on a quiet box, and a fixed 4 s wait let the build finish first; 48,000 take ~30 s,
+    # and the signal goes once the build has opened its index.
     lst = tmp_path / "list.txt"
-    lst.write_text("".join(f"{p}\n" for _ in range(400) for p in photos))
+    lst.write_text("".join(f"{p}\n" for _ in range(4000) for p in photos))
     out_dir = tmp_path / "shards"
     proc = subprocess.Popen(
         [sys.executable, "-m", "data_prep.cli", "build", str(lst), "--out", str(out_dir),
@@ -128,7 +130,10 @@ def test_ctrl_c_during_shard_build_is_one_line(photo_dir: Path, tmp_path: Path) 
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         preexec_fn=_as_from_a_terminal)
     try:
-        time.sleep(4)
+        deadline = time.monotonic() + 60
+        while not (out_dir / ".seer-shards").is_dir() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)  # into the scan, with the workers running
         assert proc.poll() is None, "the build finished before it could be interrupted"
         os.killpg(proc.pid, signal.SIGINT)
         out, err = proc.communicate(timeout=60)

@@ -301,3 +301,24 @@ def test_groups_are_the_connected_components_in_order() -> None:
         assert near.groups(n, edges) == want
     with pytest.raises(IndexError):
         near.groups(3, [(0, 3, 1)])
+
+
+@pytest.mark.parametrize("damage", ["z" * 96, "ab" * 47, 12345, None], ids=["not-hex", "short", "number", "null"])
+def test_a_damaged_stored_signature_is_recomputed_not_fatal(dump: Path, tmp_path: Path, damage: object) -> None:
+    """A set's `phash` comes from its json, written by the builder; a hand-edited or damaged one
+    (not hex, short, not a string) was taken as is and `bytes.fromhex` failed deep in a merge
+    or a contamination check. Now it is recomputed from the stored image, as for older sets."""
+    from data_prep import near, near_build
+
+    out = tmp_path / "o"
+    build_shards([str(dump)], out, dedup="near", workers=1)
+    first = fmt.load_manifest(str(out))["shards"][0]["name"]
+    samples = list(fmt.read_samples(str(out / first)))
+    meta = json.loads(samples[0][2]["json"])
+    meta["phash"] = damage
+    fmt.write_shard(str(out / first), [(k, s["jpg"], json.dumps(meta).encode() if i == 0 else s["json"])
+                                       for i, k, s in samples])
+    got = {src: sig for src, sig, _ in near_build.shard_set_signatures(str(out))}
+    assert len(got) == sum(e["count"] for e in fmt.load_manifest(str(out))["shards"])
+    assert got[meta["source"]] == near.signature_of_bytes(samples[0][2]["jpg"])
+    assert len(near.codes(list(got.values()))[0]) == len(got)  # every signature is usable

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -27,6 +28,9 @@ REQUEUES = "requeues.json"
 # stopping the run: it saves and ends like a preemption, but is never requeued, which would start
 # it again behind the operator's back. SIGTERM and SIGUSR2 are the scheduler's: requeued.
 OPERATOR_STOP = "SIGINT"
+# The signals that stop a run with a save, in one place: the trainer's handlers take them
+# (train.signals) and loader workers are started deaf to them (data.loader).
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 # `scontrol` talks to slurmctld; a hung controller must not hang a preemption save's exit.
 _SCONTROL_TIMEOUT_S = 60.0
 

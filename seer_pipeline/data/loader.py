@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from seer_pipeline.config.crops import CROP_PRESETS
 from seer_pipeline.config.data import DataConfig
+from seer_pipeline.core.requeue import STOP_SIGNALS
 from seer_pipeline.data.augment import MultiCrop, pil_flavour
 from seer_pipeline.data.order import epoch_runs, remainder, runs_len, shuffle_order
 from seer_pipeline.shards.reader import resolve_shards
@@ -33,7 +34,6 @@ STATE_VERSION = 1
 # SLURM signals every process of a task on preemption (SIGTERM on `scontrol requeue`, SIGUSR2
 # from --signal, SIGINT from a forwarded Ctrl-C). The rank's main process saves and stops; a worker
 # killed by one would fail the rank before it could save, so workers ignore them.
-_PREEMPTION_SIGNALS = frozenset({signal.SIGTERM, signal.SIGUSR2, signal.SIGINT})
 
 
 @contextmanager
@@ -46,7 +46,7 @@ def _workers_born_deaf() -> Iterator[None]:
     resumed from the save before (a 2-rank SLURM test in CI; tests/test_loader.py holds the
     window open). Blocked, the signal stays pending until worker_init_fn ignores it. The
     parent's own signal waits out the workers' start (milliseconds) and is delivered after."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _PREEMPTION_SIGNALS)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
     finally:
@@ -54,9 +54,9 @@ def _workers_born_deaf() -> Iterator[None]:
 
 
 def _workers_ignore_preemption(worker_id: int) -> None:
-    for s in _PREEMPTION_SIGNALS:
+    for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _PREEMPTION_SIGNALS)  # a pending one is dropped
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # a pending one is dropped
 
 
 def _shutdown(source: Any) -> None:

@@ -17,9 +17,10 @@ from types import FrameType
 from typing import Any, Callable
 
 from seer_pipeline.core.exit_codes import INTERRUPTED
+from seer_pipeline.core.requeue import STOP_SIGNALS
+
 log = logging.getLogger(__name__)
 
-HANDLED_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 # Ctrl-C is a preemption too (save at the next step, exit 75); a second one aborts at once.
 # 130 = 128 + SIGINT, what a shell reports for a process stopped by Ctrl-C.
 
@@ -43,10 +44,10 @@ class PreemptionFlag:
 
     def install(self) -> None:
         """Install the handlers (overriding e.g. submitit's), remembering the old ones."""
-        for s in HANDLED_SIGNALS:
+        for s in STOP_SIGNALS:
             self._previous[s] = signal.signal(s, self._handler)
         log.info("preemption handlers installed for %s",
-                 ", ".join(signal.Signals(s).name for s in HANDLED_SIGNALS))
+                 ", ".join(signal.Signals(s).name for s in STOP_SIGNALS))
 
     def restore(self) -> None:
         for s, h in self._previous.items():
@@ -72,6 +73,6 @@ def forward_signals(targets: Callable[[], list[Any]]) -> dict[int, Any]:
                 pass
 
     old = {}
-    for s in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
+    for s in STOP_SIGNALS:
         old[s] = signal.signal(s, handler)
     return old
