@@ -31,11 +31,6 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 
 
-# SLURM signals every process of a task on preemption (SIGTERM on `scontrol requeue`, SIGUSR2
-# from --signal, SIGINT from a forwarded Ctrl-C). The rank's main process saves and stops; a worker
-# killed by one would fail the rank before it could save, so workers ignore them.
-
-
 @contextmanager
 def _workers_born_deaf() -> Iterator[None]:
     """Start DataLoader workers with the preemption signals blocked: a child inherits the mask.
@@ -54,6 +49,9 @@ def _workers_born_deaf() -> Iterator[None]:
 
 
 def _workers_ignore_preemption(worker_id: int) -> None:
+    """SLURM signals every process of a task on preemption (SIGTERM on `scontrol requeue`, SIGUSR2
+    from --signal, SIGINT from a forwarded Ctrl-C). The rank's main process saves and stops; a
+    worker killed by one would fail the rank before it could save, so workers ignore them."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # a pending one is dropped
