@@ -103,6 +103,36 @@ def start_server(data_dir: Path, timeout_s: float = 60.0, idle_timeout_s: Option
     raise RuntimeError(f"weed S3 did not answer within {timeout_s}s: {log.read_text()[-2000:]}")
 
 
+def _close_wait_sockets(port: int) -> int:
+    """Server-side sockets on `port` whose client is gone (CLOSE_WAIT) but whose request the
+    server has not finished: the kernel still delivers what a killed client had sent."""
+    n = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            local, _, state = line.split()[1:4]
+            if int(local.rsplit(":", 1)[1], 16) == port and state == "08":
+                n += 1
+    return n
+
+
+def wait_for_killed_clients(endpoint: str, timeout_s: float = 60.0) -> None:
+    """Return once the server has finished every request of a client killed with SIGKILL.
+
+    A PUT whose bytes were sent before the kill still lands, after the client is gone (S3 would do
+    the same): a test that reads the store's state right after the kill can see it change later.
+    """
+    port = int(endpoint.rsplit(":", 1)[1])
+    deadline = time.monotonic() + timeout_s
+    while (n := _close_wait_sockets(port)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if n:
+        raise TimeoutError(f"the S3 server still holds {n} request(s) of killed clients after {timeout_s}s")
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """One SeaweedFS S3 server for the session, with test credentials in the environment."""
