@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from array import array
 from typing import Any, Iterator, Optional, Sequence
 
@@ -136,24 +137,26 @@ def merge_plan(mans: Sequence[tuple[str, dict]], state: str, workers: int = 1) -
 
     # Per sample, columns rather than Python objects (a merge holds every part's samples): the
     # signature's 48 bytes, its shard (an index into `shards`), its index in that shard, its
-    # pixel count; only the source stays a string (the keeper rule and the report need it).
+    # pixel count, and where its source starts in a file: sources are read back only for the
+    # members of a group (the keeper rule) and for the report.
     shards: list[tuple[str, str]] = []  # (absolute part folder, shard name)
-    raw, shard_of, index, px = bytearray(), array("l"), array("l"), array("q")
-    srcs: list[str] = []
-    for p, man in mans:
-        part = os.path.abspath(p)
-        for shard, i, src, sig, meta in _shard_signatures(p, man):
-            if sig is None:  # undecodable sample: kept, never compared (verify reports it)
-                continue
-            if not shards or shards[-1] != (part, shard):
-                shards.append((part, shard))
-            raw += bytes.fromhex(sig)
-            shard_of.append(len(shards) - 1)
-            index.append(i)
-            px.append(int(meta.get("orig_width") or 0) * int(meta.get("orig_height") or 0))
-            srcs.append(src)
-    codes = np.frombuffer(raw, dtype=np.uint8).reshape(len(srcs), near.PARTS * 8)  # no copy
-    drop = near.dedup(codes, px, srcs, workers)  # workers: hash-prefix buckets (data_prep.near_buckets)
+    raw, shard_of, index, px = bytearray(), array("i"), array("i"), array("q")
+    with SpilledStrings(state) as srcs:
+        for p, man in mans:
+            part = os.path.abspath(p)
+            for shard, i, src, sig, meta in _shard_signatures(p, man):
+                if sig is None:  # undecodable sample: kept, never compared (verify reports it)
+                    continue
+                if not shards or shards[-1] != (part, shard):
+                    shards.append((part, shard))
+                raw += bytes.fromhex(sig)
+                shard_of.append(len(shards) - 1)
+                index.append(i)
+                px.append(int(meta.get("orig_width") or 0) * int(meta.get("orig_height") or 0))
+                srcs.append(src)
+        codes = np.frombuffer(raw, dtype=np.uint8).reshape(len(srcs), near.PARTS * 8)  # no copy
+        drop = near.dedup(codes, px, srcs, workers)  # workers: hash-prefix buckets (data_prep.near_buckets)
+        skipped = sorted(([srcs[d], "near_duplicate", srcs[k]] for d, k in drop.items()), key=lambda r: r[0])
     by_shard: dict[tuple[str, str], set[int]] = {}
     for d in drop:
         by_shard.setdefault(shards[shard_of[d]], set()).add(index[d])
@@ -163,8 +166,44 @@ def merge_plan(mans: Sequence[tuple[str, dict]], state: str, workers: int = 1) -
         kept = ((k, s["jpg"], s["json"]) for i, k, s in fmt.read_samples(os.path.join(p, shard)) if i not in gone)
         count, nbytes, sha = fmt.write_shard(dst, kept)
         replace[f"{p}/{shard}"] = {"path": dst, "count": count, "bytes": nbytes, "sha256": sha}
-    skipped = [[srcs[d], "near_duplicate", srcs[k]] for d, k in sorted(drop.items(), key=lambda dk: srcs[dk[0]])]
     return {"replace": replace, "skipped": skipped, "dropped": len(drop)}
+
+
+class SpilledStrings(Sequence[str]):
+    """An append-only list of strings kept in an unlinked file in `folder` (nothing is left
+    behind by a kill), 8 bytes of memory each: a billion sources as Python strings are ~100 GB."""
+
+    def __init__(self, folder: str) -> None:
+        os.makedirs(folder, exist_ok=True)
+        self._f = tempfile.TemporaryFile(dir=folder)
+        self._ends = array("q")
+        self._unflushed = False
+
+    def append(self, s: str) -> None:
+        b = s.encode("utf-8", "surrogateescape")  # sources may carry undecodable bytes
+        self._f.write(b)
+        self._ends.append((self._ends[-1] if self._ends else 0) + len(b))
+        self._unflushed = True
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, i: int) -> str:  # type: ignore[override]
+        if self._unflushed:
+            self._f.flush()
+            self._unflushed = False
+        i = range(len(self._ends))[i]  # negative indexes; IndexError past the end
+        start = self._ends[i - 1] if i else 0
+        return os.pread(self._f.fileno(), self._ends[i] - start, start).decode("utf-8", "surrogateescape")
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> "SpilledStrings":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def load_signatures(paths: Sequence[str], what: str = "--exclude-near") -> list[tuple[str, str]]:

@@ -322,3 +322,17 @@ def test_a_damaged_stored_signature_is_recomputed_not_fatal(dump: Path, tmp_path
     assert len(got) == sum(e["count"] for e in fmt.load_manifest(str(out))["shards"])
     assert got[meta["source"]] == near.signature_of_bytes(samples[0][2]["jpg"])
     assert len(near.codes(list(got.values()))[0]) == len(got)  # every signature is usable
+
+
+def test_spilled_sources_read_back_as_written(tmp_path: Path) -> None:
+    from data_prep.near_build import SpilledStrings
+
+    words = ["a/b.jpg", "", "café/猫.png", "bad-\udcff-byte.jpg", "x" * 5000, "dump.tar::m/1.jpg"]
+    with SpilledStrings(str(tmp_path)) as s:
+        for w in words:
+            s.append(w)
+            assert s[len(s) - 1] == w  # a read between writes sees the last one
+        assert len(s) == len(words) and list(s) == words and s[-1] == words[-1]
+        with pytest.raises(IndexError):
+            s[len(words)]
+        assert os.listdir(tmp_path) == []  # unlinked: a killed merge leaves nothing behind
