@@ -2,6 +2,7 @@
 
     python benchmarks/bench_near_merge.py [--samples 200000] [--parts 4] [--repo DIR ...]
     python benchmarks/bench_near_merge.py --groups 10000000 [--repo DIR ...]
+    python benchmarks/bench_near_merge.py --part-stage 1000000 [--repo DIR ...]
 
 Plan: writes --parts synthetic part shard sets (10,000 samples a shard, a json with `source`,
 `phash`, `orig_width`/`orig_height` and a 64-byte payload: the stored signature is read, no image
@@ -11,12 +12,16 @@ repository of an older commit to compare) in a fresh process. Reports the RSS he
 search starts (what merge_plan keeps per sample: bytes/sample), the peak, wall time, drops and
 a digest of the rewritten shards (equal across checkouts).
 Groups: only the union-find after the search (near.groups) over --groups images, a hundredth
-of them pairs of copies. The last line of output is JSON.
+of them pairs of copies. Part stage: a part's own `--dedup near` grouping (near_build.apply) on
+a synthetic build index of --part-stage rows, a tenth exact copies of others: bytes per image
+held when the search starts, peak, and a digest of the reasons it records (equal across
+checkouts). The last line of output is JSON.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -68,6 +73,57 @@ print(json.dumps({"repo": sys.argv[1], "n": n, "groups": len(found), "wall_s": t
                   "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
 """
 
+_PART = r"""
+import hashlib, json, resource, sys, time, types
+sys.path.insert(0, sys.argv[1])
+from data_prep import near, near_build
+from data_prep.index import Index
+
+def rss_bytes():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+
+idx = Index(sys.argv[2])
+n = idx.db.execute("SELECT count(*) FROM items").fetchone()[0]
+held = {}
+search = near.dedup
+def timed_dedup(*a, **k):
+    held["at_search"] = rss_bytes()
+    return search(*a, **k)
+near.dedup = timed_dedup
+base = rss_bytes()
+t = time.time()
+near_build.apply(idx, types.SimpleNamespace(dedup="near", exclude_near=[]))
+wall = time.time() - t
+rows = idx.db.execute("SELECT items.ordinal, items.reason, near.dup_of FROM items LEFT JOIN near "
+                      "USING (ordinal) ORDER BY items.ordinal").fetchall()
+print(json.dumps({"repo": sys.argv[1], "wall_s": wall, "held_bytes_per_sample": round((held["at_search"] - base) / n),
+                  "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                  "marked": sum(r[1] is not None for r in rows),
+                  "digest": hashlib.sha256(repr([tuple(r) for r in rows]).encode()).hexdigest()[:16]}))
+"""
+
+
+def write_part_index(path: Path, n: int, seed: int = 0) -> None:
+    """A build index after its scan: n images with stored signatures, the last tenth copies."""
+    sys.path.insert(0, str(REPO))
+    from data_prep import near, near_build
+    from data_prep.index import Index
+
+    rng = np.random.default_rng(seed)
+    sig = rng.integers(0, 256, size=(n, near.PARTS * 8), dtype=np.uint8)
+    sig[n - n // 10:] = sig[:n // 10]
+    idx = Index(str(path))
+    idx.db.execute(near_build.TABLE)
+    for s in range(0, n, 100_000):
+        rows = range(s, min(n, s + 100_000))
+        idx.db.executemany("INSERT INTO items (ordinal, source, orig_width, orig_height) VALUES (?, ?, ?, ?)",
+                           [(i, f"/mnt/dump/cam{i % 97:02d}/img_{i:010d}.jpg", 640, 480) for i in rows])
+        idx.db.executemany("INSERT INTO near (ordinal, sig) VALUES (?, ?)", [(i, sig[i].tobytes().hex()) for i in rows])
+    idx.commit()
+    idx.close()
+
 
 def write_parts(root: Path, samples: int, parts: int, seed: int = 0) -> list[str]:
     """Synthetic `--dedup near` parts: what merge_plan reads, nothing it does not."""
@@ -113,6 +169,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=200_000)
     ap.add_argument("--parts", type=int, default=4)
     ap.add_argument("--groups", type=int, default=0, help="only time near.groups over this many images")
+    ap.add_argument("--part-stage", type=int, default=0, help="only a part's grouping stage over this many images")
     ap.add_argument("--repo", action="append", default=[], help="checkouts to compare (default: this one)")
     a = ap.parse_args()
     repos = a.repo or [str(REPO)]
@@ -121,6 +178,16 @@ def main() -> None:
         for r in res:
             print("groups:", r, flush=True)
         print(json.dumps({"groups": res}))
+        return
+    if a.part_stage:
+        with tempfile.TemporaryDirectory() as td:
+            write_part_index(Path(td) / "base.db", a.part_stage)
+            res = []
+            for i, r in enumerate(repos):
+                shutil.copy(Path(td) / "base.db", Path(td) / f"index{i}.db")  # apply writes its marks
+                res.append(run(_PART, r, str(Path(td) / f"index{i}.db")))
+                print("part stage:", res[-1], flush=True)
+        print(json.dumps({"part_stage": a.part_stage, "runs": res}))
         return
     with tempfile.TemporaryDirectory() as td:
         parts = write_parts(Path(td), a.samples, a.parts)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 from typing import Any, Iterator, Optional
 
@@ -43,6 +44,7 @@ class Index:
     """SQLite state of one build directory."""
 
     def __init__(self, path: str) -> None:
+        self.folder = os.path.dirname(os.path.abspath(path))  # scratch files of a stage go beside it
         self.db = sqlite3.connect(path, isolation_level="DEFERRED")
         self.db.row_factory = sqlite3.Row
         # WAL + NORMAL: a commit survives kill -9 of this process (the OS keeps the log).

@@ -48,29 +48,39 @@ def apply(idx: Any, opts: Any) -> None:
     """The grouping stage: eval copies first (`excluded_near`), then near-duplicates."""
     if idx.get("near_done") == "1":
         return
+    import numpy as np  # numpy: loaded only by near-duplicate builds, like data_prep.near
+
     from data_prep import near  # numpy and faiss: loaded only by near-duplicate builds
 
-    rows = idx.db.execute(
-        "SELECT items.ordinal, items.source, items.orig_width * items.orig_height AS px, near.sig "
-        "FROM items JOIN near USING (ordinal) WHERE items.reason IS NULL ORDER BY items.ordinal").fetchall()
-    sigs = [r["sig"] for r in rows]
-    marks: dict[int, tuple[str, str]] = {}  # row -> (reason, duplicate_of, escaped)
-    evals = load_signatures(opts.exclude_near) if getattr(opts, "exclude_near", None) else []
-    if evals:
-        for i, j, _ in near.pairs(sigs, [s for _, s in evals]):
-            marks.setdefault(i, ("excluded_near", fmt.escape_name(evals[j][0])))
-    if opts.dedup == "near":
-        left = [k for k in range(len(rows)) if k not in marks]
-        drop = near.dedup([sigs[k] for k in left], [rows[k]["px"] or 0 for k in left],
-                          [rows[k]["source"] for k in left])
-        for d, k in drop.items():
-            marks[left[d]] = ("near_duplicate", rows[left[k]]["source"])
-    for k, (reason, dup) in marks.items():
-        idx.db.execute("UPDATE items SET reason=? WHERE ordinal=?", (reason, rows[k]["ordinal"]))
-        idx.db.execute("UPDATE near SET dup_of=? WHERE ordinal=?", (dup, rows[k]["ordinal"]))
+    # Columns, as merge_plan holds them: a row per image fetched as Python objects (source and
+    # hex signature) held 525 bytes each, 5 GB for a 10^7-image part; these hold 72.
+    ordinals, px, raw = array("q"), array("q"), bytearray()
+    with SpilledStrings(idx.folder) as srcs:
+        for o, src, p, sig in idx.db.execute(
+                "SELECT items.ordinal, items.source, items.orig_width * items.orig_height, near.sig "
+                "FROM items JOIN near USING (ordinal) WHERE items.reason IS NULL ORDER BY items.ordinal"):
+            ordinals.append(o)
+            srcs.append(src)
+            px.append(p or 0)
+            raw += bytes.fromhex(sig)
+        sigs = np.frombuffer(raw, dtype=np.uint8).reshape(len(ordinals), near.PARTS * 8)  # no copy
+        marks: dict[int, tuple[str, str]] = {}  # row -> (reason, duplicate_of, escaped)
+        evals = load_signatures(opts.exclude_near) if getattr(opts, "exclude_near", None) else []
+        if evals:
+            for i, j, _ in near.pairs(sigs, [s for _, s in evals]):
+                marks.setdefault(i, ("excluded_near", fmt.escape_name(evals[j][0])))
+        if opts.dedup == "near":
+            left = [k for k in range(len(ordinals)) if k not in marks] if marks else range(len(ordinals))
+            drop = near.dedup(sigs[left] if marks else sigs, array("q", (px[k] for k in left)) if marks else px,
+                              _Picked(srcs, left))
+            for d, k in drop.items():
+                marks[left[d]] = ("near_duplicate", srcs[left[k]])
+        for k, (reason, dup) in marks.items():
+            idx.db.execute("UPDATE items SET reason=? WHERE ordinal=?", (reason, ordinals[k]))
+            idx.db.execute("UPDATE near SET dup_of=? WHERE ordinal=?", (dup, ordinals[k]))
     idx.put("near_done", 1)
     idx.commit()
-    log.info("near-duplicates: %d signatures, %d near_duplicate, %d excluded_near", len(rows),
+    log.info("near-duplicates: %d signatures, %d near_duplicate, %d excluded_near", len(ordinals),
              sum(m[0] == "near_duplicate" for m in marks.values()),
              sum(m[0] == "excluded_near" for m in marks.values()))
 
@@ -204,6 +214,19 @@ class SpilledStrings(Sequence[str]):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Picked(Sequence[str]):
+    """`strings[rows[k]]` as item k: the sources of the images left after excluded_near."""
+
+    def __init__(self, strings: Sequence[str], rows: Sequence[int]) -> None:
+        self.strings, self.rows = strings, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, k: int) -> str:  # type: ignore[override]
+        return self.strings[self.rows[k]]
 
 
 def load_signatures(paths: Sequence[str], what: str = "--exclude-near") -> list[tuple[str, str]]:

@@ -336,3 +336,24 @@ def test_spilled_sources_read_back_as_written(tmp_path: Path) -> None:
         with pytest.raises(IndexError):
             s[len(words)]
         assert os.listdir(tmp_path) == []  # unlinked: a killed merge leaves nothing behind
+
+
+def test_exclusion_then_dedup_names_the_right_keepers(dump: Path, tmp_path: Path) -> None:
+    """Both stages in one build: grouping runs on the rows left after excluded_near, so each
+    duplicate_of is looked up through that selection (an off-by-one there names the wrong file)."""
+    ev = tmp_path / "eval"
+    ev.mkdir()
+    im = Image.open(OTHERS[0]).convert("RGB")
+    im.resize((im.width * 2 // 3, im.height * 2 // 3)).save(ev / "val_0001.png")
+    names = sorted(os.listdir(dump))
+    assert names.index(OTHERS[0].name) < max(names.index(f"{p.stem[-12:]}.jpg") for p in SEEDS)  # rows after it
+    man = build_shards([str(dump)], tmp_path / "o", dedup="near", exclude_near=[str(ev)], workers=1)
+    assert man["reasons"] == {"excluded_near": 1, "near_duplicate": 5 * len(SEEDS)}
+    skips = _skips(tmp_path / "o")
+    assert skips.pop(OTHERS[0].name) == ("excluded_near", "val_0001.png")
+    want = {}
+    for p in SEEDS:
+        s = p.stem[-12:]
+        for suffix in (".jpg", "_half.webp", "_q40.jpg", "_grey.png", "_crop.jpg"):
+            want[f"{s}{suffix}"] = ("near_duplicate", f"{s}_up.png")
+    assert skips == want
