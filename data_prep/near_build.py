@@ -53,7 +53,7 @@ def apply(idx: Any, opts: Any) -> None:
     from data_prep import near  # numpy and faiss: loaded only by near-duplicate builds
 
     # Columns, as merge_plan holds them: a row per image fetched as Python objects (source and
-    # hex signature) held 525 bytes each, 5 GB for a 10^7-image part; these hold 72.
+    # hex signature) held 530 bytes each, 5 GB for a 10^7-image part; these hold 72.
     ordinals, px, raw = array("q"), array("q"), bytearray()
     with SpilledStrings(idx.folder) as srcs:
         for o, src, p, sig in idx.db.execute(
@@ -70,9 +70,12 @@ def apply(idx: Any, opts: Any) -> None:
             for i, j, _ in near.pairs(sigs, [s for _, s in evals]):
                 marks.setdefault(i, ("excluded_near", fmt.escape_name(evals[j][0])))
         if opts.dedup == "near":
-            left = [k for k in range(len(ordinals)) if k not in marks] if marks else range(len(ordinals))
-            drop = near.dedup(sigs[left] if marks else sigs, array("q", (px[k] for k in left)) if marks else px,
-                              _Picked(srcs, left))
+            if marks:  # grouping sees only the rows left after excluded_near
+                left: Sequence[int] = [k for k in range(len(ordinals)) if k not in marks]
+                left_sigs, left_px = sigs[left], array("q", (px[k] for k in left))
+            else:  # all of them: no copies of the columns
+                left, left_sigs, left_px = range(len(ordinals)), sigs, px
+            drop = near.dedup(left_sigs, left_px, _Picked(srcs, left))
             for d, k in drop.items():
                 marks[left[d]] = ("near_duplicate", srcs[left[k]])
         for k, (reason, dup) in marks.items():
@@ -147,7 +150,7 @@ def merge_plan(mans: Sequence[tuple[str, dict]], state: str, workers: int = 1) -
 
     # Per sample, columns rather than Python objects (a merge holds every part's samples): the
     # signature's 48 bytes, its shard (an index into `shards`), its index in that shard, its
-    # pixel count, and where its source starts in a file: sources are read back only for the
+    # pixel count, and where its source lies in a file: sources are read back only for the
     # members of a group (the keeper rule) and for the report.
     shards: list[tuple[str, str]] = []  # (absolute part folder, shard name)
     raw, shard_of, index, px = bytearray(), array("i"), array("i"), array("q")
@@ -186,22 +189,18 @@ class SpilledStrings(Sequence[str]):
     def __init__(self, folder: str) -> None:
         os.makedirs(folder, exist_ok=True)
         self._f = tempfile.TemporaryFile(dir=folder)
-        self._ends = array("q")
-        self._unflushed = False
+        self._ends = array("q")  # where each string ends in the file
 
     def append(self, s: str) -> None:
         b = s.encode("utf-8", "surrogateescape")  # sources may carry undecodable bytes
         self._f.write(b)
         self._ends.append((self._ends[-1] if self._ends else 0) + len(b))
-        self._unflushed = True
 
     def __len__(self) -> int:
         return len(self._ends)
 
     def __getitem__(self, i: int) -> str:  # type: ignore[override]
-        if self._unflushed:
-            self._f.flush()
-            self._unflushed = False
+        self._f.flush()  # pread reads the file, not the write buffer; a no-op once flushed
         i = range(len(self._ends))[i]  # negative indexes; IndexError past the end
         start = self._ends[i - 1] if i else 0
         return os.pread(self._f.fileno(), self._ends[i] - start, start).decode("utf-8", "surrogateescape")
